@@ -1,0 +1,346 @@
+//! What each subcommand does, and how its outcome maps to an exit code.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{parse_s3_url, Cli, Command, ConfigCommand};
+use crate::config::{self, Config, ConfigError};
+use crate::error::ProcessError;
+use crate::processors::orders_csv::{self, FileError, ScanLimits};
+use crate::telemetry::{self, LogHandle};
+use crate::worker::event::ObjectRef;
+use crate::worker::spool::Spool;
+use crate::worker::{Stats, Worker};
+
+/// Exit codes (documented in `--help`).
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 64;
+    pub const DATA: u8 = 65;
+    pub const CONFIG: u8 = 78;
+}
+
+/// A failed command: what to print and which code to exit with.
+#[derive(Debug)]
+pub enum Failure {
+    Config(ConfigError),
+    Usage(String),
+    Data(String),
+    Runtime(anyhow::Error),
+}
+
+impl Failure {
+    pub fn code(&self) -> u8 {
+        match self {
+            Failure::Config(_) => exit::CONFIG,
+            Failure::Usage(_) => exit::USAGE,
+            Failure::Data(_) => exit::DATA,
+            Failure::Runtime(_) => exit::FAILURE,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Config(e) => write!(f, "{e}"),
+            Failure::Usage(s) | Failure::Data(s) => f.write_str(s),
+            // `{:#}` prints the whole chain of causes on one line.
+            Failure::Runtime(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Runtime(e)
+    }
+}
+
+fn env_map() -> BTreeMap<String, String> {
+    std::env::vars().collect()
+}
+
+/// Entry point after argument parsing.
+pub fn main(cli: Cli) -> ExitCode {
+    let log = telemetry::init(cli.log_format, "info");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("offload-agent: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let result = runtime.block_on(dispatch(cli, log));
+    // Blocking file readers still running after a failure must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(f) => {
+            tracing::error!(error = %f, "exiting with status {}", f.code());
+            eprintln!("offload-agent: {f}");
+            ExitCode::from(f.code())
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Config, Failure> {
+    config::load(path, &env_map()).map_err(Failure::Config)
+}
+
+async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
+    match cli.command {
+        Command::Config(ConfigCommand::Check(args)) => {
+            let cfg = load(&args.config)?;
+            let files: Vec<String> = config::layer_files(&args.config)
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            println!("# configuration is valid; read from: {}", files.join(", "));
+            print!("{}", cfg.to_toml());
+            Ok(())
+        }
+        Command::Run(args) => {
+            let cfg = load(&args.config)?;
+            log.set_level(&cfg.agent.log_level);
+            let control = crate::daemon::signals()?;
+            crate::daemon::run(args.config.clone(), cfg, env_map(), log, control).await?;
+            Ok(())
+        }
+        Command::Provision(args) => {
+            let cfg = load(&args.config)?;
+            let clients = crate::aws::clients(&cfg.aws, cfg.queue.wait_time)
+                .await
+                .map_err(|e| Failure::Runtime(e.into()))?;
+            let steps = crate::provision::provision(&cfg, &clients).await?;
+            for s in steps {
+                println!("{s}");
+            }
+            Ok(())
+        }
+        Command::Process {
+            config,
+            dry_run,
+            progress,
+            target,
+        } => {
+            if dry_run {
+                dry_run_local(&config.config, &target, progress)
+            } else {
+                process_s3(&config.config, &target, progress).await
+            }
+        }
+    }
+}
+
+/// A progress bar on stderr (terminals, or when asked) fed by a byte counter.
+fn progress_bar(total: u64, forced: bool) -> Option<(Arc<AtomicU64>, indicatif::ProgressBar)> {
+    if !(forced || std::io::stderr().is_terminal()) {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some((Arc::new(AtomicU64::new(0)), bar))
+}
+
+fn spawn_ticker(
+    counter: Arc<AtomicU64>,
+    bar: indicatif::ProgressBar,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !bar.is_finished() {
+            bar.set_position(counter.load(Ordering::Relaxed));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+fn dry_run_local(config_path: &Path, target: &str, force_progress: bool) -> Result<(), Failure> {
+    let path = Path::new(target);
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Failure::Usage(format!("cannot read {target}: {e}")))?;
+    // The configuration is optional here; when it exists its limits apply.
+    let limits = if config_path.exists() {
+        let cfg = load(config_path)?;
+        ScanLimits {
+            max_line_bytes: cfg.spool.max_line_bytes,
+        }
+    } else {
+        ScanLimits {
+            max_line_bytes: config::DEFAULT_MAX_LINE_BYTES,
+        }
+    };
+    let started = Instant::now();
+    let bar = progress_bar(meta.len(), force_progress);
+    let ticker = bar
+        .as_ref()
+        .map(|(c, b)| spawn_ticker(c.clone(), b.clone()));
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = orders_csv::dry_run(path, limits, bar.as_ref().map(|(c, _)| c.clone()), &mut out);
+    let _ = out.flush();
+    if let Some((_, b)) = &bar {
+        b.finish_and_clear();
+    }
+    if let Some(t) = ticker {
+        let _ = t.join();
+    }
+    let elapsed = started.elapsed();
+    match result {
+        Ok(o) => {
+            eprintln!(
+                "{target}: {} rows: {} valid, {} rejected; {} bytes in {:.2}s ({:.0} rows/s){}",
+                o.rows,
+                o.written,
+                o.rejected,
+                meta.len(),
+                elapsed.as_secs_f64(),
+                o.rows as f64 / elapsed.as_secs_f64().max(1e-9),
+                if o.extra_columns.is_empty() {
+                    String::new()
+                } else {
+                    format!("; ignored columns: {}", o.extra_columns.join(", "))
+                }
+            );
+            if o.rejected > 0 {
+                Err(Failure::Data(format!(
+                    "{target}: {} of {} rows would be rejected (listed on stdout)",
+                    o.rejected, o.rows
+                )))
+            } else {
+                Ok(())
+            }
+        }
+        Err(FileError::Invalid(reason)) => Err(Failure::Data(format!(
+            "{target} is not a valid orders CSV: {reason}"
+        ))),
+        Err(e) => Err(Failure::Runtime(anyhow::anyhow!("{target}: {e}"))),
+    }
+}
+
+async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> Result<(), Failure> {
+    let Some((bucket, key)) = parse_s3_url(target) else {
+        return Err(Failure::Usage(format!(
+            "{target:?} is not s3://BUCKET/KEY (use --dry-run to validate a local file)"
+        )));
+    };
+    let cfg = load(config_path)?;
+    let Some(pipeline) = cfg.route(&bucket, &key).cloned() else {
+        return Err(Failure::Usage(format!(
+            "no pipeline matches s3://{bucket}/{key}: check the pipelines' bucket, prefix and suffix in {}",
+            config_path.display()
+        )));
+    };
+    let clients = crate::aws::clients(&cfg.aws, cfg.queue.wait_time)
+        .await
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    // `process` may run beside the daemon: it shares no spool files with it (unique names) and never
+    // cleans the spool.
+    let spool = Spool::open(&cfg.spool.dir).map_err(|e| {
+        Failure::Runtime(anyhow::anyhow!(
+            "cannot use spool.dir {}: {e}",
+            cfg.spool.dir.display()
+        ))
+    })?;
+    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(cfg.clone()));
+    let worker = Worker {
+        clients,
+        config: rx,
+        spool,
+        stats: Stats::default(),
+        queue_url: String::new(),
+        dlq_url: None,
+    };
+    let obj = ObjectRef {
+        bucket: bucket.clone(),
+        key: key.clone(),
+        size: None,
+        etag: None,
+        version_id: None,
+    };
+    let size = worker
+        .clients
+        .s3
+        .head_object()
+        .bucket(&bucket)
+        .key(&key)
+        .send()
+        .await
+        .ok()
+        .and_then(|h| h.content_length())
+        .unwrap_or(0)
+        .max(0) as u64;
+    let bar = progress_bar(size, force_progress);
+    let ticker = bar
+        .as_ref()
+        .map(|(c, b)| spawn_ticker(c.clone(), b.clone()));
+    let cancel = CancellationToken::new();
+    let ctrl_c = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        })
+    };
+    let result = worker
+        .process_object(
+            &pipeline,
+            &obj,
+            &cancel,
+            bar.as_ref().map(|(c, _)| c.clone()),
+        )
+        .await;
+    ctrl_c.abort();
+    if let Some((_, b)) = &bar {
+        b.finish_and_clear();
+    }
+    if let Some(t) = ticker {
+        let _ = t.join();
+    }
+    match result {
+        Ok(r) => {
+            let out_bucket = pipeline.output_bucket();
+            println!("pipeline:  {}", r.pipeline);
+            println!(
+                "input:     s3://{}/{} (etag {}, {} bytes)",
+                r.bucket, r.key, r.etag, r.bytes
+            );
+            println!(
+                "rows:      {} ({} written to table {}, {} rejected)",
+                r.outcome.rows, r.outcome.written, pipeline.table, r.outcome.rejected
+            );
+            println!("output:    s3://{out_bucket}/{}", r.output);
+            if let Some(rej) = &r.rejects {
+                println!("rejects:   s3://{out_bucket}/{rej}");
+            }
+            println!("elapsed:   {:.2}s", r.elapsed.as_secs_f64());
+            Ok(())
+        }
+        Err(ProcessError::Permanent(reason)) => Err(Failure::Data(format!(
+            "s3://{bucket}/{key} cannot be processed: {reason}"
+        ))),
+        Err(ProcessError::Transient(reason)) => Err(Failure::Runtime(anyhow::anyhow!(
+            "s3://{bucket}/{key} failed (retrying may help): {reason}"
+        ))),
+        Err(ProcessError::Cancelled) => Err(Failure::Runtime(anyhow::anyhow!(
+            "interrupted; rows written so far are rewritten identically by the next run"
+        ))),
+    }
+}

@@ -1,0 +1,136 @@
+//! Command-line interface (clap). `offload-agent --help` is the reference; exit codes are listed there.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::DEFAULT_CONFIG_PATH;
+use crate::telemetry::LogFormat;
+
+const AFTER_HELP: &str = "\
+CONFIGURATION:
+    TOML, read from --config (default /etc/offload-agent/agent.toml), then every conf.d/*.toml beside it
+    in name order, then environment variables OFFLOAD_AGENT_<SECTION>__<KEY> (for example
+    OFFLOAD_AGENT_AWS__ENDPOINT_URL=http://127.0.0.1:5000). config/agent.toml in the source tree
+    documents every key with its default. AWS credentials come from the SDK's default chain
+    (environment, shared files, SSO, instance or container roles).
+
+SIGNALS (run):
+    SIGTERM, SIGINT  stop receiving, finish in-flight files within agent.shutdown_grace, release the
+                     messages of unfinished ones (visible again at once), exit 0
+    SIGHUP           reload the configuration: pipelines and agent.log_level change live; other
+                     changes are logged as needing a restart
+
+EXIT STATUS:
+    0   success
+    1   runtime failure (AWS unreachable, a transient processing failure, I/O error)
+    64  bad command-line usage
+    65  process: the file is not valid orders CSV, or --dry-run found rejected rows
+    78  configuration error (every problem is listed, naming the key and the file)
+
+EXAMPLES:
+    offload-agent config check --config ./config/demo.toml
+    offload-agent provision --config ./config/demo.toml
+    offload-agent run --config ./config/demo.toml
+    offload-agent process --config ./config/demo.toml s3://offload-file-drop/input/orders.csv
+    offload-agent process --dry-run ./orders.csv";
+
+/// offload-agent: process S3 file events on your own hosts.
+///
+/// Consumes S3 ObjectCreated notifications from an SQS queue with a bounded pool of workers, runs
+/// each file through its pipeline (built in: orders-csv, which loads CSV orders into DynamoDB and
+/// writes an output file back to S3), and deletes a message only after everything it caused is
+/// stored. Bad rows go to a rejects report, bad files to an error report and the dead-letter queue;
+/// nothing is dropped silently.
+#[derive(Debug, Parser)]
+#[command(name = "offload-agent", version, after_long_help = AFTER_HELP, max_term_width = 100)]
+pub struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Configuration file; conf.d/*.toml beside it is read too.
+    #[arg(long, short = 'c', value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: receive events from the queue and process files until SIGTERM or SIGINT.
+    ///
+    /// Tells systemd when it is ready (Type=notify) and when it stops. Stale spool files from an
+    /// earlier run are removed at start; their messages come back through SQS.
+    Run(ConfigArg),
+
+    /// Create what the configuration names, idempotently, and say what existed already.
+    ///
+    /// The bucket(s), the queue and its dead-letter queue (redrive after queue.max_receive_count
+    /// receives), a queue policy that lets the bucket send to it, the bucket notification (every
+    /// ObjectCreated event, each pipeline's prefix and suffix), and each pipeline's DynamoDB table
+    /// (on-demand, hash key OrderId of type S). Works against AWS and an emulator alike.
+    Provision(ConfigArg),
+
+    /// Process one file now, without SQS, and print a summary.
+    ///
+    /// With s3://BUCKET/KEY the object goes through its pipeline exactly as the daemon would do it
+    /// (DynamoDB writes, output and rejects report). With --dry-run and a local path, the file is
+    /// only validated: rejected rows are printed as CSV (Line,OrderId,Reason) on stdout and nothing
+    /// is written anywhere; no configuration is needed.
+    Process {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Validate a local file only; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Show a progress bar even when stderr is not a terminal (it is shown on terminals anyway).
+        #[arg(long)]
+        progress: bool,
+        /// s3://BUCKET/KEY, or with --dry-run a local file path.
+        #[arg(value_name = "FILE")]
+        target: String,
+    },
+
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration and print the effective result (files + environment, defaults
+    /// filled in, secrets redacted). Exits 78 listing every problem if it is invalid.
+    Check(ConfigArg),
+}
+
+/// Split `s3://bucket/key`.
+pub fn parse_s3_url(s: &str) -> Option<(String, String)> {
+    let rest = s.strip_prefix("s3://")?;
+    let (bucket, key) = rest.split_once('/')?;
+    if bucket.is_empty() || key.is_empty() {
+        return None;
+    }
+    Some((bucket.to_string(), key.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent_and_s3_urls_parse() {
+        Cli::command().debug_assert();
+        assert_eq!(
+            parse_s3_url("s3://b/in/a b.csv"),
+            Some(("b".into(), "in/a b.csv".into()))
+        );
+        assert_eq!(parse_s3_url("s3://b/"), None);
+        assert_eq!(parse_s3_url("/tmp/x"), None);
+    }
+}

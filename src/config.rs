@@ -1,0 +1,834 @@
+//! Typed configuration: layering (file, `conf.d/*.toml`, environment), complete validation.
+//!
+//! The configuration is read once into a tree of `config::Value`s (which remember the file each value
+//! came from), then walked by a [`Reader`] that records *every* problem it meets — unknown keys, missing
+//! keys, wrong types, bad durations, pipelines that would feed themselves — so that the operator sees all
+//! of them at once, each naming the key and the file. `config/agent.toml` documents every key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Value, ValueKind};
+use serde::Serialize;
+
+/// Where the daemon looks for its configuration unless `--config` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/offload-agent/agent.toml";
+/// Prefix of environment variables that override the files (`__` separates levels).
+pub const ENV_PREFIX: &str = "OFFLOAD_AGENT";
+
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
+pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_WAIT_TIME: Duration = Duration::from_secs(20);
+pub const DEFAULT_MAX_RECEIVE_COUNT: u32 = 5;
+pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(10);
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(15 * 60);
+pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/offload-agent/spool";
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_WRITE_CONCURRENCY: usize = 4;
+pub const DEFAULT_WRITE_MAX_ATTEMPTS: u32 = 10;
+pub const DEFAULT_MAX_LINE_BYTES: u64 = 1024 * 1024;
+
+/// SQS limits that configuration must respect.
+const SQS_MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
+const SQS_MAX_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub aws: AwsConfig,
+    pub queue: QueueConfig,
+    pub spool: SpoolConfig,
+    pub dynamodb: DynamoDbConfig,
+    #[serde(rename = "pipeline")]
+    pub pipelines: Vec<Pipeline>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentConfig {
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_grace: Duration,
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AwsConfig {
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub profile: Option<String>,
+    #[serde(with = "humantime_serde_compat")]
+    pub call_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueConfig {
+    pub name: Option<String>,
+    pub url: Option<String>,
+    pub dead_letter_queue: Option<String>,
+    pub max_in_flight: usize,
+    #[serde(with = "humantime_serde_compat")]
+    pub visibility_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub wait_time: Duration,
+    pub max_receive_count: u32,
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_base: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub max_line_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DynamoDbConfig {
+    pub write_concurrency: usize,
+    pub write_max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ProcessorKind {
+    #[serde(rename = "orders-csv")]
+    OrdersCsv,
+}
+
+impl fmt::Display for ProcessorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProcessorKind::OrdersCsv => f.write_str("orders-csv"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Pipeline {
+    pub name: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub suffix: String,
+    pub processor: ProcessorKind,
+    pub table: String,
+    pub output_bucket: Option<String>,
+    pub output_prefix: String,
+}
+
+impl Pipeline {
+    /// Whether an object belongs to this pipeline.
+    pub fn matches(&self, bucket: &str, key: &str) -> bool {
+        self.bucket == bucket && key.starts_with(&self.prefix) && key.ends_with(&self.suffix)
+    }
+
+    /// The bucket outputs and reports are written to.
+    pub fn output_bucket(&self) -> &str {
+        self.output_bucket.as_deref().unwrap_or(&self.bucket)
+    }
+
+    /// `output_prefix` + the key without the pipeline's input prefix.
+    pub fn output_key(&self, key: &str) -> String {
+        let rel = key.strip_prefix(self.prefix.as_str()).unwrap_or(key);
+        format!("{}{}", self.output_prefix, rel)
+    }
+
+    /// Would an object written under `key` in `bucket` trigger this pipeline again?
+    fn would_feed_itself(&self) -> bool {
+        self.output_bucket() == self.bucket && self.output_prefix.starts_with(&self.prefix)
+    }
+}
+
+impl Config {
+    /// The first pipeline that matches, in configuration order.
+    pub fn route(&self, bucket: &str, key: &str) -> Option<&Pipeline> {
+        self.pipelines.iter().find(|p| p.matches(bucket, key))
+    }
+
+    /// Settings that a SIGHUP cannot change in a running daemon (everything but pipelines and log level).
+    pub fn restart_only_differences(&self, new: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.aws != new.aws {
+            out.push("aws");
+        }
+        if self.queue != new.queue {
+            out.push("queue");
+        }
+        if self.spool != new.spool {
+            out.push("spool");
+        }
+        if self.dynamodb != new.dynamodb {
+            out.push("dynamodb");
+        }
+        if self.agent.shutdown_grace != new.agent.shutdown_grace {
+            out.push("agent.shutdown_grace");
+        }
+        out
+    }
+
+    /// The effective configuration as TOML, for `config check`. Nothing in it is secret today (AWS
+    /// credentials come from the SDK's chain, never from this file); a future secret field must be
+    /// redacted here.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Every problem found in the configuration. `Display` lists them one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{n} configuration error{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn one(p: String) -> Self {
+        ConfigError { problems: vec![p] }
+    }
+}
+
+/// The files a configuration path expands to: the file itself, then `conf.d/*.toml` beside it in name
+/// order.
+pub fn layer_files(path: &Path) -> Vec<PathBuf> {
+    let mut files = vec![path.to_path_buf()];
+    let dir = path.parent().unwrap_or(Path::new(".")).join("conf.d");
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        let mut extra: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        extra.sort();
+        files.extend(extra);
+    }
+    files
+}
+
+/// Load and validate. `env` is the process environment (passed in so tests can control it); only
+/// variables starting with `OFFLOAD_AGENT_` are used.
+pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+    if !path.exists() {
+        return Err(ConfigError::one(format!(
+            "configuration file {} does not exist: copy config/agent.toml there, or pass --config PATH",
+            path.display()
+        )));
+    }
+    let mut builder = config::Config::builder();
+    for file in layer_files(path) {
+        builder = builder.add_source(
+            config::File::from(file.as_path())
+                .format(config::FileFormat::Toml)
+                .required(true),
+        );
+    }
+    let env_map: config::Map<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    builder = builder.add_source(
+        config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("_")
+            .separator("__")
+            .source(Some(env_map)),
+    );
+    let built = builder
+        .build()
+        .map_err(|e| ConfigError::one(format!("cannot read configuration: {e}")))?;
+    let root = config::Source::collect(&built)
+        .map_err(|e| ConfigError::one(format!("cannot read configuration: {e}")))?;
+    from_tree(root, &path.display().to_string())
+}
+
+/// Parse a TOML string (tests, `process --dry-run` without a file).
+pub fn from_toml_str(text: &str, name: &str) -> Result<Config, ConfigError> {
+    let built = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .map_err(|e| ConfigError::one(format!("cannot parse {name}: {e}")))?;
+    let root = config::Source::collect(&built)
+        .map_err(|e| ConfigError::one(format!("cannot parse {name}: {e}")))?;
+    from_tree(root, name)
+}
+
+/// A table being read: tracks which keys were used and records problems.
+struct Reader<'a> {
+    path: String,
+    table: config::Map<String, Value>,
+    used: BTreeSet<String>,
+    problems: &'a mut Vec<String>,
+    default_origin: &'a str,
+}
+
+fn origin_of(v: &Value, default_origin: &str) -> String {
+    match v.origin() {
+        Some(o) => o.to_string(),
+        None => format!("the environment or {default_origin}"),
+    }
+}
+
+impl<'a> Reader<'a> {
+    fn new(
+        path: &str,
+        table: config::Map<String, Value>,
+        problems: &'a mut Vec<String>,
+        default_origin: &'a str,
+    ) -> Self {
+        Reader {
+            path: path.to_string(),
+            table,
+            used: BTreeSet::new(),
+            problems,
+            default_origin,
+        }
+    }
+
+    fn key(&self, k: &str) -> String {
+        if self.path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{}.{}", self.path, k)
+        }
+    }
+
+    fn take(&mut self, k: &str) -> Option<Value> {
+        self.used.insert(k.to_string());
+        match self.table.get(k) {
+            Some(v) if matches!(v.kind, ValueKind::Nil) => None,
+            Some(v) => Some(v.clone()),
+            None => None,
+        }
+    }
+
+    fn problem(&mut self, k: &str, v: Option<&Value>, msg: impl fmt::Display) {
+        let origin = match v {
+            Some(v) => origin_of(v, self.default_origin),
+            None => self.default_origin.to_string(),
+        };
+        let key = self.key(k);
+        self.problems.push(format!("{key} (in {origin}): {msg}"));
+    }
+
+    fn opt_string(&mut self, k: &str) -> Option<String> {
+        let v = self.take(k)?;
+        match &v.kind {
+            ValueKind::String(s) => Some(s.clone()),
+            _ => {
+                self.problem(k, Some(&v), "expected a string");
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, k: &str, default: &str) -> String {
+        self.opt_string(k).unwrap_or_else(|| default.to_string())
+    }
+
+    fn required_string(&mut self, k: &str, what: &str) -> String {
+        match self.opt_string(k) {
+            Some(s) if !s.is_empty() => s,
+            Some(_) => {
+                let v = self.table.get(k).cloned();
+                self.problem(k, v.as_ref(), format!("must not be empty ({what})"));
+                String::new()
+            }
+            None => {
+                if !self.table.contains_key(k) {
+                    let key = self.key(k);
+                    let origin = self.default_origin.to_string();
+                    self.problems
+                        .push(format!("{key} (in {origin}): missing; required ({what})"));
+                }
+                String::new()
+            }
+        }
+    }
+
+    fn uint(&mut self, k: &str, default: u64, min: u64, max: u64) -> u64 {
+        let Some(v) = self.take(k) else {
+            return default;
+        };
+        match v.clone().into_int() {
+            Ok(n) if n >= min as i64 && n <= max as i64 => n as u64,
+            Ok(n) => {
+                self.problem(
+                    k,
+                    Some(&v),
+                    format!("{n} is out of range (allowed {min} to {max})"),
+                );
+                default
+            }
+            Err(_) => {
+                self.problem(k, Some(&v), "expected a whole number");
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, k: &str, default: Duration, min: Duration, max: Duration) -> Duration {
+        let Some(v) = self.take(k) else {
+            return default;
+        };
+        let text = match &v.kind {
+            ValueKind::String(s) => s.clone(),
+            _ => {
+                self.problem(
+                    k,
+                    Some(&v),
+                    "expected a duration string such as \"30s\" or \"5m\"",
+                );
+                return default;
+            }
+        };
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) if d >= min && d <= max => d,
+            Ok(_) => {
+                self.problem(
+                    k,
+                    Some(&v),
+                    format!(
+                        "\"{text}\" is out of range (allowed {} to {})",
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                );
+                default
+            }
+            Err(e) => {
+                self.problem(
+                    k,
+                    Some(&v),
+                    format!(
+                        "\"{text}\" is not a duration ({e}); write e.g. \"30s\", \"5m\", \"1h\""
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn table(&mut self, k: &str) -> config::Map<String, Value> {
+        let Some(v) = self.take(k) else {
+            return config::Map::new();
+        };
+        match v.kind {
+            ValueKind::Table(t) => t,
+            _ => {
+                let v2 = self.table.get(k).cloned();
+                self.problem(k, v2.as_ref(), "expected a table");
+                config::Map::new()
+            }
+        }
+    }
+
+    /// Report keys present in the table that nothing read.
+    fn finish(self) {
+        for (k, v) in &self.table {
+            if !self.used.contains(k) {
+                let key = self.key(k);
+                let origin = origin_of(v, self.default_origin);
+                self.problems.push(format!(
+                    "{key} (in {origin}): unknown key; see config/agent.toml for the keys that exist"
+                ));
+            }
+        }
+    }
+}
+
+fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+    let mut top = Reader::new("", root, &mut problems, origin);
+    let agent_t = top.table("agent");
+    let aws_t = top.table("aws");
+    let queue_t = top.table("queue");
+    let spool_t = top.table("spool");
+    let ddb_t = top.table("dynamodb");
+    let pipeline_v = top.take("pipeline");
+    top.finish();
+
+    let mut r = Reader::new("agent", agent_t, &mut problems, origin);
+    let agent = AgentConfig {
+        shutdown_grace: r.duration(
+            "shutdown_grace",
+            DEFAULT_SHUTDOWN_GRACE,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        ),
+        log_level: r.string("log_level", "info"),
+    };
+    r.finish();
+    if tracing_subscriber::EnvFilter::try_new(&agent.log_level).is_err() {
+        problems.push(format!(
+            "agent.log_level (in {origin}): \"{}\" is not a level or filter (use error, warn, info, debug or trace)",
+            agent.log_level
+        ));
+    }
+
+    let mut r = Reader::new("aws", aws_t, &mut problems, origin);
+    let aws = AwsConfig {
+        region: r.opt_string("region"),
+        endpoint_url: r.opt_string("endpoint_url"),
+        profile: r.opt_string("profile"),
+        call_timeout: r.duration(
+            "call_timeout",
+            DEFAULT_CALL_TIMEOUT,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        ),
+        connect_timeout: r.duration(
+            "connect_timeout",
+            DEFAULT_CONNECT_TIMEOUT,
+            Duration::from_millis(100),
+            Duration::from_secs(300),
+        ),
+    };
+    if let Some(url) = &aws.endpoint_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            let v = r.table.get("endpoint_url").cloned();
+            r.problem(
+                "endpoint_url",
+                v.as_ref(),
+                format!("\"{url}\" must start with http:// or https://"),
+            );
+        }
+    }
+    r.finish();
+
+    let mut r = Reader::new("queue", queue_t, &mut problems, origin);
+    let queue = QueueConfig {
+        name: r.opt_string("name"),
+        url: r.opt_string("url"),
+        dead_letter_queue: r.opt_string("dead_letter_queue"),
+        max_in_flight: r.uint("max_in_flight", DEFAULT_MAX_IN_FLIGHT as u64, 1, 1024) as usize,
+        visibility_timeout: r.duration(
+            "visibility_timeout",
+            DEFAULT_VISIBILITY_TIMEOUT,
+            Duration::from_secs(5),
+            SQS_MAX_VISIBILITY,
+        ),
+        wait_time: r.duration("wait_time", DEFAULT_WAIT_TIME, Duration::ZERO, SQS_MAX_WAIT),
+        max_receive_count: r.uint(
+            "max_receive_count",
+            DEFAULT_MAX_RECEIVE_COUNT as u64,
+            1,
+            1000,
+        ) as u32,
+        retry_base: r.duration(
+            "retry_base",
+            DEFAULT_RETRY_BASE,
+            Duration::from_secs(1),
+            SQS_MAX_VISIBILITY,
+        ),
+        retry_max: r.duration(
+            "retry_max",
+            DEFAULT_RETRY_MAX,
+            Duration::from_secs(1),
+            SQS_MAX_VISIBILITY,
+        ),
+    };
+    match (&queue.name, &queue.url) {
+        (None, None) => r.problems.push(format!(
+            "queue.name (in {origin}): missing; set queue.name (the queue's name) or queue.url"
+        )),
+        (Some(_), Some(_)) => r.problems.push(format!(
+            "queue.url (in {origin}): set either queue.name or queue.url, not both"
+        )),
+        _ => {}
+    }
+    r.finish();
+
+    let mut r = Reader::new("spool", spool_t, &mut problems, origin);
+    let spool = SpoolConfig {
+        dir: PathBuf::from(r.string("dir", DEFAULT_SPOOL_DIR)),
+        max_line_bytes: r.uint(
+            "max_line_bytes",
+            DEFAULT_MAX_LINE_BYTES,
+            1024,
+            1024 * 1024 * 1024,
+        ),
+    };
+    r.finish();
+
+    let mut r = Reader::new("dynamodb", ddb_t, &mut problems, origin);
+    let dynamodb = DynamoDbConfig {
+        write_concurrency: r.uint("write_concurrency", DEFAULT_WRITE_CONCURRENCY as u64, 1, 64)
+            as usize,
+        write_max_attempts: r.uint(
+            "write_max_attempts",
+            DEFAULT_WRITE_MAX_ATTEMPTS as u64,
+            1,
+            100,
+        ) as u32,
+    };
+    r.finish();
+
+    let mut pipelines = Vec::new();
+    match pipeline_v.map(|v| (v.clone(), v.kind)) {
+        None => problems.push(format!(
+            "pipeline (in {origin}): missing; at least one [[pipeline]] is required"
+        )),
+        Some((_, ValueKind::Array(items))) => {
+            if items.is_empty() {
+                problems.push(format!(
+                    "pipeline (in {origin}): empty; at least one [[pipeline]] is required"
+                ));
+            }
+            for (i, item) in items.into_iter().enumerate() {
+                let item_origin = origin_of(&item, origin);
+                let t = match item.kind {
+                    ValueKind::Table(t) => t,
+                    _ => {
+                        problems.push(format!(
+                            "pipeline[{i}] (in {item_origin}): expected a table ([[pipeline]])"
+                        ));
+                        continue;
+                    }
+                };
+                if let Some(p) = read_pipeline(i, t, &mut problems, origin) {
+                    pipelines.push(p);
+                }
+            }
+        }
+        Some((v, _)) => problems.push(format!(
+            "pipeline (in {}): expected an array of tables ([[pipeline]])",
+            origin_of(&v, origin)
+        )),
+    }
+    let mut names = BTreeSet::new();
+    for p in &pipelines {
+        if !names.insert(p.name.clone()) {
+            problems.push(format!(
+                "pipeline \"{}\" (in {origin}): the name is used twice; pipeline names must be unique",
+                p.name
+            ));
+        }
+    }
+
+    if problems.is_empty() {
+        Ok(Config {
+            agent,
+            aws,
+            queue,
+            spool,
+            dynamodb,
+            pipelines,
+        })
+    } else {
+        Err(ConfigError { problems })
+    }
+}
+
+fn read_pipeline(
+    i: usize,
+    t: config::Map<String, Value>,
+    problems: &mut Vec<String>,
+    origin: &str,
+) -> Option<Pipeline> {
+    let mut r = Reader::new(&format!("pipeline[{i}]"), t, problems, origin);
+    let name = r.required_string("name", "a short name used in logs");
+    let bucket = r.required_string("bucket", "the S3 bucket whose events this pipeline takes");
+    let prefix = r.string("prefix", "");
+    let suffix = r.string("suffix", "");
+    let processor_v = r.take("processor");
+    let processor = match processor_v.as_ref().map(|v| &v.kind) {
+        Some(ValueKind::String(s)) if s == "orders-csv" => Some(ProcessorKind::OrdersCsv),
+        Some(ValueKind::String(s)) => {
+            let msg = format!(
+                "unknown processor \"{s}\"; this version offers \"orders-csv\" (container and command processors are planned)"
+            );
+            r.problem("processor", processor_v.as_ref(), msg);
+            None
+        }
+        Some(_) => {
+            r.problem("processor", processor_v.as_ref(), "expected a string");
+            None
+        }
+        None => {
+            r.problem("processor", None, "missing; required (\"orders-csv\")");
+            None
+        }
+    };
+    let table = r.required_string("table", "the DynamoDB table orders are written to");
+    let output_bucket = r.opt_string("output_bucket");
+    let output_prefix = r.required_string(
+        "output_prefix",
+        "where outputs, rejects and error reports are written",
+    );
+    let p = Pipeline {
+        name,
+        bucket,
+        prefix,
+        suffix,
+        processor: processor.unwrap_or(ProcessorKind::OrdersCsv),
+        table,
+        output_bucket,
+        output_prefix,
+    };
+    if !p.output_prefix.is_empty() && p.would_feed_itself() {
+        let v = r.table.get("output_prefix").cloned();
+        let msg = format!(
+            "\"{}\" lies under the pipeline's own input prefix \"{}\" in bucket {}: every output would \
+             trigger the pipeline again (an endless loop); choose an output_prefix outside the input prefix",
+            p.output_prefix, p.prefix, p.bucket
+        );
+        r.problem("output_prefix", v.as_ref(), msg);
+    }
+    r.finish();
+    processor.map(|_| p)
+}
+
+/// Serialize `Duration`s as humantime strings ("1m 30s") in `config check`.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[aws]
+region = "us-east-1"
+endpoint_url = "http://127.0.0.1:4566"
+
+[queue]
+name = "offload-events"
+dead_letter_queue = "offload-events-dlq"
+max_in_flight = 8
+visibility_timeout = "60s"
+wait_time = "20s"
+
+[spool]
+dir = "/tmp/spool"
+
+[[pipeline]]
+name = "orders"
+bucket = "offload-file-drop"
+prefix = "input/"
+suffix = ".csv"
+processor = "orders-csv"
+table = "Order"
+output_prefix = "output/"
+"#;
+
+    #[test]
+    fn the_documented_example_parses_with_defaults() {
+        let c = from_toml_str(GOOD, "test.toml").unwrap();
+        assert_eq!(c.queue.max_in_flight, 8);
+        assert_eq!(c.queue.visibility_timeout, Duration::from_secs(60));
+        assert_eq!(c.agent.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert_eq!(c.pipelines.len(), 1);
+        assert_eq!(c.pipelines[0].output_key("input/a/b.csv"), "output/a/b.csv");
+        assert_eq!(
+            c.route("offload-file-drop", "input/x.csv").unwrap().name,
+            "orders"
+        );
+        assert!(c.route("offload-file-drop", "input/x.txt").is_none());
+        assert!(c.route("other", "input/x.csv").is_none());
+        assert!(c.route("offload-file-drop", "output/x.csv").is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_key_and_file() {
+        let bad = GOOD
+            .replace(
+                "wait_time = \"20s\"",
+                "wait_time = \"soon\"\ncolour = \"blue\"",
+            )
+            .replace(
+                "visibility_timeout = \"60s\"",
+                "visibility_timeout = \"24h\"",
+            )
+            .replace(
+                "output_prefix = \"output/\"",
+                "output_prefix = \"input/out/\"",
+            )
+            .replace("table = \"Order\"\n", "");
+        let err = from_toml_str(&bad, "agent.toml").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("queue.wait_time"), "{text}");
+        assert!(text.contains("\"soon\" is not a duration"), "{text}");
+        assert!(text.contains("queue.colour"), "{text}");
+        assert!(text.contains("unknown key"), "{text}");
+        assert!(text.contains("queue.visibility_timeout"), "{text}");
+        assert!(text.contains("pipeline[0].table"), "{text}");
+        assert!(text.contains("endless loop"), "{text}");
+        assert_eq!(err.problems.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn an_empty_input_prefix_loops_unless_outputs_go_elsewhere() {
+        let looped = GOOD.replace("prefix = \"input/\"\n", "");
+        let err = from_toml_str(&looped, "agent.toml").unwrap_err();
+        assert!(err.to_string().contains("endless loop"));
+        let elsewhere = looped.replace(
+            "output_prefix = \"output/\"",
+            "output_prefix = \"output/\"\noutput_bucket = \"results\"",
+        );
+        from_toml_str(&elsewhere, "agent.toml").unwrap();
+    }
+
+    #[test]
+    fn queue_name_or_url_is_required_and_unknown_processors_are_named() {
+        let bad = GOOD
+            .replace("name = \"offload-events\"\n", "")
+            .replace("\"orders-csv\"", "\"magic\"");
+        let err = from_toml_str(&bad, "agent.toml").unwrap_err().to_string();
+        assert!(err.contains("queue.name"), "{err}");
+        assert!(err.contains("unknown processor \"magic\""), "{err}");
+    }
+
+    #[test]
+    fn files_and_environment_layer_and_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("agent.toml");
+        std::fs::write(&main, GOOD).unwrap();
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        std::fs::write(
+            dir.path().join("conf.d/10-local.toml"),
+            "[queue]\nmax_in_flight = 3\nbogus = 1\n",
+        )
+        .unwrap();
+        let mut env = BTreeMap::new();
+        env.insert(
+            "OFFLOAD_AGENT_AWS__ENDPOINT_URL".to_string(),
+            "http://127.0.0.1:9999".to_string(),
+        );
+        let err = load(&main, &env).unwrap_err().to_string();
+        assert!(err.contains("queue.bogus"), "{err}");
+        assert!(err.contains("10-local.toml"), "{err}");
+        std::fs::write(
+            dir.path().join("conf.d/10-local.toml"),
+            "[queue]\nmax_in_flight = 3\n",
+        )
+        .unwrap();
+        let c = load(&main, &env).unwrap();
+        assert_eq!(c.queue.max_in_flight, 3);
+        assert_eq!(c.aws.endpoint_url.as_deref(), Some("http://127.0.0.1:9999"));
+        let missing = load(&dir.path().join("nope.toml"), &env).unwrap_err();
+        assert!(missing.to_string().contains("does not exist"));
+    }
+}

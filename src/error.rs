@@ -1,0 +1,120 @@
+//! The failure classes the worker pool branches on, and how AWS SDK errors map onto them.
+
+use std::error::Error as StdError;
+
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_types::error::display::DisplayErrorContext;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+
+/// Why one file could not be processed, sorted by what the worker must do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// Retrying later may succeed (throttling, 5xx, timeouts, a missing table being created): the message
+    /// goes back to the queue with a growing visibility backoff.
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying cannot help (the object is gone, the file is not orders CSV): an error report is written
+    /// and the message goes to the dead-letter queue.
+    #[error("{0}")]
+    Permanent(String),
+    /// Shutdown's grace period ran out: the message is released for another worker at once.
+    #[error("stopped by shutdown before the file was finished")]
+    Cancelled,
+}
+
+impl ProcessError {
+    pub fn class(&self) -> &'static str {
+        match self {
+            ProcessError::Transient(_) => "transient",
+            ProcessError::Permanent(_) => "permanent",
+            ProcessError::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// How an AWS call failed, from the caller's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Try again later.
+    Transient,
+    /// This request will never succeed as it is (validation, missing object).
+    Permanent,
+    /// Nothing works until an operator acts (queue missing, access denied, bad credentials).
+    Fatal,
+}
+
+const TRANSIENT_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    "SlowDown",
+    "InternalError",
+    "InternalFailure",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "TransactionInProgressException",
+    "KMS.ThrottlingException",
+];
+
+const FATAL_CODES: &[&str] = &[
+    "AccessDenied",
+    "AccessDeniedException",
+    "AWS.SimpleQueueService.NonExistentQueue",
+    "QueueDoesNotExist",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "InvalidAccessKeyId",
+    "MissingAuthenticationToken",
+    "NoSuchBucket",
+    "ResourceNotFoundException",
+];
+
+/// Classify an SDK error by its kind, error code and HTTP status.
+pub fn classify<E>(err: &SdkError<E, HttpResponse>) -> ErrorClass
+where
+    E: ProvideErrorMetadata,
+{
+    match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            ErrorClass::Transient
+        }
+        SdkError::ConstructionFailure(_) => ErrorClass::Permanent,
+        SdkError::ServiceError(se) => {
+            let code = se.err().code().unwrap_or("");
+            let status = se.raw().status().as_u16();
+            if TRANSIENT_CODES.contains(&code) || status >= 500 || status == 429 {
+                ErrorClass::Transient
+            } else if FATAL_CODES.contains(&code) || status == 401 || status == 403 {
+                ErrorClass::Fatal
+            } else {
+                ErrorClass::Permanent
+            }
+        }
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// The service's error code, if it sent one.
+pub fn code<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Option<&str> {
+    match err {
+        SdkError::ServiceError(se) => se.err().code(),
+        _ => None,
+    }
+}
+
+/// An SDK error with its whole chain of causes on one line (the SDK's own `Display` says only
+/// "service error").
+pub fn describe<E: StdError + 'static>(err: &SdkError<E, HttpResponse>) -> String {
+    DisplayErrorContext(err).to_string()
+}

@@ -1,0 +1,26 @@
+//! offload-agent: process S3 file events on your own hosts.
+//!
+//! Module map:
+//! - [`cli`]: command-line definitions (clap); `--help` documents commands and exit codes.
+//! - [`app`]: what each subcommand does, and the mapping of outcomes to exit codes.
+//! - [`config`]: typed configuration, layering (file, conf.d, environment), complete validation.
+//! - [`telemetry`]: logging to journald under systemd, text or JSON otherwise; run-time level changes.
+//! - [`daemon`]: the task tree of `run`: signals, sd_notify, two-phase shutdown, reload.
+//! - [`aws`]: SDK clients with region, endpoint override, timeouts and retries, built in one place.
+//! - [`error`]: failure classes (transient, permanent, cancelled) and AWS error classification.
+//! - [`backoff`]: exponential backoff with jitter, shared by every retry loop.
+//! - [`worker`]: receiver, worker pool, event parsing, routing, spool, message settlement.
+//! - [`processors`]: file processors (`orders-csv`).
+//! - [`provision`]: idempotent creation of the bucket, queues, notification and table.
+
+pub mod app;
+pub mod aws;
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod processors;
+pub mod provision;
+pub mod telemetry;
+pub mod worker;

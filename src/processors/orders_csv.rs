@@ -1,0 +1,853 @@
+//! The built-in `orders-csv` processor: CSV orders into DynamoDB, plus an output CSV and a rejects report.
+//!
+//! A file is read twice from the spool, never held in memory:
+//! 1. a quick pass over the `OrderId` column fills a Bloom filter; ids that *may* repeat become
+//!    candidates (an exact set that stays small: true repeats plus ~1% false positives), so duplicate
+//!    detection needs memory for the candidates only, not for every id in a multi-gigabyte file;
+//! 2. the full pass validates every row. Valid rows go, in batches of 25, through a bounded channel to
+//!    asynchronous `BatchWriteItem` calls; their `OrderId,ConfirmationId` lines go to the output file;
+//!    invalid rows go to the rejects file with their line number and reason.
+//!
+//! Nothing is dropped: `written + rejected = data rows`, and both files are uploaded only after every
+//! write was acknowledged.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+use crate::error::{classify, describe, ErrorClass, ProcessError};
+
+/// The columns an orders file must have, in the order items and reports name them.
+pub const COLUMNS: [&str; 13] = [
+    "Region",
+    "Country",
+    "ItemType",
+    "SalesChannel",
+    "OrderPriority",
+    "OrderDate",
+    "OrderId",
+    "ShipDate",
+    "UnitSold",
+    "UnitPrice",
+    "TotalRevenue",
+    "TotalCost",
+    "TotalProfit",
+];
+const ORDER_DATE: usize = 5;
+const ORDER_ID: usize = 6;
+const SHIP_DATE: usize = 7;
+const UNIT_SOLD: usize = 8;
+const MONEY: [usize; 4] = [9, 10, 11, 12];
+
+/// DynamoDB's item limit is 400 KB; rows that could not fit are rejected before they are sent.
+pub const MAX_ROW_BYTES: usize = 350 * 1024;
+/// DynamoDB's `BatchWriteItem` takes at most 25 requests.
+pub const BATCH_SIZE: usize = 25;
+/// Namespace of the UUIDv5 `ConfirmationId`s (fixed forever: changing it changes every id).
+pub const CONFIRMATION_NAMESPACE: Uuid = Uuid::from_u128(0x8c1f_3e2a_4b7d_5e60_9a1b_6f72_6465_7273);
+
+/// The identity of the object a file came from; it seeds `ConfirmationId`.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub bucket: String,
+    pub key: String,
+    pub etag: String,
+}
+
+impl Source {
+    pub fn confirmation_id(&self, order_id: &str) -> Uuid {
+        let name = format!("{}\n{}\n{}\n{}", self.bucket, self.key, self.etag, order_id);
+        Uuid::new_v5(&CONFIRMATION_NAMESPACE, name.as_bytes())
+    }
+}
+
+/// Where to find each required column in this file's header.
+#[derive(Debug, Clone)]
+pub struct Header {
+    idx: [usize; 13],
+    width: usize,
+    pub extra: Vec<String>,
+}
+
+/// A row that passed validation: the 13 columns, dates as ISO `YYYY-MM-DD`, numbers as plain decimals.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Order {
+    pub fields: [String; 13],
+}
+
+impl Order {
+    pub fn order_id(&self) -> &str {
+        &self.fields[ORDER_ID]
+    }
+
+    /// The DynamoDB item: strings as S, `UnitSold` and money as N, plus ids and the source.
+    pub fn to_item(&self, cid: &Uuid, src: &Source) -> HashMap<String, AttributeValue> {
+        let mut item = HashMap::with_capacity(16);
+        for (i, name) in COLUMNS.iter().enumerate() {
+            let v = self.fields[i].clone();
+            let av = if i == UNIT_SOLD || MONEY.contains(&i) {
+                AttributeValue::N(v)
+            } else {
+                AttributeValue::S(v)
+            };
+            item.insert((*name).to_string(), av);
+        }
+        item.insert(
+            "ConfirmationId".into(),
+            AttributeValue::S(cid.hyphenated().to_string()),
+        );
+        item.insert("SourceBucket".into(), AttributeValue::S(src.bucket.clone()));
+        item.insert("SourceKey".into(), AttributeValue::S(src.key.clone()));
+        item
+    }
+}
+
+/// Why a file as a whole cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// Not an orders CSV (empty, binary, wrong header, absurd line length): a permanent failure.
+    #[error("{0}")]
+    Invalid(String),
+    /// Reading or writing the spool failed.
+    #[error("spool I/O failed: {0}")]
+    Io(#[from] io::Error),
+    /// Whoever consumed the rows went away (a write failed, or shutdown).
+    #[error("stopped")]
+    Stopped,
+}
+
+/// Limits that keep one hostile file from exhausting memory.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanLimits {
+    /// A "line" longer than this (a binary file, a file without newlines) fails the file.
+    pub max_line_bytes: u64,
+}
+
+/// Counts from one pass over a file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanOutcome {
+    pub rows: u64,
+    pub written: u64,
+    pub rejected: u64,
+    pub extra_columns: Vec<String>,
+}
+
+pub fn parse_header(rec: &csv::ByteRecord) -> Result<Header, String> {
+    let mut names = Vec::with_capacity(rec.len());
+    for (i, raw) in rec.iter().enumerate() {
+        let raw = if i == 0 {
+            raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw)
+        } else {
+            raw
+        };
+        let name = std::str::from_utf8(raw).map_err(|_| {
+            "the first line is not text, so this is not an orders CSV (a binary file?)".to_string()
+        })?;
+        names.push(name.trim().to_string());
+    }
+    let mut idx = [usize::MAX; 13];
+    let mut missing = Vec::new();
+    for (c, col) in COLUMNS.iter().enumerate() {
+        let found: Vec<usize> = names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.as_str() == *col)
+            .map(|(i, _)| i)
+            .collect();
+        match found.len() {
+            0 => missing.push(*col),
+            1 => idx[c] = found[0],
+            _ => return Err(format!("the header names column {col} twice")),
+        }
+    }
+    if !missing.is_empty() {
+        let shown: String = names.join(",").chars().take(200).collect();
+        return Err(format!(
+            "the header lacks column{} {}; an orders CSV starts with {} (found: {shown:?})",
+            if missing.len() == 1 { "" } else { "s" },
+            missing.join(", "),
+            COLUMNS.join(",")
+        ));
+    }
+    let extra = names
+        .iter()
+        .filter(|n| !COLUMNS.contains(&n.as_str()))
+        .cloned()
+        .collect();
+    Ok(Header {
+        idx,
+        width: rec.len(),
+        extra,
+    })
+}
+
+fn days_in_month(y: u32, m: u32) -> u32 {
+    match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        _ => 0,
+    }
+}
+
+fn digits(s: &str, min: usize, max: usize) -> Option<u32> {
+    if s.len() < min || s.len() > max || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// `M/D/YYYY` (the classic walkthrough's format) or ISO `YYYY-MM-DD`, to ISO.
+pub fn parse_date(s: &str) -> Option<String> {
+    let (y, m, d) = if let Some((a, rest)) = s.split_once('/') {
+        let (b, c) = rest.split_once('/')?;
+        (digits(c, 4, 4)?, digits(a, 1, 2)?, digits(b, 1, 2)?)
+    } else {
+        let mut it = s.splitn(3, '-');
+        let (a, b, c) = (it.next()?, it.next()?, it.next()?);
+        (digits(a, 4, 4)?, digits(b, 2, 2)?, digits(c, 2, 2)?)
+    };
+    if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
+        return None;
+    }
+    Some(format!("{y:04}-{m:02}-{d:02}"))
+}
+
+/// A plain decimal (no exponent, at most 38 significant digits as DynamoDB allows); `+` dropped.
+pub fn parse_number(s: &str, integer: bool) -> Option<String> {
+    let body = s.strip_prefix('+').unwrap_or(s);
+    let unsigned = body.strip_prefix('-').unwrap_or(body);
+    if integer && unsigned.len() != body.len() {
+        return None; // a count of units is never negative
+    }
+    let (int, frac) = match unsigned.split_once('.') {
+        Some((i, f)) if !integer => (i, f),
+        Some(_) => return None,
+        None => (unsigned, ""),
+    };
+    if (int.is_empty() && frac.is_empty())
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let significant = format!("{int}{frac}");
+    let significant = significant.trim_start_matches('0');
+    if significant.trim_end_matches('0').len() > 38 {
+        return None;
+    }
+    Some(body.to_string())
+}
+
+/// Validate one data row.
+pub fn validate(rec: &csv::ByteRecord, h: &Header) -> Result<Order, String> {
+    if rec.len() != h.width {
+        return Err(format!(
+            "expected {} fields as in the header, found {}",
+            h.width,
+            rec.len()
+        ));
+    }
+    if rec.as_slice().len() > MAX_ROW_BYTES {
+        return Err(format!(
+            "row is {} bytes, larger than a DynamoDB item may be",
+            rec.as_slice().len()
+        ));
+    }
+    let mut fields: [String; 13] = Default::default();
+    for (c, col) in COLUMNS.iter().enumerate() {
+        let raw = &rec[h.idx[c]];
+        let text = std::str::from_utf8(raw)
+            .map_err(|_| format!("{col} is not valid UTF-8 text"))?
+            .trim();
+        fields[c] = match c {
+            ORDER_ID if text.is_empty() => return Err("OrderId is empty".into()),
+            ORDER_DATE | SHIP_DATE => parse_date(text)
+                .ok_or_else(|| format!("{col} {text:?} is not a date (M/D/YYYY or YYYY-MM-DD)"))?,
+            UNIT_SOLD => parse_number(text, true)
+                .ok_or_else(|| format!("{col} {text:?} is not a whole number of units"))?,
+            c if MONEY.contains(&c) => parse_number(text, false)
+                .ok_or_else(|| format!("{col} {text:?} is not a decimal number"))?,
+            _ => text.to_string(),
+        };
+    }
+    Ok(Order { fields })
+}
+
+/// Counts bytes for progress and refuses absurdly long lines before the CSV reader buffers them.
+struct GuardedReader<R> {
+    inner: R,
+    since_newline: u64,
+    limit: u64,
+    progress: Option<Arc<AtomicU64>>,
+}
+
+impl<R: Read> Read for GuardedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let chunk = &buf[..n];
+        match memchr::memrchr(b'\n', chunk) {
+            Some(pos) => self.since_newline = (n - pos - 1) as u64,
+            None => self.since_newline += n as u64,
+        }
+        if self.since_newline > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                LineTooLong(self.limit),
+            ));
+        }
+        if let Some(p) = &self.progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("a line is longer than {0} bytes (spool.max_line_bytes): not an orders CSV")]
+struct LineTooLong(u64);
+
+fn csv_error(e: csv::Error) -> FileError {
+    let line = e.position().map(|p| p.line());
+    match e.into_kind() {
+        csv::ErrorKind::Io(io) => {
+            match io.get_ref().and_then(|i| i.downcast_ref::<LineTooLong>()) {
+                Some(too_long) => FileError::Invalid(too_long.to_string()),
+                None => FileError::Io(io),
+            }
+        }
+        other => FileError::Invalid(format!(
+            "unreadable CSV near line {}: {other:?}",
+            line.unwrap_or(0)
+        )),
+    }
+}
+
+fn open(
+    path: &Path,
+    limits: ScanLimits,
+    progress: Option<Arc<AtomicU64>>,
+) -> Result<(csv::Reader<GuardedReader<File>>, Header), FileError> {
+    let file = File::open(path)?;
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .buffer_capacity(256 * 1024)
+        .from_reader(GuardedReader {
+            inner: file,
+            since_newline: 0,
+            limit: limits.max_line_bytes,
+            progress,
+        });
+    let mut rec = csv::ByteRecord::new();
+    if !rdr.read_byte_record(&mut rec).map_err(csv_error)? {
+        return Err(FileError::Invalid(format!(
+            "the file is empty: an orders CSV starts with the header {}",
+            COLUMNS.join(",")
+        )));
+    }
+    let header = parse_header(&rec).map_err(FileError::Invalid)?;
+    Ok((rdr, header))
+}
+
+/// A Bloom filter over byte strings: k probes by double hashing one 128-bit xxh3.
+struct Bloom {
+    bits: Vec<u64>,
+    m: u64,
+}
+
+impl Bloom {
+    const K: u64 = 7;
+
+    fn with_capacity(expected: u64) -> Self {
+        let m = (expected.max(1024) * 10).next_power_of_two();
+        Bloom {
+            bits: vec![0; (m / 64) as usize],
+            m,
+        }
+    }
+
+    /// Insert; return whether the value may have been present before.
+    fn check_and_set(&mut self, v: &[u8]) -> bool {
+        let h = xxhash_rust::xxh3::xxh3_128(v);
+        let (h1, h2) = (h as u64, ((h >> 64) as u64) | 1);
+        let mut present = true;
+        for i in 0..Self::K {
+            let bit = h1.wrapping_add(i.wrapping_mul(h2)) & (self.m - 1);
+            let (w, b) = ((bit / 64) as usize, bit % 64);
+            if self.bits[w] & (1 << b) == 0 {
+                present = false;
+                self.bits[w] |= 1 << b;
+            }
+        }
+        present
+    }
+}
+
+/// Pass 1: the ids that may occur more than once (a superset of the real repeats).
+fn duplicate_candidates(path: &Path, limits: ScanLimits) -> Result<HashSet<Box<[u8]>>, FileError> {
+    let len = std::fs::metadata(path)?.len();
+    // Orders rows are ~100 bytes; assuming 64 keeps the false-positive rate near 1% for short rows too.
+    let mut bloom = Bloom::with_capacity(len / 64);
+    let mut candidates = HashSet::new();
+    let (mut rdr, header) = open(path, limits, None)?;
+    let col = header.idx[ORDER_ID];
+    let mut rec = csv::ByteRecord::new();
+    while rdr.read_byte_record(&mut rec).map_err(csv_error)? {
+        if let Some(id) = rec.get(col) {
+            let id = id.trim_ascii();
+            if !id.is_empty() && bloom.check_and_set(id) {
+                candidates.insert(Box::from(id));
+            }
+        }
+    }
+    Ok(candidates)
+}
+
+/// Scan a file: validate every row, call `on_reject(line, order_id, reason)` for each invalid one and
+/// `on_valid(order, confirmation_id)` for each valid one, in input order. The first valid occurrence of
+/// an `OrderId` wins; later ones are rejected as duplicates.
+pub fn scan(
+    path: &Path,
+    limits: ScanLimits,
+    src: &Source,
+    progress: Option<Arc<AtomicU64>>,
+    mut on_reject: impl FnMut(u64, &str, &str) -> Result<(), FileError>,
+    mut on_valid: impl FnMut(Order, Uuid) -> Result<(), FileError>,
+) -> Result<ScanOutcome, FileError> {
+    let candidates = duplicate_candidates(path, limits)?;
+    let mut first_line: HashMap<Box<[u8]>, u64> = HashMap::new();
+    let (mut rdr, header) = open(path, limits, progress)?;
+    let mut out = ScanOutcome {
+        extra_columns: header.extra.clone(),
+        ..Default::default()
+    };
+    let mut rec = csv::ByteRecord::new();
+    while rdr.read_byte_record(&mut rec).map_err(csv_error)? {
+        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+        // A blank line is no row: the csv reader already skips empty lines.
+        out.rows += 1;
+        let order = match validate(&rec, &header) {
+            Ok(o) => o,
+            Err(reason) => {
+                let id = rec
+                    .get(header.idx[ORDER_ID])
+                    .map(|b| String::from_utf8_lossy(b.trim_ascii()).into_owned())
+                    .unwrap_or_default();
+                out.rejected += 1;
+                on_reject(line, &id, &reason)?;
+                continue;
+            }
+        };
+        let id_bytes = order.order_id().as_bytes();
+        if candidates.contains(id_bytes) {
+            if let Some(first) = first_line.get(id_bytes) {
+                out.rejected += 1;
+                let reason = format!("duplicate OrderId (first seen on line {first})");
+                on_reject(line, order.order_id(), &reason)?;
+                continue;
+            }
+            first_line.insert(Box::from(id_bytes), line);
+        }
+        let cid = src.confirmation_id(order.order_id());
+        out.written += 1;
+        on_valid(order, cid)?;
+    }
+    Ok(out)
+}
+
+/// What loading one file needs.
+#[derive(Clone)]
+pub struct Loader {
+    pub ddb: aws_sdk_dynamodb::Client,
+    pub table: String,
+    pub write_concurrency: usize,
+    pub write_max_attempts: u32,
+    pub limits: ScanLimits,
+}
+
+/// The spool files of one load: the input, and the output and rejects reports it produces.
+#[derive(Debug, Clone)]
+pub struct LoadFiles {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub rejects: PathBuf,
+}
+
+impl Loader {
+    /// Validate and write every row of `files.input`; fill `files.output` and `files.rejects`. Returns
+    /// once every write was acknowledged (or with the first error that stopped it).
+    pub async fn load(
+        &self,
+        files: &LoadFiles,
+        src: &Source,
+        cancel: &CancellationToken,
+        progress: Option<Arc<AtomicU64>>,
+    ) -> Result<ScanOutcome, ProcessError> {
+        let (tx, mut rx) = mpsc::channel::<Vec<WriteRequest>>(self.write_concurrency * 2);
+        let files2 = files.clone();
+        let src2 = src.clone();
+        let limits = self.limits;
+        let reader = tokio::task::spawn_blocking(move || {
+            write_reports(&files2, limits, &src2, progress, |batch| {
+                tx.blocking_send(batch).map_err(|_| FileError::Stopped)
+            })
+        });
+
+        let mut writes: JoinSet<Result<usize, ProcessError>> = JoinSet::new();
+        let mut failure: Option<ProcessError> = None;
+        let mut channel_open = true;
+        while channel_open || !writes.is_empty() {
+            tokio::select! {
+                _ = cancel.cancelled() => { failure = Some(ProcessError::Cancelled); break; }
+                batch = rx.recv(), if channel_open && writes.len() < self.write_concurrency => {
+                    match batch {
+                        Some(batch) => {
+                            let this = self.clone();
+                            let cancel = cancel.clone();
+                            writes.spawn(async move { this.write_batch(batch, &cancel).await });
+                        }
+                        None => channel_open = false,
+                    }
+                }
+                Some(done) = writes.join_next(), if !writes.is_empty() => {
+                    match done {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => { failure = Some(e); break; }
+                        Err(join) => {
+                            failure = Some(ProcessError::Transient(format!("a write task failed: {join}")));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        writes.abort_all();
+        drop(rx); // unblocks the reader if it is waiting to send
+        let scanned = reader
+            .await
+            .map_err(|e| ProcessError::Transient(format!("the reader task failed: {e}")))?;
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        match scanned {
+            Ok(outcome) => Ok(outcome),
+            Err(FileError::Invalid(reason)) => Err(ProcessError::Permanent(reason)),
+            Err(FileError::Io(e)) => Err(ProcessError::Transient(format!("spool I/O failed: {e}"))),
+            Err(FileError::Stopped) => Err(ProcessError::Transient(
+                "row writing stopped unexpectedly".into(),
+            )),
+        }
+    }
+
+    /// One `BatchWriteItem`, retrying throttling and `UnprocessedItems` (which the SDK does not retry)
+    /// with exponential backoff and jitter.
+    async fn write_batch(
+        &self,
+        mut pending: Vec<WriteRequest>,
+        cancel: &CancellationToken,
+    ) -> Result<usize, ProcessError> {
+        let total = pending.len();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        loop {
+            let res = self
+                .ddb
+                .batch_write_item()
+                .request_items(&self.table, pending.clone())
+                .send()
+                .await;
+            match res {
+                Ok(out) => {
+                    let left = out
+                        .unprocessed_items
+                        .and_then(|mut m| m.remove(&self.table))
+                        .unwrap_or_default();
+                    if left.is_empty() {
+                        return Ok(total);
+                    }
+                    tracing::debug!(table = %self.table, unprocessed = left.len(), "DynamoDB returned unprocessed items; retrying them");
+                    pending = left;
+                }
+                Err(e) => {
+                    let text = format!(
+                        "BatchWriteItem to table {} failed: {}",
+                        self.table,
+                        describe(&e)
+                    );
+                    match classify(&e) {
+                        ErrorClass::Transient => tracing::debug!("{text}; retrying"),
+                        // A table that does not exist yet, or a policy being fixed: retry the whole
+                        // file later rather than condemn it.
+                        ErrorClass::Fatal => return Err(ProcessError::Transient(text)),
+                        ErrorClass::Permanent => return Err(ProcessError::Permanent(text)),
+                    }
+                }
+            }
+            if backoff.attempts() + 1 >= self.write_max_attempts {
+                return Err(ProcessError::Transient(format!(
+                    "DynamoDB table {} kept {} of {} items unprocessed after {} attempts (dynamodb.write_max_attempts)",
+                    self.table,
+                    pending.len(),
+                    total,
+                    self.write_max_attempts
+                )));
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+/// The blocking half of a load: scan the input, write the output and rejects files, and hand batches of
+/// write requests to `send`.
+fn write_reports(
+    files: &LoadFiles,
+    limits: ScanLimits,
+    src: &Source,
+    progress: Option<Arc<AtomicU64>>,
+    mut send: impl FnMut(Vec<WriteRequest>) -> Result<(), FileError>,
+) -> Result<ScanOutcome, FileError> {
+    let mut output = csv::Writer::from_writer(io::BufWriter::new(File::create(&files.output)?));
+    output
+        .write_record(["OrderId", "ConfirmationId"])
+        .map_err(io_of)?;
+    let mut rejects = csv::Writer::from_writer(io::BufWriter::new(File::create(&files.rejects)?));
+    rejects
+        .write_record(["Line", "OrderId", "Reason"])
+        .map_err(io_of)?;
+    let mut batch = Vec::with_capacity(BATCH_SIZE);
+    let outcome = scan(
+        &files.input,
+        limits,
+        src,
+        progress,
+        |line, id, reason| {
+            rejects
+                .write_record([line.to_string().as_str(), id, reason])
+                .map_err(io_of)
+        },
+        |order, cid| {
+            let mut buf = Uuid::encode_buffer();
+            output
+                .write_record([order.order_id(), cid.hyphenated().encode_lower(&mut buf)])
+                .map_err(io_of)?;
+            let put = PutRequest::builder()
+                .set_item(Some(order.to_item(&cid, src)))
+                .build()
+                .map_err(|e| FileError::Io(io::Error::other(e)))?;
+            batch.push(WriteRequest::builder().put_request(put).build());
+            if batch.len() == BATCH_SIZE {
+                send(std::mem::replace(
+                    &mut batch,
+                    Vec::with_capacity(BATCH_SIZE),
+                ))?;
+            }
+            Ok(())
+        },
+    )?;
+    if !batch.is_empty() {
+        send(batch)?;
+    }
+    output.flush()?;
+    rejects.flush()?;
+    Ok(outcome)
+}
+
+fn io_of(e: csv::Error) -> FileError {
+    match e.into_kind() {
+        csv::ErrorKind::Io(io) => FileError::Io(io),
+        other => FileError::Io(io::Error::other(format!("{other:?}"))),
+    }
+}
+
+/// `process --dry-run`: validate a local file, print each reject to `out`, write nothing anywhere.
+pub fn dry_run(
+    path: &Path,
+    limits: ScanLimits,
+    progress: Option<Arc<AtomicU64>>,
+    out: &mut dyn Write,
+) -> Result<ScanOutcome, FileError> {
+    let src = Source {
+        bucket: "local".into(),
+        key: path.display().to_string(),
+        etag: String::new(),
+    };
+    let mut w = csv::Writer::from_writer(out);
+    w.write_record(["Line", "OrderId", "Reason"])
+        .map_err(io_of)?;
+    let outcome = scan(
+        path,
+        limits,
+        &src,
+        progress,
+        |line, id, reason| {
+            w.write_record([line.to_string().as_str(), id, reason])
+                .map_err(io_of)
+        },
+        |_, _| Ok(()),
+    )?;
+    w.flush()?;
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = "Region,Country,ItemType,SalesChannel,OrderPriority,OrderDate,OrderId,ShipDate,UnitSold,UnitPrice,TotalRevenue,TotalCost,TotalProfit";
+
+    fn row(id: &str) -> String {
+        format!("Asia,Japan,Cereal,Online,H,3/7/2017,{id},4/1/2017,100,205.70,20570.00,11770.00,8800.00")
+    }
+
+    fn run(
+        text: &str,
+    ) -> (
+        Result<ScanOutcome, FileError>,
+        Vec<(u64, String, String)>,
+        Vec<Order>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.csv");
+        std::fs::write(&p, text).unwrap();
+        let mut rejects = Vec::new();
+        let mut valid = Vec::new();
+        let src = Source {
+            bucket: "b".into(),
+            key: "k".into(),
+            etag: "e".into(),
+        };
+        let r = scan(
+            &p,
+            ScanLimits {
+                max_line_bytes: 4096,
+            },
+            &src,
+            None,
+            |l, id, r| {
+                rejects.push((l, id.to_string(), r.to_string()));
+                Ok(())
+            },
+            |o, _| {
+                valid.push(o);
+                Ok(())
+            },
+        );
+        (r, rejects, valid)
+    }
+
+    #[test]
+    fn dates_and_numbers_are_normalised_or_rejected() {
+        assert_eq!(parse_date("3/7/2017").unwrap(), "2017-03-07");
+        assert_eq!(parse_date("2017-03-07").unwrap(), "2017-03-07");
+        assert_eq!(parse_date("2/29/2016").unwrap(), "2016-02-29");
+        assert!(parse_date("2/29/2017").is_none());
+        assert!(parse_date("13/1/2017").is_none());
+        assert!(parse_date("1/1/17").is_none());
+        assert!(parse_date("yesterday").is_none());
+        assert_eq!(parse_number("205.70", false).unwrap(), "205.70");
+        assert_eq!(parse_number("-3.5", false).unwrap(), "-3.5");
+        assert_eq!(parse_number("+7", true).unwrap(), "7");
+        assert!(parse_number("1e5", false).is_none());
+        assert!(parse_number("-4", true).is_none());
+        assert!(parse_number("4.0", true).is_none());
+        assert!(parse_number("", false).is_none());
+        assert!(parse_number(".", false).is_none());
+        assert!(parse_number(&"9".repeat(39), false).is_none());
+    }
+
+    #[test]
+    fn every_row_is_written_or_rejected_with_its_line() {
+        let text = format!(
+            "{HEADER}\n{}\n{}\nAsia,Japan,Cereal,Online,H,3/7/2017,,4/1/2017,1,1,1,1,1\n{}\nshort,row\n{}",
+            row("1"),
+            row("2").replace("100", "many"),
+            row("3"),
+            row("1") // duplicate, no final newline
+        );
+        let (r, rejects, valid) = run(&text);
+        let out = r.unwrap();
+        assert_eq!(out.rows, 6);
+        assert_eq!(out.written, 2);
+        assert_eq!(out.rejected, 4);
+        let lines: Vec<u64> = rejects.iter().map(|r| r.0).collect();
+        assert_eq!(lines, [3, 4, 6, 7]);
+        assert!(rejects[0].2.contains("UnitSold"));
+        assert!(rejects[1].2.contains("OrderId is empty"));
+        assert!(rejects[2].2.contains("expected 13 fields"));
+        assert!(rejects[3].2.contains("first seen on line 2"));
+        assert_eq!(valid[0].fields[ORDER_DATE], "2017-03-07");
+        assert_eq!(valid[1].order_id(), "3");
+    }
+
+    #[test]
+    fn columns_are_matched_by_name_and_extra_ones_reported() {
+        let text = "OrderId,Extra,TotalProfit,TotalCost,TotalRevenue,UnitPrice,UnitSold,ShipDate,OrderDate,OrderPriority,SalesChannel,ItemType,Country,Region\n\
+                    9,x,1,2,3,4,5,1/2/2020,1/1/2020,L,Offline,Fruits,France,Europe\n";
+        let (r, rejects, valid) = run(text);
+        let out = r.unwrap();
+        assert!(rejects.is_empty(), "{rejects:?}");
+        assert_eq!(out.extra_columns, ["Extra"]);
+        assert_eq!(valid[0].fields[0], "Europe");
+        assert_eq!(valid[0].fields[UNIT_SOLD], "5");
+    }
+
+    #[test]
+    fn files_that_are_not_orders_csv_fail_as_a_whole() {
+        let (r, _, _) = run("");
+        assert!(r.unwrap_err().to_string().contains("empty"));
+        let (r, _, _) = run("a,b,c\n1,2,3\n");
+        assert!(r.unwrap_err().to_string().contains("lacks columns"));
+        let (r, _, _) = run(&"\u{1}\u{2}binary".repeat(2000));
+        assert!(matches!(r.unwrap_err(), FileError::Invalid(_)));
+        let (r, rejects, valid) = run(&format!("{HEADER}\n"));
+        assert_eq!(r.unwrap().rows, 0);
+        assert!(rejects.is_empty() && valid.is_empty());
+    }
+
+    #[test]
+    fn confirmation_ids_are_deterministic_per_object_version() {
+        let a = Source {
+            bucket: "b".into(),
+            key: "k".into(),
+            etag: "e1".into(),
+        };
+        let b = Source {
+            etag: "e2".into(),
+            ..a.clone()
+        };
+        assert_eq!(a.confirmation_id("1"), a.confirmation_id("1"));
+        assert_ne!(a.confirmation_id("1"), a.confirmation_id("2"));
+        assert_ne!(a.confirmation_id("1"), b.confirmation_id("1"));
+    }
+
+    #[test]
+    fn many_repeats_are_all_caught() {
+        let mut text = format!("{HEADER}\n");
+        for i in 0..5000 {
+            text.push_str(&row(&(i % 1000).to_string()));
+            text.push('\n');
+        }
+        let (r, rejects, valid) = run(&text);
+        let out = r.unwrap();
+        assert_eq!(out.written, 1000);
+        assert_eq!(out.rejected, 4000);
+        assert_eq!(rejects.len(), 4000);
+        assert_eq!(valid.len(), 1000);
+    }
+}

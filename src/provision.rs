@@ -1,0 +1,400 @@
+//! `offload-agent provision`: create what the configuration names, idempotently.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
+};
+use aws_sdk_s3::types::{
+    BucketLocationConstraint, CreateBucketConfiguration, Event, FilterRule, FilterRuleName,
+    NotificationConfiguration, NotificationConfigurationFilter, QueueConfiguration, S3KeyFilter,
+};
+use aws_sdk_sqs::types::QueueAttributeName;
+
+use crate::aws::Clients;
+use crate::config::Config;
+use crate::error::describe;
+
+/// Id prefix of the notification entries this tool owns; others in the bucket are left alone.
+const NOTIFICATION_ID_PREFIX: &str = "offload-agent-";
+
+/// One line of the report: what was done to what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub action: &'static str,
+    pub what: String,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:<9} {}", self.action, self.what)
+    }
+}
+
+fn step(action: &'static str, what: impl Into<String>) -> Step {
+    Step {
+        action,
+        what: what.into(),
+    }
+}
+
+pub async fn provision(cfg: &Config, clients: &Clients) -> Result<Vec<Step>> {
+    let mut steps = Vec::new();
+
+    let mut buckets = BTreeSet::new();
+    for p in &cfg.pipelines {
+        buckets.insert(p.bucket.clone());
+        buckets.insert(p.output_bucket().to_string());
+    }
+    for b in &buckets {
+        steps.push(ensure_bucket(clients, b).await?);
+    }
+
+    let dlq_arn = match &cfg.queue.dead_letter_queue {
+        Some(name) => {
+            let (url, s) = ensure_queue(clients, name, &[]).await?;
+            steps.push(s);
+            Some(queue_arn(clients, &url).await?)
+        }
+        None => None,
+    };
+
+    let queue_url = match (&cfg.queue.url, &cfg.queue.name) {
+        (Some(url), _) => {
+            clients
+                .sqs
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(QueueAttributeName::QueueArn)
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("queue.url {url} is not usable ({}); provision creates queues by queue.name only", describe(&e)))?;
+            steps.push(step("exists", format!("queue {url}")));
+            url.clone()
+        }
+        (None, Some(name)) => {
+            let vis = cfg.queue.visibility_timeout.as_secs().to_string();
+            let (url, s) = ensure_queue(
+                clients,
+                name,
+                &[(QueueAttributeName::VisibilityTimeout, vis)],
+            )
+            .await?;
+            steps.push(s);
+            url
+        }
+        (None, None) => bail!("queue.name or queue.url is required"),
+    };
+    let arn = queue_arn(clients, &queue_url).await?;
+
+    // The policy lets every configured bucket send events; the redrive policy moves a message that
+    // keeps failing to the dead-letter queue.
+    let statements: Vec<_> = buckets
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "Sid": format!("offload-agent-{b}"),
+                "Effect": "Allow",
+                "Principal": {"Service": "s3.amazonaws.com"},
+                "Action": "sqs:SendMessage",
+                "Resource": arn,
+                "Condition": {"ArnLike": {"aws:SourceArn": format!("arn:aws:s3:::{b}")}}
+            })
+        })
+        .collect();
+    let policy = serde_json::json!({"Version": "2012-10-17", "Statement": statements}).to_string();
+    let mut set = clients
+        .sqs
+        .set_queue_attributes()
+        .queue_url(&queue_url)
+        .attributes(QueueAttributeName::Policy, policy);
+    if let Some(dlq_arn) = &dlq_arn {
+        let redrive = serde_json::json!({
+            "deadLetterTargetArn": dlq_arn,
+            "maxReceiveCount": cfg.queue.max_receive_count.to_string()
+        })
+        .to_string();
+        set = set.attributes(QueueAttributeName::RedrivePolicy, redrive);
+    }
+    set.send().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot set the policy of queue {queue_url}: {}",
+            describe(&e)
+        )
+    })?;
+    steps.push(step(
+        "set",
+        format!(
+            "queue policy (S3 may send from {}){}",
+            buckets.iter().cloned().collect::<Vec<_>>().join(", "),
+            if dlq_arn.is_some() {
+                format!(
+                    " and redrive to the dead-letter queue after {} receives",
+                    cfg.queue.max_receive_count
+                )
+            } else {
+                String::new()
+            }
+        ),
+    ));
+
+    for b in cfg
+        .pipelines
+        .iter()
+        .map(|p| p.bucket.clone())
+        .collect::<BTreeSet<_>>()
+    {
+        steps.push(ensure_notification(cfg, clients, &b, &arn).await?);
+    }
+
+    let tables: BTreeSet<_> = cfg.pipelines.iter().map(|p| p.table.clone()).collect();
+    for t in &tables {
+        steps.push(ensure_table(clients, t).await?);
+    }
+    Ok(steps)
+}
+
+async fn ensure_bucket(clients: &Clients, bucket: &str) -> Result<Step> {
+    if clients.s3.head_bucket().bucket(bucket).send().await.is_ok() {
+        return Ok(step("exists", format!("bucket {bucket}")));
+    }
+    let mut req = clients.s3.create_bucket().bucket(bucket);
+    if clients.region != "us-east-1" {
+        req = req.create_bucket_configuration(
+            CreateBucketConfiguration::builder()
+                .location_constraint(BucketLocationConstraint::from(clients.region.as_str()))
+                .build(),
+        );
+    }
+    match req.send().await {
+        Ok(_) => Ok(step("created", format!("bucket {bucket}"))),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|se| se.is_bucket_already_owned_by_you()) =>
+        {
+            Ok(step("exists", format!("bucket {bucket}")))
+        }
+        Err(e) => bail!(
+            "cannot create bucket {bucket}: {} (bucket names are global: is it someone else's?)",
+            describe(&e)
+        ),
+    }
+}
+
+async fn ensure_queue(
+    clients: &Clients,
+    name: &str,
+    attrs: &[(QueueAttributeName, String)],
+) -> Result<(String, Step)> {
+    if let Ok(out) = clients.sqs.get_queue_url().queue_name(name).send().await {
+        if let Some(url) = out.queue_url() {
+            return Ok((url.to_string(), step("exists", format!("queue {name}"))));
+        }
+    }
+    let mut req = clients.sqs.create_queue().queue_name(name);
+    for (k, v) in attrs {
+        req = req.attributes(k.clone(), v);
+    }
+    let out = req
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create queue {name}: {}", describe(&e)))?;
+    let url = out
+        .queue_url()
+        .context("CreateQueue returned no queue URL")?
+        .to_string();
+    Ok((url, step("created", format!("queue {name}"))))
+}
+
+async fn queue_arn(clients: &Clients, url: &str) -> Result<String> {
+    let out = clients
+        .sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the ARN of queue {url}: {}", describe(&e)))?;
+    out.attributes()
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn))
+        .cloned()
+        .with_context(|| format!("queue {url} has no QueueArn attribute"))
+}
+
+fn filter_value(qc: &QueueConfiguration, name: FilterRuleName) -> String {
+    qc.filter()
+        .and_then(|f| f.key())
+        .map(|k| k.filter_rules())
+        .unwrap_or_default()
+        .iter()
+        .find(|r| r.name() == Some(&name))
+        .and_then(|r| r.value())
+        .unwrap_or("")
+        .to_string()
+}
+
+async fn ensure_notification(
+    cfg: &Config,
+    clients: &Clients,
+    bucket: &str,
+    queue_arn: &str,
+) -> Result<Step> {
+    let current = clients
+        .s3
+        .get_bucket_notification_configuration()
+        .bucket(bucket)
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the notification configuration of bucket {bucket}: {}",
+                describe(&e)
+            )
+        })?;
+    let existing = current.queue_configurations();
+    let ours_now: BTreeSet<(String, String, String, String)> = existing
+        .iter()
+        .filter(|q| q.id().unwrap_or("").starts_with(NOTIFICATION_ID_PREFIX))
+        .map(|q| {
+            (
+                q.id().unwrap_or("").to_string(),
+                q.queue_arn().to_string(),
+                filter_value(q, FilterRuleName::Prefix),
+                filter_value(q, FilterRuleName::Suffix),
+            )
+        })
+        .collect();
+    let wanted: BTreeSet<(String, String, String, String)> = cfg
+        .pipelines
+        .iter()
+        .filter(|p| p.bucket == bucket)
+        .map(|p| {
+            (
+                format!("{NOTIFICATION_ID_PREFIX}{}", p.name),
+                queue_arn.to_string(),
+                p.prefix.clone(),
+                p.suffix.clone(),
+            )
+        })
+        .collect();
+    let what = format!("notification s3://{bucket} -> {queue_arn}");
+    if ours_now == wanted {
+        return Ok(step("exists", what));
+    }
+    let mut queues: Vec<QueueConfiguration> = existing
+        .iter()
+        .filter(|q| !q.id().unwrap_or("").starts_with(NOTIFICATION_ID_PREFIX))
+        .cloned()
+        .collect();
+    for (id, arn, prefix, suffix) in &wanted {
+        let mut rules = Vec::new();
+        if !prefix.is_empty() {
+            rules.push(
+                FilterRule::builder()
+                    .name(FilterRuleName::Prefix)
+                    .value(prefix)
+                    .build(),
+            );
+        }
+        if !suffix.is_empty() {
+            rules.push(
+                FilterRule::builder()
+                    .name(FilterRuleName::Suffix)
+                    .value(suffix)
+                    .build(),
+            );
+        }
+        let mut qc = QueueConfiguration::builder()
+            .id(id)
+            .queue_arn(arn)
+            .events(Event::from("s3:ObjectCreated:*"));
+        if !rules.is_empty() {
+            qc = qc.filter(
+                NotificationConfigurationFilter::builder()
+                    .key(S3KeyFilter::builder().set_filter_rules(Some(rules)).build())
+                    .build(),
+            );
+        }
+        queues.push(qc.build().context("building a queue notification")?);
+    }
+    let conf = NotificationConfiguration::builder()
+        .set_queue_configurations(Some(queues))
+        .set_topic_configurations(Some(current.topic_configurations().to_vec()))
+        .set_lambda_function_configurations(Some(current.lambda_function_configurations().to_vec()))
+        .set_event_bridge_configuration(current.event_bridge_configuration().cloned())
+        .build();
+    clients
+        .s3
+        .put_bucket_notification_configuration()
+        .bucket(bucket)
+        .notification_configuration(conf)
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot set the notification of bucket {bucket} (does the queue policy allow S3 to send?): {}",
+                describe(&e)
+            )
+        })?;
+    Ok(step(
+        if ours_now.is_empty() {
+            "created"
+        } else {
+            "updated"
+        },
+        what,
+    ))
+}
+
+async fn ensure_table(clients: &Clients, table: &str) -> Result<Step> {
+    let ddb = &clients.dynamodb;
+    match ddb.describe_table().table_name(table).send().await {
+        Ok(out) => {
+            let key = out
+                .table()
+                .map(|t| t.key_schema())
+                .unwrap_or_default()
+                .iter()
+                .map(|k| k.attribute_name().to_string())
+                .collect::<Vec<_>>();
+            if key != ["OrderId"] {
+                bail!("DynamoDB table {table} exists with key {key:?}, but orders-csv needs hash key OrderId (S): use another table name");
+            }
+            return Ok(step("exists", format!("table {table}")));
+        }
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|se| se.is_resource_not_found_exception()) => {}
+        Err(e) => bail!("cannot describe DynamoDB table {table}: {}", describe(&e)),
+    }
+    ddb.create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("OrderId")
+                .attribute_type(ScalarAttributeType::S)
+                .build()?,
+        )
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name("OrderId")
+                .key_type(KeyType::Hash)
+                .build()?,
+        )
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create DynamoDB table {table}: {}", describe(&e)))?;
+    for _ in 0..120 {
+        let out = ddb.describe_table().table_name(table).send().await;
+        if let Ok(out) = out {
+            if out.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+                return Ok(step("created", format!("table {table}")));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!("DynamoDB table {table} was created but did not become ACTIVE within a minute")
+}

@@ -1,0 +1,542 @@
+//! The file-event worker pool: receive S3 events from SQS, route them to pipelines, process each file,
+//! and settle each message (delete, back off, dead-letter or release).
+
+pub mod event;
+pub mod objects;
+pub mod pool;
+pub mod spool;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::aws::Clients;
+use crate::backoff::Backoff;
+use crate::config::{Config, Pipeline};
+use crate::error::{describe, ProcessError};
+use crate::processors::orders_csv::{Loader, ScanLimits, ScanOutcome, Source};
+use event::{Event, ObjectRef};
+use spool::Spool;
+
+/// Counters for logs and status; monotonic since start.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub messages_received: AtomicU64,
+    pub messages_deleted: AtomicU64,
+    pub messages_dead_lettered: AtomicU64,
+    pub messages_retried: AtomicU64,
+    pub messages_released: AtomicU64,
+    pub files_processed: AtomicU64,
+    pub files_failed: AtomicU64,
+    pub rows_written: AtomicU64,
+    pub rows_rejected: AtomicU64,
+    pub events_unmatched: AtomicU64,
+    pub test_events: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+impl Stats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A one-line summary for the log.
+    pub fn summary(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "messages received={} deleted={} dead-lettered={} retried={} released={}; files processed={} failed={}; rows written={} rejected={}; unmatched events={}",
+            g(&self.messages_received),
+            g(&self.messages_deleted),
+            g(&self.messages_dead_lettered),
+            g(&self.messages_retried),
+            g(&self.messages_released),
+            g(&self.files_processed),
+            g(&self.files_failed),
+            g(&self.rows_written),
+            g(&self.rows_rejected),
+            g(&self.events_unmatched),
+        )
+    }
+}
+
+/// What processing one object produced.
+#[derive(Debug, Clone)]
+pub struct FileReport {
+    pub pipeline: String,
+    pub bucket: String,
+    pub key: String,
+    pub etag: String,
+    pub bytes: u64,
+    pub outcome: ScanOutcome,
+    pub output: String,
+    pub rejects: Option<String>,
+    pub elapsed: Duration,
+}
+
+/// Everything a worker needs; shared by all workers of a daemon (and by `offload-agent process`).
+pub struct Worker {
+    pub clients: Clients,
+    pub config: watch::Receiver<Arc<Config>>,
+    pub spool: Spool,
+    pub stats: Stats,
+    pub queue_url: String,
+    pub dlq_url: Option<String>,
+}
+
+/// A key derived from `key` that S3 accepts, for reports: the key itself when it fits, else its hash.
+fn report_key(prefix: &str, key: &str, suffix: &str) -> String {
+    let direct = format!("{prefix}{key}{suffix}");
+    if direct.len() <= objects::MAX_KEY_BYTES {
+        return direct;
+    }
+    let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    format!("{prefix}sha256-{digest}{suffix}")
+}
+
+pub fn rejects_key(output_key: &str) -> String {
+    format!("{output_key}.rejects.csv")
+}
+
+impl Worker {
+    fn limits(cfg: &Config) -> ScanLimits {
+        ScanLimits {
+            max_line_bytes: cfg.spool.max_line_bytes,
+        }
+    }
+
+    /// Run one object through `pipeline`: download, load, upload the output and rejects report.
+    pub async fn process_object(
+        &self,
+        pipeline: &Pipeline,
+        obj: &ObjectRef,
+        cancel: &CancellationToken,
+        progress: Option<Arc<AtomicU64>>,
+    ) -> Result<FileReport, ProcessError> {
+        let started = Instant::now();
+        let cfg = self.config.borrow().clone();
+        let output = pipeline.output_key(&obj.key);
+        if output.len() > objects::MAX_KEY_BYTES
+            || rejects_key(&output).len() > objects::MAX_KEY_BYTES
+        {
+            return Err(ProcessError::Permanent(format!(
+                "the output key for {:?} would be longer than S3's {} bytes; shorten the key or output_prefix",
+                obj.key,
+                objects::MAX_KEY_BYTES
+            )));
+        }
+        let files = self.spool.files_for(&obj.bucket, &obj.key);
+        let downloaded = tokio::select! {
+            r = objects::download(&self.clients.s3, &obj.bucket, &obj.key, &files.files.input) => r?,
+            _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
+        };
+        tracing::debug!(bytes = downloaded.bytes, etag = %downloaded.etag, "downloaded to spool");
+        let loader = Loader {
+            ddb: self.clients.dynamodb.clone(),
+            table: pipeline.table.clone(),
+            write_concurrency: cfg.dynamodb.write_concurrency,
+            write_max_attempts: cfg.dynamodb.write_max_attempts,
+            limits: Self::limits(&cfg),
+        };
+        let src = Source {
+            bucket: obj.bucket.clone(),
+            key: obj.key.clone(),
+            etag: downloaded.etag.clone(),
+        };
+        let outcome = loader.load(&files.files, &src, cancel, progress).await?;
+        if !outcome.extra_columns.is_empty() {
+            tracing::warn!(columns = ?outcome.extra_columns, "ignoring columns that orders-csv does not use");
+        }
+        let out_bucket = pipeline.output_bucket();
+        let rkey = rejects_key(&output);
+        let store = async {
+            if outcome.rejected > 0 {
+                objects::upload(
+                    &self.clients.s3,
+                    out_bucket,
+                    &rkey,
+                    &files.files.rejects,
+                    "text/csv",
+                )
+                .await?;
+            } else {
+                // A report from an earlier version of this object would now be wrong.
+                let _ = self
+                    .clients
+                    .s3
+                    .delete_object()
+                    .bucket(out_bucket)
+                    .key(&rkey)
+                    .send()
+                    .await;
+            }
+            // The output last: its appearance tells watchers the file is done.
+            objects::upload(
+                &self.clients.s3,
+                out_bucket,
+                &output,
+                &files.files.output,
+                "text/csv",
+            )
+            .await
+        };
+        tokio::select! {
+            r = store => r?,
+            _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
+        }
+        Ok(FileReport {
+            pipeline: pipeline.name.clone(),
+            bucket: obj.bucket.clone(),
+            key: obj.key.clone(),
+            etag: downloaded.etag,
+            bytes: downloaded.bytes,
+            rejects: (outcome.rejected > 0).then_some(rkey),
+            outcome,
+            output,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Write `errors/<key>.json` under the pipeline's output prefix.
+    async fn write_error_report(
+        &self,
+        pipeline: &Pipeline,
+        obj: &ObjectRef,
+        reason: &str,
+        message_id: &str,
+    ) -> Result<String, ProcessError> {
+        let key = report_key(
+            &format!("{}errors/", pipeline.output_prefix),
+            &obj.key,
+            ".json",
+        );
+        let failed_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        let body = serde_json::json!({
+            "bucket": obj.bucket,
+            "key": obj.key,
+            "etag": obj.etag,
+            "pipeline": pipeline.name,
+            "processor": pipeline.processor.to_string(),
+            "reason": reason,
+            "message_id": message_id,
+            "failed_at": failed_at,
+        });
+        let bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
+        objects::put_small(
+            &self.clients.s3,
+            pipeline.output_bucket(),
+            &key,
+            bytes,
+            "application/json",
+        )
+        .await?;
+        Ok(key)
+    }
+
+    /// Handle one SQS message from receipt to settlement.
+    pub async fn handle_message(
+        self: Arc<Self>,
+        msg: aws_sdk_sqs::types::Message,
+        abort: CancellationToken,
+    ) {
+        let message_id = msg.message_id().unwrap_or("").to_string();
+        let span = tracing::info_span!("message", message_id = %message_id);
+        self.handle_message_inner(msg, abort).instrument(span).await
+    }
+
+    async fn handle_message_inner(
+        &self,
+        msg: aws_sdk_sqs::types::Message,
+        abort: CancellationToken,
+    ) {
+        let body = msg.body().unwrap_or("").to_string();
+        let message_id = msg.message_id().unwrap_or("").to_string();
+        let Some(receipt) = msg.receipt_handle().map(String::from) else {
+            tracing::error!("message without a receipt handle; SQS will deliver it again");
+            return;
+        };
+        let receive_count: u32 = msg
+            .attributes()
+            .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        Stats::add(&self.stats.messages_received, 1);
+        let cfg = self.config.borrow().clone();
+
+        let objects = match event::parse(&body) {
+            Err(e) => {
+                tracing::error!(reason = %e, "message is not an S3 event; moving it to the dead-letter queue");
+                self.settle_permanent(&receipt, &body, &e.to_string()).await;
+                return;
+            }
+            Ok(Event::Test { bucket }) => {
+                Stats::add(&self.stats.test_events, 1);
+                tracing::info!(
+                    bucket = bucket.as_deref().unwrap_or(""),
+                    "s3:TestEvent received (S3 checks the notification target); acknowledged"
+                );
+                self.delete(&receipt).await;
+                return;
+            }
+            Ok(Event::Nothing { ignored }) => {
+                tracing::info!(
+                    ignored,
+                    "notification announces no created object; acknowledged"
+                );
+                self.delete(&receipt).await;
+                return;
+            }
+            Ok(Event::Objects { objects, ignored }) => {
+                if ignored > 0 {
+                    tracing::info!(ignored, "skipping records that are not ObjectCreated");
+                }
+                objects
+            }
+        };
+
+        // Keep the message invisible while we work, however long the files take.
+        let heartbeat = Heartbeat::start(
+            self.clients.sqs.clone(),
+            self.queue_url.clone(),
+            receipt.clone(),
+            cfg.queue.visibility_timeout,
+        );
+        let mut transient: Option<String> = None;
+        let mut permanent: Vec<String> = Vec::new();
+        let mut cancelled = false;
+        for obj in &objects {
+            let Some(pipeline) = cfg.route(&obj.bucket, &obj.key) else {
+                Stats::add(&self.stats.events_unmatched, 1);
+                tracing::info!(bucket = %obj.bucket, key = %obj.key, "no pipeline matches this object; acknowledged without processing");
+                continue;
+            };
+            let span = tracing::info_span!("file", bucket = %obj.bucket, key = %obj.key, pipeline = %pipeline.name);
+            let result = async {
+                tracing::info!(size = obj.size, "processing");
+                self.process_object(pipeline, obj, &abort, None).await
+            }
+            .instrument(span.clone())
+            .await;
+            let _enter = span.enter();
+            match result {
+                Ok(report) => {
+                    Stats::add(&self.stats.files_processed, 1);
+                    Stats::add(&self.stats.rows_written, report.outcome.written);
+                    Stats::add(&self.stats.rows_rejected, report.outcome.rejected);
+                    tracing::info!(
+                        rows = report.outcome.rows,
+                        written = report.outcome.written,
+                        rejected = report.outcome.rejected,
+                        output = %report.output,
+                        rejects = report.rejects.as_deref().unwrap_or(""),
+                        bytes = report.bytes,
+                        elapsed_ms = report.elapsed.as_millis() as u64,
+                        "processed"
+                    );
+                }
+                Err(ProcessError::Cancelled) => {
+                    cancelled = true;
+                    break;
+                }
+                Err(ProcessError::Transient(reason)) => {
+                    Stats::add(&self.stats.files_failed, 1);
+                    tracing::warn!(%reason, receive_count, "transient failure; the message will be retried");
+                    transient = Some(reason);
+                    break;
+                }
+                Err(ProcessError::Permanent(reason)) => {
+                    Stats::add(&self.stats.files_failed, 1);
+                    match self
+                        .write_error_report(pipeline, obj, &reason, &message_id)
+                        .await
+                    {
+                        Ok(report) => {
+                            tracing::error!(%reason, report = %report, "file cannot be processed; error report written");
+                            permanent.push(format!("s3://{}/{}: {reason}", obj.bucket, obj.key));
+                        }
+                        Err(e) => {
+                            tracing::warn!(%reason, error = %e, "file cannot be processed, and its error report could not be written; retrying later");
+                            transient = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        heartbeat.stop();
+
+        if cancelled {
+            self.release(&receipt).await;
+        } else if let Some(reason) = transient {
+            let delay = Backoff::jittered(
+                cfg.queue.retry_base,
+                cfg.queue.retry_max,
+                receive_count.saturating_sub(1),
+            );
+            Stats::add(&self.stats.messages_retried, 1);
+            tracing::info!(retry_in_s = delay.as_secs(), %reason, "message returns to the queue");
+            self.set_visibility(&receipt, delay).await;
+        } else if !permanent.is_empty() {
+            self.settle_permanent(&receipt, &body, &permanent.join("; "))
+                .await;
+        } else {
+            self.delete(&receipt).await;
+        }
+    }
+
+    async fn delete(&self, receipt: &str) {
+        match self
+            .clients
+            .sqs
+            .delete_message()
+            .queue_url(&self.queue_url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+        {
+            Ok(_) => Stats::add(&self.stats.messages_deleted, 1),
+            // Results are idempotent: if the delete is lost, the redelivery rewrites the same items.
+            Err(e) => {
+                tracing::warn!(error = %describe(&e), "could not delete the message; it will be delivered and processed again (idempotently)")
+            }
+        }
+    }
+
+    async fn set_visibility(&self, receipt: &str, after: Duration) {
+        let secs = after.as_secs().min(43_200) as i32;
+        if let Err(e) = self
+            .clients
+            .sqs
+            .change_message_visibility()
+            .queue_url(&self.queue_url)
+            .receipt_handle(receipt)
+            .visibility_timeout(secs)
+            .send()
+            .await
+        {
+            tracing::warn!(error = %describe(&e), "could not change the message's visibility; it returns when its current timeout ends");
+        }
+    }
+
+    /// Make the message visible again at once, for another worker or agent.
+    async fn release(&self, receipt: &str) {
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.set_visibility(receipt, Duration::ZERO),
+        )
+        .await;
+        Stats::add(&self.stats.messages_released, 1);
+        match r {
+            Ok(()) => tracing::info!("shutdown: message released to the queue unfinished"),
+            Err(_) => tracing::warn!("shutdown: releasing the message timed out; it returns when its visibility timeout ends"),
+        }
+    }
+
+    /// Send the message to the dead-letter queue with the reason, then delete it from the main queue.
+    /// Without a dead-letter queue, leave it for SQS's redrive policy (or its retention period).
+    async fn settle_permanent(&self, receipt: &str, body: &str, reason: &str) {
+        let Some(dlq) = &self.dlq_url else {
+            tracing::error!(%reason, "no queue.dead_letter_queue configured: the message stays in the queue until its redrive policy or retention removes it");
+            self.set_visibility(receipt, Duration::from_secs(43_200))
+                .await;
+            return;
+        };
+        let reason_attr: String = reason.chars().take(1000).collect();
+        let sent = self
+            .clients
+            .sqs
+            .send_message()
+            .queue_url(dlq)
+            .message_body(if body.is_empty() {
+                "(empty body)"
+            } else {
+                body
+            })
+            .message_attributes("offload-agent-reason", string_attr(&reason_attr))
+            .message_attributes("offload-agent-source-queue", string_attr(&self.queue_url))
+            .send()
+            .await;
+        match sent {
+            Ok(_) => {
+                Stats::add(&self.stats.messages_dead_lettered, 1);
+                tracing::info!(dead_letter_queue = %dlq, "message moved to the dead-letter queue");
+                self.delete(receipt).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %describe(&e), "could not send to the dead-letter queue; the message will come back and be tried again");
+            }
+        }
+    }
+}
+
+fn string_attr(v: &str) -> MessageAttributeValue {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(v)
+        .build()
+        .expect("data_type is set")
+}
+
+/// Extends a message's visibility every third of the timeout until stopped.
+struct Heartbeat {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Heartbeat {
+    fn start(sqs: aws_sdk_sqs::Client, queue_url: String, receipt: String, vis: Duration) -> Self {
+        let period = (vis / 3).max(Duration::from_secs(1));
+        let secs = vis.as_secs().min(43_200) as i32;
+        let task = tokio::spawn(
+            async move {
+                loop {
+                    tokio::time::sleep(period).await;
+                    match sqs
+                        .change_message_visibility()
+                        .queue_url(&queue_url)
+                        .receipt_handle(&receipt)
+                        .visibility_timeout(secs)
+                        .send()
+                        .await
+                    {
+                        Ok(_) => tracing::debug!(visibility_s = secs, "visibility extended"),
+                        Err(e) => tracing::warn!(error = %describe(&e), "could not extend the message's visibility; another consumer may receive it meanwhile (results are idempotent)"),
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        Heartbeat { task }
+    }
+
+    fn stop(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_keys_fit_s3() {
+        assert_eq!(
+            report_key("out/errors/", "a b.csv", ".json"),
+            "out/errors/a b.csv.json"
+        );
+        let long = "k".repeat(1020);
+        let r = report_key("out/errors/", &long, ".json");
+        assert!(r.len() <= objects::MAX_KEY_BYTES);
+        assert!(r.starts_with("out/errors/sha256-"));
+    }
+}

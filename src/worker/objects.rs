@@ -1,0 +1,231 @@
+//! Moving bytes between S3 and the spool: streamed downloads, uploads (multipart when large), reports.
+
+use std::path::Path;
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_smithy_types::byte_stream::Length;
+use tokio::io::AsyncWriteExt;
+
+use crate::error::{classify, describe, ErrorClass, ProcessError};
+
+/// Objects up to this size are stored with one `PutObject`; larger ones in parts of this size.
+pub const MULTIPART_PART_SIZE: u64 = 16 * 1024 * 1024;
+/// S3 refuses longer keys.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// What a download learnt about the object.
+#[derive(Debug, Clone)]
+pub struct Downloaded {
+    pub etag: String,
+    pub bytes: u64,
+}
+
+fn class_to_error(class: ErrorClass, text: String) -> ProcessError {
+    match class {
+        ErrorClass::Permanent => ProcessError::Permanent(text),
+        // Access denied or a missing bucket is an operator's problem, not the file's: retry later.
+        ErrorClass::Transient | ErrorClass::Fatal => ProcessError::Transient(text),
+    }
+}
+
+/// Stream `s3://bucket/key` into `path`, never holding more than a chunk in memory.
+pub async fn download(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    path: &Path,
+) -> Result<Downloaded, ProcessError> {
+    let out = match s3.get_object().bucket(bucket).key(key).send().await {
+        Ok(o) => o,
+        Err(e) => {
+            let gone = e.as_service_error().is_some_and(|se| se.is_no_such_key());
+            if gone {
+                return Err(ProcessError::Permanent(format!(
+                    "s3://{bucket}/{key} no longer exists (deleted before it could be read)"
+                )));
+            }
+            return Err(class_to_error(
+                classify(&e),
+                format!("cannot read s3://{bucket}/{key}: {}", describe(&e)),
+            ));
+        }
+    };
+    let etag = out
+        .e_tag()
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string();
+    let mut body = out.body;
+    let mut file = tokio::fs::File::create(path).await.map_err(|e| {
+        ProcessError::Transient(format!("cannot create spool file {}: {e}", path.display()))
+    })?;
+    let mut bytes = 0u64;
+    loop {
+        match body.try_next().await {
+            Ok(Some(chunk)) => {
+                bytes += chunk.len() as u64;
+                file.write_all(&chunk).await.map_err(|e| {
+                    ProcessError::Transient(format!(
+                        "cannot write spool file {} (disk full?): {e}",
+                        path.display()
+                    ))
+                })?;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(ProcessError::Transient(format!(
+                    "download of s3://{bucket}/{key} broke off after {bytes} bytes: {e}"
+                )))
+            }
+        }
+    }
+    file.flush()
+        .await
+        .map_err(|e| ProcessError::Transient(format!("cannot flush spool file: {e}")))?;
+    Ok(Downloaded { etag, bytes })
+}
+
+fn upload_error<E>(
+    e: aws_smithy_runtime_api::client::result::SdkError<
+        E,
+        aws_smithy_runtime_api::client::orchestrator::HttpResponse,
+    >,
+    what: &str,
+) -> ProcessError
+where
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    class_to_error(classify(&e), format!("{what}: {}", describe(&e)))
+}
+
+/// Store a spooled file as `s3://bucket/key`, in parts when it is large. The object appears only when
+/// complete (S3 never shows a half-finished multipart upload).
+pub async fn upload(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    path: &Path,
+    content_type: &str,
+) -> Result<(), ProcessError> {
+    let what = format!("cannot store s3://{bucket}/{key}");
+    let size = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| ProcessError::Transient(format!("{what}: spool file: {e}")))?
+        .len();
+    let body = |offset: u64, len: u64| async move {
+        ByteStream::read_from()
+            .path(path)
+            .offset(offset)
+            .length(Length::Exact(len))
+            .build()
+            .await
+            .map_err(|e| ProcessError::Transient(format!("cannot read spool file: {e}")))
+    };
+    if size <= MULTIPART_PART_SIZE {
+        s3.put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(body(0, size).await?)
+            .send()
+            .await
+            .map_err(|e| upload_error(e, &what))?;
+        return Ok(());
+    }
+    let created = s3
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .content_type(content_type)
+        .send()
+        .await
+        .map_err(|e| upload_error(e, &what))?;
+    let upload_id = created.upload_id().unwrap_or_default().to_string();
+    let result: Result<Vec<CompletedPart>, ProcessError> = async {
+        let mut parts = Vec::new();
+        let mut offset = 0;
+        let mut number = 1;
+        while offset < size {
+            let len = MULTIPART_PART_SIZE.min(size - offset);
+            let out = s3
+                .upload_part()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .part_number(number)
+                .content_length(len as i64)
+                .body(body(offset, len).await?)
+                .send()
+                .await
+                .map_err(|e| upload_error(e, &what))?;
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(out.e_tag().map(String::from))
+                    .build(),
+            );
+            offset += len;
+            number += 1;
+        }
+        Ok(parts)
+    }
+    .await;
+    let completed = match result {
+        Ok(parts) => {
+            s3.complete_multipart_upload()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+        }
+        Err(e) => {
+            abort(s3, bucket, key, &upload_id).await;
+            return Err(e);
+        }
+    };
+    if let Err(e) = completed {
+        abort(s3, bucket, key, &upload_id).await;
+        return Err(upload_error(e, &what));
+    }
+    Ok(())
+}
+
+/// Best effort: an unfinished upload costs storage until a lifecycle rule removes it.
+async fn abort(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, upload_id: &str) {
+    if let Err(e) = s3
+        .abort_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .send()
+        .await
+    {
+        tracing::warn!(bucket, key, error = %describe(&e), "could not abort a multipart upload; a bucket lifecycle rule should clean it up");
+    }
+}
+
+/// Store a small in-memory object (error reports).
+pub async fn put_small(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    body: Vec<u8>,
+    content_type: &str,
+) -> Result<(), ProcessError> {
+    s3.put_object()
+        .bucket(bucket)
+        .key(key)
+        .content_type(content_type)
+        .body(ByteStream::from(body))
+        .send()
+        .await
+        .map_err(|e| upload_error(e, &format!("cannot store s3://{bucket}/{key}")))?;
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! The receiver and its pool of workers. The receiver asks SQS for only as many messages as there are
+//! free worker slots (at most 10, SQS's limit), so no message waits invisible in a local buffer.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_sqs::types::MessageSystemAttributeName;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::Worker;
+use crate::backoff::Backoff;
+use crate::error::{classify, code, describe, ErrorClass};
+
+/// SQS returns at most this many messages per `ReceiveMessage`.
+const SQS_MAX_BATCH: usize = 10;
+
+/// Receive and process until `stop` is cancelled; then wait for in-flight messages. Workers watch `abort`
+/// (cancelled by the daemon when the shutdown grace runs out) and release what they cannot finish.
+pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: CancellationToken) {
+    let max_in_flight = worker.config.borrow().queue.max_in_flight;
+    let slots = Arc::new(Semaphore::new(max_in_flight));
+    let mut tasks = JoinSet::new();
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+    tracing::info!(queue = %worker.queue_url, max_in_flight, "receiver started");
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let first = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stop.cancelled() => break,
+        };
+        let mut permits = vec![first];
+        while permits.len() < SQS_MAX_BATCH {
+            match slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let (vis, wait) = {
+            let c = worker.config.borrow();
+            (c.queue.visibility_timeout, c.queue.wait_time)
+        };
+        let receive = worker
+            .clients
+            .sqs_receive
+            .receive_message()
+            .queue_url(&worker.queue_url)
+            .max_number_of_messages(permits.len() as i32)
+            .visibility_timeout(vis.as_secs() as i32)
+            .wait_time_seconds(wait.as_secs() as i32)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .send();
+        // Dropping a long poll on shutdown is safe: anything it had received becomes visible again
+        // when its visibility timeout ends.
+        let result = tokio::select! {
+            r = receive => r,
+            _ = stop.cancelled() => break,
+        };
+        match result {
+            Ok(out) => {
+                backoff.reset();
+                for msg in out.messages.unwrap_or_default() {
+                    let Some(permit) = permits.pop() else {
+                        tracing::error!("SQS returned more messages than asked for; the extra one returns after its visibility timeout");
+                        break;
+                    };
+                    let w = worker.clone();
+                    let abort = abort.clone();
+                    tasks.spawn(async move {
+                        w.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+                        w.clone().handle_message(msg, abort).await;
+                        w.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        drop(permit);
+                    });
+                }
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                match classify(&e) {
+                    ErrorClass::Fatal => tracing::error!(
+                        queue = %worker.queue_url,
+                        code = code(&e).unwrap_or(""),
+                        error = %describe(&e),
+                        retry_in_s = delay.as_secs(),
+                        "cannot receive from the queue (missing queue or no permission?): run `offload-agent provision` or fix the IAM policy"
+                    ),
+                    _ => tracing::warn!(
+                        queue = %worker.queue_url,
+                        error = %describe(&e),
+                        retry_in_s = delay.as_secs(),
+                        "receiving from the queue failed; retrying"
+                    ),
+                }
+                drop(permits);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => break,
+                }
+            }
+        }
+    }
+    let n = tasks.len();
+    if n > 0 {
+        tracing::info!(
+            in_flight = n,
+            "receiver stopped; waiting for in-flight files"
+        );
+    }
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("worker pool stopped");
+}

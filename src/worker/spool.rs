@@ -1,0 +1,121 @@
+//! The spool: local files an object is streamed into, and the reports it produces, until they are
+//! uploaded. Names come from a hash of bucket and key plus a sequence number, never from the key itself,
+//! so a key like `../../etc/passwd` cannot escape the directory and two deliveries of the same object
+//! never share a file.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+use crate::processors::orders_csv::LoadFiles;
+
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    seq: AtomicU64,
+}
+
+/// The files of one object; removed when dropped, whatever happened.
+#[derive(Debug)]
+pub struct SpoolFiles {
+    pub files: LoadFiles,
+}
+
+impl Drop for SpoolFiles {
+    fn drop(&mut self) {
+        for p in [&self.files.input, &self.files.output, &self.files.rejects] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+const SUFFIXES: [&str; 3] = ["in", "out", "rej"];
+
+impl Spool {
+    /// Create the directory (mode 0700: spooled files may hold customer data).
+    pub fn open(dir: &Path) -> io::Result<Spool> {
+        std::fs::create_dir_all(dir)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(Spool {
+            dir: dir.to_path_buf(),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Remove files a crashed or killed predecessor left behind (the daemon alone owns the spool; their
+    /// messages come back through SQS). Returns how many were removed.
+    pub fn clean_stale(&self) -> io::Result<usize> {
+        let mut n = 0;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let ours = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| SUFFIXES.contains(&e));
+            if ours && path.is_file() {
+                std::fs::remove_file(&path)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    pub fn files_for(&self, bucket: &str, key: &str) -> SpoolFiles {
+        let mut h = Sha256::new();
+        h.update(bucket.as_bytes());
+        h.update([0]);
+        h.update(key.as_bytes());
+        let digest = hex::encode(&h.finalize()[..12]);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let stem = format!("{digest}-{}-{seq}", std::process::id());
+        let path = |suffix: &str| self.dir.join(format!("{stem}.{suffix}"));
+        SpoolFiles {
+            files: LoadFiles {
+                input: path(SUFFIXES[0]),
+                output: path(SUFFIXES[1]),
+                rejects: path(SUFFIXES[2]),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_keys_stay_inside_the_spool_and_files_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        let long = "é/".repeat(600);
+        for key in ["../../etc/passwd", "/abs/path", long.as_str(), "a\0b"] {
+            let f = spool.files_for("bucket", key);
+            for p in [&f.files.input, &f.files.output, &f.files.rejects] {
+                assert_eq!(p.parent().unwrap(), spool.dir());
+                assert!(p.file_name().unwrap().len() < 64);
+                std::fs::write(p, b"x").unwrap();
+            }
+            let input = f.files.input.clone();
+            drop(f);
+            assert!(!input.exists());
+        }
+        let a = spool.files_for("b", "k");
+        let b = spool.files_for("b", "k");
+        assert_ne!(a.files.input, b.files.input);
+        std::fs::write(&a.files.input, b"x").unwrap();
+        std::fs::write(spool.dir().join("keep.txt"), b"x").unwrap();
+        std::mem::forget(a);
+        assert_eq!(spool.clean_stale().unwrap(), 1);
+        assert!(spool.dir().join("keep.txt").exists());
+    }
+}

@@ -1,0 +1,500 @@
+//! Test harness: a real moto server on 127.0.0.1 (started by `scripts/test`), the real binary, and
+//! uniquely named AWS resources per test so that tests run in parallel.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_sqs::types::QueueAttributeName;
+use offload_agent::aws::Clients;
+use offload_agent::config::AwsConfig;
+
+pub const HEADER: &str = "Region,Country,ItemType,SalesChannel,OrderPriority,OrderDate,OrderId,ShipDate,UnitSold,UnitPrice,TotalRevenue,TotalCost,TotalProfit";
+
+/// The emulator's URL; panics, naming the set-up command, when nothing listens there.
+pub fn moto_endpoint() -> String {
+    let url = std::env::var("OFFLOAD_TEST_AWS_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:5123".to_string());
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    if TcpStream::connect_timeout(&addr.parse().expect("host:port"), Duration::from_secs(1))
+        .is_err()
+    {
+        panic!(
+            "no AWS emulator at {url}: run the tests with `scripts/test` (it installs moto[server] into .venv and \
+             starts it), or start one with `.venv/bin/moto_server -H 127.0.0.1 -p 5123 &`"
+        );
+    }
+    url
+}
+
+/// A name no other test (or earlier run against the same moto) uses: lowercase, valid for buckets.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        % 1_000_000_000;
+    format!(
+        "{prefix}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// One orders row with a given id; `i` varies the values.
+pub fn order_row(id: &str, i: usize) -> String {
+    format!(
+        "Sub-Saharan Africa,Chad,Office Supplies,Online,L,1/27/2011,{id},2/12/2011,{},651.21,{}.00,{}.25,{}.75",
+        4484 + i,
+        2920025 + i,
+        2353920 + i,
+        566104 + i
+    )
+}
+
+/// A valid orders file with ids `first..first+n`.
+pub fn orders_csv(first: usize, n: usize) -> String {
+    let mut s = String::with_capacity(n * 110 + 200);
+    s.push_str(HEADER);
+    s.push('\n');
+    for i in first..first + n {
+        s.push_str(&order_row(&format!("{}", 100_000_000 + i), i));
+        s.push('\n');
+    }
+    s
+}
+
+/// One test's world: its own bucket, queues, table, spool and configuration file.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub endpoint: String,
+    pub bucket: String,
+    pub queue: String,
+    pub dlq: String,
+    pub table: String,
+    pub clients: Clients,
+}
+
+pub struct Options {
+    pub max_in_flight: usize,
+    pub visibility_timeout: &'static str,
+    pub shutdown_grace: &'static str,
+    pub retry_base: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_in_flight: 4,
+            visibility_timeout: "30s",
+            shutdown_grace: "10s",
+            retry_base: "1s",
+        }
+    }
+}
+
+impl World {
+    pub async fn new(name: &str) -> World {
+        Self::with(name, Options::default()).await
+    }
+
+    /// Write the configuration and run `offload-agent provision` (the real command).
+    pub async fn with(name: &str, o: Options) -> World {
+        let endpoint = moto_endpoint();
+        let id = unique(name);
+        let dir = tempfile::tempdir().unwrap();
+        let bucket = format!("b-{id}");
+        let queue = format!("q-{id}");
+        let dlq = format!("q-{id}-dlq");
+        let table = format!("t-{id}");
+        let config = dir.path().join("agent.toml");
+        let spool = dir.path().join("spool");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[agent]
+shutdown_grace = "{grace}"
+log_level = "info,offload_agent=debug"
+
+[aws]
+region = "us-east-1"
+endpoint_url = "{endpoint}"
+
+[queue]
+name = "{queue}"
+dead_letter_queue = "{dlq}"
+max_in_flight = {mif}
+visibility_timeout = "{vis}"
+wait_time = "1s"
+retry_base = "{retry}"
+
+[spool]
+dir = "{spool}"
+
+[[pipeline]]
+name = "orders"
+bucket = "{bucket}"
+prefix = "input/"
+suffix = ".csv"
+processor = "orders-csv"
+table = "{table}"
+output_prefix = "output/"
+"#,
+                grace = o.shutdown_grace,
+                mif = o.max_in_flight,
+                vis = o.visibility_timeout,
+                retry = o.retry_base,
+                spool = spool.display()
+            ),
+        )
+        .unwrap();
+        let clients = offload_agent::aws::clients(
+            &AwsConfig {
+                region: Some("us-east-1".into()),
+                endpoint_url: Some(endpoint.clone()),
+                profile: None,
+                call_timeout: Duration::from_secs(30),
+                connect_timeout: Duration::from_secs(5),
+            },
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        let w = World {
+            dir,
+            config,
+            endpoint,
+            bucket,
+            queue,
+            dlq,
+            table,
+            clients,
+        };
+        let out = w.agent(&["provision"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "provision failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // S3 sends s3:TestEvent when a notification is configured; drain it so that tests count only
+        // their own messages (one test checks the TestEvent on purpose).
+        w.purge_queue().await;
+        w
+    }
+
+    /// The real binary with this world's configuration and fake credentials for the emulator.
+    pub fn agent(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_offload-agent"));
+        c.args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET");
+        c
+    }
+
+    /// Start `offload-agent run`, its log going to a file in the world's directory.
+    pub fn start(&self) -> Agent {
+        let log = self.dir.path().join(format!("agent-{}.log", unique("run")));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = self
+            .agent(&["run"])
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Agent {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub async fn put(&self, key: &str, body: impl Into<Vec<u8>>) {
+        self.clients
+            .s3
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(ByteStream::from(body.into()))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let out = self
+            .clients
+            .s3
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .ok()?;
+        Some(out.body.collect().await.unwrap().into_bytes().to_vec())
+    }
+
+    /// Poll until `key` exists (or panic after `timeout`, printing the agent's log).
+    pub async fn wait_for(&self, key: &str, timeout: Duration, agent: &Agent) -> Vec<u8> {
+        let start = Instant::now();
+        loop {
+            if let Some(b) = self.get(key).await {
+                return b;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "s3://{}/{key} did not appear within {timeout:?}; agent log:\n{}",
+                    self.bucket,
+                    agent.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn keys(&self) -> Vec<String> {
+        let out = self
+            .clients
+            .s3
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .unwrap();
+        out.contents()
+            .iter()
+            .filter_map(|o| o.key().map(String::from))
+            .collect()
+    }
+
+    pub async fn items(&self) -> Vec<HashMap<String, AttributeValue>> {
+        let mut items = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .clients
+                .dynamodb
+                .scan()
+                .table_name(&self.table)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .unwrap();
+            items.extend(out.items().iter().cloned());
+            match out.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => break,
+            }
+        }
+        items
+    }
+
+    /// OrderId -> ConfirmationId of every item.
+    pub async fn confirmations(&self) -> HashMap<String, String> {
+        self.items()
+            .await
+            .into_iter()
+            .map(|i| (s(&i, "OrderId"), s(&i, "ConfirmationId")))
+            .collect()
+    }
+
+    pub async fn queue_url(&self, name: &str) -> String {
+        self.clients
+            .sqs
+            .get_queue_url()
+            .queue_name(name)
+            .send()
+            .await
+            .unwrap()
+            .queue_url()
+            .unwrap()
+            .to_string()
+    }
+
+    pub async fn send_raw(&self, body: &str) {
+        let url = self.queue_url(&self.queue).await;
+        self.clients
+            .sqs
+            .send_message()
+            .queue_url(url)
+            .message_body(body)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// (visible, in flight) messages of a queue.
+    pub async fn depth(&self, name: &str) -> (u64, u64) {
+        let url = self.queue_url(name).await;
+        let out = self
+            .clients
+            .sqs
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .unwrap();
+        let a = out.attributes().unwrap();
+        let n = |k: QueueAttributeName| a.get(&k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        (
+            n(QueueAttributeName::ApproximateNumberOfMessages),
+            n(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        )
+    }
+
+    /// Wait until the main queue is empty (nothing visible, nothing in flight).
+    pub async fn wait_queue_empty(&self, timeout: Duration, agent: &Agent) {
+        let start = Instant::now();
+        loop {
+            if self.depth(&self.queue).await == (0, 0) {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "queue {} not empty after {timeout:?}: {:?}; agent log:\n{}",
+                    self.queue,
+                    self.depth(&self.queue).await,
+                    agent.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Receive (and delete) every message of the dead-letter queue: (body, reason attribute).
+    pub async fn drain_dlq(&self) -> Vec<(String, String)> {
+        let url = self.queue_url(&self.dlq).await;
+        let mut all = Vec::new();
+        for _ in 0..5 {
+            let out = self
+                .clients
+                .sqs
+                .receive_message()
+                .queue_url(&url)
+                .max_number_of_messages(10)
+                .message_attribute_names("All")
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .unwrap();
+            let msgs = out.messages.unwrap_or_default();
+            if msgs.is_empty() && !all.is_empty() {
+                break;
+            }
+            for m in msgs {
+                let reason = m
+                    .message_attributes()
+                    .and_then(|a| a.get("offload-agent-reason"))
+                    .and_then(|v| v.string_value())
+                    .unwrap_or("")
+                    .to_string();
+                all.push((m.body().unwrap_or("").to_string(), reason));
+                self.clients
+                    .sqs
+                    .delete_message()
+                    .queue_url(&url)
+                    .receipt_handle(m.receipt_handle().unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+        all
+    }
+
+    pub async fn purge_queue(&self) {
+        let url = self.queue_url(&self.queue).await;
+        let _ = self.clients.sqs.purge_queue().queue_url(url).send().await;
+    }
+}
+
+pub fn s(item: &HashMap<String, AttributeValue>, k: &str) -> String {
+    match item.get(k) {
+        Some(AttributeValue::S(v)) => v.clone(),
+        Some(AttributeValue::N(v)) => v.clone(),
+        other => panic!("attribute {k}: {other:?}"),
+    }
+}
+
+/// A running `offload-agent run`; killed when dropped.
+pub struct Agent {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Send SIGTERM and wait for the exit (panics after `timeout`). Returns the exit code and how long it
+    /// took.
+    pub fn terminate(&mut self, timeout: Duration) -> (i32, Duration) {
+        self.signal(libc::SIGTERM);
+        let start = Instant::now();
+        let mut child = self.child.take().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status.code().unwrap_or(-1), start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                panic!(
+                    "agent did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait until the log contains `needle`.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.log_text().contains(needle) {
+            if start.elapsed() > timeout {
+                panic!("agent log never said {needle:?}; log:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn run_output(mut c: Command) -> Output {
+    c.output().unwrap()
+}

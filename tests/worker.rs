@@ -1,0 +1,365 @@
+//! End-to-end scenarios of the file-event worker: the real `offload-agent` binary against moto on
+//! 127.0.0.1 (S3 notifications to SQS, DynamoDB), each test with its own bucket, queues and table.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A 200-row file lands exactly 200 items (numbers as N, ISO dates) and a 201-line output; uploading it
+/// again yields identical items and a byte-identical output.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_200_row_file_lands_200_items_and_a_201_line_output_idempotently() {
+    let w = World::new("e2e200").await;
+    let agent = w.start();
+    let csv = orders_csv(0, 200);
+    w.put("input/orders.csv", csv.clone()).await;
+    let out = w.wait_for("output/orders.csv", WAIT, &agent).await;
+    let text = String::from_utf8(out.clone()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 201);
+    assert_eq!(lines[0], "OrderId,ConfirmationId");
+    assert!(lines[1].starts_with("100000000,"));
+    assert!(lines[200].starts_with("100000199,"));
+    w.wait_queue_empty(WAIT, &agent).await;
+
+    let items = w.items().await;
+    assert_eq!(items.len(), 200);
+    let item = items
+        .iter()
+        .find(|i| s(i, "OrderId") == "100000007")
+        .unwrap();
+    use aws_sdk_dynamodb::types::AttributeValue;
+    assert_eq!(item["UnitSold"], AttributeValue::N("4491".into()));
+    assert_eq!(item["UnitPrice"], AttributeValue::N("651.21".into()));
+    assert_eq!(item["TotalProfit"], AttributeValue::N("566111.75".into()));
+    assert_eq!(item["OrderDate"], AttributeValue::S("2011-01-27".into()));
+    assert_eq!(item["ShipDate"], AttributeValue::S("2011-02-12".into()));
+    assert_eq!(
+        item["SourceKey"],
+        AttributeValue::S("input/orders.csv".into())
+    );
+    assert_eq!(item["SourceBucket"], AttributeValue::S(w.bucket.clone()));
+    let first = w.confirmations().await;
+    for line in &lines[1..] {
+        let (id, cid) = line.split_once(',').unwrap();
+        assert_eq!(first[id], cid, "output and table agree on {id}");
+    }
+    assert!(w.get("output/orders.csv.rejects.csv").await.is_none());
+
+    // Same bytes again: S3 gives the same ETag, so the same ids and the same output.
+    w.clients
+        .s3
+        .delete_object()
+        .bucket(&w.bucket)
+        .key("output/orders.csv")
+        .send()
+        .await
+        .unwrap();
+    w.put("input/orders.csv", csv).await;
+    let again = w.wait_for("output/orders.csv", WAIT, &agent).await;
+    assert_eq!(again, out);
+    w.wait_queue_empty(WAIT, &agent).await;
+    assert_eq!(w.confirmations().await, first);
+    assert!(w.drain_dlq().await.is_empty());
+}
+
+/// Bad rows (bad number, bad date, empty id, wrong field count, duplicate id) are listed in the rejects
+/// report with their line numbers; every good row lands; written + rejected = rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_rows_are_reported_and_good_rows_land() {
+    let w = World::new("badrows").await;
+    let agent = w.start();
+    let mut csv = format!("{HEADER}\n");
+    csv += &order_row("1", 1); // line 2
+    csv += "\n";
+    csv += &order_row("2", 2).replace("651.21", "12,5"); // line 3: field count
+    csv += "\n";
+    csv += &order_row("3", 3).replace("1/27/2011", "31/31/2011"); // line 4: date
+    csv += "\n";
+    csv += &order_row("", 4); // line 5: empty id
+    csv += "\n";
+    csv += &order_row("5", 5).replace("651.21", "lots"); // line 6: number
+    csv += "\n";
+    csv += &order_row("1", 6); // line 7: duplicate of line 2
+    csv += "\n";
+    csv += &order_row("7", 7); // line 8, no final newline
+    w.put("input/mixed.csv", csv).await;
+    let out = w.wait_for("output/mixed.csv", WAIT, &agent).await;
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(out.lines().count(), 3, "{out}");
+    let rejects = String::from_utf8(w.get("output/mixed.csv.rejects.csv").await.unwrap()).unwrap();
+    let lines: Vec<&str> = rejects.lines().collect();
+    assert_eq!(lines[0], "Line,OrderId,Reason");
+    let numbers: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(numbers, ["3", "4", "5", "6", "7"], "{rejects}");
+    assert!(lines[1].contains("expected 13 fields"));
+    assert!(lines[2].contains("OrderDate"));
+    assert!(lines[3].contains("OrderId is empty"));
+    assert!(lines[4].contains("UnitPrice"));
+    assert!(lines[5].contains("duplicate OrderId (first seen on line 2)"));
+    w.wait_queue_empty(WAIT, &agent).await;
+    let ids = w.confirmations().await;
+    let mut keys: Vec<_> = ids.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["1", "7"]);
+    // The first occurrence of "1" won: its UnitSold is 4485 (i = 1), not 4490.
+    let item = w
+        .items()
+        .await
+        .into_iter()
+        .find(|i| s(i, "OrderId") == "1")
+        .unwrap();
+    assert_eq!(s(&item, "UnitSold"), "4485");
+}
+
+/// Keys with spaces, plus signs, unicode and `../` are decoded exactly, processed, and their outputs land
+/// under the decoded names; nothing escapes the spool directory.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_and_unusual_keys_are_processed_under_their_exact_names() {
+    let w = World::new("keys").await;
+    let agent = w.start();
+    let keys = [
+        "input/with space+plus.csv",
+        "input/ünïcødé 日本.csv",
+        "input/../../etc/passwd.csv",
+    ];
+    for (i, k) in keys.iter().enumerate() {
+        w.put(k, orders_csv(i * 10, 3)).await;
+    }
+    for k in keys {
+        let out_key = k.replacen("input/", "output/", 1);
+        let out = w.wait_for(&out_key, WAIT, &agent).await;
+        assert_eq!(String::from_utf8(out).unwrap().lines().count(), 4, "{k}");
+    }
+    w.wait_queue_empty(WAIT, &agent).await;
+    assert_eq!(w.items().await.len(), 9);
+    let spool = w.dir.path().join("spool");
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "spool emptied"
+    );
+    assert!(!std::path::Path::new("/etc/passwd.csv").exists());
+    let sources: std::collections::BTreeSet<String> =
+        w.items().await.iter().map(|i| s(i, "SourceKey")).collect();
+    assert_eq!(sources.len(), 3);
+    assert!(sources.contains("input/with space+plus.csv"));
+}
+
+/// Files that are not orders CSV (empty, binary, wrong header) get an error report under
+/// output/errors/ and their message goes to the dead-letter queue with the reason; a header-only file is
+/// fine and yields a header-only output.
+#[tokio::test(flavor = "multi_thread")]
+async fn unreadable_files_are_reported_and_dead_lettered() {
+    let w = World::new("badfiles").await;
+    let agent = w.start();
+    w.put("input/empty.csv", Vec::new()).await;
+    let binary: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    w.put("input/binary.csv", binary).await;
+    w.put("input/wrong.csv", "a,b,c\n1,2,3\n").await;
+    w.put("input/header-only.csv", format!("{HEADER}\n")).await;
+
+    let out = w.wait_for("output/header-only.csv", WAIT, &agent).await;
+    assert_eq!(String::from_utf8(out).unwrap(), "OrderId,ConfirmationId\n");
+    for (k, why) in [
+        ("empty", "empty"),
+        ("binary", "not an orders CSV"),
+        ("wrong", "lacks columns"),
+    ] {
+        let report = w
+            .wait_for(&format!("output/errors/input/{k}.csv.json"), WAIT, &agent)
+            .await;
+        let v: serde_json::Value = serde_json::from_slice(&report).unwrap();
+        assert_eq!(v["key"], format!("input/{k}.csv"));
+        assert_eq!(v["pipeline"], "orders");
+        assert!(v["reason"].as_str().unwrap().contains(why), "{k}: {v}");
+    }
+    w.wait_queue_empty(WAIT, &agent).await;
+    let dead = w.drain_dlq().await;
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    for (body, reason) in &dead {
+        assert!(
+            body.contains("Records"),
+            "the original message is kept: {body}"
+        );
+        assert!(!reason.is_empty());
+    }
+    assert!(w.items().await.is_empty());
+}
+
+/// A message that is not JSON, and an event for an object deleted before it was read, both end in the
+/// dead-letter queue with a reason; an s3:TestEvent is acknowledged and not dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn junk_messages_test_events_and_vanished_objects() {
+    let w = World::new("junk").await;
+    let agent = w.start();
+    w.send_raw("this is not json").await;
+    w.send_raw(&format!(
+        r#"{{"Service":"Amazon S3","Event":"s3:TestEvent","Bucket":"{}"}}"#,
+        w.bucket
+    ))
+    .await;
+    let gone = serde_json::json!({"Records": [{
+        "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+        "s3": {"bucket": {"name": w.bucket}, "object": {"key": "input/vanished%21.csv", "size": 10}}
+    }]});
+    w.send_raw(&gone.to_string()).await;
+    let report = w
+        .wait_for("output/errors/input/vanished!.csv.json", WAIT, &agent)
+        .await;
+    let v: serde_json::Value = serde_json::from_slice(&report).unwrap();
+    assert!(v["reason"].as_str().unwrap().contains("no longer exists"));
+    w.wait_queue_empty(WAIT, &agent).await;
+    let dead = w.drain_dlq().await;
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(dead
+        .iter()
+        .any(|(b, r)| b == "this is not json" && r.contains("not JSON")));
+    assert!(dead.iter().any(|(_, r)| r.contains("no longer exists")));
+    agent
+        .wait_log("s3:TestEvent received", Duration::from_secs(5))
+        .await;
+}
+
+/// The same notification delivered twice (SQS is at-least-once) gives the same items and output.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_delivered_twice_gives_identical_results() {
+    let w = World::new("twice").await;
+    w.put("input/dup.csv", orders_csv(500, 40)).await;
+    // The upload's own notification, captured so that it can be delivered twice.
+    let url = w.queue_url(&w.queue).await;
+    let mut body = None;
+    for _ in 0..20 {
+        let out = w
+            .clients
+            .sqs
+            .receive_message()
+            .queue_url(&url)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .unwrap();
+        if let Some(m) = out.messages.unwrap_or_default().into_iter().next() {
+            w.clients
+                .sqs
+                .delete_message()
+                .queue_url(&url)
+                .receipt_handle(m.receipt_handle().unwrap())
+                .send()
+                .await
+                .unwrap();
+            body = m.body;
+            break;
+        }
+    }
+    let body = body.expect("S3 sent a notification for the upload");
+    assert!(body.contains("input/dup.csv"), "{body}");
+    let agent = w.start();
+    w.send_raw(&body).await;
+    let first_out = w.wait_for("output/dup.csv", WAIT, &agent).await;
+    w.wait_queue_empty(WAIT, &agent).await;
+    let first = w.confirmations().await;
+    w.send_raw(&body).await;
+    // Let the second delivery complete, then compare.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.wait_queue_empty(WAIT, &agent).await;
+    assert_eq!(w.get("output/dup.csv").await.unwrap(), first_out);
+    assert_eq!(w.confirmations().await, first);
+    assert_eq!(first.len(), 40);
+    agent.wait_log("processed", Duration::from_secs(5)).await;
+    assert_eq!(agent.log_text().matches(" processed").count(), 2);
+}
+
+/// SIGTERM during a large file: the agent exits 0 within the grace period, the message is released
+/// (visible again at once), no output is stored; the next agent processes it and every row keeps the
+/// ConfirmationId it had.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_large_file_releases_the_message_and_exits_0() {
+    let w = World::with(
+        "sigterm",
+        Options {
+            shutdown_grace: "1s",
+            ..Options::default()
+        },
+    )
+    .await;
+    let rows = 20_000;
+    w.put("input/big.csv", orders_csv(0, rows)).await;
+    let mut agent = w.start();
+    // Wait until rows are being written, then stop the agent in the middle of the file.
+    let start = std::time::Instant::now();
+    loop {
+        let n = w
+            .clients
+            .dynamodb
+            .scan()
+            .table_name(&w.table)
+            .limit(1)
+            .send()
+            .await
+            .unwrap()
+            .count();
+        if n > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "no row written; log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, took) = agent.terminate(Duration::from_secs(15));
+    assert_eq!(code, 0, "log:\n{}", agent.log_text());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let log = agent.log_text();
+    assert!(log.contains("released"), "{log}");
+    assert!(
+        w.get("output/big.csv").await.is_none(),
+        "nothing half-done is stored"
+    );
+    let (visible, _) = w.depth(&w.queue).await;
+    assert_eq!(visible, 1, "the message is back in the queue at once");
+    let partial = w.confirmations().await;
+    assert!(
+        partial.len() < rows,
+        "stopped in the middle ({} rows)",
+        partial.len()
+    );
+
+    let agent2 = w.start();
+    let out = w
+        .wait_for("output/big.csv", Duration::from_secs(240), &agent2)
+        .await;
+    assert_eq!(String::from_utf8(out).unwrap().lines().count(), rows + 1);
+    w.wait_queue_empty(WAIT, &agent2).await;
+    let all = w.confirmations().await;
+    assert_eq!(all.len(), rows);
+    for (id, cid) in &partial {
+        assert_eq!(&all[id], cid, "row {id} kept its ConfirmationId");
+    }
+}
+
+/// An event for a key no pipeline matches is acknowledged and counted, not processed or dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn unmatched_keys_are_acknowledged() {
+    let w = World::new("unmatched").await;
+    let agent = w.start();
+    let ev = serde_json::json!({"Records": [{
+        "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+        "s3": {"bucket": {"name": w.bucket}, "object": {"key": "elsewhere/x.csv"}}
+    }]});
+    w.send_raw(&ev.to_string()).await;
+    agent
+        .wait_log("no pipeline matches", Duration::from_secs(30))
+        .await;
+    w.wait_queue_empty(WAIT, &agent).await;
+    assert!(w.drain_dlq().await.is_empty());
+}
