@@ -4,7 +4,6 @@ use std::error::Error as StdError;
 
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
-use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 /// Why one file could not be processed, sorted by what the worker must do about it.
@@ -113,8 +112,31 @@ pub fn code<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Option<
     }
 }
 
-/// An SDK error with its whole chain of causes on one line (the SDK's own `Display` says only
-/// "service error").
-pub fn describe<E: StdError + 'static>(err: &SdkError<E, HttpResponse>) -> String {
-    DisplayErrorContext(err).to_string()
+/// An SDK error on one line: the service's code and message with the HTTP status, or else the chain of
+/// causes (the SDK's own `Display` says only "service error", and `DisplayErrorContext` appends a
+/// multi-kilobyte `Debug` dump).
+pub fn describe<E>(err: &SdkError<E, HttpResponse>) -> String
+where
+    E: StdError + ProvideErrorMetadata + 'static,
+{
+    if let SdkError::ServiceError(se) = err {
+        if let Some(code) = se.err().code() {
+            return format!(
+                "{code}: {} (HTTP {})",
+                se.err().message().unwrap_or("no message"),
+                se.raw().status().as_u16()
+            );
+        }
+    }
+    let mut text = err.to_string();
+    let mut source = StdError::source(err);
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }

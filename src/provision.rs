@@ -241,18 +241,24 @@ async fn ensure_notification(
     bucket: &str,
     queue_arn: &str,
 ) -> Result<Step> {
-    let current = clients
+    let current = match clients
         .s3
         .get_bucket_notification_configuration()
         .bucket(bucket)
         .send()
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read the notification configuration of bucket {bucket}: {}",
-                describe(&e)
-            )
-        })?;
+    {
+        Ok(c) => c,
+        // moto answers an empty configuration with an empty element named after the operation
+        // (`<GetBucketNotificationResponse/>`), which the SDK cannot parse; it means "nothing set".
+        Err(e) if empty_notification_quirk(&e) => {
+            aws_sdk_s3::operation::get_bucket_notification_configuration::GetBucketNotificationConfigurationOutput::builder().build()
+        }
+        Err(e) => bail!(
+            "cannot read the notification configuration of bucket {bucket}: {}",
+            describe(&e)
+        ),
+    };
     let existing = current.queue_configurations();
     let ours_now: BTreeSet<(String, String, String, String)> = existing
         .iter()
@@ -346,6 +352,21 @@ async fn ensure_notification(
         },
         what,
     ))
+}
+
+fn empty_notification_quirk<E>(
+    e: &aws_smithy_runtime_api::client::result::SdkError<
+        E,
+        aws_smithy_runtime_api::client::orchestrator::HttpResponse,
+    >,
+) -> bool {
+    e.raw_response().is_some_and(|r| {
+        r.status().is_success()
+            && r.body().bytes().is_some_and(|b| {
+                String::from_utf8_lossy(b).contains("<GetBucketNotificationResponse")
+                    && !String::from_utf8_lossy(b).contains("Configuration>")
+            })
+    })
 }
 
 async fn ensure_table(clients: &Clients, table: &str) -> Result<Step> {

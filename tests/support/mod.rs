@@ -19,6 +19,15 @@ pub const HEADER: &str = "Region,Country,ItemType,SalesChannel,OrderPriority,Ord
 
 /// The emulator's URL; panics, naming the set-up command, when nothing listens there.
 pub fn moto_endpoint() -> String {
+    static CREDENTIALS: std::sync::Once = std::sync::Once::new();
+    // The harness's own SDK clients use the default chain: give it the emulator's fake credentials
+    // (set once, before any client exists).
+    CREDENTIALS.call_once(|| {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+        std::env::remove_var("AWS_PROFILE");
+    });
     let url = std::env::var("OFFLOAD_TEST_AWS_ENDPOINT")
         .unwrap_or_else(|_| "http://127.0.0.1:5123".to_string());
     let addr = url.trim_start_matches("http://").trim_end_matches('/');
