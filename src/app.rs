@@ -331,6 +331,9 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
                 println!("rejects:   s3://{out_bucket}/{rej}");
             }
             println!("elapsed:   {:.2}s", r.elapsed.as_secs_f64());
+            if let Some(peak) = crate::telemetry::peak_rss_bytes() {
+                println!("peak RSS:  {peak} bytes");
+            }
             Ok(())
         }
         Err(ProcessError::Permanent(reason)) => Err(Failure::Data(format!(

@@ -363,3 +363,59 @@ async fn unmatched_keys_are_acknowledged() {
     w.wait_queue_empty(WAIT, &agent).await;
     assert!(w.drain_dlq().await.is_empty());
 }
+
+/// A missing table is a transient failure: the message returns to the queue with a backoff, and once
+/// the table exists (an operator ran `provision`) the file is processed; nothing goes to the DLQ.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_table_is_retried_until_it_exists() {
+    let w = World::new("notable").await;
+    w.clients
+        .dynamodb
+        .delete_table()
+        .table_name(&w.table)
+        .send()
+        .await
+        .unwrap();
+    let agent = w.start();
+    w.put("input/later.csv", orders_csv(0, 10)).await;
+    agent
+        .wait_log("transient failure", Duration::from_secs(30))
+        .await;
+    assert!(agent.log_text().contains(&w.table), "the log names the table");
+    let out = w.agent(&["provision"]).output().unwrap();
+    assert!(out.status.success());
+    let out = w.wait_for("output/later.csv", WAIT, &agent).await;
+    assert_eq!(String::from_utf8(out).unwrap().lines().count(), 11);
+    assert_eq!(w.items().await.len(), 10);
+    assert!(w.drain_dlq().await.is_empty());
+}
+
+/// SIGHUP reloads the pipelines live: after the output prefix changes, new files land under it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_pipelines() {
+    let w = World::new("reload").await;
+    let agent = w.start();
+    agent.wait_log("offload-agent ready", WAIT).await;
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    std::fs::write(
+        &w.config,
+        text.replace("output_prefix = \"output/\"", "output_prefix = \"results/\""),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    agent
+        .wait_log("configuration reloaded", Duration::from_secs(10))
+        .await;
+    w.put("input/after.csv", orders_csv(0, 5)).await;
+    let out = w.wait_for("results/after.csv", WAIT, &agent).await;
+    assert_eq!(String::from_utf8(out).unwrap().lines().count(), 6);
+
+    // A broken file on reload keeps the running configuration.
+    std::fs::write(&w.config, "this is = not toml [").unwrap();
+    agent.signal(libc::SIGHUP);
+    agent
+        .wait_log("configuration reload failed", Duration::from_secs(10))
+        .await;
+    w.put("input/still.csv", orders_csv(10, 5)).await;
+    w.wait_for("results/still.csv", WAIT, &agent).await;
+}

@@ -715,13 +715,9 @@ mod tests {
         format!("Asia,Japan,Cereal,Online,H,3/7/2017,{id},4/1/2017,100,205.70,20570.00,11770.00,8800.00")
     }
 
-    fn run(
-        text: &str,
-    ) -> (
-        Result<ScanOutcome, FileError>,
-        Vec<(u64, String, String)>,
-        Vec<Order>,
-    ) {
+    type Rejects = Vec<(u64, String, String)>;
+
+    fn run(text: &str) -> (Result<ScanOutcome, FileError>, Rejects, Vec<Order>) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("in.csv");
         std::fs::write(&p, text).unwrap();

@@ -135,7 +135,7 @@ impl Worker {
             r = objects::download(&self.clients.s3, &obj.bucket, &obj.key, &files.files.input) => r?,
             _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
         };
-        tracing::debug!(bytes = downloaded.bytes, etag = %downloaded.etag, "downloaded to spool");
+        tracing::debug!(bytes = downloaded.bytes, etag = %downloaded.etag, peak_rss = crate::telemetry::peak_rss_bytes(), "downloaded to spool");
         let loader = Loader {
             ddb: self.clients.dynamodb.clone(),
             table: pipeline.table.clone(),
@@ -152,6 +152,7 @@ impl Worker {
         if !outcome.extra_columns.is_empty() {
             tracing::warn!(columns = ?outcome.extra_columns, "ignoring columns that orders-csv does not use");
         }
+        tracing::debug!(peak_rss = crate::telemetry::peak_rss_bytes(), "rows loaded");
         let out_bucket = pipeline.output_bucket();
         let rkey = rejects_key(&output);
         let store = async {
