@@ -72,6 +72,7 @@ fn env_map() -> BTreeMap<String, String> {
 /// Entry point after argument parsing.
 pub fn main(cli: Cli) -> ExitCode {
     let log = telemetry::init(cli.log_format, "info");
+    let is_daemon = matches!(cli.command, Command::Run(_));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -88,8 +89,12 @@ pub fn main(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(f) => {
-            tracing::error!(error = %f, "exiting with status {}", f.code());
-            eprintln!("offload-agent: {f}");
+            // The daemon's log may be the journal; a command's user reads stderr.
+            if is_daemon {
+                tracing::error!(error = %f, "exiting with status {}", f.code());
+            } else {
+                eprintln!("offload-agent: {f}");
+            }
             ExitCode::from(f.code())
         }
     }

@@ -381,7 +381,10 @@ async fn a_missing_table_is_retried_until_it_exists() {
     agent
         .wait_log("transient failure", Duration::from_secs(30))
         .await;
-    assert!(agent.log_text().contains(&w.table), "the log names the table");
+    assert!(
+        agent.log_text().contains(&w.table),
+        "the log names the table"
+    );
     let out = w.agent(&["provision"]).output().unwrap();
     assert!(out.status.success());
     let out = w.wait_for("output/later.csv", WAIT, &agent).await;
@@ -399,7 +402,10 @@ async fn sighup_reloads_pipelines() {
     let text = std::fs::read_to_string(&w.config).unwrap();
     std::fs::write(
         &w.config,
-        text.replace("output_prefix = \"output/\"", "output_prefix = \"results/\""),
+        text.replace(
+            "output_prefix = \"output/\"",
+            "output_prefix = \"results/\"",
+        ),
     )
     .unwrap();
     agent.signal(libc::SIGHUP);

@@ -67,8 +67,19 @@ pub struct Source {
 
 impl Source {
     pub fn confirmation_id(&self, order_id: &str) -> Uuid {
-        let name = format!("{}\n{}\n{}\n{}", self.bucket, self.key, self.etag, order_id);
-        Uuid::new_v5(&CONFIRMATION_NAMESPACE, name.as_bytes())
+        self.confirmation_id_with(order_id, &mut Vec::new())
+    }
+
+    /// The same, building the UUIDv5 name ("bucket\nkey\netag\nOrderId") in a caller's buffer, so
+    /// that no row allocates.
+    pub fn confirmation_id_with(&self, order_id: &str, buf: &mut Vec<u8>) -> Uuid {
+        buf.clear();
+        for part in [&self.bucket, &self.key, &self.etag] {
+            buf.extend_from_slice(part.as_bytes());
+            buf.push(b'\n');
+        }
+        buf.extend_from_slice(order_id.as_bytes());
+        Uuid::new_v5(&CONFIRMATION_NAMESPACE, buf)
     }
 }
 
@@ -209,50 +220,96 @@ fn digits(s: &str, min: usize, max: usize) -> Option<u32> {
     s.parse().ok()
 }
 
-/// `M/D/YYYY` (the classic walkthrough's format) or ISO `YYYY-MM-DD`, to ISO.
-pub fn parse_date(s: &str) -> Option<String> {
-    let (y, m, d) = if let Some((a, rest)) = s.split_once('/') {
-        let (b, c) = rest.split_once('/')?;
-        (digits(c, 4, 4)?, digits(a, 1, 2)?, digits(b, 1, 2)?)
-    } else {
-        let mut it = s.splitn(3, '-');
-        let (a, b, c) = (it.next()?, it.next()?, it.next()?);
-        (digits(a, 4, 4)?, digits(b, 2, 2)?, digits(c, 2, 2)?)
-    };
-    if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
-        return None;
+fn push_padded(out: &mut String, mut n: u32, width: usize) {
+    let mut buf = [b'0'; 4];
+    for slot in buf[..width].iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        n /= 10;
     }
-    Some(format!("{y:04}-{m:02}-{d:02}"))
+    out.extend(buf[..width].iter().map(|&b| b as char));
 }
 
-/// A plain decimal (no exponent, at most 38 significant digits as DynamoDB allows); `+` dropped.
-pub fn parse_number(s: &str, integer: bool) -> Option<String> {
+/// `M/D/YYYY` (the classic walkthrough's format) or ISO `YYYY-MM-DD`, appended to `out` as ISO.
+pub fn parse_date_into(s: &str, out: &mut String) -> bool {
+    let parsed = if let Some((a, rest)) = s.split_once('/') {
+        rest.split_once('/')
+            .and_then(|(b, c)| Some((digits(c, 4, 4)?, digits(a, 1, 2)?, digits(b, 1, 2)?)))
+    } else {
+        let mut it = s.splitn(3, '-');
+        match (it.next(), it.next(), it.next()) {
+            (Some(a), Some(b), Some(c)) => {
+                (|| Some((digits(a, 4, 4)?, digits(b, 2, 2)?, digits(c, 2, 2)?)))()
+            }
+            _ => None,
+        }
+    };
+    let Some((y, m, d)) = parsed else {
+        return false;
+    };
+    if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
+        return false;
+    }
+    push_padded(out, y, 4);
+    out.push('-');
+    push_padded(out, m, 2);
+    out.push('-');
+    push_padded(out, d, 2);
+    true
+}
+
+/// [`parse_date_into`] returning a new string.
+pub fn parse_date(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(10);
+    parse_date_into(s, &mut out).then_some(out)
+}
+
+/// A plain decimal (no exponent, at most 38 significant digits as DynamoDB allows), appended to `out`
+/// with any leading `+` dropped.
+pub fn parse_number_into(s: &str, integer: bool, out: &mut String) -> bool {
     let body = s.strip_prefix('+').unwrap_or(s);
     let unsigned = body.strip_prefix('-').unwrap_or(body);
     if integer && unsigned.len() != body.len() {
-        return None; // a count of units is never negative
+        return false; // a count of units is never negative
     }
     let (int, frac) = match unsigned.split_once('.') {
         Some((i, f)) if !integer => (i, f),
-        Some(_) => return None,
+        Some(_) => return false,
         None => (unsigned, ""),
     };
     if (int.is_empty() && frac.is_empty())
         || !int.bytes().all(|b| b.is_ascii_digit())
         || !frac.bytes().all(|b| b.is_ascii_digit())
     {
-        return None;
+        return false;
     }
-    let significant = format!("{int}{frac}");
-    let significant = significant.trim_start_matches('0');
-    if significant.trim_end_matches('0').len() > 38 {
-        return None;
+    // Significant digits: from the first non-zero digit to the last non-zero one, across the point.
+    let total = int.len() + frac.len();
+    let leading = int
+        .bytes()
+        .chain(frac.bytes())
+        .take_while(|&b| b == b'0')
+        .count();
+    let trailing = frac
+        .bytes()
+        .rev()
+        .chain(int.bytes().rev())
+        .take_while(|&b| b == b'0')
+        .count();
+    if leading < total && total - leading - trailing > 38 {
+        return false;
     }
-    Some(body.to_string())
+    out.push_str(body);
+    true
 }
 
-/// Validate one data row.
-pub fn validate(rec: &csv::ByteRecord, h: &Header) -> Result<Order, String> {
+/// [`parse_number_into`] returning a new string.
+pub fn parse_number(s: &str, integer: bool) -> Option<String> {
+    let mut out = String::new();
+    parse_number_into(s, integer, &mut out).then_some(out)
+}
+
+/// Validate one data row into `order` (whose strings are reused from row to row).
+pub fn validate_into(rec: &csv::ByteRecord, h: &Header, order: &mut Order) -> Result<(), String> {
     if rec.len() != h.width {
         return Err(format!(
             "expected {} fields as in the header, found {}",
@@ -266,24 +323,47 @@ pub fn validate(rec: &csv::ByteRecord, h: &Header) -> Result<Order, String> {
             rec.as_slice().len()
         ));
     }
-    let mut fields: [String; 13] = Default::default();
+    // One UTF-8 check per row; fields are slices of it (their bounds are ASCII separators).
+    let all = std::str::from_utf8(rec.as_slice()).map_err(|e| {
+        format!(
+            "row is not UTF-8 text (bad byte at offset {})",
+            e.valid_up_to()
+        )
+    })?;
     for (c, col) in COLUMNS.iter().enumerate() {
-        let raw = &rec[h.idx[c]];
-        let text = std::str::from_utf8(raw)
-            .map_err(|_| format!("{col} is not valid UTF-8 text"))?
-            .trim();
-        fields[c] = match c {
+        let range = rec.range(h.idx[c]).unwrap_or(0..0);
+        let text = all.get(range).unwrap_or("").trim();
+        let field = &mut order.fields[c];
+        field.clear();
+        let ok = match c {
             ORDER_ID if text.is_empty() => return Err("OrderId is empty".into()),
-            ORDER_DATE | SHIP_DATE => parse_date(text)
-                .ok_or_else(|| format!("{col} {text:?} is not a date (M/D/YYYY or YYYY-MM-DD)"))?,
-            UNIT_SOLD => parse_number(text, true)
-                .ok_or_else(|| format!("{col} {text:?} is not a whole number of units"))?,
-            c if MONEY.contains(&c) => parse_number(text, false)
-                .ok_or_else(|| format!("{col} {text:?} is not a decimal number"))?,
-            _ => text.to_string(),
+            ORDER_DATE | SHIP_DATE => parse_date_into(text, field),
+            UNIT_SOLD => parse_number_into(text, true, field),
+            c if MONEY.contains(&c) => parse_number_into(text, false, field),
+            _ => {
+                field.push_str(text);
+                true
+            }
         };
+        if !ok {
+            return Err(match c {
+                ORDER_DATE | SHIP_DATE => {
+                    format!("{col} {text:?} is not a date (M/D/YYYY or YYYY-MM-DD)")
+                }
+                UNIT_SOLD => format!("{col} {text:?} is not a whole number of units"),
+                _ => format!("{col} {text:?} is not a decimal number"),
+            });
+        }
     }
-    Ok(Order { fields })
+    Ok(())
+}
+
+/// Validate one data row.
+pub fn validate(rec: &csv::ByteRecord, h: &Header) -> Result<Order, String> {
+    let mut order = Order {
+        fields: Default::default(),
+    };
+    validate_into(rec, h, &mut order).map(|()| order)
 }
 
 /// Counts bytes for progress and refuses absurdly long lines before the CSV reader buffers them.
@@ -417,15 +497,14 @@ fn duplicate_candidates(path: &Path, limits: ScanLimits) -> Result<HashSet<Box<[
 }
 
 /// Scan a file: validate every row, call `on_reject(line, order_id, reason)` for each invalid one and
-/// `on_valid(order, confirmation_id)` for each valid one, in input order. The first valid occurrence of
+/// `on_valid(order)` for each valid one, in input order. The first valid occurrence of
 /// an `OrderId` wins; later ones are rejected as duplicates.
 pub fn scan(
     path: &Path,
     limits: ScanLimits,
-    src: &Source,
     progress: Option<Arc<AtomicU64>>,
     mut on_reject: impl FnMut(u64, &str, &str) -> Result<(), FileError>,
-    mut on_valid: impl FnMut(Order, Uuid) -> Result<(), FileError>,
+    mut on_valid: impl FnMut(&Order) -> Result<(), FileError>,
 ) -> Result<ScanOutcome, FileError> {
     let candidates = duplicate_candidates(path, limits)?;
     let mut first_line: HashMap<Box<[u8]>, u64> = HashMap::new();
@@ -435,22 +514,22 @@ pub fn scan(
         ..Default::default()
     };
     let mut rec = csv::ByteRecord::new();
+    let mut order = Order {
+        fields: Default::default(),
+    };
     while rdr.read_byte_record(&mut rec).map_err(csv_error)? {
         let line = rec.position().map(|p| p.line()).unwrap_or(0);
         // A blank line is no row: the csv reader already skips empty lines.
         out.rows += 1;
-        let order = match validate(&rec, &header) {
-            Ok(o) => o,
-            Err(reason) => {
-                let id = rec
-                    .get(header.idx[ORDER_ID])
-                    .map(|b| String::from_utf8_lossy(b.trim_ascii()).into_owned())
-                    .unwrap_or_default();
-                out.rejected += 1;
-                on_reject(line, &id, &reason)?;
-                continue;
-            }
-        };
+        if let Err(reason) = validate_into(&rec, &header, &mut order) {
+            let id = rec
+                .get(header.idx[ORDER_ID])
+                .map(|b| String::from_utf8_lossy(b.trim_ascii()).into_owned())
+                .unwrap_or_default();
+            out.rejected += 1;
+            on_reject(line, &id, &reason)?;
+            continue;
+        }
         let id_bytes = order.order_id().as_bytes();
         if candidates.contains(id_bytes) {
             if let Some(first) = first_line.get(id_bytes) {
@@ -461,9 +540,8 @@ pub fn scan(
             }
             first_line.insert(Box::from(id_bytes), line);
         }
-        let cid = src.confirmation_id(order.order_id());
         out.written += 1;
-        on_valid(order, cid)?;
+        on_valid(&order)?;
     }
     Ok(out)
 }
@@ -631,17 +709,18 @@ fn write_reports(
         .write_record(["Line", "OrderId", "Reason"])
         .map_err(io_of)?;
     let mut batch = Vec::with_capacity(BATCH_SIZE);
+    let mut name_buf = Vec::with_capacity(256);
     let outcome = scan(
         &files.input,
         limits,
-        src,
         progress,
         |line, id, reason| {
             rejects
                 .write_record([line.to_string().as_str(), id, reason])
                 .map_err(io_of)
         },
-        |order, cid| {
+        |order| {
+            let cid = src.confirmation_id_with(order.order_id(), &mut name_buf);
             let mut buf = Uuid::encode_buffer();
             output
                 .write_record([order.order_id(), cid.hyphenated().encode_lower(&mut buf)])
@@ -682,24 +761,18 @@ pub fn dry_run(
     progress: Option<Arc<AtomicU64>>,
     out: &mut dyn Write,
 ) -> Result<ScanOutcome, FileError> {
-    let src = Source {
-        bucket: "local".into(),
-        key: path.display().to_string(),
-        etag: String::new(),
-    };
     let mut w = csv::Writer::from_writer(out);
     w.write_record(["Line", "OrderId", "Reason"])
         .map_err(io_of)?;
     let outcome = scan(
         path,
         limits,
-        &src,
         progress,
         |line, id, reason| {
             w.write_record([line.to_string().as_str(), id, reason])
                 .map_err(io_of)
         },
-        |_, _| Ok(()),
+        |_| Ok(()),
     )?;
     w.flush()?;
     Ok(outcome)
@@ -723,24 +796,18 @@ mod tests {
         std::fs::write(&p, text).unwrap();
         let mut rejects = Vec::new();
         let mut valid = Vec::new();
-        let src = Source {
-            bucket: "b".into(),
-            key: "k".into(),
-            etag: "e".into(),
-        };
         let r = scan(
             &p,
             ScanLimits {
                 max_line_bytes: 4096,
             },
-            &src,
             None,
             |l, id, r| {
                 rejects.push((l, id.to_string(), r.to_string()));
                 Ok(())
             },
-            |o, _| {
-                valid.push(o);
+            |o| {
+                valid.push(o.clone());
                 Ok(())
             },
         );
@@ -828,6 +895,11 @@ mod tests {
             ..a.clone()
         };
         assert_eq!(a.confirmation_id("1"), a.confirmation_id("1"));
+        // Pinned: a change here would give every reprocessed row a new id.
+        assert_eq!(
+            a.confirmation_id("1").to_string(),
+            Uuid::new_v5(&CONFIRMATION_NAMESPACE, b"b\nk\ne1\n1").to_string()
+        );
         assert_ne!(a.confirmation_id("1"), a.confirmation_id("2"));
         assert_ne!(a.confirmation_id("1"), b.confirmation_id("1"));
     }

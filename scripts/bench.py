@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""offload-agent benchmarks against moto on 127.0.0.1; prints a Markdown table.
+
+Environment: BENCH_DRY_ROWS (1000000), BENCH_E2E_ROWS (50000), BENCH_LATENCY_FILES (100),
+BENCH_BIG_MB (2048).
+"""
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import boto3
+
+ENDPOINT, BIN = sys.argv[1], sys.argv[2]
+HERE = os.path.dirname(os.path.abspath(__file__))
+DRY_ROWS = int(os.environ.get("BENCH_DRY_ROWS", "1000000"))
+E2E_ROWS = int(os.environ.get("BENCH_E2E_ROWS", "50000"))
+LAT_FILES = int(os.environ.get("BENCH_LATENCY_FILES", "100"))
+BIG_MB = int(os.environ.get("BENCH_BIG_MB", "2048"))
+
+work = tempfile.mkdtemp(prefix="offload-bench-")
+env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+           AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+env.pop("RUST_LOG", None)
+kw = dict(endpoint_url=ENDPOINT, region_name="us-east-1",
+          aws_access_key_id="bench", aws_secret_access_key="bench")
+s3 = boto3.client("s3", **kw)
+rows_out = []
+
+
+def row(what, value, note=""):
+    rows_out.append((what, value, note))
+    print(f"  {what}: {value} {note}", file=sys.stderr, flush=True)
+
+
+def gen(path, rows, pad=0):
+    args = [sys.executable, os.path.join(HERE, "gen_orders.py"), path, str(rows)]
+    if pad:
+        args += ["--pad", str(pad)]
+    subprocess.run(args, check=True)
+
+
+def child_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def config(name, max_in_flight=8):
+    tag = f"{name}-{uuid.uuid4().hex[:8]}"
+    path = os.path.join(work, f"{tag}.toml")
+    with open(path, "w") as f:
+        f.write(f"""
+[agent]
+shutdown_grace = "20s"
+[aws]
+region = "us-east-1"
+endpoint_url = "{ENDPOINT}"
+[queue]
+name = "q-{tag}"
+dead_letter_queue = "q-{tag}-dlq"
+max_in_flight = {max_in_flight}
+wait_time = "20s"
+[spool]
+dir = "{work}/spool-{tag}"
+[[pipeline]]
+name = "orders"
+bucket = "b-{tag}"
+prefix = "input/"
+suffix = ".csv"
+processor = "orders-csv"
+table = "t-{tag}"
+output_prefix = "output/"
+""")
+    subprocess.run([BIN, "provision", "--config", path], env=env, check=True, stdout=subprocess.DEVNULL)
+    return path, f"b-{tag}"
+
+
+def status_kb(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_output(bucket, key, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            s3.head_object(Bucket=bucket, Key=key)
+            return True
+        except s3.exceptions.ClientError:
+            time.sleep(0.005)
+    return False
+
+
+# 1. Processor throughput (dry run: parse + validate + duplicate check, no I/O to AWS).
+p = os.path.join(work, "dry.csv")
+gen(p, DRY_ROWS)
+best = None
+for _ in range(3):
+    c0, t0 = child_cpu(), time.monotonic()
+    subprocess.run([BIN, "process", "--dry-run", p], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall, cpu = time.monotonic() - t0, child_cpu() - c0
+    if best is None or wall < best[0]:
+        best = (wall, cpu)
+size_mb = os.path.getsize(p) / 1e6
+row("dry-run throughput", f"{DRY_ROWS / best[0]:,.0f} rows/s",
+    f"({DRY_ROWS:,} rows, {size_mb:.0f} MB, best of 3: {best[0]:.2f} s wall, {best[1]:.2f} s CPU)")
+os.remove(p)
+
+# 2. End to end against moto: CPU of the agent per million rows written.
+cfg, bucket = config("e2e")
+p = os.path.join(work, "e2e.csv")
+gen(p, E2E_ROWS)
+s3.upload_file(p, bucket, "input/e2e.csv")
+c0, t0 = child_cpu(), time.monotonic()
+out = subprocess.run([BIN, "process", "--config", cfg, f"s3://{bucket}/input/e2e.csv"], env=env,
+                     check=True, capture_output=True, text=True)
+wall, cpu = time.monotonic() - t0, child_cpu() - c0
+row("agent CPU per million rows, end to end", f"{cpu * 1e6 / E2E_ROWS:.1f} s",
+    f"({E2E_ROWS:,} rows into moto's DynamoDB in {wall:.1f} s wall = {E2E_ROWS / wall:,.0f} rows/s, "
+    f"bounded by the emulator)")
+os.remove(p)
+
+# 3. Latency from PutObject to the output object, agent idle beforehand.
+cfg, bucket = config("latency")
+agent = subprocess.Popen([BIN, "run", "--config", cfg], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+time.sleep(5)
+idle_rss = status_kb(agent.pid, "VmRSS")
+small = os.path.join(work, "small.csv")
+gen(small, 20)
+body = open(small, "rb").read()
+lat = []
+for i in range(LAT_FILES):
+    key = f"input/lat-{i}.csv"
+    t0 = time.monotonic()
+    s3.put_object(Bucket=bucket, Key=key, Body=body)
+    if not wait_output(bucket, f"output/lat-{i}.csv", 30):
+        sys.exit(f"file {i} not processed within 30 s")
+    lat.append(time.monotonic() - t0)
+    time.sleep(0.05)
+lat.sort()
+p50 = statistics.median(lat) * 1000
+p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+row("latency PutObject -> output object", f"p50 {p50:.0f} ms, p99 {p99:.0f} ms",
+    f"({LAT_FILES} files of 20 rows, one at a time; moto)")
+row("RSS idle", f"{idle_rss / 1024:.1f} MiB", "(VmRSS after 5 s of idle long polling)")
+
+# 4. Peak RSS while processing a file far larger than memory would allow buffering.
+rows = BIG_MB * 1_000_000 // 50_150
+p = os.path.join(work, "big.csv")
+gen(p, rows, pad=50_000)
+big = os.path.getsize(p)
+s3.upload_file(p, bucket, "input/big.csv")
+os.remove(p)
+t0 = time.monotonic()
+if not wait_output(bucket, "output/big.csv", 1800):
+    sys.exit("big file not processed within 30 minutes")
+wall = time.monotonic() - t0
+peak = status_kb(agent.pid, "VmHWM")
+row("peak RSS while processing a large file", f"{peak / 1024:.1f} MiB",
+    f"({big / 2**20:,.0f} MiB file, {rows:,} rows, processed in {wall:.0f} s)")
+agent.terminate()
+agent.wait(timeout=60)
+
+print("\n| measure | result | conditions |")
+print("|---|---|---|")
+for what, value, note in rows_out:
+    print(f"| {what} | {value} | {note.strip('()')} |")
