@@ -9,11 +9,11 @@ use crate::telemetry::LogFormat;
 
 const AFTER_HELP: &str = "\
 CONFIGURATION:
-    TOML, read from --config (default /etc/offload-agent/agent.toml), then every conf.d/*.toml beside it
-    in name order, then environment variables OFFLOAD_AGENT_<SECTION>__<KEY> (for example
-    OFFLOAD_AGENT_AWS__ENDPOINT_URL=http://127.0.0.1:5000). config/agent.toml in the source tree
-    documents every key with its default. AWS credentials come from the SDK's default chain
-    (environment, shared files, SSO, instance or container roles).
+    TOML, read from --config (default /etc/offload-agent/agent.toml), then every
+    conf.d/*.toml beside it in name order, then environment variables
+    OFFLOAD_AGENT_<SECTION>__<KEY> (for example OFFLOAD_AGENT_AWS__ENDPOINT_URL=http://127.0.0.1:5000).
+    config/agent.toml in the source tree documents every key with its default. AWS credentials
+    come from the SDK's default chain (environment, shared files, SSO, instance or container roles).
 
 SIGNALS (run):
     SIGTERM, SIGINT  stop receiving, finish in-flight files within agent.shutdown_grace, release the
