@@ -66,6 +66,8 @@ max_in_flight = {max_in_flight}
 wait_time = "20s"
 [spool]
 dir = "{work}/spool-{tag}"
+[ecs_agent]
+enabled = false
 [[pipeline]]
 name = "orders"
 bucket = "b-{tag}"

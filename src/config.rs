@@ -43,6 +43,7 @@ pub struct Config {
     pub queue: QueueConfig,
     pub spool: SpoolConfig,
     pub dynamodb: DynamoDbConfig,
+    pub ecs_agent: EcsAgentConfig,
     #[serde(rename = "pipeline")]
     pub pipelines: Vec<Pipeline>,
 }
@@ -93,6 +94,37 @@ pub struct DynamoDbConfig {
     pub write_concurrency: usize,
     pub write_max_attempts: u32,
 }
+
+/// `[ecs_agent]`: supervision of the Amazon ECS container agent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EcsAgentConfig {
+    pub enabled: bool,
+    pub image: String,
+    pub image_tarball: PathBuf,
+    pub allow_pull: bool,
+    pub container_name: String,
+    pub introspection_url: String,
+    pub stop_agent_on_exit: bool,
+    pub task_iam_roles: bool,
+    pub docker_socket: String,
+    pub host_root: PathBuf,
+    #[serde(with = "humantime_serde_compat")]
+    pub health_interval: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub unhealthy_after: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub restart_backoff_min: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub restart_backoff_max: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub healthy_reset_after: Duration,
+    pub log_max_size: String,
+    pub log_max_files: u64,
+}
+
+pub const DEFAULT_ECS_IMAGE: &str = "amazon/amazon-ecs-agent:latest";
+pub const DEFAULT_ECS_TARBALL: &str = "/var/cache/ecs/ecs-agent.tar";
+pub const DEFAULT_ECS_INTROSPECTION: &str = "http://127.0.0.1:51678/v1/metadata";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum ProcessorKind {
@@ -163,6 +195,9 @@ impl Config {
         }
         if self.dynamodb != new.dynamodb {
             out.push("dynamodb");
+        }
+        if self.ecs_agent.enabled != new.ecs_agent.enabled {
+            out.push("ecs_agent.enabled");
         }
         if self.agent.shutdown_grace != new.agent.shutdown_grace {
             out.push("agent.shutdown_grace");
@@ -363,6 +398,19 @@ impl<'a> Reader<'a> {
         }
     }
 
+    fn boolean(&mut self, k: &str, default: bool) -> bool {
+        let Some(v) = self.take(k) else {
+            return default;
+        };
+        match v.clone().into_bool() {
+            Ok(b) => b,
+            Err(_) => {
+                self.problem(k, Some(&v), "expected true or false");
+                default
+            }
+        }
+    }
+
     fn uint(&mut self, k: &str, default: u64, min: u64, max: u64) -> u64 {
         let Some(v) = self.take(k) else {
             return default;
@@ -462,6 +510,7 @@ fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, C
     let queue_t = top.table("queue");
     let spool_t = top.table("spool");
     let ddb_t = top.table("dynamodb");
+    let ecs_t = top.table("ecs_agent");
     let pipeline_v = top.take("pipeline");
     top.finish();
 
@@ -581,6 +630,66 @@ fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, C
     };
     r.finish();
 
+    let mut r = Reader::new("ecs_agent", ecs_t, &mut problems, origin);
+    let ecs_agent = EcsAgentConfig {
+        enabled: r.boolean("enabled", true),
+        image: r.string("image", DEFAULT_ECS_IMAGE),
+        image_tarball: PathBuf::from(r.string("image_tarball", DEFAULT_ECS_TARBALL)),
+        allow_pull: r.boolean("allow_pull", true),
+        container_name: r.string("container_name", "ecs-agent"),
+        introspection_url: r.string("introspection_url", DEFAULT_ECS_INTROSPECTION),
+        stop_agent_on_exit: r.boolean("stop_agent_on_exit", false),
+        task_iam_roles: r.boolean("task_iam_roles", true),
+        docker_socket: r.string("docker_socket", "/var/run/docker.sock"),
+        host_root: PathBuf::from(r.string("host_root", "/")),
+        health_interval: r.duration(
+            "health_interval",
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        ),
+        unhealthy_after: r.duration(
+            "unhealthy_after",
+            Duration::from_secs(90),
+            Duration::from_millis(500),
+            Duration::from_secs(86_400),
+        ),
+        restart_backoff_min: r.duration(
+            "restart_backoff_min",
+            Duration::from_secs(1),
+            Duration::from_millis(10),
+            Duration::from_secs(3600),
+        ),
+        restart_backoff_max: r.duration(
+            "restart_backoff_max",
+            Duration::from_secs(60),
+            Duration::from_millis(10),
+            Duration::from_secs(3600),
+        ),
+        healthy_reset_after: r.duration(
+            "healthy_reset_after",
+            Duration::from_secs(300),
+            Duration::from_millis(100),
+            Duration::from_secs(86_400),
+        ),
+        log_max_size: r.string("log_max_size", "16m"),
+        log_max_files: r.uint("log_max_files", 4, 1, 100),
+    };
+    if !ecs_agent.introspection_url.starts_with("http://") {
+        let v = r.table.get("introspection_url").cloned();
+        let msg = format!(
+            "\"{}\" must be an http:// URL (the agent's introspection endpoint)",
+            ecs_agent.introspection_url
+        );
+        r.problem("introspection_url", v.as_ref(), msg);
+    }
+    if ecs_agent.container_name.is_empty() || ecs_agent.image.is_empty() {
+        r.problems.push(format!(
+            "ecs_agent.container_name / ecs_agent.image (in {origin}): must not be empty"
+        ));
+    }
+    r.finish();
+
     let mut pipelines = Vec::new();
     match pipeline_v.map(|v| (v.clone(), v.kind)) {
         None => problems.push(format!(
@@ -630,6 +739,7 @@ fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, C
             queue,
             spool,
             dynamodb,
+            ecs_agent,
             pipelines,
         })
     } else {

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::aws::Clients;
 use crate::backoff::Backoff;
 use crate::config::{self, Config};
+use crate::ecs_agent::Supervisor;
 use crate::error::describe;
 use crate::telemetry::LogHandle;
 use crate::worker::spool::Spool;
@@ -139,6 +140,17 @@ pub async fn run(
 
     let stop = CancellationToken::new();
     let abort = CancellationToken::new();
+    let (config_tx, config_rx) = watch::channel(Arc::new(cfg.clone()));
+
+    // The ECS agent's supervisor runs whatever the queue's state, and the worker pool whatever the
+    // supervisor's.
+    let supervisor = if cfg.ecs_agent.enabled {
+        let (sup, _status) = Supervisor::new(config_rx.clone(), stop.clone());
+        Some(tokio::spawn(sup.run()))
+    } else {
+        tracing::info!("ECS agent supervision is off (ecs_agent.enabled = false)");
+        None
+    };
 
     // Resolving the queues can wait for an operator; keep answering signals meanwhile.
     let resolved = {
@@ -172,10 +184,12 @@ pub async fn run(
     };
     let Some((queue_url, dlq_url)) = resolved else {
         tracing::info!("stopped before the queue was found");
+        if let Some(s) = supervisor {
+            let _ = tokio::time::timeout(cfg.agent.shutdown_grace, s).await;
+        }
         return Ok(());
     };
 
-    let (config_tx, config_rx) = watch::channel(Arc::new(cfg.clone()));
     let worker = Arc::new(Worker {
         clients,
         config: config_rx,
@@ -246,6 +260,11 @@ pub async fn run(
             .is_err()
         {
             tracing::error!("workers did not stop in time; exiting anyway (their messages return after the visibility timeout)");
+        }
+    }
+    if let Some(s) = supervisor {
+        if tokio::time::timeout(RELEASE_BUDGET, s).await.is_err() {
+            tracing::warn!("the ECS agent supervisor did not stop in time");
         }
     }
     tracing::info!(stats = %worker.stats.summary(), "stopped");

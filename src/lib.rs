@@ -11,6 +11,7 @@
 //! - [`backoff`]: exponential backoff with jitter, shared by every retry loop.
 //! - [`worker`]: receiver, worker pool, event parsing, routing, spool, message settlement.
 //! - [`processors`]: file processors (`orders-csv`).
+//! - [`ecs_agent`]: supervision of the Amazon ECS container agent through Docker (bollard).
 //! - [`provision`]: idempotent creation of the bucket, queues, notification and table.
 
 pub mod app;
@@ -19,6 +20,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod ecs_agent;
 pub mod error;
 pub mod processors;
 pub mod provision;

@@ -149,6 +149,9 @@ retry_base = "{retry}"
 [spool]
 dir = "{spool}"
 
+[ecs_agent]
+enabled = false
+
 [[pipeline]]
 name = "orders"
 bucket = "{bucket}"

@@ -1,0 +1,141 @@
+//! Task IAM roles on ECS Anywhere: traffic to the credentials endpoint 169.254.170.2:80 is sent to the
+//! agent's credentials server on 127.0.0.1:51679 (which needs `route_localnet`), and off-host traffic
+//! to the introspection port 51678 is dropped. Every rule is checked (`iptables -C`) before it is added,
+//! so restarts never pile up duplicates as ecs-init's do; clean-up deletes every copy.
+
+use std::process::Command;
+
+/// The rules, as `iptables` arguments after `-t TABLE -X CHAIN`.
+pub fn rules() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
+    vec![
+        (
+            "nat",
+            "PREROUTING",
+            vec![
+                "-d", "169.254.170.2/32", "-p", "tcp", "-m", "tcp", "--dport", "80", "-j", "DNAT",
+                "--to-destination", "127.0.0.1:51679",
+            ],
+        ),
+        (
+            "nat",
+            "OUTPUT",
+            vec![
+                "-d", "169.254.170.2/32", "-p", "tcp", "-m", "tcp", "--dport", "80", "-j",
+                "REDIRECT", "--to-ports", "51679",
+            ],
+        ),
+        (
+            "filter",
+            "INPUT",
+            vec!["-p", "tcp", "-m", "tcp", "--dport", "51678", "!", "-i", "lo", "-j", "DROP"],
+        ),
+    ]
+}
+
+/// Where `route_localnet` is switched on.
+pub const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+
+#[derive(Debug, Clone)]
+pub struct Firewall {
+    /// The iptables command (a path or a name on PATH).
+    pub iptables: String,
+}
+
+impl Default for Firewall {
+    fn default() -> Self {
+        Firewall {
+            iptables: "iptables".into(),
+        }
+    }
+}
+
+impl Firewall {
+    fn run(&self, args: &[&str]) -> Result<bool, String> {
+        let out = Command::new(&self.iptables)
+            .arg("-w")
+            .args(args)
+            .output()
+            .map_err(|e| {
+                format!(
+                    "cannot run {} ({e}): install iptables, or set ecs_agent.task_iam_roles = false",
+                    self.iptables
+                )
+            })?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            // 1: the rule does not exist (for -C / -D).
+            Some(1) => Ok(false),
+            _ => Err(format!(
+                "{} {} failed: {}",
+                self.iptables,
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
+    }
+
+    fn exists(&self, table: &str, chain: &str, rule: &[&str]) -> Result<bool, String> {
+        let mut args = vec!["-t", table, "-C", chain];
+        args.extend_from_slice(rule);
+        self.run(&args)
+    }
+
+    /// Add whatever is missing; returns how many rules were added.
+    pub fn ensure(&self) -> Result<usize, String> {
+        if let Err(e) = std::fs::write(ROUTE_LOCALNET, "1") {
+            return Err(format!("cannot enable {ROUTE_LOCALNET}: {e}"));
+        }
+        let mut added = 0;
+        for (table, chain, rule) in rules() {
+            if self.exists(table, chain, &rule)? {
+                continue;
+            }
+            // The DROP goes first in INPUT so that no earlier ACCEPT lets off-host traffic through.
+            let op = if chain == "INPUT" { "-I" } else { "-A" };
+            let mut args = vec!["-t", table, op, chain];
+            args.extend_from_slice(&rule);
+            if !self.run(&args)? {
+                return Err(format!("{} refused to add a rule to {table}/{chain}", self.iptables));
+            }
+            added += 1;
+        }
+        Ok(added)
+    }
+
+    /// Delete every copy of every rule (also duplicates that ecs-init left); returns how many.
+    pub fn cleanup(&self) -> Result<usize, String> {
+        let mut removed = 0;
+        for (table, chain, rule) in rules() {
+            for _ in 0..100 {
+                let mut args = vec!["-t", table, "-D", chain];
+                args.extend_from_slice(&rule);
+                if !self.run(&args)? {
+                    break;
+                }
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// How many copies of each rule exist (for status and tests).
+    pub fn count(&self) -> Result<Vec<usize>, String> {
+        let mut counts = Vec::new();
+        for (table, chain, rule) in rules() {
+            let out = Command::new(&self.iptables)
+                .args(["-w", "-t", table, "-S", chain])
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", self.iptables))?;
+            let listing = String::from_utf8_lossy(&out.stdout);
+            // The last two arguments (target and its port) identify each rule in `-S` output.
+            let marker = rule[rule.len() - 2..].join(" ");
+            let marker = if chain == "INPUT" {
+                "--dport 51678".to_string()
+            } else {
+                marker
+            };
+            counts.push(listing.lines().filter(|l| l.contains(&marker)).count());
+        }
+        Ok(counts)
+    }
+}

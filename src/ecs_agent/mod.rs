@@ -1,0 +1,618 @@
+//! Supervision of the Amazon ECS container agent through the Docker API (bollard), doing ecs-init's job
+//! better: wait for Docker instead of giving up, adopt a matching running agent instead of recreating
+//! it, respect the agent's exit codes (5 terminal, 42 load the desired image), restart with a backoff
+//! that resets once the agent has been healthy, and restart an agent that stops answering.
+
+pub mod firewall;
+pub mod introspection;
+pub mod spec;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bollard::errors::Error as DockerError;
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ImportImageOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    WaitContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::config::{Config, EcsAgentConfig};
+use introspection::Metadata;
+use spec::{ContainerSpec, CONFIG_HASH_LABEL};
+
+/// Where the supervisor is in the agent's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Disabled,
+    WaitingForDocker,
+    /// ecs.service (amazon-ecs-init) is active: two supervisors would fight over the container.
+    Conflict,
+    LoadingImage,
+    /// The image is absent and can be neither loaded nor pulled; retried with backoff.
+    ImageUnavailable,
+    Starting,
+    /// Running; not yet answering, or answering but not registered.
+    Running,
+    /// Answering with a ContainerInstanceArn.
+    Registered,
+    BackingOff,
+    /// Exited 5: not restarted until the configuration changes or SIGHUP.
+    Terminal,
+    Stopped,
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
+/// What the rest of the daemon (logs, status, metrics) sees.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Status {
+    pub state: State,
+    pub reason: String,
+    pub container_id: Option<String>,
+    pub image_id: Option<String>,
+    /// Times the supervisor started the agent after an exit or health failure.
+    pub restarts: u64,
+    pub last_exit_code: Option<i64>,
+    /// The delay before the latest restart.
+    pub last_backoff: Option<Duration>,
+    pub metadata: Option<Metadata>,
+    /// The agent's last log lines after a terminal exit.
+    pub last_log_lines: Vec<String>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status {
+            state: State::Stopped,
+            reason: String::new(),
+            container_id: None,
+            image_id: None,
+            restarts: 0,
+            last_exit_code: None,
+            last_backoff: None,
+            metadata: None,
+            last_log_lines: Vec::new(),
+        }
+    }
+}
+
+/// Exit codes of the ECS agent.
+pub const EXIT_TERMINAL: i64 = 5;
+pub const EXIT_UPGRADE: i64 = 42;
+
+/// How one watch of a running agent ended.
+#[derive(Debug)]
+enum Outcome {
+    Exited(i64),
+    DockerLost(String),
+    Unhealthy(String),
+    ConfigChanged,
+    Shutdown,
+}
+
+pub struct Supervisor {
+    config: watch::Receiver<Arc<Config>>,
+    status: watch::Sender<Status>,
+    shutdown: CancellationToken,
+    restart_backoff: Backoff,
+    firewall: firewall::Firewall,
+}
+
+/// Whether the amazon-ecs-init package's service is running (`systemctl is-active ecs.service`).
+fn ecs_init_active() -> bool {
+    std::process::Command::new("systemctl")
+        .args(["is-active", "--quiet", "ecs.service"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn is_not_found(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// A path from the agent's files, read relative to `host_root` when absolute.
+fn under_root(root: &Path, p: &str) -> PathBuf {
+    root.join(p.trim_start_matches('/'))
+}
+
+impl Supervisor {
+    pub fn new(
+        config: watch::Receiver<Arc<Config>>,
+        shutdown: CancellationToken,
+    ) -> (Supervisor, watch::Receiver<Status>) {
+        let (status, rx) = watch::channel(Status::default());
+        let cfg = config.borrow().ecs_agent.clone();
+        (
+            Supervisor {
+                config,
+                status,
+                shutdown,
+                restart_backoff: Backoff::new(cfg.restart_backoff_min, cfg.restart_backoff_max),
+                firewall: firewall::Firewall::default(),
+            },
+            rx,
+        )
+    }
+
+    fn cfg(&self) -> EcsAgentConfig {
+        self.config.borrow().ecs_agent.clone()
+    }
+
+    /// Change state; log when it or its reason changed.
+    fn set(&self, state: State, reason: impl Into<String>) {
+        let reason = reason.into();
+        let changed = self.status.send_if_modified(|s| {
+            if s.state == state && s.reason == reason {
+                return false;
+            }
+            s.state = state;
+            s.reason = reason.clone();
+            true
+        });
+        if changed {
+            match state {
+                State::Terminal | State::ImageUnavailable | State::Conflict => {
+                    tracing::error!(state = %state, %reason, "ECS agent supervisor")
+                }
+                State::WaitingForDocker | State::BackingOff => {
+                    tracing::warn!(state = %state, %reason, "ECS agent supervisor")
+                }
+                _ => tracing::info!(state = %state, %reason, "ECS agent supervisor"),
+            }
+        }
+    }
+
+    /// Sleep, unless shutdown or a configuration change comes first (returns false then).
+    async fn pause(&mut self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = self.shutdown.cancelled() => false,
+            _ = self.config.changed() => false,
+        }
+    }
+
+    async fn connect(&self, cfg: &EcsAgentConfig) -> Result<Docker, String> {
+        let docker = Docker::connect_with_unix(&cfg.docker_socket, 120, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| format!("cannot use the Docker socket {}: {e}", cfg.docker_socket))?;
+        // Debian's docker.io speaks API 1.41; bollard defaults to a newer one.
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| format!("Docker at {} does not answer: {e}", cfg.docker_socket))?;
+        docker
+            .ping()
+            .await
+            .map_err(|e| format!("Docker at {} does not answer: {e}", cfg.docker_socket))?;
+        Ok(docker)
+    }
+
+    /// Load an image tarball (`docker load`), streamed from disk.
+    async fn load_tarball(&self, docker: &Docker, path: &Path) -> Result<(), String> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| format!("cannot open image tarball {}: {e}", path.display()))?;
+        let stream = tokio_util::io::ReaderStream::new(file);
+        let mut progress = docker.import_image_stream(
+            ImportImageOptionsBuilder::default().quiet(true).build(),
+            stream,
+            None,
+        );
+        while let Some(r) = progress.next().await {
+            r.map_err(|e| format!("docker load {} failed: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The image's id: present, else loaded from the tarball, else pulled (if allowed).
+    async fn ensure_image(&self, docker: &Docker, cfg: &EcsAgentConfig) -> Result<String, String> {
+        match docker.inspect_image(&cfg.image).await {
+            Ok(i) => return i.id.ok_or_else(|| "image without id".to_string()),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(format!("cannot inspect image {}: {e}", cfg.image)),
+        }
+        let tarball_note;
+        if cfg.image_tarball.exists() {
+            self.set(
+                State::LoadingImage,
+                format!("loading {} from {}", cfg.image, cfg.image_tarball.display()),
+            );
+            self.load_tarball(docker, &cfg.image_tarball).await?;
+            tarball_note = format!("{} was loaded but does not contain it", cfg.image_tarball.display());
+        } else if cfg.allow_pull {
+            self.set(State::LoadingImage, format!("pulling {}", cfg.image));
+            let (name, tag) = match cfg.image.rsplit_once(':') {
+                Some((n, t)) if !t.contains('/') => (n, t),
+                _ => (cfg.image.as_str(), "latest"),
+            };
+            let mut pull = docker.create_image(
+                Some(CreateImageOptionsBuilder::default().from_image(name).tag(tag).build()),
+                None,
+                None,
+            );
+            while let Some(r) = pull.next().await {
+                if let Err(e) = r {
+                    return Err(format!(
+                        "image {} is not present, {} does not exist, and pulling failed: {e}",
+                        cfg.image,
+                        cfg.image_tarball.display()
+                    ));
+                }
+            }
+            tarball_note = "pulling did not produce it".into();
+        } else {
+            return Err(format!(
+                "image {} is not present and {} does not exist: copy the ECS agent image tarball there, or set ecs_agent.allow_pull = true",
+                cfg.image,
+                cfg.image_tarball.display()
+            ));
+        }
+        match docker.inspect_image(&cfg.image).await {
+            Ok(i) => i.id.ok_or_else(|| "image without id".to_string()),
+            Err(e) => Err(format!("image {}: {tarball_note} ({e})", cfg.image)),
+        }
+    }
+
+    /// Adopt a running container whose hash matches; otherwise (re)create and start it. Returns the
+    /// container id and whether it was adopted.
+    async fn ensure_container(
+        &self,
+        docker: &Docker,
+        spec: &ContainerSpec,
+    ) -> Result<(String, bool), String> {
+        let want = spec.hash();
+        match docker.inspect_container(&spec.name, None).await {
+            Ok(c) => {
+                let running = c.state.as_ref().and_then(|s| s.running).unwrap_or(false);
+                let hash = c
+                    .config
+                    .as_ref()
+                    .and_then(|cf| cf.labels.as_ref())
+                    .and_then(|l| l.get(CONFIG_HASH_LABEL).cloned());
+                let id = c.id.clone().unwrap_or_default();
+                if running && hash.as_deref() == Some(want.as_str()) {
+                    return Ok((id, true));
+                }
+                if running {
+                    tracing::info!(container = %spec.name, "the agent's configuration or image changed: recreating its container");
+                    let _ = docker
+                        .stop_container(
+                            &spec.name,
+                            Some(StopContainerOptionsBuilder::default().t(30).build()),
+                        )
+                        .await;
+                }
+                docker
+                    .remove_container(
+                        &spec.name,
+                        Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                    )
+                    .await
+                    .map_err(|e| format!("cannot remove the old container {}: {e}", spec.name))?;
+            }
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(format!("cannot inspect container {}: {e}", spec.name)),
+        }
+        self.set(State::Starting, format!("creating container {}", spec.name));
+        let created = docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::default().name(&spec.name).build()),
+                spec.create_body(),
+            )
+            .await
+            .map_err(|e| format!("cannot create container {}: {e}", spec.name))?;
+        docker
+            .start_container(&created.id, None)
+            .await
+            .map_err(|e| format!("cannot start container {}: {e}", spec.name))?;
+        Ok((created.id, false))
+    }
+
+    async fn last_log_lines(&self, docker: &Docker, id: &str) -> Vec<String> {
+        let mut logs = docker.logs(
+            id,
+            Some(
+                LogsOptionsBuilder::default()
+                    .stdout(true)
+                    .stderr(true)
+                    .tail("20")
+                    .build(),
+            ),
+        );
+        let mut lines = Vec::new();
+        while let Some(Ok(chunk)) = logs.next().await {
+            for l in chunk.to_string().lines() {
+                lines.push(l.to_string());
+            }
+        }
+        lines
+    }
+
+    /// Watch a running agent until it exits, Docker goes away, it stops answering, the configuration
+    /// changes, or shutdown.
+    async fn watch(&mut self, docker: &Docker, id: &str, cfg: &EcsAgentConfig) -> Outcome {
+        // The wait request lives as long as the agent: give it a client without the usual timeout.
+        let waiter_client = docker.clone().with_timeout(Duration::from_secs(30 * 86_400));
+        let mut waiter = Box::pin(waiter_client.wait_container(
+            id,
+            Some(WaitContainerOptionsBuilder::default().condition("not-running").build()),
+        ));
+        let mut tick = tokio::time::interval(cfg.health_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_ok: Option<Instant> = None;
+        let mut healthy_since: Option<Instant> = None;
+        let mut reset_done = false;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Outcome::Shutdown,
+                r = self.config.changed() => {
+                    return if r.is_ok() { Outcome::ConfigChanged } else { Outcome::Shutdown };
+                }
+                w = waiter.next() => return match w {
+                    Some(Ok(resp)) => Outcome::Exited(resp.status_code),
+                    // bollard reports a non-zero exit as an error carrying the code.
+                    Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Outcome::Exited(code),
+                    Some(Err(e)) => Outcome::DockerLost(format!("lost the Docker connection: {e}")),
+                    None => Outcome::DockerLost("Docker closed the wait request".into()),
+                },
+                _ = tick.tick() => {
+                    match introspection::fetch(&cfg.introspection_url, Duration::from_secs(2)).await {
+                        Ok(m) => {
+                            let now = Instant::now();
+                            last_ok = Some(now);
+                            let since = *healthy_since.get_or_insert(now);
+                            if !reset_done && since.elapsed() >= cfg.healthy_reset_after {
+                                self.restart_backoff.reset();
+                                reset_done = true;
+                                tracing::debug!("agent healthy long enough: restart backoff reset");
+                            }
+                            let (state, reason) = match &m.container_instance_arn {
+                                Some(arn) => (State::Registered, format!("registered as {arn}")),
+                                None => (State::Running, "answering; not registered yet".to_string()),
+                            };
+                            self.status.send_modify(|s| s.metadata = Some(m.clone()));
+                            self.set(state, reason);
+                        }
+                        Err(e) => {
+                            healthy_since = None;
+                            if let Some(ok) = last_ok {
+                                if ok.elapsed() >= cfg.unhealthy_after {
+                                    return Outcome::Unhealthy(format!(
+                                        "introspection has not answered for {:?}: {e}",
+                                        ok.elapsed()
+                                    ));
+                                }
+                            }
+                            if last_ok.is_none() {
+                                self.set(State::Running, "running; introspection not answering yet");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Run until shutdown. Never returns an error: every problem is a state with a reason, retried.
+    pub async fn run(mut self) {
+        let mut docker_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut config_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            let cfg = self.cfg();
+            if !cfg.enabled {
+                self.set(State::Disabled, "ecs_agent.enabled = false");
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => break,
+                    r = self.config.changed() => if r.is_err() { break } else { continue },
+                }
+            }
+            if ecs_init_active() {
+                self.set(
+                    State::Conflict,
+                    "ecs.service (amazon-ecs-init) is active and manages the agent too: run `systemctl disable --now ecs` to switch over to offload-agent",
+                );
+                if !self.pause(Duration::from_secs(60)).await && self.shutdown.is_cancelled() {
+                    break;
+                }
+                continue;
+            }
+            let docker = match self.connect(&cfg).await {
+                Ok(d) => {
+                    docker_backoff.reset();
+                    d
+                }
+                Err(e) => {
+                    let d = docker_backoff.next_delay();
+                    self.set(State::WaitingForDocker, format!("{e}; retrying in {d:?}"));
+                    if !self.pause(d).await && self.shutdown.is_cancelled() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let image_id = match self.ensure_image(&docker, &cfg).await {
+                Ok(id) => id,
+                Err(e) => {
+                    let d = config_backoff.next_delay();
+                    self.set(State::ImageUnavailable, format!("{e}; retrying in {d:?}"));
+                    if !self.pause(d).await && self.shutdown.is_cancelled() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let spec = match ContainerSpec::build(&cfg, &image_id) {
+                Ok(s) => s,
+                Err(e) => {
+                    let d = config_backoff.next_delay();
+                    self.set(State::BackingOff, format!("{e}; retrying in {d:?}"));
+                    if !self.pause(d).await && self.shutdown.is_cancelled() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let (id, adopted) = match self.ensure_container(&docker, &spec).await {
+                Ok(x) => x,
+                Err(e) => {
+                    if self.connect(&cfg).await.is_err() {
+                        continue; // Docker went away meanwhile: wait for it
+                    }
+                    let d = config_backoff.next_delay();
+                    self.set(State::BackingOff, format!("{e}; retrying in {d:?}"));
+                    if !self.pause(d).await && self.shutdown.is_cancelled() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            config_backoff.reset();
+            self.status.send_modify(|s| {
+                s.container_id = Some(id.clone());
+                s.image_id = Some(image_id.clone());
+            });
+            self.set(
+                State::Running,
+                if adopted {
+                    format!("adopted the running container {} ({})", spec.name, &id[..12.min(id.len())])
+                } else {
+                    format!("started container {} ({})", spec.name, &id[..12.min(id.len())])
+                },
+            );
+            if cfg.task_iam_roles {
+                let fw = self.firewall.clone();
+                match tokio::task::spawn_blocking(move || fw.ensure()).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => tracing::info!(added = n, "task IAM role network rules in place"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot set up the network rules for task IAM roles; tasks cannot get role credentials"),
+                    Err(e) => tracing::warn!(error = %e, "network rule task failed"),
+                }
+            }
+
+            let outcome = self.watch(&docker, &id, &cfg).await;
+            match outcome {
+                Outcome::Shutdown => {
+                    if cfg.stop_agent_on_exit {
+                        tracing::info!(container = %spec.name, "stopping the ECS agent (ecs_agent.stop_agent_on_exit)");
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(15),
+                            docker.stop_container(
+                                &id,
+                                Some(StopContainerOptionsBuilder::default().t(10).build()),
+                            ),
+                        )
+                        .await;
+                    }
+                    break;
+                }
+                Outcome::ConfigChanged => {
+                    tracing::info!("configuration reloaded: checking the agent's container");
+                }
+                Outcome::DockerLost(e) => {
+                    self.set(State::WaitingForDocker, e);
+                }
+                Outcome::Unhealthy(e) => {
+                    tracing::warn!(reason = %e, "the ECS agent stopped answering: restarting it");
+                    let _ = docker
+                        .stop_container(&id, Some(StopContainerOptionsBuilder::default().t(10).build()))
+                        .await;
+                    self.status.send_modify(|s| s.restarts += 1);
+                }
+                Outcome::Exited(code) => {
+                    self.status.send_modify(|s| {
+                        s.last_exit_code = Some(code);
+                        s.metadata = None;
+                    });
+                    if code == EXIT_TERMINAL {
+                        let lines = self.last_log_lines(&docker, &id).await;
+                        for l in &lines {
+                            tracing::error!(agent_log = %l, "ECS agent output before its terminal exit");
+                        }
+                        self.status.send_modify(|s| s.last_log_lines = lines.clone());
+                        self.set(
+                            State::Terminal,
+                            "the ECS agent exited 5 (terminal error; see its log lines): not restarting until the configuration changes or SIGHUP",
+                        );
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => break,
+                            r = self.config.changed() => if r.is_err() { break },
+                        }
+                        tracing::info!("configuration reloaded: retrying the ECS agent after its terminal exit");
+                        continue;
+                    }
+                    if code == EXIT_UPGRADE {
+                        self.upgrade(&docker, &cfg).await;
+                        self.status.send_modify(|s| s.restarts += 1);
+                        continue;
+                    }
+                    let d = self.restart_backoff.next_delay();
+                    self.status.send_modify(|s| {
+                        s.last_backoff = Some(d);
+                        s.restarts += 1;
+                    });
+                    self.set(
+                        State::BackingOff,
+                        format!("the ECS agent exited with status {code}; restarting in {d:?}"),
+                    );
+                    if !self.pause(d).await && self.shutdown.is_cancelled() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.set(State::Stopped, "offload-agent is stopping");
+    }
+
+    /// Exit 42: load the image tarball named in desired-image, then restart at once.
+    async fn upgrade(&self, docker: &Docker, cfg: &EcsAgentConfig) {
+        let file = spec::host_path(cfg, spec::DESIRED_IMAGE_FILE);
+        let wanted = match std::fs::read_to_string(&file) {
+            Ok(t) => t.trim().to_string(),
+            Err(e) => {
+                tracing::error!(file = %file.display(), error = %e, "the ECS agent asked for an upgrade (exit 42) but the desired-image file cannot be read; restarting the current image");
+                return;
+            }
+        };
+        let tarball = under_root(&cfg.host_root, &wanted);
+        self.set(
+            State::LoadingImage,
+            format!("exit 42: loading {}", tarball.display()),
+        );
+        match self.load_tarball(docker, &tarball).await {
+            Ok(()) => tracing::info!(tarball = %tarball.display(), "desired agent image loaded"),
+            Err(e) => tracing::error!(error = %e, "cannot load the desired agent image; restarting the current one"),
+        }
+    }
+}
+
+/// Undo what the supervisor set up on the host: the task IAM role network rules (a future
+/// `deregister` builds on this). Returns how many rules were removed.
+pub fn cleanup() -> Result<usize, String> {
+    firewall::Firewall::default().cleanup()
+}

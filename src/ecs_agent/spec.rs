@@ -1,0 +1,282 @@
+//! The ECS agent container as ecs-init creates it for ECS Anywhere, and the hash that decides between
+//! adopting a running container and recreating it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+use sha2::{Digest, Sha256};
+
+use crate::config::EcsAgentConfig;
+
+/// Label holding the hash of everything the container was created from.
+pub const CONFIG_HASH_LABEL: &str = "io.offload-agent.config-hash";
+/// Label marking containers this supervisor created.
+pub const MANAGED_LABEL: &str = "io.offload-agent.managed";
+
+/// ecs-init's environment for an ECS Anywhere agent; the env files override it.
+pub const DEFAULT_ENV: &[(&str, &str)] = &[
+    ("ECS_LOGFILE", "/log/ecs-agent.log"),
+    ("ECS_DATADIR", "/data"),
+    ("ECS_AGENT_CONFIG_FILE_PATH", "/etc/ecs/ecs.config.json"),
+    ("ECS_UPDATE_DOWNLOAD_DIR", "/var/cache/ecs"),
+    ("ECS_UPDATES_ENABLED", "true"),
+    (
+        "ECS_AVAILABLE_LOGGING_DRIVERS",
+        "[\"json-file\",\"syslog\",\"awslogs\",\"none\"]",
+    ),
+    ("ECS_ENABLE_TASK_IAM_ROLE", "true"),
+    ("ECS_ENABLE_TASK_IAM_ROLE_NETWORK_HOST", "true"),
+    ("ECS_ENABLE_TASK_ENI", "false"),
+    ("ECS_EXTERNAL", "true"),
+    (
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "/rotatingcreds/credentials",
+    ),
+];
+
+/// Env files, in order (later wins), relative to `host_root`.
+pub const ENV_FILES: [&str; 2] = ["var/lib/ecs/ecs.config", "etc/ecs/ecs.config"];
+/// Holds the path of the image tarball to load when the agent exits 42.
+pub const DESIRED_IMAGE_FILE: &str = "var/cache/ecs/desired-image";
+
+/// (host path relative to host_root, container path, read-only, required). Required directories are
+/// created; optional ones are bound only if they exist — unlike ecs-init, which lets Docker create an
+/// empty directory in their place.
+pub const BINDS: &[(&str, &str, bool, bool)] = &[
+    ("var/run", "/var/run", false, false),
+    ("var/log/ecs", "/log", false, true),
+    ("var/lib/ecs/data", "/data", false, true),
+    ("etc/ecs", "/etc/ecs", false, true),
+    ("var/cache/ecs", "/var/cache/ecs", false, true),
+    ("sys/fs/cgroup", "/sys/fs/cgroup", false, false),
+    ("var/lib/ecs", "/var/lib/ecs", false, true),
+    ("proc", "/host/proc", true, false),
+    ("root/.aws", "/rotatingcreds", true, false),
+];
+
+/// A problem with an env file, naming the file and line.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}:{line}: {reason}")]
+pub struct EnvFileError {
+    pub path: PathBuf,
+    pub line: usize,
+    pub reason: String,
+}
+
+/// Parse `KEY=VALUE` lines. Unlike ecs-init's parser: `#` comments, blank lines, `export ` prefixes and
+/// single- or double-quoted values are accepted.
+pub fn parse_env_file(text: &str, path: &Path) -> Result<Vec<(String, String)>, EnvFileError> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+        let err = |reason: &str| EnvFileError {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason: reason.to_string(),
+        };
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| err("expected KEY=VALUE"))?;
+        let key = key.trim();
+        if key.is_empty()
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(err("the key must be letters, digits and underscores"));
+        }
+        let value = value.trim();
+        let value = match value.as_bytes().first() {
+            Some(&q @ (b'"' | b'\'')) => {
+                if value.len() < 2 || value.as_bytes()[value.len() - 1] != q {
+                    return Err(err("unterminated quoted value"));
+                }
+                value[1..value.len() - 1].to_string()
+            }
+            _ => match value.find(" #") {
+                Some(pos) => value[..pos].trim_end().to_string(),
+                None => value.to_string(),
+            },
+        };
+        out.push((key.to_string(), value));
+    }
+    Ok(out)
+}
+
+/// Everything the agent container is created from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    /// The image id the container must run; part of the hash, so a new image recreates it.
+    pub image_id: String,
+    pub env: BTreeMap<String, String>,
+    pub binds: Vec<String>,
+    pub log_max_size: String,
+    pub log_max_files: u64,
+}
+
+pub fn host_path(cfg: &EcsAgentConfig, rel: &str) -> PathBuf {
+    cfg.host_root.join(rel)
+}
+
+impl ContainerSpec {
+    /// Build the spec: default env, then the env files; required directories are created.
+    pub fn build(cfg: &EcsAgentConfig, image_id: &str) -> Result<ContainerSpec, String> {
+        let mut env: BTreeMap<String, String> = DEFAULT_ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for rel in ENV_FILES {
+            let path = host_path(cfg, rel);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    for (k, v) in parse_env_file(&text, &path).map_err(|e| e.to_string())? {
+                        env.insert(k, v);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            }
+        }
+        let mut binds = Vec::new();
+        for (rel, inside, ro, required) in BINDS {
+            let host = host_path(cfg, rel);
+            if *required {
+                std::fs::create_dir_all(&host)
+                    .map_err(|e| format!("cannot create {}: {e}", host.display()))?;
+            } else if !host.exists() {
+                continue;
+            }
+            binds.push(format!(
+                "{}:{}{}",
+                host.display(),
+                inside,
+                if *ro { ":ro" } else { "" }
+            ));
+        }
+        Ok(ContainerSpec {
+            name: cfg.container_name.clone(),
+            image: cfg.image.clone(),
+            image_id: image_id.to_string(),
+            env,
+            binds,
+            log_max_size: cfg.log_max_size.clone(),
+            log_max_files: cfg.log_max_files,
+        })
+    }
+
+    /// A stable hash of the spec (sorted env, binds in order, image id, log options).
+    pub fn hash(&self) -> String {
+        let mut h = Sha256::new();
+        let mut field = |k: &str, v: &str| {
+            h.update(k.as_bytes());
+            h.update([0]);
+            h.update(v.as_bytes());
+            h.update([1]);
+        };
+        field("image", &self.image);
+        field("image_id", &self.image_id);
+        for (k, v) in &self.env {
+            field(&format!("env:{k}"), v);
+        }
+        for b in &self.binds {
+            field("bind", b);
+        }
+        field("log_max_size", &self.log_max_size);
+        field("log_max_files", &self.log_max_files.to_string());
+        field("layout", "1"); // bump when create_body changes shape
+        hex::encode(h.finalize())
+    }
+
+    /// The create request: host network and user namespace, an init process, capped json-file logs,
+    /// no restart policy (the supervisor restarts it), no added capabilities.
+    pub fn create_body(&self) -> ContainerCreateBody {
+        let mut labels = HashMap::new();
+        labels.insert(CONFIG_HASH_LABEL.to_string(), self.hash());
+        labels.insert(MANAGED_LABEL.to_string(), "true".to_string());
+        let mut log_opts = HashMap::new();
+        log_opts.insert("max-size".to_string(), self.log_max_size.clone());
+        log_opts.insert("max-file".to_string(), self.log_max_files.to_string());
+        ContainerCreateBody {
+            image: Some(self.image.clone()),
+            env: Some(self.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(labels),
+            host_config: Some(HostConfig {
+                network_mode: Some("host".into()),
+                userns_mode: Some("host".into()),
+                init: Some(true),
+                binds: Some(self.binds.clone()),
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("json-file".into()),
+                    config: Some(log_opts),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_files_accept_comments_blank_lines_and_quotes() {
+        let text = "# cluster\n\nECS_CLUSTER=prod\nexport ECS_LOGLEVEL = \"debug\"\nX='a # b'\nY=v # note\n";
+        let got = parse_env_file(text, Path::new("/etc/ecs/ecs.config")).unwrap();
+        assert_eq!(
+            got,
+            [
+                ("ECS_CLUSTER".to_string(), "prod".to_string()),
+                ("ECS_LOGLEVEL".to_string(), "debug".to_string()),
+                ("X".to_string(), "a # b".to_string()),
+                ("Y".to_string(), "v".to_string()),
+            ]
+        );
+        let err = parse_env_file("OK=1\nnot a line\n", Path::new("/e")).unwrap_err();
+        assert_eq!(err.line, 2);
+        assert!(err.to_string().starts_with("/e:2:"));
+        assert!(parse_env_file("A=\"open\n", Path::new("/e")).is_err());
+    }
+
+    #[test]
+    fn spec_layers_env_files_skips_missing_optional_binds_and_hashes_stably() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::config::from_toml_str(
+            "[queue]\nname='q'\n[[pipeline]]\nname='p'\nbucket='b'\nprefix='in/'\nprocessor='orders-csv'\ntable='t'\noutput_prefix='out/'\n",
+            "t.toml",
+        )
+        .unwrap()
+        .ecs_agent;
+        cfg.host_root = dir.path().to_path_buf();
+        std::fs::create_dir_all(dir.path().join("var/lib/ecs")).unwrap();
+        std::fs::create_dir_all(dir.path().join("etc/ecs")).unwrap();
+        std::fs::write(dir.path().join("var/lib/ecs/ecs.config"), "ECS_CLUSTER=a\nECS_X=1\n").unwrap();
+        std::fs::write(dir.path().join("etc/ecs/ecs.config"), "ECS_CLUSTER=b\n").unwrap();
+        let spec = ContainerSpec::build(&cfg, "sha256:1").unwrap();
+        assert_eq!(spec.env["ECS_CLUSTER"], "b");
+        assert_eq!(spec.env["ECS_X"], "1");
+        assert_eq!(spec.env["ECS_EXTERNAL"], "true");
+        assert!(spec.binds.iter().any(|b| b.ends_with(":/data")));
+        assert!(!spec.binds.iter().any(|b| b.contains("/rotatingcreds")), "optional path absent");
+        assert!(dir.path().join("var/log/ecs").is_dir(), "required dirs are created");
+        assert_eq!(spec.hash(), ContainerSpec::build(&cfg, "sha256:1").unwrap().hash());
+        assert_ne!(spec.hash(), ContainerSpec::build(&cfg, "sha256:2").unwrap().hash());
+        std::fs::create_dir_all(dir.path().join("root/.aws")).unwrap();
+        let with_creds = ContainerSpec::build(&cfg, "sha256:1").unwrap();
+        assert!(with_creds.binds.iter().any(|b| b.ends_with("/rotatingcreds:ro")));
+        assert_ne!(spec.hash(), with_creds.hash());
+        let body = spec.create_body();
+        let hc = body.host_config.unwrap();
+        assert_eq!(hc.network_mode.as_deref(), Some("host"));
+        assert_eq!(hc.init, Some(true));
+        assert!(hc.restart_policy.is_none() && hc.cap_add.is_none());
+    }
+}
