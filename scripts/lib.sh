@@ -52,6 +52,42 @@ start_moto() {
   return 1
 }
 
+DOCKERD_PID=""
+
+# Docker engine, busybox-static (the stand-in ECS agent image is built from it) and iptables (task IAM
+# role rules); start dockerd unless one answers already.
+ensure_docker() {
+  if ! command -v dockerd >/dev/null 2>&1 || [ ! -x /bin/busybox ] || ! busybox --list 2>/dev/null | grep -qx httpd \
+     || ! command -v iptables >/dev/null 2>&1; then
+    log "installing docker.io, busybox-static and iptables with apt"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq docker.io busybox-static iptables >/dev/null
+  fi
+  if timeout 10 docker info >/dev/null 2>&1; then
+    log "dockerd already running"
+    return
+  fi
+  mkdir -p "$REPO_ROOT/target"
+  log "starting dockerd (log: target/dockerd.log)"
+  dockerd >"$REPO_ROOT/target/dockerd.log" 2>&1 &
+  DOCKERD_PID=$!
+  for _ in $(seq 1 150); do
+    timeout 5 docker info >/dev/null 2>&1 && return
+    sleep 0.4
+  done
+  echo "dockerd did not start; see target/dockerd.log" >&2
+  return 1
+}
+
+stop_docker() {
+  if [ -n "$DOCKERD_PID" ]; then
+    kill "$DOCKERD_PID" 2>/dev/null || true
+    wait "$DOCKERD_PID" 2>/dev/null || true
+    DOCKERD_PID=""
+  fi
+}
+
 stop_moto() {
   if [ -n "$MOTO_PID" ]; then
     kill "$MOTO_PID" 2>/dev/null || true

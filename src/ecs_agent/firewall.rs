@@ -12,22 +12,44 @@ pub fn rules() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
             "nat",
             "PREROUTING",
             vec![
-                "-d", "169.254.170.2/32", "-p", "tcp", "-m", "tcp", "--dport", "80", "-j", "DNAT",
-                "--to-destination", "127.0.0.1:51679",
+                "-d",
+                "169.254.170.2/32",
+                "-p",
+                "tcp",
+                "-m",
+                "tcp",
+                "--dport",
+                "80",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                "127.0.0.1:51679",
             ],
         ),
         (
             "nat",
             "OUTPUT",
             vec![
-                "-d", "169.254.170.2/32", "-p", "tcp", "-m", "tcp", "--dport", "80", "-j",
-                "REDIRECT", "--to-ports", "51679",
+                "-d",
+                "169.254.170.2/32",
+                "-p",
+                "tcp",
+                "-m",
+                "tcp",
+                "--dport",
+                "80",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "51679",
             ],
         ),
         (
             "filter",
             "INPUT",
-            vec!["-p", "tcp", "-m", "tcp", "--dport", "51678", "!", "-i", "lo", "-j", "DROP"],
+            vec![
+                "-p", "tcp", "-m", "tcp", "--dport", "51678", "!", "-i", "lo", "-j", "DROP",
+            ],
         ),
     ]
 }
@@ -95,7 +117,10 @@ impl Firewall {
             let mut args = vec!["-t", table, op, chain];
             args.extend_from_slice(&rule);
             if !self.run(&args)? {
-                return Err(format!("{} refused to add a rule to {table}/{chain}", self.iptables));
+                return Err(format!(
+                    "{} refused to add a rule to {table}/{chain}",
+                    self.iptables
+                ));
             }
             added += 1;
         }

@@ -43,7 +43,10 @@ pub async fn fetch(url: &str, timeout: Duration) -> Result<Metadata, String> {
             .map_err(|e| format!("{url}: {e}"))?;
         let host = authority.split(':').next().unwrap_or("");
         stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n").as_bytes())
+            .write_all(
+                format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n")
+                    .as_bytes(),
+            )
             .await
             .map_err(|e| format!("{url}: {e}"))?;
         let mut buf = Vec::new();
@@ -91,7 +94,8 @@ mod tests {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let mut req = [0u8; 1024];
                 let _ = s.read(&mut req).await.unwrap();
-                let resp = format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{body}");
+                let resp =
+                    format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{body}");
                 s.write_all(resp.as_bytes()).await.unwrap();
             }
         });
@@ -101,7 +105,11 @@ mod tests {
         assert_eq!(m.container_instance_arn, None);
         let m = fetch(&url, Duration::from_secs(2)).await.unwrap();
         assert_eq!(m.container_instance_arn.as_deref(), Some("arn:x"));
-        assert!(fetch("http://127.0.0.1:1/v1/metadata", Duration::from_secs(2)).await.is_err());
+        assert!(
+            fetch("http://127.0.0.1:1/v1/metadata", Duration::from_secs(2))
+                .await
+                .is_err()
+        );
         assert!(fetch("https://x/", Duration::from_secs(1)).await.is_err());
     }
 }

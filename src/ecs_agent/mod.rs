@@ -119,6 +119,8 @@ pub struct Supervisor {
 fn ecs_init_active() -> bool {
     std::process::Command::new("systemctl")
         .args(["is-active", "--quiet", "ecs.service"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
@@ -196,8 +198,9 @@ impl Supervisor {
     }
 
     async fn connect(&self, cfg: &EcsAgentConfig) -> Result<Docker, String> {
-        let docker = Docker::connect_with_unix(&cfg.docker_socket, 120, bollard::API_DEFAULT_VERSION)
-            .map_err(|e| format!("cannot use the Docker socket {}: {e}", cfg.docker_socket))?;
+        let docker =
+            Docker::connect_with_unix(&cfg.docker_socket, 120, bollard::API_DEFAULT_VERSION)
+                .map_err(|e| format!("cannot use the Docker socket {}: {e}", cfg.docker_socket))?;
         // Debian's docker.io speaks API 1.41; bollard defaults to a newer one.
         let docker = docker
             .negotiate_version()
@@ -241,7 +244,10 @@ impl Supervisor {
                 format!("loading {} from {}", cfg.image, cfg.image_tarball.display()),
             );
             self.load_tarball(docker, &cfg.image_tarball).await?;
-            tarball_note = format!("{} was loaded but does not contain it", cfg.image_tarball.display());
+            tarball_note = format!(
+                "{} was loaded but does not contain it",
+                cfg.image_tarball.display()
+            );
         } else if cfg.allow_pull {
             self.set(State::LoadingImage, format!("pulling {}", cfg.image));
             let (name, tag) = match cfg.image.rsplit_once(':') {
@@ -249,7 +255,12 @@ impl Supervisor {
                 _ => (cfg.image.as_str(), "latest"),
             };
             let mut pull = docker.create_image(
-                Some(CreateImageOptionsBuilder::default().from_image(name).tag(tag).build()),
+                Some(
+                    CreateImageOptionsBuilder::default()
+                        .from_image(name)
+                        .tag(tag)
+                        .build(),
+                ),
                 None,
                 None,
             );
@@ -319,7 +330,11 @@ impl Supervisor {
         self.set(State::Starting, format!("creating container {}", spec.name));
         let created = docker
             .create_container(
-                Some(CreateContainerOptionsBuilder::default().name(&spec.name).build()),
+                Some(
+                    CreateContainerOptionsBuilder::default()
+                        .name(&spec.name)
+                        .build(),
+                ),
                 spec.create_body(),
             )
             .await
@@ -355,11 +370,19 @@ impl Supervisor {
     /// changes, or shutdown.
     async fn watch(&mut self, docker: &Docker, id: &str, cfg: &EcsAgentConfig) -> Outcome {
         // The wait request lives as long as the agent: give it a client without the usual timeout.
-        let waiter_client = docker.clone().with_timeout(Duration::from_secs(30 * 86_400));
-        let mut waiter = Box::pin(waiter_client.wait_container(
-            id,
-            Some(WaitContainerOptionsBuilder::default().condition("not-running").build()),
-        ));
+        let waiter_client = docker
+            .clone()
+            .with_timeout(Duration::from_secs(30 * 86_400));
+        let mut waiter = Box::pin(
+            waiter_client.wait_container(
+                id,
+                Some(
+                    WaitContainerOptionsBuilder::default()
+                        .condition("not-running")
+                        .build(),
+                ),
+            ),
+        );
         let mut tick = tokio::time::interval(cfg.health_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_ok: Option<Instant> = None;
@@ -500,9 +523,17 @@ impl Supervisor {
             self.set(
                 State::Running,
                 if adopted {
-                    format!("adopted the running container {} ({})", spec.name, &id[..12.min(id.len())])
+                    format!(
+                        "adopted the running container {} ({})",
+                        spec.name,
+                        &id[..12.min(id.len())]
+                    )
                 } else {
-                    format!("started container {} ({})", spec.name, &id[..12.min(id.len())])
+                    format!(
+                        "started container {} ({})",
+                        spec.name,
+                        &id[..12.min(id.len())]
+                    )
                 },
             );
             if cfg.task_iam_roles {
@@ -510,7 +541,9 @@ impl Supervisor {
                 match tokio::task::spawn_blocking(move || fw.ensure()).await {
                     Ok(Ok(0)) => {}
                     Ok(Ok(n)) => tracing::info!(added = n, "task IAM role network rules in place"),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot set up the network rules for task IAM roles; tasks cannot get role credentials"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot set up the network rules for task IAM roles; tasks cannot get role credentials")
+                    }
                     Err(e) => tracing::warn!(error = %e, "network rule task failed"),
                 }
             }
@@ -540,7 +573,10 @@ impl Supervisor {
                 Outcome::Unhealthy(e) => {
                     tracing::warn!(reason = %e, "the ECS agent stopped answering: restarting it");
                     let _ = docker
-                        .stop_container(&id, Some(StopContainerOptionsBuilder::default().t(10).build()))
+                        .stop_container(
+                            &id,
+                            Some(StopContainerOptionsBuilder::default().t(10).build()),
+                        )
                         .await;
                     self.status.send_modify(|s| s.restarts += 1);
                 }
@@ -554,7 +590,8 @@ impl Supervisor {
                         for l in &lines {
                             tracing::error!(agent_log = %l, "ECS agent output before its terminal exit");
                         }
-                        self.status.send_modify(|s| s.last_log_lines = lines.clone());
+                        self.status
+                            .send_modify(|s| s.last_log_lines = lines.clone());
                         self.set(
                             State::Terminal,
                             "the ECS agent exited 5 (terminal error; see its log lines): not restarting until the configuration changes or SIGHUP",
@@ -606,7 +643,9 @@ impl Supervisor {
         );
         match self.load_tarball(docker, &tarball).await {
             Ok(()) => tracing::info!(tarball = %tarball.display(), "desired agent image loaded"),
-            Err(e) => tracing::error!(error = %e, "cannot load the desired agent image; restarting the current one"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load the desired agent image; restarting the current one")
+            }
         }
     }
 }

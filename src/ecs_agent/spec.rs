@@ -29,10 +29,7 @@ pub const DEFAULT_ENV: &[(&str, &str)] = &[
     ("ECS_ENABLE_TASK_IAM_ROLE_NETWORK_HOST", "true"),
     ("ECS_ENABLE_TASK_ENI", "false"),
     ("ECS_EXTERNAL", "true"),
-    (
-        "AWS_SHARED_CREDENTIALS_FILE",
-        "/rotatingcreds/credentials",
-    ),
+    ("AWS_SHARED_CREDENTIALS_FILE", "/rotatingcreds/credentials"),
 ];
 
 /// Env files, in order (later wins), relative to `host_root`.
@@ -83,11 +80,7 @@ pub fn parse_env_file(text: &str, path: &Path) -> Result<Vec<(String, String)>, 
             .split_once('=')
             .ok_or_else(|| err("expected KEY=VALUE"))?;
         let key = key.trim();
-        if key.is_empty()
-            || !key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(err("the key must be letters, digits and underscores"));
         }
         let value = value.trim();
@@ -258,20 +251,39 @@ mod tests {
         cfg.host_root = dir.path().to_path_buf();
         std::fs::create_dir_all(dir.path().join("var/lib/ecs")).unwrap();
         std::fs::create_dir_all(dir.path().join("etc/ecs")).unwrap();
-        std::fs::write(dir.path().join("var/lib/ecs/ecs.config"), "ECS_CLUSTER=a\nECS_X=1\n").unwrap();
+        std::fs::write(
+            dir.path().join("var/lib/ecs/ecs.config"),
+            "ECS_CLUSTER=a\nECS_X=1\n",
+        )
+        .unwrap();
         std::fs::write(dir.path().join("etc/ecs/ecs.config"), "ECS_CLUSTER=b\n").unwrap();
         let spec = ContainerSpec::build(&cfg, "sha256:1").unwrap();
         assert_eq!(spec.env["ECS_CLUSTER"], "b");
         assert_eq!(spec.env["ECS_X"], "1");
         assert_eq!(spec.env["ECS_EXTERNAL"], "true");
         assert!(spec.binds.iter().any(|b| b.ends_with(":/data")));
-        assert!(!spec.binds.iter().any(|b| b.contains("/rotatingcreds")), "optional path absent");
-        assert!(dir.path().join("var/log/ecs").is_dir(), "required dirs are created");
-        assert_eq!(spec.hash(), ContainerSpec::build(&cfg, "sha256:1").unwrap().hash());
-        assert_ne!(spec.hash(), ContainerSpec::build(&cfg, "sha256:2").unwrap().hash());
+        assert!(
+            !spec.binds.iter().any(|b| b.contains("/rotatingcreds")),
+            "optional path absent"
+        );
+        assert!(
+            dir.path().join("var/log/ecs").is_dir(),
+            "required dirs are created"
+        );
+        assert_eq!(
+            spec.hash(),
+            ContainerSpec::build(&cfg, "sha256:1").unwrap().hash()
+        );
+        assert_ne!(
+            spec.hash(),
+            ContainerSpec::build(&cfg, "sha256:2").unwrap().hash()
+        );
         std::fs::create_dir_all(dir.path().join("root/.aws")).unwrap();
         let with_creds = ContainerSpec::build(&cfg, "sha256:1").unwrap();
-        assert!(with_creds.binds.iter().any(|b| b.ends_with("/rotatingcreds:ro")));
+        assert!(with_creds
+            .binds
+            .iter()
+            .any(|b| b.ends_with("/rotatingcreds:ro")));
         assert_ne!(spec.hash(), with_creds.hash());
         let body = spec.create_body();
         let hc = body.host_config.unwrap();

@@ -2,6 +2,8 @@
 //! uniquely named AWS resources per test so that tests run in parallel.
 #![allow(dead_code)]
 
+pub mod docker;
+
 use std::collections::HashMap;
 use std::net::TcpStream;
 use std::path::PathBuf;

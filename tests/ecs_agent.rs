@@ -1,0 +1,333 @@
+//! The ECS agent supervisor against a real Docker engine, with a stand-in agent image built from a
+//! busybox-static root filesystem (see tests/support/docker.rs): each scenario drives the library's
+//! `Supervisor::run` and checks what Docker and the status report.
+
+mod support;
+
+use std::time::Duration;
+
+use offload_agent::ecs_agent::State;
+use support::docker::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// Fresh start: the container is created as ecs-init would for ECS Anywhere, answers introspection,
+/// and is reported registered once it has a ContainerInstanceArn.
+#[tokio::test(flavor = "multi_thread")]
+async fn fresh_start_creates_the_agent_and_reports_registration() {
+    let mut rig = Rig::prepare("fresh", false).await;
+    rig.start();
+    let s = rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    assert_eq!(s.state, State::Running);
+    assert_eq!(s.metadata.unwrap().container_instance_arn, None);
+    rig.ctl(
+        "fake-arn",
+        "arn:aws:ecs:us-east-1:123456789012:container-instance/test/abc",
+    );
+    let s = rig.wait_state(State::Registered, T).await;
+    let m = s.metadata.unwrap();
+    assert!(m.cluster.unwrap().starts_with("test-fresh"));
+    assert_eq!(m.version.as_deref(), Some("fake v1"));
+
+    let d = docker().await;
+    let c = d.inspect_container(&rig.name, None).await.unwrap();
+    let hc = c.host_config.unwrap();
+    assert_eq!(hc.network_mode.as_deref(), Some("host"));
+    assert_eq!(hc.init, Some(true));
+    let policy = hc
+        .restart_policy
+        .clone()
+        .and_then(|p| p.name)
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    assert!(
+        policy.is_empty() || policy == "no",
+        "no restart policy: {policy}"
+    );
+    assert!(hc.cap_add.clone().unwrap_or_default().is_empty());
+    let env = c.config.unwrap().env.unwrap();
+    assert!(env.contains(&"ECS_EXTERNAL=true".to_string()));
+    assert!(env.contains(&"ECS_LOGFILE=/log/ecs-agent.log".to_string()));
+    let binds = hc.binds.unwrap();
+    assert!(binds.iter().any(|b| b.ends_with(":/data")));
+    assert!(
+        !binds.iter().any(|b| b.contains("rotatingcreds")),
+        "absent optional paths are not bound: {binds:?}"
+    );
+    rig.stop().await;
+}
+
+/// A running container with a matching configuration is adopted as it is (same id, not restarted);
+/// a changed env file recreates it.
+#[tokio::test(flavor = "multi_thread")]
+async fn adopts_a_matching_container_and_recreates_on_config_change() {
+    let mut rig = Rig::prepare("adopt", false).await;
+    rig.start();
+    rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    let (first, running, _) = rig.container().await.unwrap();
+    assert!(running);
+    rig.stop().await;
+    let (still, running, _) = rig.container().await.unwrap();
+    assert!(
+        running && still == first,
+        "stopping the daemon leaves the agent running"
+    );
+
+    rig.start();
+    let s = rig
+        .wait("adopted", T, |s| s.reason.contains("adopted"))
+        .await;
+    assert_eq!(s.container_id.as_deref(), Some(first.as_str()));
+    rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    assert_eq!(rig.starts(), 1, "the agent was not restarted");
+
+    let env = rig.root().join("etc/ecs/ecs.config");
+    let text = std::fs::read_to_string(&env).unwrap();
+    std::fs::write(&env, format!("{text}ECS_LOGLEVEL=debug\n")).unwrap();
+    rig.reload();
+    let s = rig
+        .wait("recreated", T, |s| {
+            s.container_id.as_deref().is_some_and(|id| id != first) && s.metadata.is_some()
+        })
+        .await;
+    assert_eq!(rig.starts(), 2);
+    let d = docker().await;
+    let c = d.inspect_container(&rig.name, None).await.unwrap();
+    assert!(c
+        .config
+        .unwrap()
+        .env
+        .unwrap()
+        .contains(&"ECS_LOGLEVEL=debug".to_string()));
+    assert_eq!(c.id, s.container_id);
+    rig.stop().await;
+}
+
+/// A crash loop backs off with growing delays; once the agent has been healthy for a while the next
+/// crash starts from the minimum again.
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_loop_backs_off_and_resets_after_healthy() {
+    let mut rig = Rig::prepare("crash", false).await;
+    rig.ctl("fake-crash", "3");
+    rig.start();
+    let mut delays = Vec::new();
+    let mut seen = 0;
+    while delays.len() < 4 {
+        let s = rig.wait("another restart", T, |s| s.restarts > seen).await;
+        seen = s.restarts;
+        assert_eq!(s.last_exit_code, Some(3));
+        delays.push(s.last_backoff.unwrap());
+    }
+    // Steps of 200ms, 400ms, 800ms, 1.6s, each jittered into its upper half.
+    assert!(delays[3] > delays[0] * 2, "backoff grows: {delays:?}");
+    assert!(delays[3] >= Duration::from_millis(800), "{delays:?}");
+
+    rig.unctl("fake-crash");
+    rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // healthy_reset_after = 2s
+    let before = rig.current().restarts;
+    rig.ctl("fake-exit", "1");
+    let s = rig
+        .wait("restart after a healthy period", T, |s| s.restarts > before)
+        .await;
+    assert!(
+        s.last_backoff.unwrap() <= Duration::from_millis(200),
+        "backoff reset: {:?}",
+        s.last_backoff
+    );
+    rig.stop().await;
+}
+
+/// Exit 5 is terminal: the agent stays down, the status says so with its last log lines; a reload
+/// retries it.
+#[tokio::test(flavor = "multi_thread")]
+async fn exit_5_is_terminal_until_reload() {
+    let mut rig = Rig::prepare("terminal", false).await;
+    rig.start();
+    rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    rig.ctl("fake-exit", "5");
+    let s = rig.wait_state(State::Terminal, T).await;
+    assert_eq!(s.last_exit_code, Some(5));
+    assert!(
+        s.last_log_lines
+            .iter()
+            .any(|l| l.contains("exiting with 5")),
+        "{:?}",
+        s.last_log_lines
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, running, _) = rig.container().await.unwrap();
+    assert!(!running, "a terminal agent is not restarted");
+    assert_eq!(rig.current().state, State::Terminal);
+    assert_eq!(rig.starts(), 1);
+    rig.reload();
+    rig.wait("answering again", T, |s| s.metadata.is_some())
+        .await;
+    assert_eq!(rig.starts(), 2);
+    rig.stop().await;
+}
+
+/// Exit 42 loads the image tarball named in /var/cache/ecs/desired-image and restarts at once with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn exit_42_loads_the_desired_image_and_restarts() {
+    let mut rig = Rig::prepare("upgrade", false).await;
+    let d = docker().await;
+    let (repo, tag_) = rig.image.rsplit_once(':').unwrap();
+    let (repo, tag_) = (repo.to_string(), tag_.to_string());
+    let v1 = image_id(&d, &rig.image).await.unwrap();
+    // The new agent version, saved under the configured name, then the name put back on v1.
+    let v2 = import_image(&d, &repo, &format!("{tag_}-v2"), "v2").await;
+    tag(&d, &v2, &repo, &tag_).await;
+    std::fs::create_dir_all(rig.root().join("var/cache/ecs")).unwrap();
+    save(
+        &d,
+        &rig.image,
+        &rig.root().join("var/cache/ecs/agent-v2.tar"),
+    )
+    .await;
+    tag(&d, &v1, &repo, &tag_).await;
+    untag(&d, &format!("{repo}:{tag_}-v2")).await;
+    std::fs::write(
+        rig.root().join("var/cache/ecs/desired-image"),
+        "/var/cache/ecs/agent-v2.tar\n",
+    )
+    .unwrap();
+
+    rig.start();
+    let s = rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    assert_eq!(s.image_id.as_deref(), Some(v1.as_str()));
+    rig.ctl("fake-exit", "42");
+    let s = rig
+        .wait("running v2", T, |s| {
+            s.metadata
+                .as_ref()
+                .and_then(|m| m.version.as_deref())
+                .is_some_and(|v| v == "fake v2")
+        })
+        .await;
+    assert_eq!(s.image_id.as_deref(), Some(v2.as_str()));
+    assert_eq!(s.last_exit_code, Some(42));
+    assert!(
+        s.last_backoff.is_none(),
+        "no backoff before an upgrade restart"
+    );
+    rig.stop().await;
+    untag(&d, &format!("{repo}:{tag_}")).await;
+}
+
+/// A missing image is loaded from the tarball; with no tarball the supervisor reports a clear error
+/// naming both, and recovers once the tarball appears.
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_image_is_loaded_from_the_tarball_when_it_appears() {
+    let mut rig = Rig::prepare("tarball", false).await;
+    let d = docker().await;
+    let saved = rig.root().join("saved.tar");
+    save(&d, &rig.image, &saved).await;
+    untag(&d, &rig.image).await;
+    assert!(image_id(&d, &rig.image).await.is_none());
+
+    rig.start();
+    let s = rig.wait_state(State::ImageUnavailable, T).await;
+    assert!(s.reason.contains(&rig.image), "{}", s.reason);
+    assert!(s.reason.contains("agent-image.tar"), "{}", s.reason);
+    std::fs::rename(&saved, rig.tarball()).unwrap();
+    rig.wait("answering", Duration::from_secs(60), |s| {
+        s.metadata.is_some()
+    })
+    .await;
+    assert!(
+        image_id(&d, &rig.image).await.is_some(),
+        "loaded from the tarball"
+    );
+    rig.stop().await;
+}
+
+/// An agent that was healthy and stops answering introspection is restarted.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_that_stops_answering_is_restarted() {
+    let mut rig = Rig::prepare("silent", false).await;
+    rig.start();
+    let s = rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    let first = s.container_id.unwrap();
+    rig.ctl("fake-silent", "1");
+    let s = rig
+        .wait("restarted", T, |s| {
+            s.restarts >= 1 && s.container_id.as_deref() != Some(first.as_str())
+        })
+        .await;
+    assert!(s.restarts >= 1);
+    rig.unctl("fake-silent");
+    rig.wait("answering again", T, |s| {
+        s.metadata.is_some() && s.state == State::Running
+    })
+    .await;
+    rig.stop().await;
+}
+
+/// `stop_agent_on_exit = true` stops the agent with the daemon.
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_agent_on_exit_stops_it() {
+    let mut rig = Rig::prepare("stoponexit", false).await;
+    rig.config.ecs_agent.stop_agent_on_exit = true;
+    rig.start();
+    rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    rig.stop().await;
+    let (_, running, _) = rig.container().await.unwrap();
+    assert!(!running);
+}
+
+/// Task IAM role rules: present exactly once after several restarts (ecs-init piles up copies), and
+/// gone after clean-up. This test changes the host's iptables (nat PREROUTING/OUTPUT, filter INPUT)
+/// and removes what it added.
+#[tokio::test(flavor = "multi_thread")]
+async fn iptables_rules_exist_once_and_are_removed_by_cleanup() {
+    let fw = offload_agent::ecs_agent::firewall::Firewall::default();
+    fw.cleanup().unwrap();
+    let mut rig = Rig::prepare("iptables", true).await;
+    rig.start();
+    rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    for i in 0..3 {
+        let before = rig.current().restarts;
+        rig.ctl("fake-exit", "1");
+        rig.wait(&format!("restart {i}"), T, |s| {
+            s.restarts > before && s.metadata.is_some()
+        })
+        .await;
+    }
+    assert_eq!(fw.count().unwrap(), vec![1, 1, 1]);
+    assert_eq!(
+        std::fs::read_to_string(offload_agent::ecs_agent::firewall::ROUTE_LOCALNET)
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    rig.stop().await;
+    assert_eq!(offload_agent::ecs_agent::cleanup().unwrap(), 3);
+    assert_eq!(fw.count().unwrap(), vec![0, 0, 0]);
+}
+
+/// The Docker daemon restarting under the supervisor (a private engine with live-restore): the
+/// supervisor waits for it, reconnects and re-adopts the agent container it left running.
+#[tokio::test(flavor = "multi_thread")]
+async fn reconnects_and_readopts_after_a_docker_restart() {
+    let mut engine = PrivateDocker::start().await;
+    let mut rig = Rig::prepare_on("dockerd", false, Some(&engine.socket())).await;
+    rig.start();
+    let s = rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    let first = s.container_id.unwrap();
+    engine.restart().await;
+    let s = rig
+        .wait("re-adopted", Duration::from_secs(60), |s| {
+            s.reason.contains("adopted") && s.metadata.is_some()
+        })
+        .await;
+    assert_eq!(s.container_id.as_deref(), Some(first.as_str()));
+    assert_eq!(
+        rig.starts(),
+        1,
+        "the agent kept running through the Docker restart"
+    );
+    rig.stop().await;
+    drop(rig);
+    drop(engine);
+}
