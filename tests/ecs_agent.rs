@@ -331,3 +331,27 @@ async fn reconnects_and_readopts_after_a_docker_restart() {
     drop(rig);
     drop(engine);
 }
+
+/// While ecs.service (amazon-ecs-init) is active the supervisor refuses to touch the agent and says how
+/// to switch over. (No systemd runs here: a stand-in `systemctl` answers "active".)
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_while_ecs_init_is_active() {
+    let mut rig = Rig::prepare("conflict", false).await;
+    let fake = rig.root().join("systemctl");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n[ \"$1 $3\" = \"is-active ecs.service\" ]\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    rig.start_with_systemctl(fake.to_str().unwrap());
+    let s = rig.wait_state(State::Conflict, T).await;
+    assert!(
+        s.reason.contains("systemctl disable --now ecs"),
+        "{}",
+        s.reason
+    );
+    assert!(rig.container().await.is_none(), "no container was created");
+    rig.stop().await;
+}

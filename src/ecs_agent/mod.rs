@@ -113,11 +113,12 @@ pub struct Supervisor {
     shutdown: CancellationToken,
     restart_backoff: Backoff,
     firewall: firewall::Firewall,
+    systemctl: String,
 }
 
 /// Whether the amazon-ecs-init package's service is running (`systemctl is-active ecs.service`).
-fn ecs_init_active() -> bool {
-    std::process::Command::new("systemctl")
+fn ecs_init_active(systemctl: &str) -> bool {
+    std::process::Command::new(systemctl)
         .args(["is-active", "--quiet", "ecs.service"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -155,9 +156,16 @@ impl Supervisor {
                 shutdown,
                 restart_backoff: Backoff::new(cfg.restart_backoff_min, cfg.restart_backoff_max),
                 firewall: firewall::Firewall::default(),
+                systemctl: "systemctl".into(),
             },
             rx,
         )
+    }
+
+    /// Use another `systemctl` for the ecs.service conflict check (tests; unusual layouts).
+    pub fn with_systemctl(mut self, path: impl Into<String>) -> Self {
+        self.systemctl = path.into();
+        self
     }
 
     fn cfg(&self) -> EcsAgentConfig {
@@ -455,7 +463,7 @@ impl Supervisor {
                     r = self.config.changed() => if r.is_err() { break } else { continue },
                 }
             }
-            if ecs_init_active() {
+            if ecs_init_active(&self.systemctl) {
                 self.set(
                     State::Conflict,
                     "ecs.service (amazon-ecs-init) is active and manages the agent too: run `systemctl disable --now ecs` to switch over to offload-agent",

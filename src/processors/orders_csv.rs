@@ -451,11 +451,12 @@ struct Bloom {
 impl Bloom {
     const K: u64 = 7;
 
+    /// About 10 bits per expected element (~1% false positives with 7 probes).
     fn with_capacity(expected: u64) -> Self {
-        let m = (expected.max(1024) * 10).next_power_of_two();
+        let words = (expected.max(1024) * 10).div_ceil(64);
         Bloom {
-            bits: vec![0; (m / 64) as usize],
-            m,
+            bits: vec![0; words as usize],
+            m: words * 64,
         }
     }
 
@@ -465,7 +466,9 @@ impl Bloom {
         let (h1, h2) = (h as u64, ((h >> 64) as u64) | 1);
         let mut present = true;
         for i in 0..Self::K {
-            let bit = h1.wrapping_add(i.wrapping_mul(h2)) & (self.m - 1);
+            // Map the 64-bit probe onto [0, m) without a division (Lemire's multiply-shift).
+            let probe = h1.wrapping_add(i.wrapping_mul(h2));
+            let bit = ((probe as u128 * self.m as u128) >> 64) as u64;
             let (w, b) = ((bit / 64) as usize, bit % 64);
             if self.bits[w] & (1 << b) == 0 {
                 present = false;
@@ -476,11 +479,26 @@ impl Bloom {
     }
 }
 
+/// Rows in a file, estimated from the length of its first lines (up to 1 MiB) and its size, with a
+/// margin: sizing the Bloom filter by bytes alone would make it huge for files with wide rows.
+fn estimate_rows(path: &Path) -> io::Result<u64> {
+    let len = std::fs::metadata(path)?.len();
+    let mut head = vec![0u8; (1 << 20).min(len as usize)];
+    let mut f = File::open(path)?;
+    f.read_exact(&mut head)?;
+    let lines = memchr::memchr_iter(b'\n', &head).count() as u64;
+    if lines < 2 {
+        // One line or less in the first MiB: rows are at least that wide.
+        return Ok(len / (1 << 20) + 1);
+    }
+    let avg = head.len() as u64 / lines;
+    // Later rows may be shorter than the first ones: allow twice as many.
+    Ok(len / avg.max(1) * 2 + 1)
+}
+
 /// Pass 1: the ids that may occur more than once (a superset of the real repeats).
 fn duplicate_candidates(path: &Path, limits: ScanLimits) -> Result<HashSet<Box<[u8]>>, FileError> {
-    let len = std::fs::metadata(path)?.len();
-    // Orders rows are ~100 bytes; assuming 64 keeps the false-positive rate near 1% for short rows too.
-    let mut bloom = Bloom::with_capacity(len / 64);
+    let mut bloom = Bloom::with_capacity(estimate_rows(path)?);
     let mut candidates = HashSet::new();
     let (mut rdr, header) = open(path, limits, None)?;
     let col = header.idx[ORDER_ID];

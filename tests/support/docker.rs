@@ -300,10 +300,16 @@ output_prefix = "out/"
 
     /// Start a supervisor (again).
     pub fn start(&mut self) {
+        self.start_with_systemctl("systemctl");
+    }
+
+    /// Start with another `systemctl` (to imitate an active ecs.service).
+    pub fn start_with_systemctl(&mut self, systemctl: &str) {
         let (tx, rx) = watch::channel(Arc::new(self.config.clone()));
         self.tx = tx;
         self.shutdown = CancellationToken::new();
         let (sup, status) = Supervisor::new(rx, self.shutdown.clone());
+        let sup = sup.with_systemctl(systemctl);
         self.status = status;
         self.task = Some(tokio::spawn(sup.run()));
     }
