@@ -306,14 +306,30 @@ async fn iptables_rules_exist_once_and_are_removed_by_cleanup() {
     assert_eq!(fw.count().unwrap(), vec![0, 0, 0]);
 }
 
-/// The Docker daemon restarting under the supervisor (a private engine with live-restore): the
-/// supervisor waits for it, reconnects and re-adopts the agent container it left running.
+/// Docker late, then restarting under the supervisor (a private engine with live-restore): the
+/// supervisor waits for it without giving up, starts the agent when it comes, and after a restart of
+/// the engine reconnects and re-adopts the container it left running.
 #[tokio::test(flavor = "multi_thread")]
-async fn reconnects_and_readopts_after_a_docker_restart() {
+async fn waits_for_docker_then_reconnects_and_readopts_after_a_restart() {
     let mut engine = PrivateDocker::start().await;
     let mut rig = Rig::prepare_on("dockerd", false, Some(&engine.socket())).await;
+    engine.stop();
     rig.start();
-    let s = rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    let s = rig.wait_state(State::WaitingForDocker, T).await;
+    assert!(s.reason.contains(&engine.socket()), "{}", s.reason);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        rig.current().state,
+        State::WaitingForDocker,
+        "still waiting, not exited"
+    );
+    assert!(!rig.task.as_ref().unwrap().is_finished());
+    engine.start_again().await;
+    let s = rig
+        .wait("answering", Duration::from_secs(60), |s| {
+            s.metadata.is_some()
+        })
+        .await;
     let first = s.container_id.unwrap();
     engine.restart().await;
     let s = rig

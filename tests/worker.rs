@@ -425,3 +425,45 @@ async fn sighup_reloads_pipelines() {
     w.put("input/still.csv", orders_csv(10, 5)).await;
     w.wait_for("results/still.csv", WAIT, &agent).await;
 }
+
+/// A queue that does not exist is an operator's problem: the agent says so with the fix (run
+/// `provision`), backs off instead of spinning, stays responsive to SIGTERM, and starts working once the
+/// queue exists.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_queue_is_reported_and_waited_for() {
+    let w = World::new("noqueue").await;
+    let url = w.queue_url(&w.queue).await;
+    w.clients
+        .sqs
+        .delete_queue()
+        .queue_url(&url)
+        .send()
+        .await
+        .unwrap();
+    let mut agent = w.start();
+    agent
+        .wait_log("cannot find the queue", Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let log = agent.log_text();
+    assert!(log.contains("offload-agent provision"), "{log}");
+    let attempts = log.matches("cannot find the queue").count();
+    assert!(
+        attempts <= 4,
+        "backs off instead of spinning: {attempts} attempts in ~4 s"
+    );
+    let (code, took) = agent.terminate(Duration::from_secs(10));
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_secs(5));
+
+    let agent = w.start();
+    let out = w.agent(&["provision"]).output().unwrap();
+    assert!(out.status.success());
+    w.put("input/after-provision.csv", orders_csv(0, 3)).await;
+    w.wait_for(
+        "output/after-provision.csv",
+        Duration::from_secs(90),
+        &agent,
+    )
+    .await;
+}

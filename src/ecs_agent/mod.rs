@@ -525,6 +525,10 @@ impl Supervisor {
             };
             config_backoff.reset();
             self.status.send_modify(|s| {
+                // What introspection said belongs to the container that said it.
+                if s.container_id.as_deref() != Some(id.as_str()) {
+                    s.metadata = None;
+                }
                 s.container_id = Some(id.clone());
                 s.image_id = Some(image_id.clone());
             });

@@ -41,7 +41,7 @@ pub async fn connect(socket: &str) -> Docker {
 
 /// The stand-in agent: serves introspection JSON on $ECS_FAKE_PORT, and obeys control files in
 /// /var/lib/ecs (bound from the test's host directory): fake-crash (exit at start with that code),
-/// fake-exit (exit with that code now), fake-arn (report registration), fake-silent (stop answering).
+/// fake-exit (exit with that code now), fake-arn (report registration), fake-silent (stop answering while it exists).
 const AGENT_SCRIPT: &str = r#"#!/bin/sh
 CTL=/var/lib/ecs
 PORT=${ECS_FAKE_PORT:-51678}
@@ -58,7 +58,8 @@ httpd -p 127.0.0.1:$PORT -h /www
 echo "agent $(cat /version) listening on $PORT"
 while true; do
   if [ -f $CTL/fake-exit ]; then code=$(cat $CTL/fake-exit); rm -f $CTL/fake-exit; echo "exiting with $code"; exit $code; fi
-  if [ -f $CTL/fake-silent ]; then killall httpd 2>/dev/null; fi
+  if [ -f $CTL/fake-silent ]; then killall httpd 2>/dev/null; SILENT=1;
+  elif [ -n "$SILENT" ]; then httpd -p 127.0.0.1:$PORT -h /www; SILENT=; fi
   write_meta
   usleep 100000
 done
@@ -486,7 +487,16 @@ impl PrivateDocker {
 
     /// Stop the engine (containers keep running) and start it again.
     pub async fn restart(&mut self) {
+        self.stop();
+        self.start_again().await;
+    }
+
+    /// Stop the engine; its socket goes away.
+    pub fn stop(&mut self) {
         self.terminate();
+    }
+
+    pub async fn start_again(&mut self) {
         self.spawn();
         self.wait_ready().await;
     }
