@@ -46,6 +46,25 @@ pub fn decode_key(raw: &str) -> Result<String, NotAnEvent> {
         .map_err(|_| NotAnEvent(format!("object key {raw:?} does not decode to UTF-8")))
 }
 
+/// The object of one record; S3 notifications and EventBridge spell the ETag and version fields
+/// differently.
+fn object_ref(
+    bucket: &str,
+    raw_key: &str,
+    object: &Value,
+    etag_field: &str,
+    version_field: &str,
+) -> Result<ObjectRef, NotAnEvent> {
+    let text = |f: &str| object.get(f).and_then(Value::as_str).map(String::from);
+    Ok(ObjectRef {
+        bucket: bucket.to_string(),
+        key: decode_key(raw_key)?,
+        size: object.get("size").and_then(Value::as_u64),
+        etag: text(etag_field),
+        version_id: text(version_field),
+    })
+}
+
 pub fn parse(body: &str) -> Result<Event, NotAnEvent> {
     let v: Value = serde_json::from_str(body).map_err(|e| {
         NotAnEvent(format!(
@@ -102,17 +121,13 @@ fn parse_value(v: &Value, depth: u8) -> Result<Event, NotAnEvent> {
                 .pointer("/object/key")
                 .and_then(Value::as_str)
                 .ok_or_else(|| NotAnEvent(format!("Records[{i}].s3.object.key is missing")))?;
-            let object = &s3["object"];
-            objects.push(ObjectRef {
-                bucket: bucket.to_string(),
-                key: decode_key(raw_key)?,
-                size: object.get("size").and_then(Value::as_u64),
-                etag: object.get("eTag").and_then(Value::as_str).map(String::from),
-                version_id: object
-                    .get("versionId")
-                    .and_then(Value::as_str)
-                    .map(String::from),
-            });
+            objects.push(object_ref(
+                bucket,
+                raw_key,
+                &s3["object"],
+                "eTag",
+                "versionId",
+            )?);
         }
         return Ok(if objects.is_empty() {
             Event::Nothing { ignored }
@@ -138,18 +153,14 @@ fn parse_value(v: &Value, depth: u8) -> Result<Event, NotAnEvent> {
             .pointer("/object/key")
             .and_then(Value::as_str)
             .ok_or_else(|| NotAnEvent("EventBridge detail.object.key is missing".into()))?;
-        let object = &detail["object"];
         return Ok(Event::Objects {
-            objects: vec![ObjectRef {
-                bucket: bucket.to_string(),
-                key: decode_key(raw_key)?,
-                size: object.get("size").and_then(Value::as_u64),
-                etag: object.get("etag").and_then(Value::as_str).map(String::from),
-                version_id: object
-                    .get("version-id")
-                    .and_then(Value::as_str)
-                    .map(String::from),
-            }],
+            objects: vec![object_ref(
+                bucket,
+                raw_key,
+                &detail["object"],
+                "etag",
+                "version-id",
+            )?],
             ignored: 0,
         });
     }
