@@ -113,6 +113,8 @@ pub struct EcsAgentConfig {
     #[serde(with = "humantime_serde_compat")]
     pub unhealthy_after: Duration,
     #[serde(with = "humantime_serde_compat")]
+    pub start_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
     pub restart_backoff_min: Duration,
     #[serde(with = "humantime_serde_compat")]
     pub restart_backoff_max: Duration,
@@ -651,6 +653,12 @@ fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, C
         unhealthy_after: r.duration(
             "unhealthy_after",
             Duration::from_secs(90),
+            Duration::from_millis(500),
+            Duration::from_secs(86_400),
+        ),
+        start_timeout: r.duration(
+            "start_timeout",
+            Duration::from_secs(300),
             Duration::from_millis(500),
             Duration::from_secs(86_400),
         ),

@@ -264,6 +264,20 @@ async fn an_agent_that_stops_answering_is_restarted() {
     rig.stop().await;
 }
 
+/// An agent that never answers introspection after it starts is restarted after `start_timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_that_never_answers_is_restarted_after_start_timeout() {
+    let mut rig = Rig::prepare("neveranswers", false).await;
+    rig.config.ecs_agent.start_timeout = Duration::from_secs(2);
+    rig.ctl("fake-silent", "1");
+    rig.start();
+    let s = rig.wait("restarted", T, |s| s.restarts >= 1).await;
+    assert_eq!(s.metadata, None);
+    rig.unctl("fake-silent");
+    rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    rig.stop().await;
+}
+
 /// `stop_agent_on_exit = true` stops the agent with the daemon.
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_agent_on_exit_stops_it() {

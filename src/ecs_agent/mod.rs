@@ -393,6 +393,7 @@ impl Supervisor {
         );
         let mut tick = tokio::time::interval(cfg.health_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let watching_since = Instant::now();
         let mut last_ok: Option<Instant> = None;
         let mut healthy_since: Option<Instant> = None;
         let mut reset_done = false;
@@ -438,6 +439,12 @@ impl Supervisor {
                                 }
                             }
                             if last_ok.is_none() {
+                                if watching_since.elapsed() >= cfg.start_timeout {
+                                    return Outcome::Unhealthy(format!(
+                                        "introspection has not answered since the agent started {:?} ago (ecs_agent.start_timeout): {e}",
+                                        watching_since.elapsed()
+                                    ));
+                                }
                                 self.set(State::Running, "running; introspection not answering yet");
                             }
                         }

@@ -235,6 +235,7 @@ task_iam_roles = {iam}
 host_root = "{root}"
 health_interval = "200ms"
 unhealthy_after = "2s"
+start_timeout = "20s"
 restart_backoff_min = "200ms"
 restart_backoff_max = "3s"
 healthy_reset_after = "2s"
