@@ -196,13 +196,19 @@ impl Supervisor {
         }
     }
 
-    /// Sleep, unless shutdown or a configuration change comes first (returns false then).
-    async fn pause(&mut self, d: Duration) -> bool {
+    /// Sleep, unless shutdown or a configuration change comes first (the main loop checks shutdown).
+    async fn pause(&mut self, d: Duration) {
         tokio::select! {
-            _ = tokio::time::sleep(d) => true,
-            _ = self.shutdown.cancelled() => false,
-            _ = self.config.changed() => false,
+            _ = tokio::time::sleep(d) => {}
+            _ = self.shutdown.cancelled() => {}
+            _ = self.config.changed() => {}
         }
+    }
+
+    /// Report a problem, then wait `d` before the next attempt.
+    async fn retry_in(&mut self, state: State, reason: String, d: Duration) {
+        self.set(state, format!("{reason}; retrying in {d:?}"));
+        self.pause(d).await;
     }
 
     async fn connect(&self, cfg: &EcsAgentConfig) -> Result<Docker, String> {
@@ -475,9 +481,7 @@ impl Supervisor {
                     State::Conflict,
                     "ecs.service (amazon-ecs-init) is active and manages the agent too: run `systemctl disable --now ecs` to switch over to offload-agent",
                 );
-                if !self.pause(Duration::from_secs(60)).await && self.shutdown.is_cancelled() {
-                    break;
-                }
+                self.pause(Duration::from_secs(60)).await;
                 continue;
             }
             let docker = match self.connect(&cfg).await {
@@ -487,10 +491,7 @@ impl Supervisor {
                 }
                 Err(e) => {
                     let d = docker_backoff.next_delay();
-                    self.set(State::WaitingForDocker, format!("{e}; retrying in {d:?}"));
-                    if !self.pause(d).await && self.shutdown.is_cancelled() {
-                        break;
-                    }
+                    self.retry_in(State::WaitingForDocker, e, d).await;
                     continue;
                 }
             };
@@ -498,10 +499,7 @@ impl Supervisor {
                 Ok(id) => id,
                 Err(e) => {
                     let d = config_backoff.next_delay();
-                    self.set(State::ImageUnavailable, format!("{e}; retrying in {d:?}"));
-                    if !self.pause(d).await && self.shutdown.is_cancelled() {
-                        break;
-                    }
+                    self.retry_in(State::ImageUnavailable, e, d).await;
                     continue;
                 }
             };
@@ -509,10 +507,7 @@ impl Supervisor {
                 Ok(s) => s,
                 Err(e) => {
                     let d = config_backoff.next_delay();
-                    self.set(State::BackingOff, format!("{e}; retrying in {d:?}"));
-                    if !self.pause(d).await && self.shutdown.is_cancelled() {
-                        break;
-                    }
+                    self.retry_in(State::BackingOff, e, d).await;
                     continue;
                 }
             };
@@ -523,10 +518,7 @@ impl Supervisor {
                         continue; // Docker went away meanwhile: wait for it
                     }
                     let d = config_backoff.next_delay();
-                    self.set(State::BackingOff, format!("{e}; retrying in {d:?}"));
-                    if !self.pause(d).await && self.shutdown.is_cancelled() {
-                        break;
-                    }
+                    self.retry_in(State::BackingOff, e, d).await;
                     continue;
                 }
             };
@@ -636,9 +628,7 @@ impl Supervisor {
                         State::BackingOff,
                         format!("the ECS agent exited with status {code}; restarting in {d:?}"),
                     );
-                    if !self.pause(d).await && self.shutdown.is_cancelled() {
-                        break;
-                    }
+                    self.pause(d).await;
                 }
             }
         }
