@@ -149,31 +149,51 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
     }
 }
 
-/// A progress bar on stderr (terminals, or when asked) fed by a byte counter.
-fn progress_bar(total: u64, forced: bool) -> Option<(Arc<AtomicU64>, indicatif::ProgressBar)> {
-    if !(forced || std::io::stderr().is_terminal()) {
-        return None;
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    Some((Arc::new(AtomicU64::new(0)), bar))
-}
-
-fn spawn_ticker(
+/// A progress bar on stderr (terminals, or when asked), fed by a byte counter that the processor
+/// advances and a thread that redraws it.
+struct Progress {
     counter: Arc<AtomicU64>,
     bar: indicatif::ProgressBar,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        while !bar.is_finished() {
-            bar.set_position(counter.load(Ordering::Relaxed));
-            std::thread::sleep(Duration::from_millis(100));
+    ticker: std::thread::JoinHandle<()>,
+}
+
+impl Progress {
+    fn start(total: u64, forced: bool) -> Option<Progress> {
+        if !(forced || std::io::stderr().is_terminal()) {
+            return None;
         }
-    })
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let counter = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let (counter, bar) = (counter.clone(), bar.clone());
+            std::thread::spawn(move || {
+                while !bar.is_finished() {
+                    bar.set_position(counter.load(Ordering::Relaxed));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        Some(Progress {
+            counter,
+            bar,
+            ticker,
+        })
+    }
+
+    fn finish(self) {
+        self.bar.finish_and_clear();
+        let _ = self.ticker.join();
+    }
+}
+
+fn counter_of(p: &Option<Progress>) -> Option<Arc<AtomicU64>> {
+    p.as_ref().map(|p| p.counter.clone())
 }
 
 fn dry_run_local(config_path: &Path, target: &str, force_progress: bool) -> Result<(), Failure> {
@@ -192,19 +212,13 @@ fn dry_run_local(config_path: &Path, target: &str, force_progress: bool) -> Resu
         }
     };
     let started = Instant::now();
-    let bar = progress_bar(meta.len(), force_progress);
-    let ticker = bar
-        .as_ref()
-        .map(|(c, b)| spawn_ticker(c.clone(), b.clone()));
+    let progress = Progress::start(meta.len(), force_progress);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let result = orders_csv::dry_run(path, limits, bar.as_ref().map(|(c, _)| c.clone()), &mut out);
+    let result = orders_csv::dry_run(path, limits, counter_of(&progress), &mut out);
     let _ = out.flush();
-    if let Some((_, b)) = &bar {
-        b.finish_and_clear();
-    }
-    if let Some(t) = ticker {
-        let _ = t.join();
+    if let Some(p) = progress {
+        p.finish();
     }
     let elapsed = started.elapsed();
     match result {
@@ -291,10 +305,7 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
         .and_then(|h| h.content_length())
         .unwrap_or(0)
         .max(0) as u64;
-    let bar = progress_bar(size, force_progress);
-    let ticker = bar
-        .as_ref()
-        .map(|(c, b)| spawn_ticker(c.clone(), b.clone()));
+    let progress = Progress::start(size, force_progress);
     let cancel = CancellationToken::new();
     let ctrl_c = {
         let cancel = cancel.clone();
@@ -305,19 +316,11 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
         })
     };
     let result = worker
-        .process_object(
-            &pipeline,
-            &obj,
-            &cancel,
-            bar.as_ref().map(|(c, _)| c.clone()),
-        )
+        .process_object(&pipeline, &obj, &cancel, counter_of(&progress))
         .await;
     ctrl_c.abort();
-    if let Some((_, b)) = &bar {
-        b.finish_and_clear();
-    }
-    if let Some(t) = ticker {
-        let _ = t.join();
+    if let Some(p) = progress {
+        p.finish();
     }
     match result {
         Ok(r) => {

@@ -22,16 +22,6 @@ pub enum ProcessError {
     Cancelled,
 }
 
-impl ProcessError {
-    pub fn class(&self) -> &'static str {
-        match self {
-            ProcessError::Transient(_) => "transient",
-            ProcessError::Permanent(_) => "permanent",
-            ProcessError::Cancelled => "cancelled",
-        }
-    }
-}
-
 /// How an AWS call failed, from the caller's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {

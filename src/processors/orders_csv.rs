@@ -358,14 +358,6 @@ pub fn validate_into(rec: &csv::ByteRecord, h: &Header, order: &mut Order) -> Re
     Ok(())
 }
 
-/// Validate one data row.
-pub fn validate(rec: &csv::ByteRecord, h: &Header) -> Result<Order, String> {
-    let mut order = Order {
-        fields: Default::default(),
-    };
-    validate_into(rec, h, &mut order).map(|()| order)
-}
-
 /// Counts bytes for progress and refuses absurdly long lines before the CSV reader buffers them.
 struct GuardedReader<R> {
     inner: R,

@@ -369,7 +369,7 @@ impl Worker {
                 }
             }
         }
-        heartbeat.stop();
+        drop(heartbeat); // stops extending the visibility before the message is settled
 
         if cancelled {
             self.release(&receipt).await;
@@ -512,10 +512,6 @@ impl Heartbeat {
             .in_current_span(),
         );
         Heartbeat { task }
-    }
-
-    fn stop(self) {
-        self.task.abort();
     }
 }
 

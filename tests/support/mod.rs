@@ -7,7 +7,7 @@ pub mod docker;
 use std::collections::HashMap;
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -280,21 +280,6 @@ output_prefix = "output/"
         }
     }
 
-    pub async fn keys(&self) -> Vec<String> {
-        let out = self
-            .clients
-            .s3
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .send()
-            .await
-            .unwrap();
-        out.contents()
-            .iter()
-            .filter_map(|o| o.key().map(String::from))
-            .collect()
-    }
-
     pub async fn items(&self) -> Vec<HashMap<String, AttributeValue>> {
         let mut items = Vec::new();
         let mut start = None;
@@ -507,8 +492,4 @@ impl Drop for Agent {
             let _ = c.wait();
         }
     }
-}
-
-pub fn run_output(mut c: Command) -> Output {
-    c.output().unwrap()
 }
