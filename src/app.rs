@@ -106,16 +106,7 @@ fn load(path: &Path) -> Result<Config, Failure> {
 
 async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
     match cli.command {
-        Command::Config(ConfigCommand::Check(args)) => {
-            let cfg = load(&args.config)?;
-            let files: Vec<String> = config::layer_files(&args.config)
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect();
-            println!("# configuration is valid; read from: {}", files.join(", "));
-            print!("{}", cfg.to_toml());
-            Ok(())
-        }
+        Command::Config(ConfigCommand::Check(args)) => config_check(&args.config).await,
         Command::Run(args) => {
             let cfg = load(&args.config)?;
             log.set_level(&cfg.agent.log_level);
@@ -125,7 +116,7 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
         }
         Command::Provision(args) => {
             let cfg = load(&args.config)?;
-            let clients = crate::aws::clients(&cfg.aws, cfg.queue.wait_time)
+            let clients = crate::aws::clients(&cfg)
                 .await
                 .map_err(|e| Failure::Runtime(e.into()))?;
             let steps = crate::provision::provision(&cfg, &clients).await?;
@@ -147,6 +138,54 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// `config check`: validate every layer (Parameter Store too, when configured and reachable), print
+/// the effective configuration and where each value that is not a default came from.
+async fn config_check(path: &Path) -> Result<(), Failure> {
+    let env = env_map();
+    let base = load(path)?;
+    let mut params = None;
+    let mut notes = Vec::new();
+    if let Some(ppath) = &base.ssm.parameters_path {
+        let clients = crate::aws::clients(&base)
+            .await
+            .map_err(|e| Failure::Runtime(e.into()))?;
+        match tokio::time::timeout(
+            base.aws.call_timeout,
+            crate::params::fetch(&clients.ssm, ppath),
+        )
+        .await
+        {
+            Ok(Ok(layer)) => {
+                notes.push(format!(
+                    "{} parameter(s) read from Parameter Store under {ppath}",
+                    layer.parameters.len()
+                ));
+                params = Some(layer);
+            }
+            Ok(Err(e)) => notes.push(format!("{e}; shown without the Parameter Store layer")),
+            Err(_) => notes.push(format!(
+                "Parameter Store did not answer within aws.call_timeout; shown without its layer"
+            )),
+        }
+    }
+    let loaded = config::load_with(path, params.as_ref(), &env).map_err(Failure::Config)?;
+    let secret = params.as_ref().map(|p| p.secure_keys()).unwrap_or_default();
+    let files: Vec<String> = config::layer_files(path)
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    println!("# configuration is valid; read from: {}", files.join(", "));
+    for n in &notes {
+        println!("# {n}");
+    }
+    print!("{}", loaded.config.to_toml(&secret));
+    println!("\n# Where each value came from (every other key: its built-in default):");
+    for (key, origin) in &loaded.origins {
+        println!("#   {key}: {origin}");
+    }
+    Ok(())
 }
 
 /// A progress bar on stderr (terminals, or when asked), fed by a byte counter that the processor
@@ -266,7 +305,7 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
             config_path.display()
         )));
     };
-    let clients = crate::aws::clients(&cfg.aws, cfg.queue.wait_time)
+    let clients = crate::aws::clients(&cfg)
         .await
         .map_err(|e| Failure::Runtime(e.into()))?;
     // `process` may run beside the daemon: it shares no spool files with it (unique names) and never

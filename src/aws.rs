@@ -1,18 +1,24 @@
-//! AWS SDK clients, built in one place: region, endpoint override, timeouts and retries.
+//! AWS SDK clients, built in one place: region, endpoints, credentials, timeouts and retries.
 //!
 //! Every call gets an attempt timeout (`aws.call_timeout`): without one, `ReceiveMessage` in the Rust SDK
 //! can hang forever on a half-open connection. The receive client's timeout is the long-poll wait plus
 //! `call_timeout`, so long polling is not cut short.
+//!
+//! Credentials: on an SSM hybrid host (the SSM agent's `identity_config.json` exists) or when
+//! `aws.credentials_file` is set, every client shares one [`RotatingCredentials`] that follows the file
+//! as the SSM agent rewrites it; otherwise the SDK's default chain.
 
 use std::time::Duration;
 
+use aws_config::identity::IdentityCache;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 
-use crate::config::AwsConfig;
+use crate::config::{AwsConfig, Config, HostConfig};
+use crate::credentials::{RotatingCredentials, Source};
 
-/// The clients the worker pool and the CLI use.
+/// The clients the daemon and the commands use.
 #[derive(Clone, Debug)]
 pub struct Clients {
     pub s3: aws_sdk_s3::Client,
@@ -20,7 +26,11 @@ pub struct Clients {
     /// SQS client for `ReceiveMessage` only: its attempt timeout covers the long-poll wait.
     pub sqs_receive: aws_sdk_sqs::Client,
     pub dynamodb: aws_sdk_dynamodb::Client,
+    pub ssm: aws_sdk_ssm::Client,
+    pub ecs: aws_sdk_ecs::Client,
     pub region: String,
+    /// The rotating-file provider, when one is in use.
+    pub credentials: Option<RotatingCredentials>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +48,27 @@ fn timeouts(cfg: &AwsConfig, attempt: Duration) -> TimeoutConfig {
         .build()
 }
 
-async fn sdk_config(cfg: &AwsConfig) -> SdkConfig {
+/// Where credentials come from on this host: the SSM agent's rotating file when its
+/// `identity_config.json` exists, else `aws.credentials_file`, else `None` (the SDK's chain).
+pub fn credentials_source(aws: &AwsConfig, host: &HostConfig) -> Option<Source> {
+    let identity = host.identity_config();
+    let profile = aws.profile.clone().unwrap_or_else(|| "default".into());
+    if identity.exists() {
+        Some(Source {
+            identity_config: Some(identity),
+            file: aws.credentials_file.clone(),
+            profile,
+        })
+    } else {
+        aws.credentials_file.as_ref().map(|f| Source {
+            identity_config: None,
+            file: Some(f.clone()),
+            profile,
+        })
+    }
+}
+
+async fn sdk_config(cfg: &AwsConfig, credentials: Option<&RotatingCredentials>) -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .timeout_config(timeouts(cfg, cfg.call_timeout))
         .retry_config(RetryConfig::standard().with_max_attempts(3));
@@ -48,25 +78,48 @@ async fn sdk_config(cfg: &AwsConfig) -> SdkConfig {
     if let Some(url) = &cfg.endpoint_url {
         loader = loader.endpoint_url(url);
     }
-    if let Some(profile) = &cfg.profile {
-        loader = loader.profile_name(profile);
+    match credentials {
+        Some(c) => {
+            // The provider caches and re-reads by itself; the SDK's cache would hold rotated-out keys
+            // until their (short) expiry.
+            loader = loader
+                .credentials_provider(c.clone())
+                .identity_cache(IdentityCache::no_cache());
+        }
+        None => {
+            if let Some(profile) = &cfg.profile {
+                loader = loader.profile_name(profile);
+            }
+        }
     }
     loader.load().await
 }
 
-/// Build every client. `wait_time` is the SQS long-poll wait.
-pub async fn clients(cfg: &AwsConfig, wait_time: Duration) -> Result<Clients, AwsSetupError> {
-    let shared = sdk_config(cfg).await;
+/// Build every client from the configuration.
+pub async fn clients(cfg: &Config) -> Result<Clients, AwsSetupError> {
+    let credentials = credentials_source(&cfg.aws, &cfg.host).map(RotatingCredentials::new);
+    clients_with(&cfg.aws, cfg.queue.wait_time, credentials).await
+}
+
+/// Build every client with explicit credentials (`None`: the SDK's default chain). `wait_time` is the
+/// SQS long-poll wait.
+pub async fn clients_with(
+    cfg: &AwsConfig,
+    wait_time: Duration,
+    credentials: Option<RotatingCredentials>,
+) -> Result<Clients, AwsSetupError> {
+    let shared = sdk_config(cfg, credentials.as_ref()).await;
     let region = shared
         .region()
         .map(|r| r.to_string())
         .ok_or(AwsSetupError::NoRegion)?;
 
     let mut s3 = aws_sdk_s3::config::Builder::from(&shared);
-    if cfg.endpoint_url.is_some() {
+    if let Some(url) = cfg.endpoint_for("s3") {
         // Emulators and S3-compatible stores want path-style addressing and do not all understand the
         // SDK's default streaming checksums (aws-chunked trailers).
         s3 = s3
+            .endpoint_url(url)
             .force_path_style(true)
             .request_checksum_calculation(
                 aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
@@ -75,14 +128,33 @@ pub async fn clients(cfg: &AwsConfig, wait_time: Duration) -> Result<Clients, Aw
                 aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
             );
     }
-    let receive = aws_sdk_sqs::config::Builder::from(&shared)
-        .timeout_config(timeouts(cfg, wait_time + cfg.call_timeout))
-        .build();
+    let mut sqs = aws_sdk_sqs::config::Builder::from(&shared);
+    let mut receive = aws_sdk_sqs::config::Builder::from(&shared)
+        .timeout_config(timeouts(cfg, wait_time + cfg.call_timeout));
+    let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(&shared);
+    let mut ssm = aws_sdk_ssm::config::Builder::from(&shared);
+    let mut ecs = aws_sdk_ecs::config::Builder::from(&shared);
+    if let Some(url) = cfg.endpoints.sqs.as_deref() {
+        sqs = sqs.endpoint_url(url);
+        receive = receive.endpoint_url(url);
+    }
+    if let Some(url) = cfg.endpoints.dynamodb.as_deref() {
+        dynamodb = dynamodb.endpoint_url(url);
+    }
+    if let Some(url) = cfg.endpoints.ssm.as_deref() {
+        ssm = ssm.endpoint_url(url);
+    }
+    if let Some(url) = cfg.endpoints.ecs.as_deref() {
+        ecs = ecs.endpoint_url(url);
+    }
     Ok(Clients {
         s3: aws_sdk_s3::Client::from_conf(s3.build()),
-        sqs: aws_sdk_sqs::Client::new(&shared),
-        sqs_receive: aws_sdk_sqs::Client::from_conf(receive),
-        dynamodb: aws_sdk_dynamodb::Client::new(&shared),
+        sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
+        sqs_receive: aws_sdk_sqs::Client::from_conf(receive.build()),
+        dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
+        ssm: aws_sdk_ssm::Client::from_conf(ssm.build()),
+        ecs: aws_sdk_ecs::Client::from_conf(ecs.build()),
         region,
+        credentials,
     })
 }

@@ -44,6 +44,8 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub dynamodb: DynamoDbConfig,
     pub ecs_agent: EcsAgentConfig,
+    pub host: HostConfig,
+    pub ssm: SsmConfig,
     #[serde(rename = "pipeline")]
     pub pipelines: Vec<Pipeline>,
 }
@@ -64,7 +66,90 @@ pub struct AwsConfig {
     pub call_timeout: Duration,
     #[serde(with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
+    /// A shared credentials file to follow (re-read when it changes); `profile` picks the section.
+    pub credentials_file: Option<PathBuf>,
+    /// Per-service endpoint overrides (`[aws.endpoints]`: s3, sqs, dynamodb, ssm, ecs), over
+    /// `endpoint_url`.
+    pub endpoints: Endpoints,
 }
+
+/// `[aws.endpoints]`: one URL per service, each optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Endpoints {
+    pub s3: Option<String>,
+    pub sqs: Option<String>,
+    pub dynamodb: Option<String>,
+    pub ssm: Option<String>,
+    pub ecs: Option<String>,
+}
+
+/// The services `[aws.endpoints]` knows.
+pub const ENDPOINT_SERVICES: [&str; 5] = ["s3", "sqs", "dynamodb", "ssm", "ecs"];
+
+impl Endpoints {
+    /// The override for one service of [`ENDPOINT_SERVICES`].
+    pub fn get(&self, service: &str) -> Option<&str> {
+        match service {
+            "s3" => self.s3.as_deref(),
+            "sqs" => self.sqs.as_deref(),
+            "dynamodb" => self.dynamodb.as_deref(),
+            "ssm" => self.ssm.as_deref(),
+            "ecs" => self.ecs.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+impl AwsConfig {
+    /// The endpoint for one service: its own override, else `endpoint_url`, else the SDK's default.
+    pub fn endpoint_for(&self, service: &str) -> Option<&str> {
+        self.endpoints.get(service).or(self.endpoint_url.as_deref())
+    }
+}
+
+/// `[host]`: where this host keeps what `register`, `deregister` and the credentials provider use.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostConfig {
+    /// The SSM agent's state directory (`registration`, `runtimeconfig/identity_config.json`).
+    pub ssm_dir: PathBuf,
+    /// The SSM agent's executable, run by `register`.
+    pub ssm_agent: PathBuf,
+    /// The SSM agent's systemd unit.
+    pub ssm_service: String,
+    /// Docker's systemd unit, started by `register` when installed but stopped.
+    pub docker_service: String,
+    /// The `systemctl` command.
+    pub systemctl: String,
+    /// Where `register` records what it registered (for `deregister` when the agent is gone).
+    pub state_dir: PathBuf,
+}
+
+pub const DEFAULT_SSM_DIR: &str = "/var/lib/amazon/ssm";
+pub const DEFAULT_SSM_AGENT: &str = "/usr/bin/amazon-ssm-agent";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/offload-agent";
+
+impl HostConfig {
+    /// `identity_config.json`, which names the rotating credentials file.
+    pub fn identity_config(&self) -> PathBuf {
+        self.ssm_dir.join(crate::credentials::IDENTITY_CONFIG)
+    }
+
+    /// The managed instance id and region the SSM agent registered with.
+    pub fn ssm_registration(&self) -> PathBuf {
+        self.ssm_dir.join("registration")
+    }
+}
+
+/// `[ssm]`: configuration from SSM Parameter Store.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SsmConfig {
+    /// Parameters under this path (recursive) map onto configuration keys.
+    pub parameters_path: Option<String>,
+    #[serde(with = "humantime_serde_compat")]
+    pub refresh_interval: Duration,
+}
+
+pub const DEFAULT_SSM_REFRESH: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QueueConfig {
@@ -183,36 +268,110 @@ impl Config {
         self.pipelines.iter().find(|p| p.matches(bucket, key))
     }
 
-    /// Settings that a SIGHUP cannot change in a running daemon (everything but pipelines and log level).
-    pub fn restart_only_differences(&self, new: &Config) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        if self.aws != new.aws {
-            out.push("aws");
+    /// Every setting as a dotted key; the pipeline list is one key, `pipeline`.
+    fn flatten(&self) -> BTreeMap<String, toml::Value> {
+        fn walk(prefix: &str, v: toml::Value, out: &mut BTreeMap<String, toml::Value>) {
+            match v {
+                toml::Value::Table(t) if prefix != "pipeline" => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() {
+                            k
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                other => {
+                    out.insert(prefix.to_string(), other);
+                }
+            }
         }
-        if self.queue != new.queue {
-            out.push("queue");
-        }
-        if self.spool != new.spool {
-            out.push("spool");
-        }
-        if self.dynamodb != new.dynamodb {
-            out.push("dynamodb");
-        }
-        if self.ecs_agent.enabled != new.ecs_agent.enabled {
-            out.push("ecs_agent.enabled");
-        }
-        if self.agent.shutdown_grace != new.agent.shutdown_grace {
-            out.push("agent.shutdown_grace");
+        let mut out = BTreeMap::new();
+        if let Ok(v) = toml::Value::try_from(self) {
+            walk("", v, &mut out);
         }
         out
     }
 
-    /// The effective configuration as TOML, for `config check`. Nothing in it is secret today (AWS
-    /// credentials come from the SDK's chain, never from this file); a future secret field must be
-    /// redacted here.
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    /// What differs between this (running) configuration and `new`, key by key.
+    pub fn changes(&self, new: &Config) -> Vec<Change> {
+        let (a, b) = (self.flatten(), new.flatten());
+        let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        let show = |k: &str, v: Option<&toml::Value>| match v {
+            None => "(unset)".to_string(),
+            Some(toml::Value::Array(ps)) if k == "pipeline" => {
+                let names: Vec<String> = ps
+                    .iter()
+                    .filter_map(|p| p.get("name").and_then(|n| n.as_str()).map(String::from))
+                    .collect();
+                format!("[{}]", names.join(", "))
+            }
+            Some(v) => v.to_string(),
+        };
+        keys.into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| Change {
+                key: k.clone(),
+                old: show(k, a.get(k)),
+                new: show(k, b.get(k)),
+                live: is_live(k),
+            })
+            .collect()
     }
+
+    /// The effective configuration as TOML, for `config check`. Values set from SecureString
+    /// parameters (`secret_keys`) are redacted. AWS credentials never come from the configuration.
+    pub fn to_toml(&self, secret_keys: &BTreeSet<String>) -> String {
+        let mut v = match toml::Value::try_from(self) {
+            Ok(v) => v,
+            Err(e) => return format!("# cannot render: {e}\n"),
+        };
+        for key in secret_keys {
+            let mut cur = &mut v;
+            let parts: Vec<&str> = key.split('.').collect();
+            for (i, part) in parts.iter().enumerate() {
+                let Some(next) = cur.get_mut(*part) else {
+                    break;
+                };
+                if i + 1 == parts.len() {
+                    *next = toml::Value::String("<redacted: SecureString>".into());
+                    break;
+                }
+                cur = next;
+            }
+        }
+        toml::to_string_pretty(&v).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// One setting that differs between the running configuration and a newly loaded one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub key: String,
+    pub old: String,
+    pub new: String,
+    /// Whether the running daemon applies it (else it takes effect after a restart).
+    pub live: bool,
+}
+
+/// Settings a running daemon applies on reload; `ecs_agent.*` too, except those in
+/// [`ECS_RESTART_KEYS`] (the supervisor re-reads its section whenever the configuration changes).
+const LIVE_KEYS: &[&str] = &[
+    "agent.log_level",
+    "agent.shutdown_grace",
+    "queue.max_in_flight",
+    "ssm.refresh_interval",
+    "pipeline",
+];
+const ECS_RESTART_KEYS: &[&str] = &[
+    "ecs_agent.enabled",
+    "ecs_agent.restart_backoff_min",
+    "ecs_agent.restart_backoff_max",
+];
+
+fn is_live(key: &str) -> bool {
+    LIVE_KEYS.contains(&key) || (key.starts_with("ecs_agent.") && !ECS_RESTART_KEYS.contains(&key))
 }
 
 /// Every problem found in the configuration. `Display` lists them one per line.
@@ -263,6 +422,24 @@ pub fn layer_files(path: &Path) -> Vec<PathBuf> {
 /// Load and validate. `env` is the process environment (passed in so tests can control it); only
 /// variables starting with `OFFLOAD_AGENT_` are used.
 pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+    load_with(path, None, env).map(|l| l.config)
+}
+
+/// A validated configuration and where each value that is not a default came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// Dotted key (`queue.max_in_flight`, `pipeline`) -> its origin (a file, the environment, a
+    /// parameter).
+    pub origins: BTreeMap<String, String>,
+}
+
+/// Load with every layer: the file, `conf.d`, the Parameter Store layer (when given), the environment.
+pub fn load_with(
+    path: &Path,
+    params: Option<&crate::params::ParameterLayer>,
+    env: &BTreeMap<String, String>,
+) -> Result<Loaded, ConfigError> {
     if !path.exists() {
         return Err(ConfigError::one(format!(
             "configuration file {} does not exist: copy config/agent.toml there, or pass --config PATH",
@@ -276,6 +453,9 @@ pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Config, Confi
                 .format(config::FileFormat::Toml)
                 .required(true),
         );
+    }
+    if let Some(p) = params {
+        builder = builder.add_source(p.clone());
     }
     let env_map: config::Map<String, String> = env
         .iter()
@@ -293,7 +473,32 @@ pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Config, Confi
         .map_err(|e| ConfigError::one(format!("cannot read configuration: {e}")))?;
     let root = config::Source::collect(&built)
         .map_err(|e| ConfigError::one(format!("cannot read configuration: {e}")))?;
-    from_tree(root, &path.display().to_string())
+    let mut origins = BTreeMap::new();
+    collect_origins("", &root, &path.display().to_string(), &mut origins);
+    let config = from_tree(root, &path.display().to_string())?;
+    Ok(Loaded { config, origins })
+}
+
+/// Walk the merged tree: every leaf (and the pipeline list as a whole) with the layer it came from.
+fn collect_origins(
+    prefix: &str,
+    table: &config::Map<String, Value>,
+    default_origin: &str,
+    out: &mut BTreeMap<String, String>,
+) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match &v.kind {
+            ValueKind::Table(t) => collect_origins(&key, t, default_origin, out),
+            _ => {
+                out.insert(key, origin_of(v, default_origin));
+            }
+        }
+    }
 }
 
 /// Parse a TOML string (tests, `process --dry-run` without a file).
@@ -513,6 +718,8 @@ fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, C
     let spool_t = top.table("spool");
     let ddb_t = top.table("dynamodb");
     let ecs_t = top.table("ecs_agent");
+    let host_t = top.table("host");
+    let ssm_t = top.table("ssm");
     let pipeline_v = top.take("pipeline");
     top.finish();
 
@@ -551,7 +758,32 @@ fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, C
             Duration::from_millis(100),
             Duration::from_secs(300),
         ),
+        credentials_file: r.opt_string("credentials_file").map(PathBuf::from),
+        endpoints: Endpoints::default(),
     };
+    let endpoints_t = r.table("endpoints");
+    let mut e = Reader::new("aws.endpoints", endpoints_t, r.problems, origin);
+    let endpoints = Endpoints {
+        s3: e.opt_string("s3"),
+        sqs: e.opt_string("sqs"),
+        dynamodb: e.opt_string("dynamodb"),
+        ssm: e.opt_string("ssm"),
+        ecs: e.opt_string("ecs"),
+    };
+    for service in ENDPOINT_SERVICES {
+        if let Some(url) = endpoints.get(service) {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                let v = e.table.get(service).cloned();
+                e.problem(
+                    service,
+                    v.as_ref(),
+                    format!("\"{url}\" must start with http:// or https://"),
+                );
+            }
+        }
+    }
+    e.finish();
+    let aws = AwsConfig { endpoints, ..aws };
     if let Some(url) = &aws.endpoint_url {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             let v = r.table.get("endpoint_url").cloned();
@@ -698,6 +930,39 @@ fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, C
     }
     r.finish();
 
+    let mut r = Reader::new("host", host_t, &mut problems, origin);
+    let host = HostConfig {
+        ssm_dir: PathBuf::from(r.string("ssm_dir", DEFAULT_SSM_DIR)),
+        ssm_agent: PathBuf::from(r.string("ssm_agent", DEFAULT_SSM_AGENT)),
+        ssm_service: r.string("ssm_service", "amazon-ssm-agent"),
+        docker_service: r.string("docker_service", "docker"),
+        systemctl: r.string("systemctl", "systemctl"),
+        state_dir: PathBuf::from(r.string("state_dir", DEFAULT_STATE_DIR)),
+    };
+    r.finish();
+
+    let mut r = Reader::new("ssm", ssm_t, &mut problems, origin);
+    let ssm = SsmConfig {
+        parameters_path: r.opt_string("parameters_path"),
+        refresh_interval: r.duration(
+            "refresh_interval",
+            DEFAULT_SSM_REFRESH,
+            Duration::from_secs(1),
+            Duration::from_secs(86_400),
+        ),
+    };
+    if let Some(p) = &ssm.parameters_path {
+        if !p.starts_with('/') || p.len() < 2 {
+            let v = r.table.get("parameters_path").cloned();
+            r.problem(
+                "parameters_path",
+                v.as_ref(),
+                format!("\"{p}\" must be a Parameter Store path such as \"/offload-agent/prod\""),
+            );
+        }
+    }
+    r.finish();
+
     let mut pipelines = Vec::new();
     match pipeline_v.map(|v| (v.clone(), v.kind)) {
         None => problems.push(format!(
@@ -748,6 +1013,8 @@ fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, C
             spool,
             dynamodb,
             ecs_agent,
+            host,
+            ssm,
             pipelines,
         })
     } else {

@@ -19,6 +19,7 @@ use crate::backoff::Backoff;
 use crate::config::{self, Config};
 use crate::ecs_agent::Supervisor;
 use crate::error::describe;
+use crate::params::ParameterLayer;
 use crate::telemetry::LogHandle;
 use crate::worker::spool::Spool;
 use crate::worker::{pool, Stats, Worker};
@@ -79,6 +80,87 @@ pub fn sd_notify(state: &str) {
     }
 }
 
+/// The configuration's layers and the running configuration. SIGHUP and Parameter Store refreshes go
+/// through [`Settings::reload`]: live settings are applied and logged old -> new; the rest are logged as
+/// taking effect after a restart; an invalid result leaves the running configuration in force.
+struct Settings {
+    path: PathBuf,
+    env: BTreeMap<String, String>,
+    /// The last Parameter Store layer read successfully (`None` without `ssm.parameters_path`, or before
+    /// the first successful read).
+    params: Option<ParameterLayer>,
+    /// Whether the last attempt to read Parameter Store failed (retried sooner than the interval).
+    params_failing: bool,
+    current: Config,
+    tx: watch::Sender<Arc<Config>>,
+    log: LogHandle,
+}
+
+/// After a failed Parameter Store read, the next attempt comes this soon (or at the interval, if shorter).
+const PARAMS_RETRY: Duration = Duration::from_secs(30);
+
+impl Settings {
+    /// Read Parameter Store into the layer. An outage keeps the last layer and never stops the daemon.
+    async fn fetch_params(&mut self, ssm: &aws_sdk_ssm::Client) {
+        let Some(path) = self.current.ssm.parameters_path.clone() else {
+            self.params = None;
+            return;
+        };
+        match crate::params::fetch(ssm, &path).await {
+            Ok(layer) => {
+                if self.params_failing {
+                    tracing::info!(path = %path, "Parameter Store is reachable again");
+                }
+                tracing::debug!(path = %path, parameters = layer.parameters.len(), "read Parameter Store");
+                self.params_failing = false;
+                self.params = Some(layer);
+            }
+            Err(e) => {
+                self.params_failing = true;
+                tracing::warn!(path = %path, error = %e, "cannot read configuration from Parameter Store; keeping the configuration in force and retrying");
+            }
+        }
+    }
+
+    /// When Parameter Store is due again.
+    fn params_delay(&self) -> Option<Duration> {
+        self.current.ssm.parameters_path.as_ref()?;
+        let every = self.current.ssm.refresh_interval;
+        Some(if self.params_failing {
+            every.min(PARAMS_RETRY)
+        } else {
+            every
+        })
+    }
+
+    /// Load every layer and apply what changed. `why` names the trigger in the log.
+    fn reload(&mut self, why: &str) -> bool {
+        let new = match config::load_with(&self.path, self.params.as_ref(), &self.env) {
+            Ok(l) => l.config,
+            Err(e) => {
+                tracing::error!(trigger = why, error = %e, "configuration not applied; keeping the running configuration");
+                return false;
+            }
+        };
+        let changes = self.current.changes(&new);
+        if changes.is_empty() {
+            tracing::debug!(trigger = why, "configuration unchanged");
+            return true;
+        }
+        for c in &changes {
+            if c.live {
+                tracing::info!(trigger = why, setting = %c.key, old = %c.old, new = %c.new, "configuration change applied: {} {} -> {}", c.key, c.old, c.new);
+            } else {
+                tracing::warn!(trigger = why, setting = %c.key, old = %c.old, new = %c.new, "configuration change takes effect after a restart: {} {} -> {}", c.key, c.old, c.new);
+            }
+        }
+        self.log.set_level(&new.agent.log_level);
+        self.current = new.clone();
+        let _ = self.tx.send(Arc::new(new));
+        true
+    }
+}
+
 /// Find a queue's URL, retrying with backoff while it does not exist (a fatal condition that an operator
 /// fixes by running `provision`), until `stop`.
 async fn resolve_queue(
@@ -120,7 +202,38 @@ pub async fn run(
     log: LogHandle,
     mut control: mpsc::Receiver<Control>,
 ) -> Result<()> {
-    let clients = crate::aws::clients(&cfg.aws, cfg.queue.wait_time).await?;
+    let mut clients = crate::aws::clients(&cfg).await?;
+    let (config_tx, config_rx) = watch::channel(Arc::new(cfg.clone()));
+    let mut settings = Settings {
+        path: config_path,
+        env,
+        params: None,
+        params_failing: false,
+        current: cfg.clone(),
+        tx: config_tx,
+        log,
+    };
+    // Parameter Store sits between the files and the environment: read it before anything starts, so
+    // that settings only a restart changes come from it too.
+    if settings.current.ssm.parameters_path.is_some() {
+        settings.fetch_params(&clients.ssm).await;
+        if settings.params.is_some() {
+            match config::load_with(&settings.path, settings.params.as_ref(), &settings.env) {
+                Ok(l) => {
+                    settings.current = l.config;
+                    settings.log.set_level(&settings.current.agent.log_level);
+                    let _ = settings.tx.send(Arc::new(settings.current.clone()));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the configuration from Parameter Store is not valid; starting with the files and environment alone")
+                }
+            }
+        }
+        if settings.current.aws != cfg.aws || settings.current.host != cfg.host {
+            clients = crate::aws::clients(&settings.current).await?;
+        }
+    }
+    let cfg = settings.current.clone();
     let spool = Spool::open(&cfg.spool.dir).with_context(|| {
         format!(
             "cannot create spool.dir {} (run as the offload-agent user, or fix its ownership)",
@@ -140,7 +253,6 @@ pub async fn run(
 
     let stop = CancellationToken::new();
     let abort = CancellationToken::new();
-    let (config_tx, config_rx) = watch::channel(Arc::new(cfg.clone()));
 
     // The ECS agent's supervisor runs whatever the queue's state, and the worker pool whatever the
     // supervisor's.
@@ -190,6 +302,7 @@ pub async fn run(
         return Ok(());
     };
 
+    let clients_for_params = clients.ssm.clone();
     let worker = Arc::new(Worker {
         clients,
         config: config_rx,
@@ -207,29 +320,26 @@ pub async fn run(
     );
     sd_notify("READY=1\nSTATUS=receiving");
 
-    let mut current = cfg;
     loop {
+        let refresh = settings.params_delay();
         tokio::select! {
             c = control.recv() => match c {
                 Some(Control::Reload) => {
                     sd_notify("RELOADING=1");
-                    match config::load(&config_path, &env) {
-                        Ok(new) => {
-                            let restart = current.restart_only_differences(&new);
-                            if !restart.is_empty() {
-                                tracing::warn!(sections = ?restart, "these settings changed but take effect only after a restart");
-                            }
-                            log.set_level(&new.agent.log_level);
-                            tracing::info!(pipelines = new.pipelines.len(), "configuration reloaded");
-                            current = new.clone();
-                            let _ = config_tx.send(Arc::new(new));
-                        }
-                        Err(e) => tracing::error!(error = %e, "configuration reload failed; keeping the running configuration"),
+                    settings.fetch_params(&clients_for_params).await;
+                    if settings.reload("SIGHUP") {
+                        tracing::info!(pipelines = settings.current.pipelines.len(), "configuration reloaded");
                     }
                     sd_notify("READY=1");
                 }
                 Some(Control::Stop) | None => break,
             },
+            _ = tokio::time::sleep(refresh.unwrap_or(Duration::MAX)), if refresh.is_some() => {
+                settings.fetch_params(&clients_for_params).await;
+                if settings.params.is_some() {
+                    settings.reload("Parameter Store refresh");
+                }
+            }
             r = &mut pool_task => {
                 // The pool ends only when stopped; anything else is a bug worth a restart.
                 anyhow::bail!("the worker pool ended unexpectedly: {r:?}");
@@ -237,7 +347,7 @@ pub async fn run(
         }
     }
 
-    let grace = current.agent.shutdown_grace;
+    let grace = settings.current.agent.shutdown_grace;
     tracing::info!(
         grace_s = grace.as_secs_f64(),
         in_flight = worker

@@ -6,7 +6,9 @@
 //! - [`config`]: typed configuration, layering (file, conf.d, environment), complete validation.
 //! - [`telemetry`]: logging to journald under systemd, text or JSON otherwise; run-time level changes.
 //! - [`daemon`]: the task tree of `run`: signals, sd_notify, two-phase shutdown, reload.
-//! - [`aws`]: SDK clients with region, endpoint override, timeouts and retries, built in one place.
+//! - [`aws`]: SDK clients with region, endpoints, timeouts and retries, built in one place.
+//! - [`credentials`]: credentials that follow the SSM agent's in-place rotation of the shared file.
+//! - [`params`]: configuration from SSM Parameter Store, as a layer between the files and the environment.
 //! - [`error`]: failure classes (transient, permanent, cancelled) and AWS error classification.
 //! - [`backoff`]: exponential backoff with jitter, shared by every retry loop.
 //! - [`worker`]: receiver, worker pool, event parsing, routing, spool, message settlement.
@@ -19,9 +21,11 @@ pub mod aws;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod daemon;
 pub mod ecs_agent;
 pub mod error;
+pub mod params;
 pub mod processors;
 pub mod provision;
 pub mod telemetry;

@@ -17,11 +17,38 @@ use crate::error::{classify, code, describe, ErrorClass};
 /// SQS returns at most this many messages per `ReceiveMessage`.
 const SQS_MAX_BATCH: usize = 10;
 
+/// Apply a new `queue.max_in_flight`: more slots at once; fewer as running files finish (the
+/// surplus permits are taken and forgotten in the background).
+fn resize(slots: &Arc<Semaphore>, capacity: &mut usize, want: usize) {
+    if want == *capacity {
+        return;
+    }
+    tracing::info!(
+        from = *capacity,
+        to = want,
+        "queue.max_in_flight changed: resizing the worker pool"
+    );
+    if want > *capacity {
+        slots.add_permits(want - *capacity);
+    } else {
+        let surplus = (*capacity - want) as u32;
+        let slots = slots.clone();
+        tokio::spawn(async move {
+            if let Ok(p) = slots.acquire_many_owned(surplus).await {
+                p.forget();
+            }
+        });
+    }
+    *capacity = want;
+}
+
 /// Receive and process until `stop` is cancelled; then wait for in-flight messages. Workers watch `abort`
 /// (cancelled by the daemon when the shutdown grace runs out) and release what they cannot finish.
 pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: CancellationToken) {
     let max_in_flight = worker.config.borrow().queue.max_in_flight;
     let slots = Arc::new(Semaphore::new(max_in_flight));
+    let mut capacity = max_in_flight;
+    let mut config = worker.config.clone();
     let mut tasks = JoinSet::new();
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
     tracing::info!(queue = %worker.queue_url, max_in_flight, "receiver started");
@@ -29,6 +56,13 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: Cancellati
         while tasks.try_join_next().is_some() {}
         let first = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            r = config.changed() => {
+                if r.is_ok() {
+                    let want = config.borrow_and_update().queue.max_in_flight;
+                    resize(&slots, &mut capacity, want);
+                }
+                continue;
+            }
             _ = stop.cancelled() => break,
         };
         let mut permits = vec![first];

@@ -15,7 +15,6 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_sqs::types::QueueAttributeName;
 use offload_agent::aws::Clients;
-use offload_agent::config::AwsConfig;
 
 pub const HEADER: &str = "Region,Country,ItemType,SalesChannel,OrderPriority,OrderDate,OrderId,ShipDate,UnitSold,UnitPrice,TotalRevenue,TotalCost,TotalProfit";
 
@@ -171,18 +170,10 @@ output_prefix = "output/"
             ),
         )
         .unwrap();
-        let clients = offload_agent::aws::clients(
-            &AwsConfig {
-                region: Some("us-east-1".into()),
-                endpoint_url: Some(endpoint.clone()),
-                profile: None,
-                call_timeout: Duration::from_secs(30),
-                connect_timeout: Duration::from_secs(5),
-            },
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap();
+        let cfg = offload_agent::config::load(&config, &Default::default()).unwrap();
+        let clients = offload_agent::aws::clients_with(&cfg.aws, Duration::from_secs(1), None)
+            .await
+            .unwrap();
         let w = World {
             dir,
             config,
