@@ -25,6 +25,7 @@ pub mod exit {
     pub const FAILURE: u8 = 1;
     pub const USAGE: u8 = 64;
     pub const DATA: u8 = 65;
+    pub const UNAVAILABLE: u8 = 69;
     pub const CONFIG: u8 = 78;
 }
 
@@ -34,6 +35,8 @@ pub enum Failure {
     Config(ConfigError),
     Usage(String),
     Data(String),
+    /// Something outside did not answer in time (`register`).
+    Unavailable(String),
     Runtime(anyhow::Error),
 }
 
@@ -43,6 +46,7 @@ impl Failure {
             Failure::Config(_) => exit::CONFIG,
             Failure::Usage(_) => exit::USAGE,
             Failure::Data(_) => exit::DATA,
+            Failure::Unavailable(_) => exit::UNAVAILABLE,
             Failure::Runtime(_) => exit::FAILURE,
         }
     }
@@ -52,7 +56,7 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::Config(e) => write!(f, "{e}"),
-            Failure::Usage(s) | Failure::Data(s) => f.write_str(s),
+            Failure::Usage(s) | Failure::Data(s) | Failure::Unavailable(s) => f.write_str(s),
             // `{:#}` prints the whole chain of causes on one line.
             Failure::Runtime(e) => write!(f, "{e:#}"),
         }
@@ -125,6 +129,52 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Register {
+            config,
+            region,
+            cluster,
+            activation_id,
+            activation_code_file,
+            reregister,
+            timeout,
+        } => {
+            let cfg = load(&config.config)?;
+            let code = match activation_code_file {
+                Some(path) => std::fs::read_to_string(&path).map_err(|e| {
+                    Failure::Usage(format!(
+                        "cannot read the activation code from {}: {e}",
+                        path.display()
+                    ))
+                })?,
+                None => std::env::var("OFFLOAD_AGENT_ACTIVATION_CODE").unwrap_or_default(),
+            };
+            let args = crate::registration::RegisterArgs {
+                region,
+                cluster,
+                activation_id,
+                activation_code: code.trim().to_string(),
+                reregister,
+                timeout,
+            };
+            crate::registration::register(cfg, args)
+                .await
+                .map_err(registration_failure)
+        }
+        Command::Deregister { config, keep_ssm } => {
+            let cfg = load(&config.config)?;
+            crate::registration::deregister(cfg, keep_ssm)
+                .await
+                .map_err(registration_failure)
+        }
+        Command::IamPolicy { config, account } => {
+            let cfg = load(&config.config)?;
+            let doc = crate::iam_policy::policy(&cfg, account.as_deref());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&doc).unwrap_or_else(|e| e.to_string())
+            );
+            Ok(())
+        }
         Command::Process {
             config,
             dry_run,
@@ -137,6 +187,15 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
                 process_s3(&config.config, &target, progress).await
             }
         }
+    }
+}
+
+fn registration_failure(e: crate::registration::Error) -> Failure {
+    use crate::registration::Error;
+    match e {
+        Error::Input(s) => Failure::Config(ConfigError { problems: vec![s] }),
+        Error::Unavailable(s) => Failure::Unavailable(s),
+        Error::Failed(s) => Failure::Runtime(anyhow::anyhow!(s)),
     }
 }
 

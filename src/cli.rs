@@ -12,8 +12,10 @@ CONFIGURATION:
     TOML, read from --config (default /etc/offload-agent/agent.toml), then every
     conf.d/*.toml beside it in name order, then environment variables
     OFFLOAD_AGENT_<SECTION>__<KEY> (for example OFFLOAD_AGENT_AWS__ENDPOINT_URL=http://127.0.0.1:5000).
-    config/agent.toml in the source tree documents every key with its default. AWS credentials
-    come from the SDK's default chain (environment, shared files, SSO, instance or container roles).
+    With ssm.parameters_path set, Parameter Store sits between the files and the environment.
+    config/agent.toml in the source tree documents every key with its default. AWS credentials:
+    on an SSM hybrid host, the SSM agent's rotating credentials file (followed as it is rewritten);
+    with aws.credentials_file, that file; otherwise the SDK's default chain.
 
 SIGNALS (run):
     SIGTERM, SIGINT  stop receiving, finish in-flight files within agent.shutdown_grace, release the
@@ -26,6 +28,7 @@ EXIT STATUS:
     1   runtime failure (AWS unreachable, a transient processing failure, I/O error)
     64  bad command-line usage
     65  process: the file is not valid orders CSV, or --dry-run found rejected rows
+    69  register: an AWS side, the SSM agent or the ECS agent did not answer in time
     78  configuration error (every problem is listed, naming the key and the file)
 
 EXAMPLES:
@@ -33,7 +36,10 @@ EXAMPLES:
     offload-agent provision --config ./config/demo.toml
     offload-agent run --config ./config/demo.toml
     offload-agent process --config ./config/demo.toml s3://offload-file-drop/input/orders.csv
-    offload-agent process --dry-run ./orders.csv";
+    offload-agent process --dry-run ./orders.csv
+    offload-agent register --region eu-west-1 --cluster onprem --activation-id ID \\
+        --activation-code-file /root/activation-code
+    offload-agent iam-policy --account 123456789012";
 
 /// offload-agent: process S3 file events on your own hosts.
 ///
@@ -96,6 +102,70 @@ pub enum Command {
         target: String,
     },
 
+    /// Register this host with SSM (hybrid activation) and ECS Anywhere; idempotent.
+    ///
+    /// Steps, each printed with its outcome: keep the host's managed instance id if the SSM agent
+    /// registered it before (unless --reregister), else stop the SSM agent, run `amazon-ssm-agent
+    /// -register`, enable and start it; wait until its rotating credentials are published and Systems
+    /// Manager reports the instance online; make sure Docker answers (starting docker.service when it
+    /// is installed but stopped); write ECS_CLUSTER to /etc/ecs/ecs.config and AWS_DEFAULT_REGION,
+    /// ECS_EXTERNAL=true (and ECS_BACKEND_HOST with an ECS endpoint override) to
+    /// /var/lib/ecs/ecs.config, each key exactly once and every other line kept; start the ECS agent
+    /// (through the running daemon, or here) and wait for its container instance ARN; confirm it is
+    /// ACTIVE with its agent connected. Exit 0 registered (or already was), 69 an AWS side or agent did
+    /// not answer in time, 78 bad input. The activation code is never printed or logged.
+    Register {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// AWS region of the activation and the cluster (default: aws.region).
+        #[arg(long)]
+        region: Option<String>,
+        /// The ECS cluster to join.
+        #[arg(long)]
+        cluster: String,
+        /// The SSM hybrid activation id.
+        #[arg(long, value_name = "ID")]
+        activation_id: String,
+        /// A file holding the activation code (or set OFFLOAD_AGENT_ACTIVATION_CODE). Not accepted as
+        /// an argument: arguments are visible to every user of the host.
+        #[arg(long, value_name = "PATH")]
+        activation_code_file: Option<PathBuf>,
+        /// Register with SSM again even though the host already has a managed instance id.
+        #[arg(long)]
+        reregister: bool,
+        /// Bound on each wait (credentials, online, agent registered, ACTIVE).
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+
+    /// Take this host out of ECS and SSM again, undoing what register and the supervisor did.
+    ///
+    /// Deregisters the container instance (forced), stops and removes the agent container, removes the
+    /// task IAM role network rules, deregisters the managed instance with the host's own credentials
+    /// (unless --keep-ssm) and disables the SSM agent, removes exactly the keys register wrote from the
+    /// ECS config files (other lines stay), and clears the agent's saved state so that a later register
+    /// starts clean. Idempotent: running it twice is not an error.
+    Deregister {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Leave the SSM registration in place.
+        #[arg(long)]
+        keep_ssm: bool,
+    },
+
+    /// Print the least-privilege IAM policy (JSON) the host's role needs for this configuration.
+    ///
+    /// Covers the queue and dead-letter queue, each pipeline's input prefix, output prefix and table,
+    /// the Parameter Store path, and ECS Anywhere's agent actions. Resources are scoped to the region
+    /// and, with --account, the account.
+    IamPolicy {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The AWS account id for resource ARNs (default: any account, "*").
+        #[arg(long, value_name = "ID")]
+        account: Option<String>,
+    },
+
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -103,8 +173,9 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Validate the configuration and print the effective result (files + environment, defaults
-    /// filled in, secrets redacted). Exits 78 listing every problem if it is invalid.
+    /// Validate the configuration and print the effective result (files, Parameter Store when
+    /// ssm.parameters_path is set, environment; defaults filled in; SecureString values redacted) and
+    /// where each value came from. Exits 78 listing every problem if it is invalid.
     Check(ConfigArg),
 }
 

@@ -459,7 +459,8 @@ pub fn load_with(
     }
     let env_map: config::Map<String, String> = env
         .iter()
-        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
+        // Only SECTION__KEY variables are configuration (OFFLOAD_AGENT_ACTIVATION_CODE is not).
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")) && k.contains("__"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     builder = builder.add_source(

@@ -15,6 +15,9 @@
 //! - [`processors`]: file processors (`orders-csv`).
 //! - [`ecs_agent`]: supervision of the Amazon ECS container agent through Docker (bollard).
 //! - [`provision`]: idempotent creation of the bucket, queues, notification and table.
+//! - [`iam_policy`]: the least-privilege IAM policy a configuration needs.
+//! - [`host`]: the host's service manager (`systemctl`), called without blocking the runtime.
+//! - [`registration`]: `register` / `deregister` with SSM hybrid activation and ECS Anywhere.
 
 pub mod app;
 pub mod aws;
@@ -25,8 +28,11 @@ pub mod credentials;
 pub mod daemon;
 pub mod ecs_agent;
 pub mod error;
+pub mod host;
+pub mod iam_policy;
 pub mod params;
 pub mod processors;
 pub mod provision;
+pub mod registration;
 pub mod telemetry;
 pub mod worker;

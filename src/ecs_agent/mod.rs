@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{Config, EcsAgentConfig};
+use crate::host::Systemctl;
 use introspection::Metadata;
 use spec::{ContainerSpec, CONFIG_HASH_LABEL};
 
@@ -113,18 +114,6 @@ pub struct Supervisor {
     shutdown: CancellationToken,
     restart_backoff: Backoff,
     firewall: firewall::Firewall,
-    systemctl: String,
-}
-
-/// Whether the amazon-ecs-init package's service is running (`systemctl is-active ecs.service`).
-fn ecs_init_active(systemctl: &str) -> bool {
-    std::process::Command::new(systemctl)
-        .args(["is-active", "--quiet", "ecs.service"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 fn is_not_found(e: &DockerError) -> bool {
@@ -135,6 +124,22 @@ fn is_not_found(e: &DockerError) -> bool {
             ..
         }
     )
+}
+
+/// Connect to the Docker engine at `socket` and agree on an API version with it.
+pub async fn connect(socket: &str) -> Result<Docker, String> {
+    let docker = Docker::connect_with_unix(socket, 120, bollard::API_DEFAULT_VERSION)
+        .map_err(|e| format!("cannot use the Docker socket {socket}: {e}"))?;
+    // Debian's docker.io speaks API 1.41; bollard defaults to a newer one.
+    let docker = docker
+        .negotiate_version()
+        .await
+        .map_err(|e| format!("Docker at {socket} does not answer: {e}"))?;
+    docker
+        .ping()
+        .await
+        .map_err(|e| format!("Docker at {socket} does not answer: {e}"))?;
+    Ok(docker)
 }
 
 /// A path from the agent's files, read relative to `host_root` when absolute.
@@ -156,16 +161,9 @@ impl Supervisor {
                 shutdown,
                 restart_backoff: Backoff::new(cfg.restart_backoff_min, cfg.restart_backoff_max),
                 firewall: firewall::Firewall::default(),
-                systemctl: "systemctl".into(),
             },
             rx,
         )
-    }
-
-    /// Use another `systemctl` for the ecs.service conflict check (tests; unusual layouts).
-    pub fn with_systemctl(mut self, path: impl Into<String>) -> Self {
-        self.systemctl = path.into();
-        self
     }
 
     fn cfg(&self) -> EcsAgentConfig {
@@ -212,19 +210,7 @@ impl Supervisor {
     }
 
     async fn connect(&self, cfg: &EcsAgentConfig) -> Result<Docker, String> {
-        let docker =
-            Docker::connect_with_unix(&cfg.docker_socket, 120, bollard::API_DEFAULT_VERSION)
-                .map_err(|e| format!("cannot use the Docker socket {}: {e}", cfg.docker_socket))?;
-        // Debian's docker.io speaks API 1.41; bollard defaults to a newer one.
-        let docker = docker
-            .negotiate_version()
-            .await
-            .map_err(|e| format!("Docker at {} does not answer: {e}", cfg.docker_socket))?;
-        docker
-            .ping()
-            .await
-            .map_err(|e| format!("Docker at {} does not answer: {e}", cfg.docker_socket))?;
-        Ok(docker)
+        connect(&cfg.docker_socket).await
     }
 
     /// Load an image tarball (`docker load`), streamed from disk.
@@ -476,7 +462,9 @@ impl Supervisor {
                     r = self.config.changed() => if r.is_err() { break } else { continue },
                 }
             }
-            if ecs_init_active(&self.systemctl) {
+            let systemctl = Systemctl::new(self.config.borrow().host.systemctl.clone());
+            // amazon-ecs-init's service manages the same container: two supervisors would fight.
+            if systemctl.is_active("ecs.service").await {
                 self.set(
                     State::Conflict,
                     "ecs.service (amazon-ecs-init) is active and manages the agent too: run `systemctl disable --now ecs` to switch over to offload-agent",
@@ -503,7 +491,8 @@ impl Supervisor {
                     continue;
                 }
             };
-            let spec = match ContainerSpec::build(&cfg, &image_id) {
+            let host = self.config.borrow().host.clone();
+            let spec = match ContainerSpec::build(&cfg, &host, &image_id) {
                 Ok(s) => s,
                 Err(e) => {
                     let d = config_backoff.next_delay();

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 use sha2::{Digest, Sha256};
 
-use crate::config::EcsAgentConfig;
+use crate::config::{EcsAgentConfig, HostConfig as HostPaths};
 
 /// Label holding the hash of everything the container was created from.
 pub const CONFIG_HASH_LABEL: &str = "io.offload-agent.config-hash";
@@ -32,6 +32,14 @@ pub const DEFAULT_ENV: &[(&str, &str)] = &[
     ("AWS_SHARED_CREDENTIALS_FILE", "/rotatingcreds/credentials"),
 ];
 
+/// Values ecs-init sets after reading the env files on an external (ECS Anywhere) instance: a user's
+/// env file cannot turn them off.
+pub const FORCED_ENV: &[(&str, &str)] =
+    &[("ECS_ENABLE_TASK_ENI", "false"), ("ECS_EXTERNAL", "true")];
+
+/// Where the rotating credentials directory appears inside the agent's container.
+const ROTATING_CREDS: &str = "/rotatingcreds";
+
 /// Env files, in order (later wins), relative to `host_root`.
 pub const ENV_FILES: [&str; 2] = ["var/lib/ecs/ecs.config", "etc/ecs/ecs.config"];
 /// Holds the path of the image tarball to load when the agent exits 42.
@@ -49,8 +57,20 @@ pub const BINDS: &[(&str, &str, bool, bool)] = &[
     ("sys/fs/cgroup", "/sys/fs/cgroup", false, false),
     ("var/lib/ecs", "/var/lib/ecs", false, true),
     ("proc", "/host/proc", true, false),
-    ("root/.aws", "/rotatingcreds", true, false),
+    // ECS Exec: the managed agents' binaries, their configuration and their logs.
+    ("var/lib/ecs/deps", "/managed-agents", true, true),
+    (
+        "var/lib/ecs/deps/execute-command/config",
+        "/managed-agents/execute-command/config",
+        false,
+        true,
+    ),
+    ("var/log/ecs/exec", "/log/exec", false, true),
 ];
+
+/// The default rotating credentials directory when the SSM agent's identity_config.json names none
+/// (relative to `host_root`).
+const DEFAULT_CREDS_DIR: &str = "root/.aws";
 
 /// A problem with an env file, naming the file and line.
 #[derive(Debug, thiserror::Error)]
@@ -119,8 +139,14 @@ pub fn host_path(cfg: &EcsAgentConfig, rel: &str) -> PathBuf {
 }
 
 impl ContainerSpec {
-    /// Build the spec: default env, then the env files; required directories are created.
-    pub fn build(cfg: &EcsAgentConfig, image_id: &str) -> Result<ContainerSpec, String> {
+    /// Build the spec: default env, then the env files, then the values ecs-init forces; the rotating
+    /// credentials directory is the one the SSM agent's identity_config.json names (`ShareFile`,
+    /// `ShareProfile`), else `/root/.aws`. Required directories are created.
+    pub fn build(
+        cfg: &EcsAgentConfig,
+        host: &HostPaths,
+        image_id: &str,
+    ) -> Result<ContainerSpec, String> {
         let mut env: BTreeMap<String, String> = DEFAULT_ENV
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -137,7 +163,35 @@ impl ContainerSpec {
                 Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
             }
         }
+        for (k, v) in FORCED_ENV {
+            env.insert(k.to_string(), v.to_string());
+        }
         let mut binds = Vec::new();
+        let identity = crate::credentials::IdentityConfig::read(&host.identity_config()).ok();
+        match identity.as_ref().filter(|i| !i.share_file.is_empty()) {
+            Some(id) => {
+                let file = Path::new(&id.share_file);
+                if let (Some(dir), Some(name)) = (file.parent(), file.file_name()) {
+                    binds.push(format!("{}:{ROTATING_CREDS}:ro", dir.display()));
+                    env.insert(
+                        "AWS_SHARED_CREDENTIALS_FILE".into(),
+                        format!("{ROTATING_CREDS}/{}", name.to_string_lossy()),
+                    );
+                }
+                if !id.share_profile.is_empty() && id.share_profile != "default" {
+                    env.insert(
+                        "ECS_ALTERNATE_CREDENTIAL_PROFILE".into(),
+                        id.share_profile.clone(),
+                    );
+                }
+            }
+            None => {
+                let dir = host_path(cfg, DEFAULT_CREDS_DIR);
+                if dir.exists() {
+                    binds.push(format!("{}:{ROTATING_CREDS}:ro", dir.display()));
+                }
+            }
+        }
         for (rel, inside, ro, required) in BINDS {
             let host = host_path(cfg, rel);
             if *required {
@@ -183,7 +237,7 @@ impl ContainerSpec {
         }
         field("log_max_size", &self.log_max_size);
         field("log_max_files", &self.log_max_files.to_string());
-        field("layout", "1"); // bump when create_body changes shape
+        field("layout", "2"); // bump when create_body changes shape
         hex::encode(h.finalize())
     }
 
@@ -242,12 +296,14 @@ mod tests {
     #[test]
     fn spec_layers_env_files_skips_missing_optional_binds_and_hashes_stably() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = crate::config::from_toml_str(
+        let full = crate::config::from_toml_str(
             "[queue]\nname='q'\n[[pipeline]]\nname='p'\nbucket='b'\nprefix='in/'\nprocessor='orders-csv'\ntable='t'\noutput_prefix='out/'\n",
             "t.toml",
         )
-        .unwrap()
-        .ecs_agent;
+        .unwrap();
+        let mut cfg = full.ecs_agent.clone();
+        let mut host = full.host.clone();
+        host.ssm_dir = dir.path().join("ssm");
         cfg.host_root = dir.path().to_path_buf();
         std::fs::create_dir_all(dir.path().join("var/lib/ecs")).unwrap();
         std::fs::create_dir_all(dir.path().join("etc/ecs")).unwrap();
@@ -256,11 +312,23 @@ mod tests {
             "ECS_CLUSTER=a\nECS_X=1\n",
         )
         .unwrap();
-        std::fs::write(dir.path().join("etc/ecs/ecs.config"), "ECS_CLUSTER=b\n").unwrap();
-        let spec = ContainerSpec::build(&cfg, "sha256:1").unwrap();
+        std::fs::write(
+            dir.path().join("etc/ecs/ecs.config"),
+            "ECS_CLUSTER=b\nECS_ENABLE_TASK_ENI=true\n",
+        )
+        .unwrap();
+        let spec = ContainerSpec::build(&cfg, &host, "sha256:1").unwrap();
         assert_eq!(spec.env["ECS_CLUSTER"], "b");
         assert_eq!(spec.env["ECS_X"], "1");
         assert_eq!(spec.env["ECS_EXTERNAL"], "true");
+        assert_eq!(
+            spec.env["ECS_ENABLE_TASK_ENI"], "false",
+            "forced after the env files"
+        );
+        assert!(spec
+            .binds
+            .iter()
+            .any(|b| b.ends_with(":/managed-agents:ro")));
         assert!(spec.binds.iter().any(|b| b.ends_with(":/data")));
         assert!(
             !spec.binds.iter().any(|b| b.contains("/rotatingcreds")),
@@ -272,19 +340,39 @@ mod tests {
         );
         assert_eq!(
             spec.hash(),
-            ContainerSpec::build(&cfg, "sha256:1").unwrap().hash()
+            ContainerSpec::build(&cfg, &host, "sha256:1")
+                .unwrap()
+                .hash()
         );
         assert_ne!(
             spec.hash(),
-            ContainerSpec::build(&cfg, "sha256:2").unwrap().hash()
+            ContainerSpec::build(&cfg, &host, "sha256:2")
+                .unwrap()
+                .hash()
         );
         std::fs::create_dir_all(dir.path().join("root/.aws")).unwrap();
-        let with_creds = ContainerSpec::build(&cfg, "sha256:1").unwrap();
+        let with_creds = ContainerSpec::build(&cfg, &host, "sha256:1").unwrap();
         assert!(with_creds
             .binds
             .iter()
             .any(|b| b.ends_with("/rotatingcreds:ro")));
         assert_ne!(spec.hash(), with_creds.hash());
+        // On a hybrid host the SSM agent's identity_config.json names the file and profile.
+        std::fs::create_dir_all(host.ssm_dir.join("runtimeconfig")).unwrap();
+        std::fs::write(
+            host.identity_config(),
+            r#"{"ShareFile":"/var/lib/creds/shared","ShareProfile":"ssm"}"#,
+        )
+        .unwrap();
+        let hybrid = ContainerSpec::build(&cfg, &host, "sha256:1").unwrap();
+        assert!(hybrid
+            .binds
+            .contains(&"/var/lib/creds:/rotatingcreds:ro".to_string()));
+        assert_eq!(
+            hybrid.env["AWS_SHARED_CREDENTIALS_FILE"],
+            "/rotatingcreds/shared"
+        );
+        assert_eq!(hybrid.env["ECS_ALTERNATE_CREDENTIAL_PROFILE"], "ssm");
         let body = spec.create_body();
         let hc = body.host_config.unwrap();
         assert_eq!(hc.network_mode.as_deref(), Some("host"));

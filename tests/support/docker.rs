@@ -307,11 +307,11 @@ output_prefix = "out/"
 
     /// Start with another `systemctl` (to imitate an active ecs.service).
     pub fn start_with_systemctl(&mut self, systemctl: &str) {
+        self.config.host.systemctl = systemctl.to_string();
         let (tx, rx) = watch::channel(Arc::new(self.config.clone()));
         self.tx = tx;
         self.shutdown = CancellationToken::new();
         let (sup, status) = Supervisor::new(rx, self.shutdown.clone());
-        let sup = sup.with_systemctl(systemctl);
         self.status = status;
         self.task = Some(tokio::spawn(sup.run()));
     }

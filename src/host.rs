@@ -1,0 +1,72 @@
+//! The host's service manager, through the configured `systemctl` (`host.systemctl`), run without
+//! blocking the async runtime. Tests point `host.systemctl` at a stand-in script.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+/// How long one `systemctl` call may take (a stuck unit start must not hang `register`).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone)]
+pub struct Systemctl {
+    program: String,
+}
+
+impl Systemctl {
+    pub fn new(program: impl Into<String>) -> Self {
+        Systemctl {
+            program: program.into(),
+        }
+    }
+
+    /// Run `systemctl ARGS`; Ok(true) when it exited 0. Err when it could not be run at all.
+    pub async fn run(&self, args: &[&str]) -> Result<bool, String> {
+        let child = Command::new(&self.program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(CALL_TIMEOUT, child).await {
+            Ok(Ok(out)) => Ok(out.status.success()),
+            Ok(Err(e)) => Err(format!(
+                "cannot run {} {}: {e}",
+                self.program,
+                args.join(" ")
+            )),
+            Err(_) => Err(format!(
+                "{} {} did not finish within {CALL_TIMEOUT:?}",
+                self.program,
+                args.join(" ")
+            )),
+        }
+    }
+
+    /// Run and require success, naming the command on failure.
+    pub async fn must(&self, args: &[&str]) -> Result<(), String> {
+        match self.run(args).await? {
+            true => Ok(()),
+            false => Err(format!(
+                "`{} {}` failed (see `journalctl -xe`)",
+                self.program,
+                args.join(" ")
+            )),
+        }
+    }
+
+    /// Whether a unit is active. A missing systemctl counts as "not active".
+    pub async fn is_active(&self, unit: &str) -> bool {
+        self.run(&["is-active", "--quiet", unit])
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Whether a unit is installed (systemd knows its unit file).
+    pub async fn exists(&self, unit: &str) -> bool {
+        // `cat` fails for units that do not exist, and works for every installed one.
+        self.run(&["cat", unit]).await.unwrap_or(false)
+    }
+}

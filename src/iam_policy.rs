@@ -1,0 +1,159 @@
+//! `offload-agent iam-policy`: the least-privilege policy the host's role needs for a configuration.
+
+use serde_json::{json, Value};
+
+use crate::config::Config;
+
+fn partition(region: &str) -> &'static str {
+    if region.starts_with("cn-") {
+        "aws-cn"
+    } else if region.starts_with("us-gov-") {
+        "aws-us-gov"
+    } else {
+        "aws"
+    }
+}
+
+/// A queue's name from a name or a URL.
+fn queue_name(q: &str) -> &str {
+    q.rsplit('/').next().unwrap_or(q)
+}
+
+/// The policy document. `account` defaults to any account (`*`).
+pub fn policy(cfg: &Config, account: Option<&str>) -> Value {
+    let region = cfg.aws.region.as_deref().unwrap_or("*");
+    let part = partition(region);
+    let account = account.unwrap_or("*");
+    let queue_arn = |q: &str| format!("arn:{part}:sqs:{region}:{account}:{}", queue_name(q));
+    let mut statements = Vec::new();
+
+    let main = cfg
+        .queue
+        .url
+        .as_deref()
+        .or(cfg.queue.name.as_deref())
+        .unwrap_or("*");
+    statements.push(json!({
+        "Sid": "ReceiveFileEvents",
+        "Effect": "Allow",
+        "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
+                   "sqs:GetQueueUrl", "sqs:GetQueueAttributes"],
+        "Resource": [queue_arn(main)],
+    }));
+    if let Some(dlq) = &cfg.queue.dead_letter_queue {
+        statements.push(json!({
+            "Sid": "DeadLetter",
+            "Effect": "Allow",
+            "Action": ["sqs:SendMessage", "sqs:GetQueueUrl", "sqs:GetQueueAttributes"],
+            "Resource": [queue_arn(dlq)],
+        }));
+    }
+
+    let mut read = Vec::new();
+    let mut write = Vec::new();
+    let mut tables = Vec::new();
+    for p in &cfg.pipelines {
+        read.push(format!("arn:{part}:s3:::{}/{}*", p.bucket, p.prefix));
+        write.push(format!(
+            "arn:{part}:s3:::{}/{}*",
+            p.output_bucket(),
+            p.output_prefix
+        ));
+        tables.push(format!(
+            "arn:{part}:dynamodb:{region}:{account}:table/{}",
+            p.table
+        ));
+    }
+    read.sort();
+    read.dedup();
+    write.sort();
+    write.dedup();
+    tables.sort();
+    tables.dedup();
+    statements.push(json!({
+        "Sid": "ReadInputs",
+        "Effect": "Allow",
+        "Action": ["s3:GetObject", "s3:GetObjectVersion"],
+        "Resource": read,
+    }));
+    statements.push(json!({
+        "Sid": "WriteOutputsAndReports",
+        "Effect": "Allow",
+        // DeleteObject: a stale rejects report of an earlier version; Abort: interrupted multipart.
+        "Action": ["s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
+        "Resource": write,
+    }));
+    statements.push(json!({
+        "Sid": "WriteOrders",
+        "Effect": "Allow",
+        "Action": ["dynamodb:BatchWriteItem", "dynamodb:PutItem", "dynamodb:DescribeTable"],
+        "Resource": tables,
+    }));
+    if let Some(path) = &cfg.ssm.parameters_path {
+        let path = path.trim_end_matches('/');
+        statements.push(json!({
+            "Sid": "ConfigurationFromParameterStore",
+            "Effect": "Allow",
+            "Action": ["ssm:GetParametersByPath", "ssm:GetParameters", "ssm:GetParameter"],
+            "Resource": [
+                format!("arn:{part}:ssm:{region}:{account}:parameter{path}"),
+                format!("arn:{part}:ssm:{region}:{account}:parameter{path}/*"),
+            ],
+        }));
+        statements.push(json!({
+            "Sid": "DecryptSecureStrings",
+            "Effect": "Allow",
+            "Action": ["kms:Decrypt"],
+            "Resource": [format!("arn:{part}:kms:{region}:{account}:key/*")],
+            "Condition": {"StringEquals": {"kms:ViaService": format!("ssm.{region}.amazonaws.com")}},
+        }));
+    }
+    if cfg.ecs_agent.enabled {
+        // The ECS agent's own calls on an ECS Anywhere host (as in AmazonEC2ContainerServiceforEC2Role),
+        // plus the checks `register` and `deregister` make with the host's credentials.
+        statements.push(json!({
+            "Sid": "EcsAnywhereAgent",
+            "Effect": "Allow",
+            "Action": ["ecs:RegisterContainerInstance", "ecs:DeregisterContainerInstance",
+                       "ecs:DescribeContainerInstances", "ecs:DiscoverPollEndpoint", "ecs:Poll",
+                       "ecs:StartTelemetrySession", "ecs:PutSystemLogEvents", "ecs:SubmitAttachmentStateChanges",
+                       "ecs:SubmitContainerStateChange", "ecs:SubmitTaskStateChange", "ecs:UpdateContainerInstancesState",
+                       "ecs:TagResource", "ecr:GetAuthorizationToken", "ecr:BatchCheckLayerAvailability",
+                       "ecr:GetDownloadUrlForLayer", "ecr:BatchGetImage", "logs:CreateLogStream",
+                       "logs:PutLogEvents"],
+            "Resource": "*",
+        }));
+    }
+    statements.push(json!({
+        "Sid": "HybridInstanceSelf",
+        "Effect": "Allow",
+        "Action": ["ssm:DescribeInstanceInformation", "ssm:DeregisterManagedInstance"],
+        "Resource": "*",
+    }));
+    json!({"Version": "2012-10-17", "Statement": statements})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_follow_the_configuration() {
+        let cfg = crate::config::from_toml_str(
+            "[aws]\nregion='eu-west-1'\n[queue]\nname='q'\ndead_letter_queue='q-dlq'\n[ssm]\nparameters_path='/oa/prod'\n[[pipeline]]\nname='p'\nbucket='b'\nprefix='in/'\nprocessor='orders-csv'\ntable='T'\noutput_prefix='out/'\n",
+            "t.toml",
+        )
+        .unwrap();
+        let text = policy(&cfg, Some("123456789012")).to_string();
+        for want in [
+            "arn:aws:sqs:eu-west-1:123456789012:q\"",
+            "arn:aws:sqs:eu-west-1:123456789012:q-dlq",
+            "arn:aws:s3:::b/in/*",
+            "arn:aws:s3:::b/out/*",
+            "arn:aws:dynamodb:eu-west-1:123456789012:table/T",
+            "parameter/oa/prod/*",
+        ] {
+            assert!(text.contains(want), "{want} in {text}");
+        }
+    }
+}

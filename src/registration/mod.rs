@@ -1,0 +1,567 @@
+//! `register` and `deregister`: put a datacenter host into service as an SSM hybrid managed instance
+//! (`mi-…`) in an ECS Anywhere cluster, and take it back out. Both are idempotent and print every step
+//! with its outcome; neither ever prints the activation code.
+
+pub mod env_file;
+pub mod ssm;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bollard::query_parameters::{RemoveContainerOptionsBuilder, StopContainerOptionsBuilder};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::ecs_agent::{self, introspection, spec, State, Supervisor};
+use crate::error::describe;
+use crate::host::Systemctl;
+
+/// The daemon's own unit: when it runs, `register` asks it (reload) to start the agent.
+pub const SERVICE_UNIT: &str = "offload-agent.service";
+/// Keys `register` writes to `/etc/ecs/ecs.config`.
+const ETC_KEYS: [&str; 1] = ["ECS_CLUSTER"];
+/// Keys `register` writes to `/var/lib/ecs/ecs.config`.
+const VAR_KEYS: [&str; 3] = ["AWS_DEFAULT_REGION", "ECS_EXTERNAL", "ECS_BACKEND_HOST"];
+/// What `register` remembers for `deregister`, under `host.state_dir`.
+const STATE_FILE: &str = "registration.json";
+
+/// Why `register` or `deregister` stopped; each maps to an exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input (exit 78).
+    #[error("{0}")]
+    Input(String),
+    /// An AWS side (or the SSM agent, or the ECS agent) did not answer in time (exit 69).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else (exit 1).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// `register`'s inputs.
+pub struct RegisterArgs {
+    pub region: Option<String>,
+    pub cluster: String,
+    pub activation_id: String,
+    /// Never logged: `Debug` is not derived.
+    pub activation_code: String,
+    pub reregister: bool,
+    /// Bound on each wait (credentials, online, agent registered, ACTIVE).
+    pub timeout: Duration,
+}
+
+/// What `register` recorded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Saved {
+    pub managed_instance_id: String,
+    pub region: String,
+    pub cluster: String,
+    pub container_instance_arn: String,
+}
+
+fn step(what: &str, outcome: impl std::fmt::Display) {
+    println!("{what:<7} {outcome}");
+}
+
+fn state_path(cfg: &Config) -> PathBuf {
+    cfg.host.state_dir.join(STATE_FILE)
+}
+
+fn load_state(cfg: &Config) -> Option<Saved> {
+    let text = std::fs::read_to_string(state_path(cfg)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn etc_config(cfg: &Config) -> PathBuf {
+    spec::host_path(&cfg.ecs_agent, spec::ENV_FILES[1])
+}
+
+fn var_config(cfg: &Config) -> PathBuf {
+    spec::host_path(&cfg.ecs_agent, spec::ENV_FILES[0])
+}
+
+/// Register this host. See `offload-agent register --help`.
+pub async fn register(mut cfg: Config, a: RegisterArgs) -> Result<(), Error> {
+    let region = a
+        .region
+        .clone()
+        .or_else(|| cfg.aws.region.clone())
+        .ok_or_else(|| Error::Input("no region: pass --region, or set aws.region".into()))?;
+    for (name, v) in [
+        ("--cluster", &a.cluster),
+        ("--activation-id", &a.activation_id),
+    ] {
+        if v.trim().is_empty() {
+            return Err(Error::Input(format!("{name} must not be empty")));
+        }
+    }
+    cfg.aws.region = Some(region.clone());
+    let deadline = || Instant::now() + a.timeout;
+    let systemctl = Systemctl::new(cfg.host.systemctl.clone());
+
+    // 1. The SSM agent: keep an existing registration unless asked not to.
+    let existing = ssm::registration(&cfg.host).map_err(Error::Failed)?;
+    let instance = match existing {
+        Some(r) if !a.reregister => {
+            step(
+                "ssm",
+                format!(
+                    "already registered as {} (kept; --reregister registers again)",
+                    r.managed_instance_id
+                ),
+            );
+            r.managed_instance_id
+        }
+        _ => {
+            if a.activation_code.trim().is_empty() {
+                return Err(Error::Input(
+                    "no activation code: put it in a file for --activation-code-file, or in OFFLOAD_AGENT_ACTIVATION_CODE".into(),
+                ));
+            }
+            let unit = &cfg.host.ssm_service;
+            // The agent must not run while it is re-registered (it would keep the old identity).
+            let _ = systemctl.run(&["stop", unit]).await;
+            step(
+                "ssm",
+                format!(
+                    "running {} -register -id {} -region {region} (code hidden)",
+                    cfg.host.ssm_agent.display(),
+                    a.activation_id
+                ),
+            );
+            ssm::run_register(
+                &cfg.host.ssm_agent,
+                &ssm::Activation {
+                    id: a.activation_id.clone(),
+                    code: a.activation_code.clone(),
+                    region: region.clone(),
+                },
+            )
+            .await
+            .map_err(Error::Failed)?;
+            systemctl
+                .must(&["enable", unit])
+                .await
+                .map_err(Error::Failed)?;
+            systemctl
+                .must(&["start", unit])
+                .await
+                .map_err(Error::Failed)?;
+            let r = ssm::registration(&cfg.host)
+                .map_err(Error::Failed)?
+                .ok_or_else(|| {
+                    Error::Failed(format!(
+                        "the SSM agent registered but {} is missing",
+                        cfg.host.ssm_registration().display()
+                    ))
+                })?;
+            step(
+                "ssm",
+                format!(
+                    "registered as {}; {unit} enabled and started",
+                    r.managed_instance_id
+                ),
+            );
+            r.managed_instance_id
+        }
+    };
+    let file = ssm::wait_for_credentials(&cfg.host, deadline())
+        .await
+        .map_err(Error::Unavailable)?;
+    step(
+        "ssm",
+        format!("rotating credentials published in {}", file.display()),
+    );
+    // From here on every AWS call uses the host's own credentials (the file just published).
+    let clients = crate::aws::clients(&cfg)
+        .await
+        .map_err(|e| Error::Input(e.to_string()))?;
+    ssm::wait_online(&clients.ssm, &instance, deadline())
+        .await
+        .map_err(Error::Unavailable)?;
+    step("ssm", format!("{instance} is online in Systems Manager"));
+
+    // 2. Docker.
+    ensure_docker(&cfg, &systemctl, deadline()).await?;
+
+    // 3. The ECS agent's configuration: our keys once each, the user's lines untouched.
+    let changed = env_file::apply(&etc_config(&cfg), &[(ETC_KEYS[0], a.cluster.as_str())], &[])
+        .map_err(Error::Failed)?;
+    step(
+        "ecs",
+        format!(
+            "{}: ECS_CLUSTER={} ({})",
+            etc_config(&cfg).display(),
+            a.cluster,
+            if changed { "written" } else { "already so" }
+        ),
+    );
+    let mut var: Vec<(&str, &str)> = vec![(VAR_KEYS[0], region.as_str()), (VAR_KEYS[1], "true")];
+    let backend = cfg.aws.endpoint_for("ecs").map(String::from);
+    let mut remove = Vec::new();
+    match &backend {
+        Some(url) => var.push((VAR_KEYS[2], url.as_str())),
+        None => remove.push(VAR_KEYS[2]),
+    }
+    let changed = env_file::apply(&var_config(&cfg), &var, &remove).map_err(Error::Failed)?;
+    let shown: Vec<String> = var.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    step(
+        "ecs",
+        format!(
+            "{}: {} ({})",
+            var_config(&cfg).display(),
+            shown.join(" "),
+            if changed { "written" } else { "already so" }
+        ),
+    );
+
+    // 4. The agent registers itself with ECS once it runs with that configuration.
+    let arn = start_agent(&cfg, &systemctl, deadline()).await?;
+    step("ecs", format!("the ECS agent registered as {arn}"));
+    confirm_active(&clients.ecs, &a.cluster, &arn, deadline()).await?;
+    step(
+        "ecs",
+        "the container instance is ACTIVE with its agent connected",
+    );
+
+    let saved = Saved {
+        managed_instance_id: instance.clone(),
+        region,
+        cluster: a.cluster.clone(),
+        container_instance_arn: arn.clone(),
+    };
+    save_state(&cfg, &saved)?;
+    println!();
+    println!("managed instance:   {instance}");
+    println!("cluster:            {}", a.cluster);
+    println!("container instance: {arn}");
+    Ok(())
+}
+
+fn save_state(cfg: &Config, saved: &Saved) -> Result<(), Error> {
+    let path = state_path(cfg);
+    std::fs::create_dir_all(&cfg.host.state_dir)
+        .and_then(|_| std::fs::write(&path, serde_json::to_vec_pretty(saved).unwrap_or_default()))
+        .map_err(|e| Error::Failed(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Docker must answer; when it is installed but stopped, start it through systemd.
+async fn ensure_docker(
+    cfg: &Config,
+    systemctl: &Systemctl,
+    deadline: Instant,
+) -> Result<(), Error> {
+    let socket = &cfg.ecs_agent.docker_socket;
+    if ecs_agent::connect(socket).await.is_ok() {
+        step("docker", format!("answering on {socket}"));
+        return Ok(());
+    }
+    let unit = &cfg.host.docker_service;
+    if !systemctl.exists(unit).await {
+        return Err(Error::Failed(format!(
+            "Docker does not answer on {socket} and {unit}.service is not installed: install Docker (Debian: apt-get install docker.io)"
+        )));
+    }
+    systemctl
+        .must(&["start", unit])
+        .await
+        .map_err(Error::Failed)?;
+    loop {
+        match ecs_agent::connect(socket).await {
+            Ok(_) => {
+                step("docker", format!("started {unit}; answering on {socket}"));
+                return Ok(());
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(Error::Unavailable(format!(
+                    "{e} (started {unit}): check `systemctl status {unit}`"
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// Start (or restart with the new configuration) the agent and wait for its ContainerInstanceArn.
+/// A running daemon is asked to do it (reload); otherwise the supervisor runs here until the agent
+/// registered, and the daemon adopts the container when it starts.
+async fn start_agent(
+    cfg: &Config,
+    systemctl: &Systemctl,
+    deadline: Instant,
+) -> Result<String, Error> {
+    if !cfg.ecs_agent.enabled {
+        step(
+            "ecs",
+            "note: ecs_agent.enabled = false, so the daemon will not supervise the agent started now",
+        );
+    }
+    if cfg.ecs_agent.enabled && systemctl.is_active(SERVICE_UNIT).await {
+        systemctl
+            .must(&["reload", SERVICE_UNIT])
+            .await
+            .map_err(Error::Failed)?;
+        step(
+            "ecs",
+            format!("asked the running {SERVICE_UNIT} to restart the agent"),
+        );
+        loop {
+            if let Ok(m) =
+                introspection::fetch(&cfg.ecs_agent.introspection_url, Duration::from_secs(2)).await
+            {
+                if let Some(arn) = m.container_instance_arn {
+                    return Ok(arn);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(agent_timeout(cfg, "no ContainerInstanceArn yet"));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    let mut here = cfg.clone();
+    here.ecs_agent.enabled = true;
+    // The agent keeps running when `register` ends: the daemon adopts it.
+    here.ecs_agent.stop_agent_on_exit = false;
+    let (_tx, rx) = watch::channel(Arc::new(here));
+    let stop = CancellationToken::new();
+    let (sup, mut status) = Supervisor::new(rx, stop.clone());
+    let task = tokio::spawn(sup.run());
+    let sleep = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(sleep);
+    let mut last = String::new();
+    let result = loop {
+        let s = status.borrow_and_update().clone();
+        if s.state == State::Registered {
+            if let Some(arn) = s.metadata.and_then(|m| m.container_instance_arn) {
+                break Ok(arn);
+            }
+        }
+        if s.state == State::Terminal || s.state == State::Conflict {
+            break Err(Error::Failed(format!(
+                "the ECS agent cannot run: {}",
+                s.reason
+            )));
+        }
+        let line = format!("{}: {}", s.state, s.reason);
+        if line != last && s.state != State::Stopped {
+            step("ecs", format!("agent {line}"));
+            last = line;
+        }
+        tokio::select! {
+            r = status.changed() => if r.is_err() { break Err(Error::Failed("the supervisor stopped".into())) },
+            _ = &mut sleep => break Err(agent_timeout(cfg, &last)),
+        }
+    };
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+    result
+}
+
+fn agent_timeout(cfg: &Config, last: &str) -> Error {
+    Error::Unavailable(format!(
+        "the ECS agent did not register in time (last: {last}): check `docker logs {}`, ECS_CLUSTER, that the \
+         host reaches ecs.<region>.amazonaws.com on 443, and that the instance's role allows ecs:RegisterContainerInstance",
+        cfg.ecs_agent.container_name
+    ))
+}
+
+/// `DescribeContainerInstances` says ACTIVE with the agent connected.
+async fn confirm_active(
+    ecs: &aws_sdk_ecs::Client,
+    cluster: &str,
+    arn: &str,
+    deadline: Instant,
+) -> Result<(), Error> {
+    let mut last;
+    loop {
+        match ecs
+            .describe_container_instances()
+            .cluster(cluster)
+            .container_instances(arn)
+            .send()
+            .await
+        {
+            Ok(out) => match out.container_instances().first() {
+                Some(ci) if ci.status() == Some("ACTIVE") && ci.agent_connected() => return Ok(()),
+                Some(ci) => {
+                    last = format!(
+                        "status {}, agent connected: {}",
+                        ci.status().unwrap_or("?"),
+                        ci.agent_connected()
+                    )
+                }
+                None => last = "not found in the cluster".into(),
+            },
+            Err(e) => last = describe(&e),
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Unavailable(format!(
+                "ECS does not show {arn} ACTIVE in cluster {cluster} ({last})"
+            )));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Take the host back out. See `offload-agent deregister --help`.
+pub async fn deregister(cfg: Config, keep_ssm: bool) -> Result<(), Error> {
+    let systemctl = Systemctl::new(cfg.host.systemctl.clone());
+    let saved = load_state(&cfg);
+    let mut cfg = cfg;
+    if cfg.aws.region.is_none() {
+        cfg.aws.region = saved.as_ref().map(|s| s.region.clone());
+    }
+    let clients = crate::aws::clients(&cfg)
+        .await
+        .map_err(|e| Error::Input(e.to_string()))?;
+
+    // 1. ECS: the agent knows its own ARN; the saved state is the fallback.
+    let live = introspection::fetch(&cfg.ecs_agent.introspection_url, Duration::from_secs(2))
+        .await
+        .ok()
+        .and_then(|m| Some((m.cluster?, m.container_instance_arn?)));
+    let target = live.or_else(|| {
+        saved
+            .as_ref()
+            .map(|s| (s.cluster.clone(), s.container_instance_arn.clone()))
+    });
+    match target {
+        Some((cluster, arn)) => {
+            match clients
+                .ecs
+                .deregister_container_instance()
+                .cluster(&cluster)
+                .container_instance(&arn)
+                .force(true)
+                .send()
+                .await
+            {
+                Ok(_) => step("ecs", format!("deregistered {arn} from cluster {cluster}")),
+                Err(e) => {
+                    let text = describe(&e);
+                    if text.contains("not found")
+                        || text.contains("NotFound")
+                        || text.contains("does not exist")
+                    {
+                        step("ecs", format!("{arn} is not registered (already gone)"));
+                    } else {
+                        return Err(Error::Failed(format!(
+                            "cannot deregister {arn} from cluster {cluster}: {text}"
+                        )));
+                    }
+                }
+            }
+        }
+        None => step("ecs", "no container instance known (agent not answering, nothing saved): nothing to deregister"),
+    }
+
+    // 2. The agent's container and the host changes made for it.
+    match ecs_agent::connect(&cfg.ecs_agent.docker_socket).await {
+        Ok(docker) => {
+            let name = &cfg.ecs_agent.container_name;
+            let _ = docker
+                .stop_container(
+                    name,
+                    Some(StopContainerOptionsBuilder::default().t(10).build()),
+                )
+                .await;
+            match docker
+                .remove_container(
+                    name,
+                    Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                )
+                .await
+            {
+                Ok(()) => step("docker", format!("stopped and removed container {name}")),
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => step("docker", format!("no container {name}")),
+                Err(e) => {
+                    return Err(Error::Failed(format!(
+                        "cannot remove container {name}: {e}"
+                    )))
+                }
+            }
+        }
+        Err(e) => step("docker", format!("{e}: no agent container to remove")),
+    }
+    if cfg.ecs_agent.task_iam_roles {
+        match tokio::task::spawn_blocking(ecs_agent::cleanup).await {
+            Ok(Ok(n)) => step("host", format!("removed {n} task IAM role network rule(s)")),
+            Ok(Err(e)) => return Err(Error::Failed(e)),
+            Err(e) => return Err(Error::Failed(e.to_string())),
+        }
+    }
+
+    // 3. SSM, with the host's own credentials (which stop working right after).
+    if keep_ssm {
+        step("ssm", "kept (--keep-ssm)");
+    } else {
+        match ssm::registration(&cfg.host).map_err(Error::Failed)? {
+            Some(r) => {
+                let id = &r.managed_instance_id;
+                match ssm::deregister(&clients.ssm, id)
+                    .await
+                    .map_err(Error::Failed)?
+                {
+                    true => step("ssm", format!("deregistered managed instance {id}")),
+                    false => step("ssm", format!("{id} was already deregistered")),
+                }
+                let unit = &cfg.host.ssm_service;
+                let _ = systemctl.run(&["disable", "--now", unit]).await;
+                let path = cfg.host.ssm_registration();
+                std::fs::remove_file(&path)
+                    .map_err(|e| Error::Failed(format!("cannot remove {}: {e}", path.display())))?;
+                step(
+                    "ssm",
+                    format!("{unit} stopped and disabled; {} removed", path.display()),
+                );
+            }
+            None => step("ssm", "not registered"),
+        }
+    }
+
+    // 4. Our keys out of the ECS config files; the agent's saved state cleared.
+    for (path, keys) in [
+        (etc_config(&cfg), &ETC_KEYS[..]),
+        (var_config(&cfg), &VAR_KEYS[..]),
+    ] {
+        let changed = env_file::apply(&path, &[], keys).map_err(Error::Failed)?;
+        step(
+            "ecs",
+            format!(
+                "{}: {} {}",
+                path.display(),
+                keys.join(", "),
+                if changed { "removed" } else { "not present" }
+            ),
+        );
+    }
+    let data = spec::host_path(&cfg.ecs_agent, "var/lib/ecs/data");
+    let mut cleared = 0;
+    if let Ok(entries) = std::fs::read_dir(&data) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            r.map_err(|err| Error::Failed(format!("cannot remove {}: {err}", p.display())))?;
+            cleared += 1;
+        }
+    }
+    step(
+        "ecs",
+        format!(
+            "cleared the agent's saved state in {} ({cleared} entries)",
+            data.display()
+        ),
+    );
+    let _ = std::fs::remove_file(state_path(&cfg));
+    Ok(())
+}
