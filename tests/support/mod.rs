@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod docker;
+pub mod ssm_stub;
 
 use std::collections::HashMap;
 use std::net::TcpStream;
@@ -41,6 +42,73 @@ pub fn moto_endpoint() -> String {
         );
     }
     url
+}
+
+/// A moto server of a test's own (IAM authentication on, or stopped mid-test), on a free port;
+/// killed when dropped.
+pub struct PrivateMoto {
+    pub endpoint: String,
+    child: Option<Child>,
+}
+
+pub fn venv_bin(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(".venv/bin")
+        .join(name);
+    if !p.exists() {
+        panic!(
+            "{} is missing: run the tests with `scripts/test` (it installs moto[server] into .venv)",
+            p.display()
+        );
+    }
+    p
+}
+
+impl PrivateMoto {
+    /// Start one; `env` adds variables such as INITIAL_NO_AUTH_ACTION_COUNT.
+    pub fn start(env: &[(&str, &str)]) -> PrivateMoto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::env::temp_dir().join(format!("moto-{port}.log"));
+        let mut cmd = Command::new(venv_bin("moto_server"));
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let start = Instant::now();
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "private moto did not start; see {}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        PrivateMoto {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            child: Some(child),
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateMoto {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// A name no other test (or earlier run against the same moto) uses: lowercase, valid for buckets.
@@ -91,9 +159,16 @@ pub struct World {
     pub dlq: String,
     pub table: String,
     pub clients: Clients,
+    pub creds: (String, String),
 }
 
 pub struct Options {
+    /// Another emulator than the shared one (a test's private moto).
+    pub endpoint: Option<String>,
+    /// Access key id and secret for the harness and the agent (default: the emulator's "testing").
+    pub creds: Option<(String, String)>,
+    /// TOML appended to the configuration (extra sections).
+    pub extra: String,
     pub max_in_flight: usize,
     pub visibility_timeout: &'static str,
     pub shutdown_grace: &'static str,
@@ -103,6 +178,9 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
+            endpoint: None,
+            creds: None,
+            extra: String::new(),
             max_in_flight: 4,
             visibility_timeout: "30s",
             shutdown_grace: "10s",
@@ -118,7 +196,17 @@ impl World {
 
     /// Write the configuration and run `offload-agent provision` (the real command).
     pub async fn with(name: &str, o: Options) -> World {
-        let endpoint = moto_endpoint();
+        let endpoint = match &o.endpoint {
+            Some(e) => {
+                moto_endpoint(); // fake credentials for the default chain, set once
+                e.clone()
+            }
+            None => moto_endpoint(),
+        };
+        let creds = o
+            .creds
+            .clone()
+            .unwrap_or_else(|| ("testing".to_string(), "testing".to_string()));
         let id = unique(name);
         let dir = tempfile::tempdir().unwrap();
         let bucket = format!("b-{id}");
@@ -161,7 +249,9 @@ suffix = ".csv"
 processor = "orders-csv"
 table = "{table}"
 output_prefix = "output/"
+{extra}
 "#,
+                extra = o.extra,
                 grace = o.shutdown_grace,
                 mif = o.max_in_flight,
                 vis = o.visibility_timeout,
@@ -171,9 +261,27 @@ output_prefix = "output/"
         )
         .unwrap();
         let cfg = offload_agent::config::load(&config, &Default::default()).unwrap();
-        let clients = offload_agent::aws::clients_with(&cfg.aws, Duration::from_secs(1), None)
-            .await
-            .unwrap();
+        // The harness's clients sign with this world's keys, from a file of their own.
+        let harness_creds = dir.path().join("harness-credentials");
+        std::fs::write(
+            &harness_creds,
+            format!(
+                "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                creds.0, creds.1
+            ),
+        )
+        .unwrap();
+        let provider = offload_agent::credentials::RotatingCredentials::new(
+            offload_agent::credentials::Source {
+                identity_config: None,
+                file: Some(harness_creds),
+                profile: "default".into(),
+            },
+        );
+        let clients =
+            offload_agent::aws::clients_with(&cfg.aws, Duration::from_secs(1), Some(provider))
+                .await
+                .unwrap();
         let w = World {
             dir,
             config,
@@ -183,6 +291,7 @@ output_prefix = "output/"
             dlq,
             table,
             clients,
+            creds,
         };
         let out = w.agent(&["provision"]).output().unwrap();
         assert!(
@@ -202,8 +311,8 @@ output_prefix = "output/"
         c.args(args)
             .arg("--config")
             .arg(&self.config)
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_ACCESS_KEY_ID", &self.creds.0)
+            .env("AWS_SECRET_ACCESS_KEY", &self.creds.1)
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env_remove("AWS_PROFILE")
             .env_remove("RUST_LOG")
@@ -214,14 +323,14 @@ output_prefix = "output/"
 
     /// Start `offload-agent run`, its log going to a file in the world's directory.
     pub fn start(&self) -> Agent {
+        self.start_cmd(self.agent(&["run"]))
+    }
+
+    /// Start a prepared `offload-agent run` command (its environment adjusted by the test).
+    pub fn start_cmd(&self, mut cmd: Command) -> Agent {
         let log = self.dir.path().join(format!("agent-{}.log", unique("run")));
         let file = std::fs::File::create(&log).unwrap();
-        let child = self
-            .agent(&["run"])
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap();
+        let child = cmd.stdout(Stdio::null()).stderr(file).spawn().unwrap();
         Agent {
             child: Some(child),
             log,
