@@ -224,9 +224,10 @@ async fn config_check(path: &Path) -> Result<(), Failure> {
                 params = Some(layer);
             }
             Ok(Err(e)) => notes.push(format!("{e}; shown without the Parameter Store layer")),
-            Err(_) => notes.push(format!(
+            Err(_) => notes.push(
                 "Parameter Store did not answer within aws.call_timeout; shown without its layer"
-            )),
+                    .to_string(),
+            ),
         }
     }
     let loaded = config::load_with(path, params.as_ref(), &env).map_err(Failure::Config)?;

@@ -1120,6 +1120,34 @@ table = "Order"
 output_prefix = "output/"
 "#;
 
+    /// Every value `config/agent.toml` sets is the code's default: the reference file cannot drift.
+    #[test]
+    fn the_reference_file_documents_the_code_defaults() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/agent.toml"));
+        let documented = load(path, &BTreeMap::new()).unwrap();
+        // Only what has no default (or where the reference shows an example value) is set here.
+        let minimal = from_toml_str(
+            r#"
+[aws]
+region = "us-east-1"
+[queue]
+name = "offload-events"
+dead_letter_queue = "offload-events-dlq"
+[[pipeline]]
+name = "orders"
+bucket = "offload-file-drop"
+prefix = "input/"
+suffix = ".csv"
+processor = "orders-csv"
+table = "Order"
+output_prefix = "output/"
+"#,
+            "minimal.toml",
+        )
+        .unwrap();
+        assert_eq!(minimal.changes(&documented), Vec::<Change>::new());
+    }
+
     #[test]
     fn the_documented_example_parses_with_defaults() {
         let c = from_toml_str(GOOD, "test.toml").unwrap();

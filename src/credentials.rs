@@ -285,7 +285,7 @@ impl RotatingCredentials {
         let now = Instant::now();
         let due_check = st
             .last_check
-            .is_none_or(|t| now.duration_since(t) >= CHECK_EVERY);
+            .map_or(true, |t| now.duration_since(t) >= CHECK_EVERY);
         if due_check {
             st.last_check = Some(now);
             let changed = match (&st.held, st.stamp) {
@@ -294,7 +294,7 @@ impl RotatingCredentials {
             };
             let due_reread = st
                 .last_read
-                .is_none_or(|t| now.duration_since(t) >= REREAD_EVERY);
+                .map_or(true, |t| now.duration_since(t) >= REREAD_EVERY);
             if changed || due_reread {
                 match self.read() {
                     Ok((held, stamp)) => {
@@ -410,7 +410,7 @@ mod tests {
     #[test]
     fn times_parse_with_z_fractions_and_offsets() {
         let z = parse_time("2026-01-02T03:04:05Z").unwrap();
-        assert_eq!(parse_time("2026-01-02T03:04:05.5Z").unwrap() > z, true);
+        assert!(parse_time("2026-01-02T03:04:05.5Z").unwrap() > z);
         assert_eq!(parse_time("2026-01-02T04:04:05+01:00").unwrap(), z);
         assert_eq!(parse_time("2026-01-02T02:04:05-01:00").unwrap(), z);
         assert!(parse_time("yesterday").is_none());

@@ -138,7 +138,7 @@ impl Settings {
         let new = match config::load_with(&self.path, self.params.as_ref(), &self.env) {
             Ok(l) => l.config,
             Err(e) => {
-                tracing::error!(trigger = why, error = %e, "configuration not applied; keeping the running configuration");
+                tracing::error!(trigger = why, error = %e, "configuration reload failed; keeping the running configuration");
                 return false;
             }
         };

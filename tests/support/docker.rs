@@ -54,7 +54,8 @@ write_meta() {
   echo "{\"Cluster\":\"${ECS_CLUSTER:-default}\",\"ContainerInstanceArn\":$ARN,\"Version\":\"fake $(cat /version)\"}" > /www/v1/metadata
 }
 write_meta
-httpd -p 127.0.0.1:$PORT -h /www
+# Silent from the start when asked: never answer, not even for the first moments.
+if [ -f $CTL/fake-silent ]; then SILENT=1; else httpd -p 127.0.0.1:$PORT -h /www; fi
 echo "agent $(cat /version) listening on $PORT"
 while true; do
   if [ -f $CTL/fake-exit ]; then code=$(cat $CTL/fake-exit); rm -f $CTL/fake-exit; echo "exiting with $code"; exit $code; fi
