@@ -19,6 +19,23 @@ fn write_exec(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+/// Run `tests/support/moto_helper.py ENDPOINT ARGS…` with the virtualenv's Python (boto3); its stdout.
+fn moto_helper(endpoint: &str, args: &[&str]) -> String {
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/moto_helper.py");
+    let out = Command::new(venv_bin("python"))
+        .arg(&helper)
+        .arg(endpoint)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "moto_helper.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 fn creds_file(id: &str, secret: &str) -> String {
     format!("[default]\naws_access_key_id = {id}\naws_secret_access_key = {secret}\n")
 }
@@ -47,18 +64,8 @@ fn write_identity(ssm_dir: &Path, creds: &Path) {
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_rotated_in_place_are_followed_without_a_restart() {
     let moto = PrivateMoto::start(&[("INITIAL_NO_AUTH_ACTION_COUNT", "7")]);
-    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/moto_helper.py");
-    let out = Command::new(venv_bin("python"))
-        .arg(&helper)
-        .args([&moto.endpoint, "iam-setup"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keys: serde_json::Value =
+        serde_json::from_str(&moto_helper(&moto.endpoint, &["iam-setup"])).unwrap();
     let key = |user: &str, i: usize| {
         (
             keys[user][i][0].as_str().unwrap().to_string(),
@@ -107,22 +114,9 @@ async fn credentials_rotated_in_place_are_followed_without_a_restart() {
         .wait_log("AWS credentials rotated", Duration::from_secs(10))
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let out = Command::new(venv_bin("python"))
-        .arg(&helper)
-        .args([
-            &moto.endpoint,
-            "delete-key",
-            "agent",
-            &a.0,
-            &admin.0,
-            &admin.1,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    moto_helper(
+        &moto.endpoint,
+        &["delete-key", "agent", &a.0, &admin.0, &admin.1],
     );
 
     w.put("input/two.csv", orders_csv(100, 20)).await;
@@ -193,18 +187,7 @@ impl Host {
             .await
             .unwrap();
         let cluster = format!("c-{id}");
-        let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/moto_helper.py");
-        let out = Command::new(venv_bin("python"))
-            .arg(&helper)
-            .args([endpoint.as_str(), "ec2-instance"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let ec2_instance = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let ec2_instance = moto_helper(&endpoint, &["ec2-instance"]);
         clients
             .ecs
             .create_cluster()
