@@ -95,3 +95,52 @@ stop_moto() {
     MOTO_PID=""
   fi
 }
+
+# Built once per machine, outside the repository: the packaging tools and the booted-systemd image.
+CACHE="${OFFLOAD_CACHE:-/var/cache/offload-agent}"
+TOOLS="$CACHE/tools"
+
+# cargo-deb and cargo-generate-rpm (about 5 minutes to build on 2 cores, so cached in $TOOLS), and rpm
+# (to check the .rpm's file list and scriptlets).
+ensure_packagers() {
+  if [ ! -x "$TOOLS/bin/cargo-deb" ] || [ ! -x "$TOOLS/bin/cargo-generate-rpm" ]; then
+    log "building cargo-deb and cargo-generate-rpm into $TOOLS (once per machine)"
+    cargo install --locked --root "$TOOLS" cargo-deb cargo-generate-rpm
+  fi
+  if ! command -v rpm >/dev/null 2>&1; then
+    log "installing rpm with apt"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq rpm >/dev/null
+  fi
+  export PATH="$TOOLS/bin:$PATH"
+}
+
+SYSTEMD_IMAGE="offload-test-systemd:bookworm"
+
+# A Debian 12 root filesystem with systemd (debootstrap, about 1.5 minutes; the tarball is cached in
+# $CACHE), imported into Docker as $SYSTEMD_IMAGE for the booted-host test.
+ensure_systemd_image() {
+  if docker image inspect "$SYSTEMD_IMAGE" >/dev/null 2>&1; then
+    return
+  fi
+  local tarball="$CACHE/rootfs-bookworm.tar"
+  if [ ! -s "$tarball" ]; then
+    if ! command -v debootstrap >/dev/null 2>&1; then
+      log "installing debootstrap with apt"
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null
+    fi
+    local root="$CACHE/rootfs-build"
+    rm -rf "$root"
+    log "debootstrap: Debian 12 with systemd into $root (once per machine)"
+    debootstrap --variant=minbase \
+      --include=systemd,systemd-sysv,dbus,iptables,ca-certificates,procps \
+      bookworm "$root" http://deb.debian.org/debian >"$CACHE/debootstrap.log" 2>&1 \
+      || { echo "debootstrap failed; see $CACHE/debootstrap.log" >&2; return 1; }
+    rm -f "$root"/var/cache/apt/archives/*.deb
+    tar -C "$root" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+    rm -rf "$root"
+  fi
+  log "importing $tarball as $SYSTEMD_IMAGE"
+  docker import "$tarball" "$SYSTEMD_IMAGE" >/dev/null
+}

@@ -115,8 +115,16 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
             let cfg = load(&args.config)?;
             log.set_level(&cfg.agent.log_level);
             let control = crate::daemon::signals()?;
-            crate::daemon::run(args.config.clone(), cfg, env_map(), log, control).await?;
-            Ok(())
+            match crate::daemon::run(args.config.clone(), cfg, env_map(), log, control).await {
+                Ok(()) => Ok(()),
+                // No region is a configuration problem: exit 78 so that systemd does not restart.
+                Err(e) if e.downcast_ref::<crate::aws::AwsSetupError>().is_some() => {
+                    Err(Failure::Config(ConfigError {
+                        problems: vec![format!("aws.region (in {}): {e}", args.config.display())],
+                    }))
+                }
+                Err(e) => Err(Failure::Runtime(e)),
+            }
         }
         Command::Provision(args) => {
             let cfg = load(&args.config)?;
@@ -237,6 +245,17 @@ async fn config_check(path: &Path) -> Result<(), Failure> {
         .map(|p| p.display().to_string())
         .collect();
     println!("# configuration is valid; read from: {}", files.join(", "));
+    let longest = loaded.config.agent.shutdown_grace + crate::daemon::SHUTDOWN_OVERHEAD;
+    if longest > crate::daemon::UNIT_TIMEOUT_STOP {
+        notes.push(format!(
+            "WARNING: agent.shutdown_grace ({}) plus up to {} to release messages and stop the ECS agent's \
+             supervisor exceeds the unit's TimeoutStopSec={}: systemd would kill the daemon mid-shutdown; \
+             lower shutdown_grace or raise TimeoutStopSec in a drop-in",
+            humantime::format_duration(loaded.config.agent.shutdown_grace),
+            humantime::format_duration(crate::daemon::SHUTDOWN_OVERHEAD),
+            humantime::format_duration(crate::daemon::UNIT_TIMEOUT_STOP),
+        ));
+    }
     for n in &notes {
         println!("# {n}");
     }
@@ -381,7 +400,7 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
         clients,
         config: rx,
         spool,
-        stats: Stats::default(),
+        stats: Arc::new(Stats::default()),
         queue_url: String::new(),
         dlq_url: None,
     };

@@ -23,6 +23,8 @@ use crate::params::ParameterLayer;
 use crate::telemetry::LogHandle;
 use crate::worker::spool::Spool;
 use crate::worker::{pool, Stats, Worker};
+use sd_notify::NotifyState;
+use tokio::time::Instant;
 
 /// What the outside world asks of a running daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,26 +60,17 @@ pub fn signals() -> Result<mpsc::Receiver<Control>> {
     Ok(rx)
 }
 
-/// Tell systemd about our state when started with Type=notify (NOTIFY_SOCKET is set); a no-op elsewhere.
-pub fn sd_notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    let bytes = path.as_encoded_bytes();
-    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
-            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
-    } else {
-        sock.send_to(state.as_bytes(), &path)
-    };
-    if let Err(e) = result {
+/// Tell systemd about our state (Type=notify); a no-op when not started by systemd.
+pub fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
         tracing::debug!(error = %e, "sd_notify failed");
     }
+}
+
+/// The watchdog interval systemd asked for (`WatchdogSec=`), if any.
+fn watchdog_interval() -> Option<Duration> {
+    let mut usec = 0;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec))
 }
 
 /// The configuration's layers and the running configuration. SIGHUP and Parameter Store refreshes go
@@ -167,6 +160,7 @@ async fn resolve_queue(
     clients: &Clients,
     name: &str,
     what: &str,
+    stats: &Stats,
     stop: &CancellationToken,
 ) -> Option<String> {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
@@ -174,10 +168,12 @@ async fn resolve_queue(
         match clients.sqs.get_queue_url().queue_name(name).send().await {
             Ok(out) => {
                 if let Some(url) = out.queue_url() {
+                    stats.queue.ok();
                     return Some(url.to_string());
                 }
             }
             Err(e) => {
+                stats.queue.fail(format!("{what} {name} not found"));
                 let delay = backoff.next_delay();
                 tracing::error!(
                     queue = name,
@@ -194,7 +190,91 @@ async fn resolve_queue(
     }
 }
 
+/// After the grace period, how long releasing the unfinished messages may take, and then how long the
+/// ECS agent's supervisor may take to stop.
+const SUPERVISOR_BUDGET: Duration = Duration::from_secs(8);
+
+/// The longest shutdown beyond `agent.shutdown_grace`: releasing messages, then stopping the supervisor.
+pub const SHUTDOWN_OVERHEAD: Duration =
+    Duration::from_secs(RELEASE_BUDGET.as_secs() + SUPERVISOR_BUDGET.as_secs());
+
+/// `TimeoutStopSec=` of `systemd/offload-agent.service` (a test checks that they agree).
+pub const UNIT_TIMEOUT_STOP: Duration = Duration::from_secs(60);
+
+/// How often the status line is refreshed (and the watchdog fed, if it wants it less often).
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+
+/// The one-line summary systemd shows (`STATUS=`), from the same counters the log uses.
+fn status_line(stats: &Stats, ecs: Option<&watch::Receiver<crate::ecs_agent::Status>>) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut parts = Vec::new();
+    if let Some(rx) = ecs {
+        parts.push(format!("ECS agent {}", rx.borrow().state));
+    }
+    parts.push(format!("{} in flight", stats.in_flight.load(Relaxed)));
+    parts.push(format!(
+        "{} files done",
+        stats.files_processed.load(Relaxed)
+    ));
+    let failed = stats.files_failed.load(Relaxed);
+    if failed > 0 {
+        parts.push(format!("{failed} failed"));
+    }
+    if let Some(problem) = stats.queue.describe() {
+        parts.push(problem);
+    }
+    parts.join("; ")
+}
+
+/// Resolve the queues (waiting for an operator if need be), then receive and process until `stop`.
+async fn serve(
+    clients: Clients,
+    cfg: Config,
+    config: watch::Receiver<Arc<Config>>,
+    spool: Spool,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+    abort: CancellationToken,
+) {
+    let main = match (&cfg.queue.url, &cfg.queue.name) {
+        (Some(url), _) => Some(url.clone()),
+        (None, Some(name)) => resolve_queue(&clients, name, "queue", &stats, &stop).await,
+        (None, None) => None,
+    };
+    let Some(queue_url) = main else { return };
+    let dlq_url = match &cfg.queue.dead_letter_queue {
+        Some(name) if name.starts_with("https://") || name.starts_with("http://") => {
+            Some(name.clone())
+        }
+        Some(name) => {
+            match resolve_queue(&clients, name, "dead-letter queue", &stats, &stop).await {
+                Some(url) => Some(url),
+                None => return,
+            }
+        }
+        None => None,
+    };
+    tracing::info!(
+        queue = %queue_url,
+        dead_letter_queue = dlq_url.as_deref().unwrap_or(""),
+        pipelines = cfg.pipelines.len(),
+        "receiving from the queue"
+    );
+    let worker = Arc::new(Worker {
+        clients,
+        config,
+        spool,
+        stats,
+        queue_url,
+        dlq_url,
+    });
+    pool::run(worker, stop, abort).await;
+}
+
 /// Run the daemon until `control` says stop (or closes). `env` is the environment used for reloads.
+///
+/// Ready (for systemd) means configured and running: the queue may still be missing or unreachable,
+/// which is a degraded state shown in `STATUS=` and recovered from without a restart.
 pub async fn run(
     config_path: PathBuf,
     cfg: Config,
@@ -253,91 +333,84 @@ pub async fn run(
 
     let stop = CancellationToken::new();
     let abort = CancellationToken::new();
+    let stats = Arc::new(Stats::default());
 
     // The ECS agent's supervisor runs whatever the queue's state, and the worker pool whatever the
     // supervisor's.
-    let supervisor = if cfg.ecs_agent.enabled {
-        let (sup, _status) = Supervisor::new(config_rx.clone(), stop.clone());
-        Some(tokio::spawn(sup.run()))
+    let (supervisor, ecs_status) = if cfg.ecs_agent.enabled {
+        let (sup, status) = Supervisor::new(config_rx.clone(), stop.clone());
+        (Some(tokio::spawn(sup.run())), Some(status))
     } else {
         tracing::info!("ECS agent supervision is off (ecs_agent.enabled = false)");
-        None
+        (None, None)
     };
 
-    // Resolving the queues can wait for an operator; keep answering signals meanwhile.
-    let resolved = {
-        let resolve = async {
-            let main = match (&cfg.queue.url, &cfg.queue.name) {
-                (Some(url), _) => Some(url.clone()),
-                (None, Some(name)) => resolve_queue(&clients, name, "queue", &stop).await,
-                (None, None) => None,
-            }?;
-            let dlq = match &cfg.queue.dead_letter_queue {
-                Some(name) if name.starts_with("https://") || name.starts_with("http://") => {
-                    Some(name.clone())
-                }
-                Some(name) => {
-                    Some(resolve_queue(&clients, name, "dead-letter queue", &stop).await?)
-                }
-                None => None,
-            };
-            Some((main, dlq))
-        };
-        tokio::pin!(resolve);
-        loop {
-            tokio::select! {
-                r = &mut resolve => break r,
-                c = control.recv() => match c {
-                    Some(Control::Reload) => tracing::info!("reload ignored while the queue is not found yet"),
-                    Some(Control::Stop) | None => stop.cancel(),
-                }
-            }
-        }
-    };
-    let Some((queue_url, dlq_url)) = resolved else {
-        tracing::info!("stopped before the queue was found");
-        if let Some(s) = supervisor {
-            let _ = tokio::time::timeout(cfg.agent.shutdown_grace, s).await;
-        }
-        return Ok(());
-    };
-
-    let clients_for_params = clients.ssm.clone();
-    let worker = Arc::new(Worker {
+    let ssm = clients.ssm.clone();
+    let mut pool_task = tokio::spawn(serve(
         clients,
-        config: config_rx,
+        cfg.clone(),
+        config_rx,
         spool,
-        stats: Stats::default(),
-        queue_url: queue_url.clone(),
-        dlq_url: dlq_url.clone(),
-    });
-    let mut pool_task = tokio::spawn(pool::run(worker.clone(), stop.clone(), abort.clone()));
-    tracing::info!(
-        queue = %queue_url,
-        dead_letter_queue = dlq_url.as_deref().unwrap_or(""),
-        pipelines = cfg.pipelines.len(),
-        "offload-agent ready"
-    );
-    sd_notify("READY=1\nSTATUS=receiving");
+        stats.clone(),
+        stop.clone(),
+        abort.clone(),
+    ));
+    tracing::info!(pipelines = cfg.pipelines.len(), "offload-agent ready");
+    let mut status = status_line(&stats, ecs_status.as_ref());
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+
+    // The watchdog is fed only while a second task keeps beating too: a wedged runtime feeds nothing.
+    let watchdog = watchdog_interval();
+    let beat = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let beater = {
+        let beat = beat.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                t.tick().await;
+                beat.store(
+                    started.elapsed().as_millis() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+        })
+    };
+    let mut tick =
+        tokio::time::interval(watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_refresh = settings.params_delay().map(|d| Instant::now() + d);
 
     loop {
-        let refresh = settings.params_delay();
         tokio::select! {
             c = control.recv() => match c {
                 Some(Control::Reload) => {
-                    sd_notify("RELOADING=1");
-                    settings.fetch_params(&clients_for_params).await;
+                    notify(&[NotifyState::Reloading]);
+                    settings.fetch_params(&ssm).await;
                     if settings.reload("SIGHUP") {
                         tracing::info!(pipelines = settings.current.pipelines.len(), "configuration reloaded");
                     }
-                    sd_notify("READY=1");
+                    next_refresh = settings.params_delay().map(|d| Instant::now() + d);
+                    notify(&[NotifyState::Ready]);
                 }
                 Some(Control::Stop) | None => break,
             },
-            _ = tokio::time::sleep(refresh.unwrap_or(Duration::MAX)), if refresh.is_some() => {
-                settings.fetch_params(&clients_for_params).await;
+            _ = tokio::time::sleep_until(next_refresh.unwrap_or_else(Instant::now).into()), if next_refresh.is_some() => {
+                settings.fetch_params(&ssm).await;
                 if settings.params.is_some() {
                     settings.reload("Parameter Store refresh");
+                }
+                next_refresh = settings.params_delay().map(|d| Instant::now() + d);
+            }
+            _ = tick.tick() => {
+                let line = status_line(&stats, ecs_status.as_ref());
+                if line != status {
+                    status = line;
+                    notify(&[NotifyState::Status(&status)]);
+                }
+                let last = beat.load(std::sync::atomic::Ordering::Relaxed);
+                if watchdog.is_some() && (started.elapsed().as_millis() as u64).saturating_sub(last) < 5_000 {
+                    notify(&[NotifyState::Watchdog]);
                 }
             }
             r = &mut pool_task => {
@@ -350,13 +423,10 @@ pub async fn run(
     let grace = settings.current.agent.shutdown_grace;
     tracing::info!(
         grace_s = grace.as_secs_f64(),
-        in_flight = worker
-            .stats
-            .in_flight
-            .load(std::sync::atomic::Ordering::Relaxed),
+        in_flight = stats.in_flight.load(std::sync::atomic::Ordering::Relaxed),
         "shutting down: no new messages; finishing in-flight files"
     );
-    sd_notify("STOPPING=1");
+    notify(&[NotifyState::Stopping]);
     stop.cancel();
     let finished = tokio::select! {
         r = tokio::time::timeout(grace, &mut pool_task) => r.is_ok(),
@@ -373,10 +443,45 @@ pub async fn run(
         }
     }
     if let Some(s) = supervisor {
-        if tokio::time::timeout(RELEASE_BUDGET, s).await.is_err() {
+        if tokio::time::timeout(SUPERVISOR_BUDGET, s).await.is_err() {
             tracing::warn!("the ECS agent supervisor did not stop in time");
         }
     }
-    tracing::info!(stats = %worker.stats.summary(), "stopped");
+    beater.abort();
+    tracing::info!(stats = %stats.summary(), "stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The unit gives the daemon at least the longest shutdown the default configuration allows, and
+    /// `UNIT_TIMEOUT_STOP` (what `config check` compares against) is what the unit says.
+    #[test]
+    fn the_unit_covers_the_longest_shutdown() {
+        let unit = include_str!("../systemd/offload-agent.service");
+        let line = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+            .expect("TimeoutStopSec= in the unit");
+        let in_unit = humantime::parse_duration(line.trim()).unwrap();
+        assert_eq!(in_unit, UNIT_TIMEOUT_STOP);
+        assert!(config::DEFAULT_SHUTDOWN_GRACE + SHUTDOWN_OVERHEAD < UNIT_TIMEOUT_STOP);
+        assert!(unit.contains("RestartPreventExitStatus=64 78"));
+        assert!(
+            !unit.contains("ExecStartPre="),
+            "a failing ExecStartPre= restarts forever"
+        );
+    }
+
+    #[test]
+    fn the_status_line_says_what_is_wrong() {
+        let stats = Stats::default();
+        assert_eq!(status_line(&stats, None), "0 in flight; 0 files done");
+        stats.queue.fail("queue q not found".into());
+        assert!(status_line(&stats, None).contains("queue q not found for 0 s"));
+        stats.queue.ok();
+        assert!(!status_line(&stats, None).contains("not found"));
+    }
 }

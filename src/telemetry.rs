@@ -63,7 +63,12 @@ pub fn init(format: LogFormat, level: &str) -> LogHandle {
     };
     let output: Box<dyn Layer<Base> + Send + Sync> = match format {
         LogFormat::Journald => match tracing_journald::layer() {
-            Ok(l) => Box::new(l.with_syslog_identifier("offload-agent".into())),
+            // No field prefix: the fields are the documented journal fields (KEY, BUCKET, ...), so
+            // `journalctl -u offload-agent KEY=input/x.csv` finds a file's story.
+            Ok(l) => Box::new(
+                l.with_syslog_identifier("offload-agent".into())
+                    .with_field_prefix(None),
+            ),
             Err(e) => {
                 eprintln!("offload-agent: cannot reach the journal ({e}); logging to stderr");
                 Box::new(text_layer())

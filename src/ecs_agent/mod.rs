@@ -184,12 +184,12 @@ impl Supervisor {
         if changed {
             match state {
                 State::Terminal | State::ImageUnavailable | State::Conflict => {
-                    tracing::error!(state = %state, %reason, "ECS agent supervisor")
+                    tracing::error!(ecs_agent_state = %state, %reason, "ECS agent supervisor")
                 }
                 State::WaitingForDocker | State::BackingOff => {
-                    tracing::warn!(state = %state, %reason, "ECS agent supervisor")
+                    tracing::warn!(ecs_agent_state = %state, %reason, "ECS agent supervisor")
                 }
-                _ => tracing::info!(state = %state, %reason, "ECS agent supervisor"),
+                _ => tracing::info!(ecs_agent_state = %state, %reason, "ECS agent supervisor"),
             }
         }
     }

@@ -39,6 +39,38 @@ pub struct Stats {
     pub events_unmatched: AtomicU64,
     pub test_events: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Whether the queue can be reached (for the status line).
+    pub queue: QueueHealth,
+}
+
+/// Since when, and why, the queue cannot be found or received from (`None`: it can).
+#[derive(Debug, Default)]
+pub struct QueueHealth(std::sync::Mutex<Option<(Instant, String)>>);
+
+impl QueueHealth {
+    /// Record a failure; the episode keeps its start.
+    pub fn fail(&self, what: String) {
+        if let Ok(mut g) = self.0.lock() {
+            let since = g.as_ref().map(|(t, _)| *t).unwrap_or_else(Instant::now);
+            *g = Some((since, what));
+        }
+    }
+
+    pub fn ok(&self) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = None;
+        }
+    }
+
+    /// "queue unreachable for 40 s (why)", while there is a problem.
+    pub fn describe(&self) -> Option<String> {
+        let g = self.0.lock().ok()?;
+        let (since, what) = g.as_ref()?;
+        Some(format!(
+            "{what} for {} s (run `offload-agent provision`, or check the region and IAM permissions)",
+            since.elapsed().as_secs()
+        ))
+    }
 }
 
 impl Stats {
@@ -84,7 +116,7 @@ pub struct Worker {
     pub clients: Clients,
     pub config: watch::Receiver<Arc<Config>>,
     pub spool: Spool,
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
     pub queue_url: String,
     pub dlq_url: Option<String>,
 }
@@ -331,8 +363,8 @@ impl Worker {
                     Stats::add(&self.stats.rows_rejected, report.outcome.rejected);
                     tracing::info!(
                         rows = report.outcome.rows,
-                        written = report.outcome.written,
-                        rejected = report.outcome.rejected,
+                        rows_written = report.outcome.written,
+                        rows_rejected = report.outcome.rejected,
                         output = %report.output,
                         rejects = report.rejects.as_deref().unwrap_or(""),
                         bytes = report.bytes,

@@ -95,6 +95,7 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: Cancellati
         match result {
             Ok(out) => {
                 backoff.reset();
+                worker.stats.queue.ok();
                 for msg in out.messages.unwrap_or_default() {
                     let Some(permit) = permits.pop() else {
                         tracing::error!("SQS returned more messages than asked for; the extra one returns after its visibility timeout");
@@ -112,6 +113,10 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: Cancellati
             }
             Err(e) => {
                 let delay = backoff.next_delay();
+                worker
+                    .stats
+                    .queue
+                    .fail(format!("queue unreachable ({})", describe(&e)));
                 match classify(&e) {
                     ErrorClass::Fatal => tracing::error!(
                         queue = %worker.queue_url,

@@ -1,0 +1,14 @@
+# $1: 1 on install, 2 on upgrade. Same steps as the .deb's postinst.
+install -d -m 0750 /etc/offload-agent /etc/offload-agent/conf.d
+install -d -m 0700 /var/lib/offload-agent /var/lib/offload-agent/spool
+chmod 0640 /etc/offload-agent/agent.toml
+if [ -d /run/systemd/system ]; then
+  systemd-tmpfiles --create offload-agent.conf >/dev/null 2>&1 || true
+  systemctl daemon-reload
+  systemctl enable offload-agent.service >/dev/null 2>&1
+  if /usr/bin/offload-agent config check --config /etc/offload-agent/agent.toml >/dev/null 2>&1; then
+    systemctl restart offload-agent.service
+  else
+    echo "offload-agent: enabled but not started: /etc/offload-agent/agent.toml does not pass 'offload-agent config check'; edit it, then: systemctl start offload-agent" >&2
+  fi
+fi

@@ -1,0 +1,369 @@
+//! The booted host: a Debian 12 root filesystem with systemd as PID 1 (made with debootstrap and
+//! imported into Docker by `scripts/test`), host network so that it reaches the AWS emulator on
+//! 127.0.0.1, the host's Docker socket mounted. `vagrant/provision.sh` installs the freshly built .deb
+//! (`scripts/package`), and the test drives the service as an operator would, with `systemctl` and
+//! `journalctl`.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{orders_csv, unique, Options, World};
+
+const IMAGE: &str = "offload-test-systemd:bookworm";
+const SETUP: &str =
+    "run the tests with `scripts/test` (it builds the packages with scripts/package and \
+                     the systemd image with debootstrap)";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A booted systemd container; removed when dropped.
+struct Booted {
+    name: String,
+}
+
+impl Booted {
+    fn start() -> Booted {
+        let deb = repo().join("target/packages/offload-agent.deb");
+        assert!(deb.exists(), "{} is missing: {SETUP}", deb.display());
+        let (code, out) = run(Command::new("docker").args(["image", "inspect", IMAGE]));
+        assert_eq!(code, 0, "no image {IMAGE} ({out}): {SETUP}");
+        let name = unique("offload-systemd");
+        let vagrant = format!("{}:/src/vagrant:ro", repo().join("vagrant").display());
+        let pkg = format!("{}:/pkg:ro", repo().join("target/packages").display());
+        let (code, out) = run(Command::new("docker").args([
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--cap-add",
+            "SYS_ADMIN",
+            "--tmpfs",
+            "/run",
+            "--tmpfs",
+            "/run/lock",
+            "-v",
+            "/sys/fs/cgroup:/sys/fs/cgroup:ro",
+            "--network",
+            "host",
+            "-v",
+            "/var/run/docker.sock:/var/run/docker.sock",
+            "-v",
+            &vagrant,
+            "-v",
+            &pkg,
+            IMAGE,
+            "/lib/systemd/systemd",
+        ]));
+        assert_eq!(code, 0, "docker run: {out}");
+        let b = Booted { name };
+        b.wait("systemd up", Duration::from_secs(60), || {
+            let (_, s) = b.sh("systemctl is-system-running");
+            s.contains("running") || s.contains("degraded")
+        });
+        b
+    }
+
+    fn sh(&self, script: &str) -> (i32, String) {
+        run(Command::new("docker").args(["exec", &self.name, "bash", "-c", script]))
+    }
+
+    fn ok(&self, script: &str) -> String {
+        let (code, out) = self.sh(script);
+        assert_eq!(code, 0, "{script}: {out}");
+        out
+    }
+
+    fn prop(&self, p: &str) -> String {
+        self.sh(&format!("systemctl show -p {p} --value offload-agent"))
+            .1
+            .trim()
+            .to_string()
+    }
+
+    fn journal(&self) -> String {
+        self.sh("journalctl -u offload-agent --no-pager -o cat").1
+    }
+
+    fn wait(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !f() {
+            if start.elapsed() > timeout {
+                panic!(
+                    "{what}: not within {timeout:?}\nstatus: {}\njournal:\n{}",
+                    self.sh("systemctl status offload-agent --no-pager").1,
+                    self.journal()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Write a file inside the host (through `docker exec -i … cat`).
+    fn write(&self, path: &str, text: &str) {
+        use std::io::Write;
+        use std::process::Stdio;
+        let mut child = Command::new("docker")
+            .args([
+                "exec",
+                "-i",
+                &self.name,
+                "bash",
+                "-c",
+                &format!("cat > {path}"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "writing {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.name])
+            .output();
+    }
+}
+
+/// The whole life of the service on a booted host, as an operator lives it: install through
+/// provision.sh, ready and processing with the documented journal fields, a missing queue at start
+/// (active, degraded, recovers without a restart), reload, SIGKILL (restarted, the interrupted file
+/// done), a wedged daemon (the watchdog restarts it), a broken configuration (fails once, names the key),
+/// a clean stop, purge; then the unit's verification and security score, and the .rpm's contents.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
+    let w = World::with(
+        "systemd",
+        Options {
+            visibility_timeout: "10s",
+            ..Options::default()
+        },
+    )
+    .await;
+    let b = Booted::start();
+
+    // 1. Install with the provisioning script, against the emulator.
+    b.ok("install -d -m 0750 /etc/offload-agent/conf.d");
+    b.write(
+        "/etc/offload-agent/conf.d/60-test.toml",
+        "[agent]\nshutdown_grace = \"5s\"\n[queue]\nvisibility_timeout = \"10s\"\nwait_time = \"1s\"\nretry_base = \"1s\"\n",
+    );
+    let provision = format!(
+        "OFFLOAD_REGION=us-east-1 OFFLOAD_QUEUE={q} OFFLOAD_DLQ={dlq} OFFLOAD_BUCKET={b} OFFLOAD_TABLE={t} \
+         OFFLOAD_ENDPOINT={e} OFFLOAD_AWS_ACCESS_KEY_ID=testing OFFLOAD_AWS_SECRET_ACCESS_KEY=testing \
+         OFFLOAD_DEB=/pkg/offload-agent.deb /src/vagrant/provision.sh",
+        q = w.queue,
+        dlq = w.dlq,
+        b = w.bucket,
+        t = w.table,
+        e = w.endpoint
+    );
+    let out = b.ok(&provision);
+    assert!(out.trim_end().ends_with("active"), "{out}");
+
+    // 2. Ready (Type=notify: active only after READY=1, with a status line), processing, journal fields.
+    assert_eq!(b.prop("Type"), "notify");
+    assert!(
+        b.prop("StatusText").contains("files done"),
+        "{}",
+        b.prop("StatusText")
+    );
+    w.put("input/sd-1.csv", orders_csv(0, 20)).await;
+    wait_s3(&w, "output/sd-1.csv", &b).await;
+    let json = b.ok("journalctl -u offload-agent -o json --no-pager KEY=input/sd-1.csv");
+    let entries: Vec<serde_json::Value> = json
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let processed = entries
+        .iter()
+        .find(|e| e["MESSAGE"] == "processed")
+        .unwrap_or_else(|| panic!("no 'processed' entry for the file:\n{json}"));
+    assert_eq!(processed["BUCKET"], w.bucket.as_str());
+    assert_eq!(processed["PIPELINE"], "orders");
+    assert_eq!(processed["ROWS_WRITTEN"], "20");
+    assert!(processed["MESSAGE_ID"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+    assert_eq!(processed["PRIORITY"], "6");
+    // The README's query, as written there.
+    let readme = b.ok("journalctl -u offload-agent KEY=input/sd-1.csv --no-pager");
+    assert!(readme.contains("processed"), "{readme}");
+
+    // 3. The queue missing at start: active anyway, the status says why, recovers without a restart.
+    b.ok("systemctl stop offload-agent");
+    let url = w.queue_url(&w.queue).await;
+    w.clients
+        .sqs
+        .delete_queue()
+        .queue_url(&url)
+        .send()
+        .await
+        .unwrap();
+    b.ok("systemctl start offload-agent");
+    assert_eq!(b.prop("ActiveState"), "active");
+    b.wait(
+        "status names the missing queue",
+        Duration::from_secs(20),
+        || b.prop("StatusText").contains("not found"),
+    );
+    let restarts = b.prop("NRestarts");
+    let out = w.agent(&["provision"]).output().unwrap();
+    assert!(out.status.success());
+    w.put("input/sd-2.csv", orders_csv(100, 5)).await;
+    wait_s3(&w, "output/sd-2.csv", &b).await;
+    assert_eq!(b.prop("NRestarts"), restarts, "recovered without a restart");
+
+    // 4a. Reload applies a changed setting.
+    b.write(
+        "/etc/offload-agent/conf.d/70-live.toml",
+        "[queue]\nmax_in_flight = 2\n",
+    );
+    b.ok("systemctl reload offload-agent");
+    b.wait("reload applied", Duration::from_secs(20), || {
+        b.journal().contains("queue.max_in_flight 8 -> 2")
+    });
+
+    // 4b. SIGKILL in the middle of a file: systemd restarts the daemon, and the file is finished.
+    let before = b.prop("NRestarts").parse::<u32>().unwrap();
+    w.put("input/sd-big.csv", orders_csv(10_000, 20_000)).await;
+    let start = Instant::now();
+    while w.items().await.len() <= 25 {
+        assert!(start.elapsed() < Duration::from_secs(60), "{}", b.journal());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.ok("systemctl kill -s SIGKILL offload-agent");
+    b.wait("restarted after SIGKILL", Duration::from_secs(30), || {
+        b.prop("NRestarts").parse::<u32>().unwrap_or(0) > before
+            && b.prop("ActiveState") == "active"
+    });
+    wait_s3(&w, "output/sd-big.csv", &b).await;
+
+    // 4c. A wedged daemon (stopped with SIGSTOP: no loop turns) is restarted by the watchdog.
+    b.ok("mkdir -p /etc/systemd/system/offload-agent.service.d");
+    b.write(
+        "/etc/systemd/system/offload-agent.service.d/watchdog.conf",
+        "[Service]\nWatchdogSec=3s\n",
+    );
+    b.ok("systemctl daemon-reload && systemctl restart offload-agent");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(b.prop("ActiveState"), "active", "fed while healthy");
+    let before = b.prop("NRestarts").parse::<u32>().unwrap();
+    b.ok("systemctl kill -s SIGSTOP offload-agent");
+    b.wait("restarted by the watchdog", Duration::from_secs(40), || {
+        b.prop("NRestarts").parse::<u32>().unwrap_or(0) > before
+            && b.prop("ActiveState") == "active"
+    });
+    let journal = b.sh("journalctl --no-pager -o cat").1;
+    assert!(journal.contains("Watchdog timeout"), "{journal}");
+    b.ok("rm /etc/systemd/system/offload-agent.service.d/watchdog.conf && systemctl daemon-reload");
+
+    // 5. A broken configuration fails the unit once, naming the key and the file; no restart loop.
+    b.write(
+        "/etc/offload-agent/conf.d/80-broken.toml",
+        "[queue]\nmax_in_flight = \"many\"\n",
+    );
+    let before = b.prop("NRestarts");
+    let (code, _) = b.sh("systemctl restart offload-agent");
+    assert_ne!(code, 0, "start with a broken configuration fails");
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(b.prop("ActiveState"), "failed");
+    assert_eq!(b.prop("NRestarts"), before, "no restart loop");
+    assert_eq!(b.prop("ExecMainStatus"), "78");
+    let journal = b.journal();
+    assert!(
+        journal.contains("queue.max_in_flight") && journal.contains("80-broken.toml"),
+        "{journal}"
+    );
+    b.ok("rm /etc/offload-agent/conf.d/80-broken.toml && systemctl reset-failed offload-agent && systemctl start offload-agent");
+
+    // A clean stop, well within TimeoutStopSec.
+    let start = Instant::now();
+    b.ok("systemctl stop offload-agent");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(b.prop("Result"), "success");
+    assert_eq!(b.prop("ExecMainStatus"), "0");
+
+    // The unit verifies clean; its security exposure is printed (and recorded in the README).
+    let (code, out) = b.sh("systemd-analyze verify /lib/systemd/system/offload-agent.service 2>&1");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        !out.contains("offload-agent.service:"),
+        "verify complains: {out}"
+    );
+    let security = b.ok("systemd-analyze security offload-agent.service --no-pager 2>&1");
+    let score = security
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or("no score")
+        .to_string();
+    println!("systemd-analyze security: {score}");
+
+    // Purge removes the service, its state and its configuration.
+    b.ok("DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq offload-agent");
+    b.ok("test ! -e /var/lib/offload-agent && test ! -e /etc/offload-agent && test ! -e /lib/systemd/system/offload-agent.service");
+
+    // 6. The .rpm has the same layout and scriptlets.
+    let rpm = repo().join("target/packages/offload-agent.rpm");
+    let (code, out) = run(Command::new("rpm")
+        .args(["-qp", "--list", "--scripts"])
+        .arg(&rpm));
+    assert_eq!(code, 0, "{out}");
+    for want in [
+        "/usr/bin/offload-agent",
+        "/usr/lib/systemd/system/offload-agent.service",
+        "/etc/offload-agent/agent.toml",
+        "/usr/share/man/man1/offload-agent.1",
+        "/usr/lib/tmpfiles.d/offload-agent.conf",
+        "systemctl enable offload-agent.service",
+        "offload-agent config check",
+        "rm -rf /var/lib/offload-agent",
+    ] {
+        assert!(out.contains(want), "{want} not in the .rpm:\n{out}");
+    }
+}
+
+async fn wait_s3(w: &World, key: &str, b: &Booted) {
+    let start = Instant::now();
+    while w.get(key).await.is_none() {
+        if start.elapsed() > Duration::from_secs(90) {
+            panic!("{key} never appeared; journal:\n{}", b.journal());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
