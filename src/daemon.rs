@@ -470,7 +470,7 @@ mod tests {
         assert!(config::DEFAULT_SHUTDOWN_GRACE + SHUTDOWN_OVERHEAD < UNIT_TIMEOUT_STOP);
         assert!(unit.contains("RestartPreventExitStatus=64 78"));
         assert!(
-            !unit.contains("ExecStartPre="),
+            !unit.lines().any(|l| l.starts_with("ExecStartPre=")),
             "a failing ExecStartPre= restarts forever"
         );
     }
