@@ -95,7 +95,17 @@ pub fn main(cli: Cli) -> ExitCode {
         Err(f) => {
             // The daemon's log may be the journal; a command's user reads stderr.
             if is_daemon {
-                tracing::error!(error = %f, "exiting with status {}", f.code());
+                // The message itself names the problem: `journalctl -o cat` and `systemctl status`
+                // show only the message.
+                match &f {
+                    Failure::Config(e) => {
+                        for p in &e.problems {
+                            tracing::error!(problem = %p, "configuration error: {p}");
+                        }
+                    }
+                    other => tracing::error!(error = %other, "{other}"),
+                }
+                tracing::error!(exit_status = f.code(), "exiting with status {}", f.code());
             } else {
                 eprintln!("offload-agent: {f}");
             }

@@ -3,6 +3,8 @@
 
 use std::io::IsTerminal;
 
+use tracing_journald::{Priority, PriorityMappings};
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
@@ -65,9 +67,16 @@ pub fn init(format: LogFormat, level: &str) -> LogHandle {
         LogFormat::Journald => match tracing_journald::layer() {
             // No field prefix: the fields are the documented journal fields (KEY, BUCKET, ...), so
             // `journalctl -u offload-agent KEY=input/x.csv` finds a file's story.
+            // Syslog's meaning of the levels (tracing-journald's default makes info "notice").
             Ok(l) => Box::new(
                 l.with_syslog_identifier("offload-agent".into())
-                    .with_field_prefix(None),
+                    .with_field_prefix(None)
+                    .with_priority_mappings(PriorityMappings {
+                        info: Priority::Informational,
+                        debug: Priority::Debug,
+                        trace: Priority::Debug,
+                        ..PriorityMappings::new()
+                    }),
             ),
             Err(e) => {
                 eprintln!("offload-agent: cannot reach the journal ({e}); logging to stderr");

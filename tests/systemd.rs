@@ -189,8 +189,8 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
         t = w.table,
         e = w.endpoint
     );
-    let out = b.ok(&provision);
-    assert!(out.trim_end().ends_with("active"), "{out}");
+    b.ok(&provision);
+    assert_eq!(b.prop("ActiveState"), "active");
 
     // 2. Ready (Type=notify: active only after READY=1, with a status line), processing, journal fields.
     assert_eq!(b.prop("Type"), "notify");
@@ -295,13 +295,13 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
         "/etc/offload-agent/conf.d/80-broken.toml",
         "[queue]\nmax_in_flight = \"many\"\n",
     );
-    let before = b.prop("NRestarts");
     let since = b.ok("date +%s").trim().to_string();
     let (code, _) = b.sh("systemctl restart offload-agent");
     assert_ne!(code, 0, "start with a broken configuration fails");
     std::thread::sleep(Duration::from_secs(8));
     assert_eq!(b.prop("ActiveState"), "failed");
-    assert_eq!(b.prop("NRestarts"), before, "no restart loop");
+    // A manual start resets the count of automatic restarts: it stays 0 without a loop.
+    assert_eq!(b.prop("NRestarts"), "0", "no restart loop");
     assert_eq!(b.prop("ExecMainStatus"), "78");
     let starts = b.ok(&format!(
         "journalctl -u offload-agent --no-pager -o cat --since @{since} | grep -c '^Starting offload-agent' || true"
@@ -344,7 +344,7 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
         .to_string();
     println!("systemd-analyze security: {score}");
 
-    b.ok("test -s /usr/share/man/man1/offload-agent.1 && test -s /usr/share/bash-completion/completions/offload-agent");
+    b.ok("test -s /usr/share/man/man1/offload-agent.1.gz && test -s /usr/share/bash-completion/completions/offload-agent");
 
     // Purge removes the service, its state and its configuration.
     b.ok("DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq offload-agent");
