@@ -395,7 +395,7 @@ pub async fn run(
                 }
                 Some(Control::Stop) | None => break,
             },
-            _ = tokio::time::sleep_until(next_refresh.unwrap_or_else(Instant::now).into()), if next_refresh.is_some() => {
+            _ = tokio::time::sleep_until(next_refresh.unwrap_or_else(Instant::now)), if next_refresh.is_some() => {
                 settings.fetch_params(&ssm).await;
                 if settings.params.is_some() {
                     settings.reload("Parameter Store refresh");
