@@ -192,3 +192,44 @@ async fn process_one_object_without_the_queue() {
     assert_eq!(out.status.code(), Some(65));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no longer exists"));
 }
+
+/// A shutdown grace that, with the release and supervisor budgets, would outlast the unit's
+/// TimeoutStopSec is warned about by `config check` (systemd would kill the daemon mid-shutdown); and
+/// a daemon without a region is a configuration error (78, no restart loop under systemd).
+#[test]
+fn config_check_warns_when_shutdown_outlasts_the_unit_and_no_region_is_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    let body = "[queue]\nname = \"q\"\n[ecs_agent]\nenabled = false\n[spool]\ndir = \"SPOOL\"\n[[pipeline]]\nname = \"p\"\nbucket = \"b\"\nprefix = \"in/\"\nprocessor = \"orders-csv\"\ntable = \"T\"\noutput_prefix = \"out/\"\n"
+        .replace("SPOOL", &dir.path().join("spool").display().to_string());
+    std::fs::write(&path, format!("[agent]\nshutdown_grace = \"50s\"\n{body}")).unwrap();
+    let out = bin()
+        .args(["config", "check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("WARNING: agent.shutdown_grace (50s)") && text.contains("TimeoutStopSec=1m"),
+        "{text}"
+    );
+
+    std::fs::write(&path, &body).unwrap();
+    let out = bin()
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .env("AWS_CONFIG_FILE", dir.path().join("none"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("aws.region"));
+}
