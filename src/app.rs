@@ -333,10 +333,12 @@ fn dry_run_local(config_path: &Path, target: &str, force_progress: bool) -> Resu
         let cfg = load(config_path)?;
         ScanLimits {
             max_line_bytes: cfg.spool.max_line_bytes,
+            item_overhead: 0,
         }
     } else {
         ScanLimits {
             max_line_bytes: config::DEFAULT_MAX_LINE_BYTES,
+            item_overhead: 0,
         }
     };
     let started = Instant::now();

@@ -467,3 +467,56 @@ async fn a_missing_queue_is_reported_and_waited_for() {
     )
     .await;
 }
+
+/// Rows DynamoDB would refuse (a number beyond its range, one beyond its precision, a key over 2048
+/// bytes, an item over 400 KB) and ids that collide only after the one normalisation are rejected rows
+/// with reasons; every good row is written, the output is stored, and nothing reaches the DLQ.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_dynamodb_would_refuse_are_rejected_and_the_rest_written() {
+    let w = World::new("ddb-limits").await;
+    let mut text = format!("{HEADER}\n");
+    for (i, id) in ["1", "2", "3"].iter().enumerate() {
+        text.push_str(&order_row(id, i));
+        text.push('\n');
+    }
+    let huge = format!("1{}", "0".repeat(126));
+    text.push_str(&order_row("4", 4).replace("651.21", &huge));
+    text.push('\n');
+    let precise = format!("1.{}", "3".repeat(40));
+    text.push_str(&order_row("5", 5).replace("651.21", &precise));
+    text.push('\n');
+    text.push_str(&order_row(&"k".repeat(2049), 6));
+    text.push('\n');
+    text.push_str(&order_row("7", 7).replacen("Sub-Saharan Africa", &"w".repeat(409_500), 1));
+    text.push('\n');
+    text.push_str(&order_row("\u{a0}2", 8)); // the same id as "2" once normalised
+    text.push('\n');
+    w.put("input/limits.csv", text).await;
+    let agent = w.start();
+    let out = w.wait_for("output/limits.csv", WAIT, &agent).await;
+    let out = String::from_utf8(out).unwrap();
+    let ids: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(ids, ["1", "2", "3"], "{out}");
+    let rejects = String::from_utf8(w.get("output/limits.csv.rejects.csv").await.unwrap()).unwrap();
+    for (line, reason) in [
+        ("5,", "number range"),
+        ("6,", "significant digits"),
+        ("7,", "longer than a DynamoDB key"),
+        ("8,", "larger than"),
+        ("9,", "duplicate OrderId (first seen on line 3)"),
+    ] {
+        assert!(
+            rejects
+                .lines()
+                .any(|l| l.starts_with(line) && l.contains(reason)),
+            "line {line} {reason} in:\n{rejects}"
+        );
+    }
+    assert_eq!(w.items().await.len(), 3);
+    w.wait_queue_empty(WAIT, &agent).await;
+    assert!(w.drain_dlq().await.is_empty());
+}

@@ -50,8 +50,15 @@ const SHIP_DATE: usize = 7;
 const UNIT_SOLD: usize = 8;
 const MONEY: [usize; 4] = [9, 10, 11, 12];
 
-/// DynamoDB's item limit is 400 KB; rows that could not fit are rejected before they are sent.
-pub const MAX_ROW_BYTES: usize = 350 * 1024;
+/// DynamoDB's item limit (400 KB, counted as attribute names plus values); rows whose item would not
+/// fit are rejected before they are sent.
+pub const MAX_ITEM_BYTES: usize = 400 * 1024;
+/// DynamoDB's limit on a partition key value (OrderId), in UTF-8 bytes.
+pub const MAX_KEY_BYTES: usize = 2048;
+/// DynamoDB numbers: at most 38 significant digits, magnitude from 1E-130 to below 1E+126.
+const MAX_NUMBER_DIGITS: usize = 38;
+const MAX_INTEGER_DIGITS: usize = 126;
+const MAX_FRACTION_LEADING_ZEROS: usize = 129;
 /// DynamoDB's `BatchWriteItem` takes at most 25 requests.
 pub const BATCH_SIZE: usize = 25;
 /// Namespace of the UUIDv5 `ConfirmationId`s (fixed forever: changing it changes every id).
@@ -66,6 +73,17 @@ pub struct Source {
 }
 
 impl Source {
+    /// The bytes `to_item` adds to every item beyond the columns: the attribute names and values of
+    /// `ConfirmationId`, `SourceBucket` and `SourceKey`.
+    pub fn item_overhead(&self) -> usize {
+        "ConfirmationId".len()
+            + 36
+            + "SourceBucket".len()
+            + self.bucket.len()
+            + "SourceKey".len()
+            + self.key.len()
+    }
+
     pub fn confirmation_id(&self, order_id: &str) -> Uuid {
         self.confirmation_id_with(order_id, &mut Vec::new())
     }
@@ -89,6 +107,8 @@ pub struct Header {
     idx: [usize; 13],
     width: usize,
     pub extra: Vec<String>,
+    /// Bytes every item of the file adds beyond its columns (ids, source), for the item size check.
+    item_overhead: usize,
 }
 
 /// A row that passed validation: the 13 columns, dates as ISO `YYYY-MM-DD`, numbers as plain decimals.
@@ -143,6 +163,8 @@ pub enum FileError {
 pub struct ScanLimits {
     /// A "line" longer than this (a binary file, a file without newlines) fails the file.
     pub max_line_bytes: u64,
+    /// Bytes every item adds beyond its columns ([`Source::item_overhead`]; 0 when unknown).
+    pub item_overhead: usize,
 }
 
 /// Counts from one pass over a file.
@@ -200,6 +222,7 @@ pub fn parse_header(rec: &csv::ByteRecord) -> Result<Header, String> {
         idx,
         width: rec.len(),
         extra,
+        item_overhead: 0,
     })
 }
 
@@ -263,24 +286,34 @@ pub fn parse_date(s: &str) -> Option<String> {
     parse_date_into(s, &mut out).then_some(out)
 }
 
-/// A plain decimal (no exponent, at most 38 significant digits as DynamoDB allows), appended to `out`
-/// with any leading `+` dropped.
-pub fn parse_number_into(s: &str, integer: bool, out: &mut String) -> bool {
+/// Why a field is not a number DynamoDB accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberError {
+    NotANumber,
+    /// More than 38 significant digits.
+    TooPrecise,
+    /// Outside 1E-130 .. 9.99…E+125 in magnitude.
+    OutOfRange,
+}
+
+/// A plain decimal (no exponent) that DynamoDB accepts as a number (at most 38 significant digits,
+/// magnitude from 1E-130 to below 1E+126), appended to `out` with any leading `+` dropped.
+pub fn parse_number_into(s: &str, integer: bool, out: &mut String) -> Result<(), NumberError> {
     let body = s.strip_prefix('+').unwrap_or(s);
     let unsigned = body.strip_prefix('-').unwrap_or(body);
     if integer && unsigned.len() != body.len() {
-        return false; // a count of units is never negative
+        return Err(NumberError::NotANumber); // a count of units is never negative
     }
     let (int, frac) = match unsigned.split_once('.') {
         Some((i, f)) if !integer => (i, f),
-        Some(_) => return false,
+        Some(_) => return Err(NumberError::NotANumber),
         None => (unsigned, ""),
     };
     if (int.is_empty() && frac.is_empty())
         || !int.bytes().all(|b| b.is_ascii_digit())
         || !frac.bytes().all(|b| b.is_ascii_digit())
     {
-        return false;
+        return Err(NumberError::NotANumber);
     }
     // Significant digits: from the first non-zero digit to the last non-zero one, across the point.
     let total = int.len() + frac.len();
@@ -295,17 +328,70 @@ pub fn parse_number_into(s: &str, integer: bool, out: &mut String) -> bool {
         .chain(int.bytes().rev())
         .take_while(|&b| b == b'0')
         .count();
-    if leading < total && total - leading - trailing > 38 {
-        return false;
+    let nonzero = leading < total;
+    if nonzero && total - leading - trailing > MAX_NUMBER_DIGITS {
+        return Err(NumberError::TooPrecise);
+    }
+    let int_digits = int.trim_start_matches('0').len();
+    let frac_zeros = frac.bytes().take_while(|&b| b == b'0').count();
+    if int_digits > MAX_INTEGER_DIGITS
+        || (nonzero && int_digits == 0 && frac_zeros > MAX_FRACTION_LEADING_ZEROS)
+    {
+        return Err(NumberError::OutOfRange);
     }
     out.push_str(body);
-    true
+    Ok(())
 }
 
 /// [`parse_number_into`] returning a new string.
 pub fn parse_number(s: &str, integer: bool) -> Option<String> {
     let mut out = String::new();
-    parse_number_into(s, integer, &mut out).then_some(out)
+    parse_number_into(s, integer, &mut out).ok().map(|_| out)
+}
+
+/// The one normalisation of an `OrderId`, used for duplicate detection, the item and the output: the
+/// field as UTF-8 with Unicode white space trimmed. `None` when it is not UTF-8.
+pub fn normalized_id(raw: &[u8]) -> Option<&str> {
+    std::str::from_utf8(raw).ok().map(str::trim)
+}
+
+/// DynamoDB's size of a number: about one byte per two significant digits, plus one.
+fn number_size(n: &str) -> usize {
+    let digits = n
+        .bytes()
+        .filter(u8::is_ascii_digit)
+        .skip_while(|&b| b == b'0')
+        .count();
+    digits.div_ceil(2) + 1
+}
+
+/// The item's size as DynamoDB counts it: every attribute's name plus its value (strings as UTF-8
+/// bytes, numbers by their digits), including the `extra` bytes every item of the file adds.
+fn item_size(order: &Order, extra: usize) -> usize {
+    let mut size = extra;
+    for (i, name) in COLUMNS.iter().enumerate() {
+        let v = &order.fields[i];
+        size += name.len()
+            + if i == UNIT_SOLD || MONEY.contains(&i) {
+                number_size(v)
+            } else {
+                v.len()
+            };
+    }
+    size
+}
+
+fn number_reason(col: &str, text: &str, e: NumberError) -> String {
+    let shown: String = text.chars().take(48).collect();
+    let more = if shown.len() < text.len() { "…" } else { "" };
+    match e {
+        NumberError::TooPrecise => format!(
+            "{col} {shown:?}{more} has more than {MAX_NUMBER_DIGITS} significant digits (DynamoDB's precision)"
+        ),
+        _ => format!(
+            "{col} {shown:?}{more} is outside DynamoDB's number range (1E-130 to 9.9E+125 in magnitude)"
+        ),
+    }
 }
 
 /// Validate one data row into `order` (whose strings are reused from row to row).
@@ -317,9 +403,9 @@ pub fn validate_into(rec: &csv::ByteRecord, h: &Header, order: &mut Order) -> Re
             rec.len()
         ));
     }
-    if rec.as_slice().len() > MAX_ROW_BYTES {
+    if rec.as_slice().len() > MAX_ITEM_BYTES {
         return Err(format!(
-            "row is {} bytes, larger than a DynamoDB item may be",
+            "row is {} bytes, larger than a DynamoDB item may be (400 KB)",
             rec.as_slice().len()
         ));
     }
@@ -332,28 +418,51 @@ pub fn validate_into(rec: &csv::ByteRecord, h: &Header, order: &mut Order) -> Re
     })?;
     for (c, col) in COLUMNS.iter().enumerate() {
         let range = rec.range(h.idx[c]).unwrap_or(0..0);
-        let text = all.get(range).unwrap_or("").trim();
+        let raw = all.get(range).unwrap_or("");
+        let text = if c == ORDER_ID {
+            normalized_id(raw.as_bytes()).unwrap_or("")
+        } else {
+            raw.trim()
+        };
         let field = &mut order.fields[c];
         field.clear();
-        let ok = match c {
+        let parsed = match c {
             ORDER_ID if text.is_empty() => return Err("OrderId is empty".into()),
-            ORDER_DATE | SHIP_DATE => parse_date_into(text, field),
-            UNIT_SOLD => parse_number_into(text, true, field),
-            c if MONEY.contains(&c) => parse_number_into(text, false, field),
+            ORDER_ID if text.len() > MAX_KEY_BYTES => {
+                return Err(format!(
+                    "OrderId is {} bytes, longer than a DynamoDB key may be ({MAX_KEY_BYTES})",
+                    text.len()
+                ))
+            }
+            ORDER_DATE | SHIP_DATE => {
+                if parse_date_into(text, field) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{col} {text:?} is not a date (M/D/YYYY or YYYY-MM-DD)"
+                    ))
+                }
+            }
+            UNIT_SOLD => parse_number_into(text, true, field).map_err(|e| match e {
+                NumberError::NotANumber => format!("{col} {text:?} is not a whole number of units"),
+                other => number_reason(col, text, other),
+            }),
+            c if MONEY.contains(&c) => parse_number_into(text, false, field).map_err(|e| match e {
+                NumberError::NotANumber => format!("{col} {text:?} is not a decimal number"),
+                other => number_reason(col, text, other),
+            }),
             _ => {
                 field.push_str(text);
-                true
+                Ok(())
             }
         };
-        if !ok {
-            return Err(match c {
-                ORDER_DATE | SHIP_DATE => {
-                    format!("{col} {text:?} is not a date (M/D/YYYY or YYYY-MM-DD)")
-                }
-                UNIT_SOLD => format!("{col} {text:?} is not a whole number of units"),
-                _ => format!("{col} {text:?} is not a decimal number"),
-            });
-        }
+        parsed?;
+    }
+    let size = item_size(order, h.item_overhead);
+    if size > MAX_ITEM_BYTES {
+        return Err(format!(
+            "the item would be {size} bytes, larger than DynamoDB allows ({MAX_ITEM_BYTES})"
+        ));
     }
     Ok(())
 }
@@ -430,7 +539,8 @@ fn open(
             COLUMNS.join(",")
         )));
     }
-    let header = parse_header(&rec).map_err(FileError::Invalid)?;
+    let mut header = parse_header(&rec).map_err(FileError::Invalid)?;
+    header.item_overhead = limits.item_overhead;
     Ok((rdr, header))
 }
 
@@ -496,10 +606,9 @@ fn duplicate_candidates(path: &Path, limits: ScanLimits) -> Result<HashSet<Box<[
     let col = header.idx[ORDER_ID];
     let mut rec = csv::ByteRecord::new();
     while rdr.read_byte_record(&mut rec).map_err(csv_error)? {
-        if let Some(id) = rec.get(col) {
-            let id = id.trim_ascii();
-            if !id.is_empty() && bloom.check_and_set(id) {
-                candidates.insert(Box::from(id));
+        if let Some(id) = rec.get(col).and_then(normalized_id) {
+            if !id.is_empty() && bloom.check_and_set(id.as_bytes()) {
+                candidates.insert(Box::from(id.as_bytes()));
             }
         }
     }
@@ -534,7 +643,10 @@ pub fn scan(
         if let Err(reason) = validate_into(&rec, &header, &mut order) {
             let id = rec
                 .get(header.idx[ORDER_ID])
-                .map(|b| String::from_utf8_lossy(b.trim_ascii()).into_owned())
+                .map(|b| match normalized_id(b) {
+                    Some(id) => id.to_string(),
+                    None => String::from_utf8_lossy(b).trim().to_string(),
+                })
                 .unwrap_or_default();
             out.rejected += 1;
             on_reject(line, &id, &reason)?;
@@ -801,6 +913,13 @@ mod tests {
     type Rejects = Vec<(u64, String, String)>;
 
     fn run(text: &str) -> (Result<ScanOutcome, FileError>, Rejects, Vec<Order>) {
+        run_limited(text, 4096)
+    }
+
+    fn run_limited(
+        text: &str,
+        max_line_bytes: u64,
+    ) -> (Result<ScanOutcome, FileError>, Rejects, Vec<Order>) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("in.csv");
         std::fs::write(&p, text).unwrap();
@@ -809,7 +928,8 @@ mod tests {
         let r = scan(
             &p,
             ScanLimits {
-                max_line_bytes: 4096,
+                max_line_bytes,
+                item_overhead: 0,
             },
             None,
             |l, id, r| {
@@ -912,6 +1032,58 @@ mod tests {
         );
         assert_ne!(a.confirmation_id("1"), a.confirmation_id("2"));
         assert_ne!(a.confirmation_id("1"), b.confirmation_id("1"));
+    }
+
+    /// Every value DynamoDB would refuse is a rejected row with its reason, never a failed batch.
+    #[test]
+    fn values_dynamodb_refuses_are_rejected_rows() {
+        let h = HEADER;
+        let big_int = format!("1{}", "0".repeat(126)); // 1E+126: one digit too many
+        let max_int = format!("9{}", "0".repeat(125)); // 9E+125: fits
+        let tiny = format!("0.{}1", "0".repeat(130)); // 1E-131
+        let smallest = format!("0.{}1", "0".repeat(129)); // 1E-130: fits
+        let long_id = "x".repeat(MAX_KEY_BYTES + 1);
+        let wide = "w".repeat(MAX_ITEM_BYTES - 100); // the row fits, its item does not
+        let text = format!(
+            "{h}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n",
+            row("1").replace("205.70", &big_int),
+            row("2").replace("205.70", &max_int),
+            row("3").replace("205.70", &tiny),
+            row("4").replace("205.70", &smallest),
+            row(&long_id),
+            row("6").replacen("Asia", &wide, 1),
+            row(" 7"),
+            row("\u{a0}7\u{a0}"),
+        );
+        let (r, rejects, valid) = run_limited(&text, 1 << 20);
+        let o = r.unwrap();
+        assert_eq!(o.rows, 8);
+        assert_eq!(o.written + o.rejected, o.rows);
+        let ids: Vec<&str> = valid.iter().map(|v| v.order_id()).collect();
+        assert_eq!(ids, ["2", "4", "7"]);
+        let reason = |line: u64| {
+            rejects
+                .iter()
+                .find(|r| r.0 == line)
+                .map(|r| r.2.clone())
+                .unwrap_or_default()
+        };
+        assert!(reason(2).contains("number range"), "{rejects:?}");
+        assert!(reason(4).contains("number range"), "{rejects:?}");
+        assert!(
+            reason(6).contains("longer than a DynamoDB key"),
+            "{rejects:?}"
+        );
+        assert!(
+            reason(7).contains("larger than DynamoDB allows"),
+            "{rejects:?}"
+        );
+        // Ids equal after the one normalisation (Unicode white space trimmed) are duplicates.
+        assert!(
+            reason(9).contains("duplicate OrderId (first seen on line 8)"),
+            "{rejects:?}"
+        );
+        assert!(parse_number(&format!("1.{}", "2".repeat(38)), false).is_none());
     }
 
     #[test]

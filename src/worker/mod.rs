@@ -136,9 +136,10 @@ pub fn rejects_key(output_key: &str) -> String {
 }
 
 impl Worker {
-    fn limits(cfg: &Config) -> ScanLimits {
+    fn limits(cfg: &Config, src: &Source) -> ScanLimits {
         ScanLimits {
             max_line_bytes: cfg.spool.max_line_bytes,
+            item_overhead: src.item_overhead(),
         }
     }
 
@@ -168,17 +169,17 @@ impl Worker {
             _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
         };
         tracing::debug!(bytes = downloaded.bytes, etag = %downloaded.etag, peak_rss = crate::telemetry::peak_rss_bytes(), "downloaded to spool");
+        let src = Source {
+            bucket: obj.bucket.clone(),
+            key: obj.key.clone(),
+            etag: downloaded.etag.clone(),
+        };
         let loader = Loader {
             ddb: self.clients.dynamodb.clone(),
             table: pipeline.table.clone(),
             write_concurrency: cfg.dynamodb.write_concurrency,
             write_max_attempts: cfg.dynamodb.write_max_attempts,
-            limits: Self::limits(&cfg),
-        };
-        let src = Source {
-            bucket: obj.bucket.clone(),
-            key: obj.key.clone(),
-            etag: downloaded.etag.clone(),
+            limits: Self::limits(&cfg, &src),
         };
         let outcome = loader.load(&files.files, &src, cancel, progress).await?;
         if !outcome.extra_columns.is_empty() {
