@@ -290,13 +290,17 @@ async fn stop_agent_on_exit_stops_it() {
     assert!(!running);
 }
 
-/// Task IAM role rules: present exactly once after several restarts (ecs-init piles up copies), and
-/// gone after clean-up. This test changes the host's iptables (nat PREROUTING/OUTPUT, filter INPUT)
-/// and removes what it added.
+/// Task IAM role rules: present exactly once after several restarts (ecs-init piles up copies), the
+/// localhost drop rule beside `route_localnet` (CVE-2020-8558's class), and after clean-up neither the
+/// rules nor the sysctl change remain. This test changes the host's iptables (nat PREROUTING/OUTPUT,
+/// filter INPUT) and `route_localnet`, and restores what the host had.
 #[tokio::test(flavor = "multi_thread")]
 async fn iptables_rules_exist_once_and_are_removed_by_cleanup() {
     let fw = offload_agent::ecs_agent::firewall::Firewall::default();
+    let localnet = offload_agent::ecs_agent::firewall::ROUTE_LOCALNET;
+    let had = std::fs::read_to_string(localnet).unwrap();
     fw.cleanup().unwrap();
+    std::fs::write(localnet, "0").unwrap();
     let mut rig = Rig::prepare("iptables", true).await;
     rig.start();
     rig.wait("answering", T, |s| s.metadata.is_some()).await;
@@ -308,7 +312,7 @@ async fn iptables_rules_exist_once_and_are_removed_by_cleanup() {
         })
         .await;
     }
-    assert_eq!(fw.count().unwrap(), vec![1, 1, 1]);
+    assert_eq!(fw.count().unwrap(), vec![1, 1, 1, 1]);
     assert_eq!(
         std::fs::read_to_string(offload_agent::ecs_agent::firewall::ROUTE_LOCALNET)
             .unwrap()
@@ -316,8 +320,10 @@ async fn iptables_rules_exist_once_and_are_removed_by_cleanup() {
         "1"
     );
     rig.stop().await;
-    assert_eq!(offload_agent::ecs_agent::cleanup().unwrap(), 3);
-    assert_eq!(fw.count().unwrap(), vec![0, 0, 0]);
+    assert_eq!(offload_agent::ecs_agent::cleanup().unwrap(), 4);
+    assert_eq!(fw.count().unwrap(), vec![0, 0, 0, 0]);
+    assert_eq!(std::fs::read_to_string(localnet).unwrap().trim(), "0");
+    std::fs::write(localnet, had.trim()).unwrap();
 }
 
 /// Docker late, then restarting under the supervisor (a private engine with live-restore): the

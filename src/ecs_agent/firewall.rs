@@ -1,7 +1,11 @@
 //! Task IAM roles on ECS Anywhere: traffic to the credentials endpoint 169.254.170.2:80 is sent to the
 //! agent's credentials server on 127.0.0.1:51679 (which needs `route_localnet`), and off-host traffic
-//! to the introspection port 51678 is dropped. Every rule is checked (`iptables -C`) before it is added,
-//! so restarts never pile up duplicates as ecs-init's do; clean-up deletes every copy.
+//! to the introspection port 51678 is dropped. `route_localnet` alone would make every service bound to
+//! loopback reachable from the local network (the class of CVE-2020-8558), so, as ecs-init does, packets
+//! to 127.0.0.0/8 from elsewhere are dropped unless they belong to a DNAT'ed (task credentials) or
+//! established connection. Every rule is checked (`iptables -C`) before it is added, so restarts never
+//! pile up duplicates as ecs-init's do; clean-up deletes every copy and switches `route_localnet` off
+//! again.
 
 use std::process::Command;
 
@@ -51,8 +55,34 @@ pub fn rules() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
                 "-p", "tcp", "-m", "tcp", "--dport", "51678", "!", "-i", "lo", "-j", "DROP",
             ],
         ),
+        (
+            "filter",
+            "INPUT",
+            vec![
+                "-d",
+                "127.0.0.0/8",
+                "!",
+                "-s",
+                "127.0.0.0/8",
+                "-m",
+                "conntrack",
+                "!",
+                "--ctstate",
+                "RELATED,ESTABLISHED,DNAT",
+                "-j",
+                "DROP",
+            ],
+        ),
     ]
 }
+
+/// What identifies each rule of [`rules`] in `iptables -S` output, in the same order.
+const MARKERS: [&str; 4] = [
+    "--to-destination 127.0.0.1:51679",
+    "--to-ports 51679",
+    "--dport 51678",
+    "--ctstate RELATED,ESTABLISHED,DNAT",
+];
 
 /// Where `route_localnet` is switched on.
 pub const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
@@ -127,7 +157,8 @@ impl Firewall {
         Ok(added)
     }
 
-    /// Delete every copy of every rule (also duplicates that ecs-init left); returns how many.
+    /// Delete every copy of every rule (also duplicates that ecs-init left); returns how many. When any
+    /// was removed, `route_localnet` (which only they needed) is switched off again.
     pub fn cleanup(&self) -> Result<usize, String> {
         let mut removed = 0;
         for (table, chain, rule) in rules() {
@@ -140,26 +171,23 @@ impl Firewall {
                 removed += 1;
             }
         }
+        if removed > 0 {
+            std::fs::write(ROUTE_LOCALNET, "0")
+                .map_err(|e| format!("cannot switch {ROUTE_LOCALNET} off: {e}"))?;
+        }
         Ok(removed)
     }
 
     /// How many copies of each rule exist (for status and tests).
     pub fn count(&self) -> Result<Vec<usize>, String> {
         let mut counts = Vec::new();
-        for (table, chain, rule) in rules() {
+        for ((table, chain, _), marker) in rules().into_iter().zip(MARKERS) {
             let out = Command::new(&self.iptables)
                 .args(["-w", "-t", table, "-S", chain])
                 .output()
                 .map_err(|e| format!("cannot run {}: {e}", self.iptables))?;
             let listing = String::from_utf8_lossy(&out.stdout);
-            // The last two arguments (target and its port) identify each rule in `-S` output.
-            let marker = rule[rule.len() - 2..].join(" ");
-            let marker = if chain == "INPUT" {
-                "--dport 51678".to_string()
-            } else {
-                marker
-            };
-            counts.push(listing.lines().filter(|l| l.contains(&marker)).count());
+            counts.push(listing.lines().filter(|l| l.contains(marker)).count());
         }
         Ok(counts)
     }
