@@ -391,3 +391,40 @@ async fn refuses_while_ecs_init_is_active() {
     assert!(rig.container().await.is_none(), "no container was created");
     rig.stop().await;
 }
+
+/// An agent that exits 42 on every start (and whose desired image cannot be read) is restarted with the
+/// restart backoff, not in a hot loop.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_that_always_exits_42_is_restarted_with_backoff() {
+    let mut rig = Rig::prepare("always42", false).await;
+    rig.ctl("fake-crash", "42");
+    rig.start();
+    rig.wait("first restart", T, |s| s.restarts >= 1).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let s = rig.current();
+    assert_eq!(s.last_exit_code, Some(42));
+    assert!(s.last_backoff.is_some(), "backed off");
+    // restart_backoff_min 200ms doubling to 3s: about 6 starts in 6 s; a hot loop makes dozens.
+    let starts = rig.starts();
+    assert!((2..=9).contains(&starts), "{starts} starts in ~6 s");
+    rig.stop().await;
+}
+
+/// Exit 0 is a stop on purpose (`docker stop`): the agent stays stopped, the state says why, and a
+/// reload starts it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn exit_0_stays_stopped_until_reload() {
+    let mut rig = Rig::prepare("exit0", false).await;
+    rig.start();
+    rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    rig.ctl("fake-exit", "0");
+    let s = rig.wait_state(State::Stopped, T).await;
+    assert!(s.reason.contains("exited 0"), "{}", s.reason);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(rig.starts(), 1, "not restarted");
+    rig.reload();
+    rig.wait("answering again", T, |s| s.metadata.is_some())
+        .await;
+    assert_eq!(rig.starts(), 2);
+    rig.stop().await;
+}

@@ -113,6 +113,9 @@ pub struct Supervisor {
     status: watch::Sender<Status>,
     shutdown: CancellationToken,
     restart_backoff: Backoff,
+    /// Exit-42 upgrades since the agent was last healthy for `healthy_reset_after`: a second one
+    /// (an agent that keeps asking) waits for the restart backoff instead of looping hot.
+    upgrades_since_healthy: u32,
     firewall: firewall::Firewall,
 }
 
@@ -160,6 +163,7 @@ impl Supervisor {
                 status,
                 shutdown,
                 restart_backoff: Backoff::new(cfg.restart_backoff_min, cfg.restart_backoff_max),
+                upgrades_since_healthy: 0,
                 firewall: firewall::Firewall::default(),
             },
             rx,
@@ -410,6 +414,7 @@ impl Supervisor {
                             let since = *healthy_since.get_or_insert(now);
                             if !reset_done && since.elapsed() >= cfg.healthy_reset_after {
                                 self.restart_backoff.reset();
+                                self.upgrades_since_healthy = 0;
                                 reset_done = true;
                                 tracing::debug!("agent healthy long enough: restart backoff reset");
                             }
@@ -578,13 +583,29 @@ impl Supervisor {
                             Some(StopContainerOptionsBuilder::default().t(10).build()),
                         )
                         .await;
-                    self.status.send_modify(|s| s.restarts += 1);
+                    // An agent that hangs again at once must not be restarted in a hot loop either.
+                    self.back_off(format!("restarting the unresponsive ECS agent ({e})"))
+                        .await;
                 }
                 Outcome::Exited(code) => {
                     self.status.send_modify(|s| {
                         s.last_exit_code = Some(code);
                         s.metadata = None;
                     });
+                    if code == 0 {
+                        // A clean exit is a stop on purpose (`docker stop ecs-agent`): as under
+                        // ecs-init's unit, it stays stopped until the operator asks again.
+                        self.set(
+                            State::Stopped,
+                            "the ECS agent exited 0 (stopped on purpose, e.g. `docker stop`): not restarting until SIGHUP or a configuration change",
+                        );
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => break,
+                            r = self.config.changed() => if r.is_err() { break },
+                        }
+                        tracing::info!("configuration reloaded: starting the ECS agent again");
+                        continue;
+                    }
                     if code == EXIT_TERMINAL {
                         let lines = self.last_log_lines(&docker, &id).await;
                         for l in &lines {
@@ -604,34 +625,50 @@ impl Supervisor {
                         continue;
                     }
                     if code == EXIT_UPGRADE {
-                        self.upgrade(&docker, &cfg).await;
-                        self.status.send_modify(|s| s.restarts += 1);
+                        let loaded = self.upgrade(&docker, &cfg).await;
+                        let again = self.upgrades_since_healthy > 0;
+                        self.upgrades_since_healthy += 1;
+                        if loaded && !again {
+                            // The agent's own update: restart at once with the new image.
+                            self.status.send_modify(|s| s.restarts += 1);
+                            continue;
+                        }
+                        let why = if loaded {
+                            "asked for an upgrade (exit 42) again before it was healthy"
+                        } else {
+                            "asked for an upgrade (exit 42) that could not be loaded"
+                        };
+                        self.back_off(format!("the ECS agent {why}")).await;
                         continue;
                     }
-                    let d = self.restart_backoff.next_delay();
-                    self.status.send_modify(|s| {
-                        s.last_backoff = Some(d);
-                        s.restarts += 1;
-                    });
-                    self.set(
-                        State::BackingOff,
-                        format!("the ECS agent exited with status {code}; restarting in {d:?}"),
-                    );
-                    self.pause(d).await;
+                    self.back_off(format!("the ECS agent exited with status {code}"))
+                        .await;
                 }
             }
         }
         self.set(State::Stopped, "offload-agent is stopping");
     }
 
-    /// Exit 42: load the image tarball named in desired-image, then restart at once.
-    async fn upgrade(&self, docker: &Docker, cfg: &EcsAgentConfig) {
+    /// Count a restart and wait for the restart backoff before it (shutdown or a configuration change
+    /// cut the wait short).
+    async fn back_off(&mut self, why: String) {
+        let d = self.restart_backoff.next_delay();
+        self.status.send_modify(|s| {
+            s.last_backoff = Some(d);
+            s.restarts += 1;
+        });
+        self.set(State::BackingOff, format!("{why}; restarting in {d:?}"));
+        self.pause(d).await;
+    }
+
+    /// Exit 42: load the image tarball named in desired-image. Returns whether it was loaded.
+    async fn upgrade(&self, docker: &Docker, cfg: &EcsAgentConfig) -> bool {
         let file = spec::host_path(cfg, spec::DESIRED_IMAGE_FILE);
         let wanted = match std::fs::read_to_string(&file) {
             Ok(t) => t.trim().to_string(),
             Err(e) => {
                 tracing::error!(file = %file.display(), error = %e, "the ECS agent asked for an upgrade (exit 42) but the desired-image file cannot be read; restarting the current image");
-                return;
+                return false;
             }
         };
         let tarball = under_root(&cfg.host_root, &wanted);
@@ -640,9 +677,13 @@ impl Supervisor {
             format!("exit 42: loading {}", tarball.display()),
         );
         match self.load_tarball(docker, &tarball).await {
-            Ok(()) => tracing::info!(tarball = %tarball.display(), "desired agent image loaded"),
+            Ok(()) => {
+                tracing::info!(tarball = %tarball.display(), "desired agent image loaded");
+                true
+            }
             Err(e) => {
-                tracing::error!(error = %e, "cannot load the desired agent image; restarting the current one")
+                tracing::error!(error = %e, "cannot load the desired agent image; restarting the current one");
+                false
             }
         }
     }
