@@ -123,6 +123,7 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
         Command::Config(ConfigCommand::Check(args)) => config_check(&args.config).await,
         Command::Run(args) => {
             let cfg = load(&args.config)?;
+            check_spool(&cfg, &args.config)?;
             log.set_level(&cfg.agent.log_level);
             let control = crate::daemon::signals()?;
             match crate::daemon::run(args.config.clone(), cfg, env_map(), log, control).await {
@@ -206,6 +207,15 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// The spool must be the daemon's own directory: refuse a shared one as a configuration error.
+fn check_spool(cfg: &Config, path: &Path) -> Result<(), Failure> {
+    crate::worker::spool::check_dir(&cfg.spool.dir).map_err(|reason| {
+        Failure::Config(ConfigError {
+            problems: vec![format!("spool.dir (in {}): {reason}", path.display())],
+        })
+    })
 }
 
 fn registration_failure(e: crate::registration::Error) -> Failure {
@@ -390,6 +400,7 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
         )));
     };
     let cfg = load(config_path)?;
+    check_spool(&cfg, config_path)?;
     let Some(pipeline) = cfg.route(&bucket, &key).cloned() else {
         return Err(Failure::Usage(format!(
             "no pipeline matches s3://{bucket}/{key}: check the pipelines' bucket, prefix and suffix in {}",

@@ -233,3 +233,20 @@ fn config_check_warns_when_shutdown_outlasts_the_unit_and_no_region_is_78() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("aws.region"));
 }
+
+/// A shared directory (here the world-writable /tmp) is refused as the spool with a configuration error
+/// naming the key: the daemon would make it private and delete files in it.
+#[test]
+fn a_shared_spool_directory_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "[aws]\nregion = \"us-east-1\"\n[queue]\nname = \"q\"\n[spool]\ndir = \"/tmp\"\n[ecs_agent]\nenabled = false\n[[pipeline]]\nname = \"p\"\nbucket = \"b\"\nprefix = \"in/\"\nprocessor = \"orders-csv\"\ntable = \"T\"\noutput_prefix = \"out/\"\n",
+    )
+    .unwrap();
+    let out = bin().args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("spool.dir") && err.contains("shared"), "{err}");
+}

@@ -33,6 +33,53 @@ impl Drop for SpoolFiles {
 
 const SUFFIXES: [&str; 3] = ["in", "out", "rej"];
 
+/// Directories that are never a spool: the daemon would chmod them 0700 and delete files in them.
+const SHARED_DIRS: [&str; 12] = [
+    "/", "/tmp", "/var/tmp", "/dev/shm", "/var", "/var/lib", "/etc", "/usr", "/home", "/root",
+    "/opt", "/srv",
+];
+
+/// Whether `dir` can be the agent's own spool: not a shared system directory, and, if it exists, a
+/// directory owned by this user that no one else may write to (world- or group-writable directories,
+/// such as `/tmp`, are shared). The reason is returned for a configuration error.
+pub fn check_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if !dir.is_absolute() {
+        return Err(format!("\"{}\" must be an absolute path", dir.display()));
+    }
+    let shown = dir.display().to_string();
+    let normal = shown.trim_end_matches('/');
+    if SHARED_DIRS.contains(&normal) || normal.is_empty() {
+        return Err(format!(
+            "{shown} is a shared system directory; the spool must be a directory of its own (the daemon \
+             makes it private and deletes leftover spool files in it), e.g. /var/lib/offload-agent/spool"
+        ));
+    }
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => Err(format!("{shown} exists and is not a directory")),
+        Ok(m) => {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            if m.uid() != me {
+                Err(format!(
+                    "{shown} belongs to uid {}, not to this daemon (uid {me}): use a directory of its own",
+                    m.uid()
+                ))
+            } else if m.mode() & 0o022 != 0 {
+                Err(format!(
+                    "{shown} is writable by other users (mode {:o}): a shared directory cannot be the spool; \
+                     use a directory of its own",
+                    m.mode() & 0o7777
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot inspect {shown}: {e}")),
+    }
+}
+
 impl Spool {
     /// Create the directory (mode 0700: spooled files may hold customer data).
     pub fn open(dir: &Path) -> io::Result<Spool> {
@@ -92,6 +139,24 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_or_foreign_directories_are_refused_as_spool() {
+        assert!(check_dir(Path::new("/tmp")).unwrap_err().contains("shared"));
+        assert!(check_dir(Path::new("/")).is_err());
+        assert!(check_dir(Path::new("relative/spool")).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let own = dir.path().join("spool");
+        check_dir(&own).unwrap(); // absent: the daemon creates it
+        std::fs::create_dir(&own).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+        check_dir(&own).unwrap();
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(check_dir(&own)
+            .unwrap_err()
+            .contains("writable by other users"));
+    }
 
     #[test]
     fn hostile_keys_stay_inside_the_spool_and_files_are_removed() {
