@@ -426,6 +426,7 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
         stats: Arc::new(Stats::default()),
         queue_url: String::new(),
         dlq_url: None,
+        max_receives: None,
     };
     let obj = ObjectRef {
         bucket: bucket.clone(),

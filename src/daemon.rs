@@ -226,6 +226,28 @@ fn status_line(stats: &Stats, ecs: Option<&watch::Receiver<crate::ecs_agent::Sta
     parts.join("; ")
 }
 
+/// The queue's redrive `maxReceiveCount`, if it has a redrive policy (read once at start; a change
+/// needs a restart, like the queue itself).
+async fn redrive_max_receives(clients: &Clients, queue_url: &str) -> Option<u32> {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let out = clients
+        .sqs
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(QueueAttributeName::RedrivePolicy)
+        .send()
+        .await
+        .map_err(|e| tracing::warn!(error = %describe(&e), "cannot read the queue's redrive policy; SQS may move failing messages to its dead-letter queue without a reason attribute"))
+        .ok()?;
+    let policy = out.attributes()?.get(&QueueAttributeName::RedrivePolicy)?;
+    let v: serde_json::Value = serde_json::from_str(policy).ok()?;
+    match &v["maxReceiveCount"] {
+        serde_json::Value::Number(n) => n.as_u64().map(|n| n as u32),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
 /// Resolve the queues (waiting for an operator if need be), then receive and process until `stop`.
 async fn serve(
     clients: Clients,
@@ -254,9 +276,11 @@ async fn serve(
         }
         None => None,
     };
+    let max_receives = redrive_max_receives(&clients, &queue_url).await;
     tracing::info!(
         queue = %queue_url,
         dead_letter_queue = dlq_url.as_deref().unwrap_or(""),
+        max_receives = max_receives.unwrap_or(0),
         pipelines = cfg.pipelines.len(),
         "receiving from the queue"
     );
@@ -267,6 +291,7 @@ async fn serve(
         stats,
         queue_url,
         dlq_url,
+        max_receives,
     });
     pool::run(worker, stop, abort).await;
 }

@@ -110,10 +110,19 @@ pub async fn provision(cfg: &Config, clients: &Clients) -> Result<Vec<Step>> {
         .set_queue_attributes()
         .queue_url(&queue_url)
         .attributes(QueueAttributeName::Policy, policy);
+    // Enough receives for a transient failure's retries to reach queue.retry_max (the agent gives up by
+    // itself on the last one, with a reason), and never fewer than queue.max_receive_count.
+    let max_receives = cfg
+        .queue
+        .max_receive_count
+        .max(crate::worker::receives_to_reach(
+            cfg.queue.retry_base,
+            cfg.queue.retry_max,
+        ));
     if let Some(dlq_arn) = &dlq_arn {
         let redrive = serde_json::json!({
             "deadLetterTargetArn": dlq_arn,
-            "maxReceiveCount": cfg.queue.max_receive_count.to_string()
+            "maxReceiveCount": max_receives.to_string()
         })
         .to_string();
         set = set.attributes(QueueAttributeName::RedrivePolicy, redrive);
@@ -131,8 +140,7 @@ pub async fn provision(cfg: &Config, clients: &Clients) -> Result<Vec<Step>> {
             buckets.iter().cloned().collect::<Vec<_>>().join(", "),
             if dlq_arn.is_some() {
                 format!(
-                    " and redrive to the dead-letter queue after {} receives",
-                    cfg.queue.max_receive_count
+                    " and redrive to the dead-letter queue after {max_receives} receives (enough for retries to reach queue.retry_max)"
                 )
             } else {
                 String::new()

@@ -520,3 +520,78 @@ async fn rows_dynamodb_would_refuse_are_rejected_and_the_rest_written() {
     w.wait_queue_empty(WAIT, &agent).await;
     assert!(w.drain_dlq().await.is_empty());
 }
+
+/// Without a dead-letter queue in the configuration, a file that fails permanently gets its error report
+/// and its message is deleted (SQS cannot hide it for longer than 12 hours): settled once, never
+/// re-downloaded and re-failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_dlq_a_permanent_failure_is_settled_once() {
+    let w = World::with(
+        "nodlq",
+        Options {
+            no_dlq: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let agent = w.start();
+    w.put("input/not-orders.csv", "name,age\nann,3\n").await;
+    w.wait_for("output/errors/input/not-orders.csv.json", WAIT, &agent)
+        .await;
+    w.wait_queue_empty(WAIT, &agent).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("processing").count(),
+        1,
+        "processed once:\n{log}"
+    );
+    assert!(
+        log.contains("no queue.dead_letter_queue configured"),
+        "{log}"
+    );
+    assert!(w.drain_dlq().await.is_empty());
+}
+
+/// A file that keeps failing transiently (its table is missing) is given up on the last receive the
+/// queue's redrive policy allows: the agent moves it to the dead-letter queue itself, with the reason
+/// attribute and an error report, before SQS would move it bare.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_failing_transiently_reaches_the_dlq_with_its_reason() {
+    let w = World::with(
+        "giveup",
+        Options {
+            retry_base: "1s",
+            retry_max: "2s",
+            visibility_timeout: "10s",
+            ..Options::default()
+        },
+    )
+    .await;
+    w.clients
+        .dynamodb
+        .delete_table()
+        .table_name(&w.table)
+        .send()
+        .await
+        .unwrap();
+    let agent = w.start();
+    w.put("input/doomed.csv", orders_csv(0, 5)).await;
+    let report = w
+        .wait_for(
+            "output/errors/input/doomed.csv.json",
+            Duration::from_secs(90),
+            &agent,
+        )
+        .await;
+    let report = String::from_utf8(report).unwrap();
+    assert!(report.contains("gave up after 5 receives"), "{report}");
+    w.wait_queue_empty(WAIT, &agent).await;
+    let dlq = w.drain_dlq().await;
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert!(dlq[0].1.contains("gave up after 5 receives"), "{dlq:?}");
+    assert!(
+        dlq[0].1.contains(&w.table),
+        "the reason names the table: {dlq:?}"
+    );
+}

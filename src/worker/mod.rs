@@ -119,6 +119,35 @@ pub struct Worker {
     pub stats: Arc<Stats>,
     pub queue_url: String,
     pub dlq_url: Option<String>,
+    /// Receives after which SQS's redrive moves a message (the queue's `maxReceiveCount`): on the last
+    /// one the agent gives up itself, with a reason and an error report, before SQS would move it bare.
+    pub max_receives: Option<u32>,
+}
+
+/// Receives needed for a transient failure's delay (`retry_base` doubling per receive) to reach
+/// `retry_max`, plus one receive at it: a redrive policy with fewer gives up before `retry_max`.
+pub fn receives_to_reach(retry_base: Duration, retry_max: Duration) -> u32 {
+    let mut n = 1;
+    let mut d = retry_base;
+    while d < retry_max && n < 64 {
+        d = d.saturating_mul(2);
+        n += 1;
+    }
+    n + 1
+}
+
+/// SQS accepts only these characters in bodies and attribute values (#x9, #xA, #xD, #x20-#xD7FF,
+/// #xE000-#xFFFD, #x10000-#x10FFFF); anything else (control characters from an object key) becomes
+/// U+FFFD.
+pub fn sqs_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '\t' | '\n' | '\r' => c,
+            c if (c as u32) < 0x20 => '\u{fffd}',
+            '\u{fffe}' | '\u{ffff}' => '\u{fffd}',
+            c => c,
+        })
+        .collect()
 }
 
 /// A key derived from `key` that S3 accepts, for reports: the key itself when it fits, else its hash.
@@ -377,13 +406,24 @@ impl Worker {
                     cancelled = true;
                     break;
                 }
-                Err(ProcessError::Transient(reason)) => {
+                Err(ProcessError::Transient(reason))
+                    if self.max_receives.map_or(true, |m| receive_count < m) =>
+                {
                     Stats::add(&self.stats.files_failed, 1);
                     tracing::warn!(%reason, receive_count, "transient failure; the message will be retried");
                     transient = Some(reason);
                     break;
                 }
-                Err(ProcessError::Permanent(reason)) => {
+                Err(failure) => {
+                    // A transient failure on the last receive SQS allows is given up here, with a reason
+                    // and an error report, rather than moved bare by SQS's redrive on the next receive.
+                    let reason = match failure {
+                        ProcessError::Transient(r) => format!(
+                            "gave up after {receive_count} receives (the queue's maxReceiveCount): {r}"
+                        ),
+                        ProcessError::Permanent(r) => r,
+                        ProcessError::Cancelled => ProcessError::Cancelled.to_string(),
+                    };
                     Stats::add(&self.stats.files_failed, 1);
                     match self
                         .write_error_report(pipeline, obj, &reason, &message_id)
@@ -414,7 +454,7 @@ impl Worker {
             );
             Stats::add(&self.stats.messages_retried, 1);
             tracing::info!(retry_in_s = delay.as_secs(), %reason, "message returns to the queue");
-            self.set_visibility(&receipt, delay).await;
+            let _ = self.set_visibility(&receipt, delay).await;
         } else if !permanent.is_empty() {
             self.settle_permanent(&receipt, &body, &permanent.join("; "))
                 .await;
@@ -441,9 +481,10 @@ impl Worker {
         }
     }
 
-    async fn set_visibility(&self, receipt: &str, after: Duration) {
+    /// Returns whether SQS accepted the change.
+    async fn set_visibility(&self, receipt: &str, after: Duration) -> bool {
         let secs = after.as_secs().min(43_200) as i32;
-        if let Err(e) = self
+        match self
             .clients
             .sqs
             .change_message_visibility()
@@ -453,7 +494,11 @@ impl Worker {
             .send()
             .await
         {
-            tracing::warn!(error = %describe(&e), "could not change the message's visibility; it returns when its current timeout ends");
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %describe(&e), "could not change the message's visibility; it returns when its current timeout ends");
+                false
+            }
         }
     }
 
@@ -464,9 +509,12 @@ impl Worker {
             self.set_visibility(receipt, Duration::ZERO),
         )
         .await;
-        Stats::add(&self.stats.messages_released, 1);
         match r {
-            Ok(()) => tracing::info!("shutdown: message released to the queue unfinished"),
+            Ok(true) => {
+                Stats::add(&self.stats.messages_released, 1);
+                tracing::info!("shutdown: message released to the queue unfinished")
+            }
+            Ok(false) => {} // logged by set_visibility; counted as not released
             Err(_) => tracing::warn!("shutdown: releasing the message timed out; it returns when its visibility timeout ends"),
         }
     }
@@ -475,24 +523,30 @@ impl Worker {
     /// Without a dead-letter queue, leave it for SQS's redrive policy (or its retention period).
     async fn settle_permanent(&self, receipt: &str, body: &str, reason: &str) {
         let Some(dlq) = &self.dlq_url else {
-            tracing::error!(%reason, "no queue.dead_letter_queue configured: the message stays in the queue until its redrive policy or retention removes it");
-            self.set_visibility(receipt, Duration::from_secs(43_200))
-                .await;
+            // SQS cannot hide a message for more than 12 hours from its receipt, so "keep it hidden"
+            // would mean re-failing it forever: the error report (or, for a message that is no event,
+            // this log line with its body) is the record, and the message is deleted.
+            let excerpt: String = body.chars().take(2000).collect();
+            tracing::error!(%reason, body = %excerpt, "no queue.dead_letter_queue configured: the failure is recorded (error report, this log) and the message deleted");
+            self.delete(receipt).await;
             return;
         };
-        let reason_attr: String = reason.chars().take(1000).collect();
+        let reason_attr: String = sqs_safe(reason).chars().take(1000).collect();
         let sent = self
             .clients
             .sqs
             .send_message()
             .queue_url(dlq)
             .message_body(if body.is_empty() {
-                "(empty body)"
+                "(empty body)".to_string()
             } else {
-                body
+                sqs_safe(body)
             })
             .message_attributes("offload-agent-reason", string_attr(&reason_attr))
-            .message_attributes("offload-agent-source-queue", string_attr(&self.queue_url))
+            .message_attributes(
+                "offload-agent-source-queue",
+                string_attr(&sqs_safe(&self.queue_url)),
+            )
             .send()
             .await;
         match sent {

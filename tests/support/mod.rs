@@ -173,6 +173,9 @@ pub struct Options {
     pub visibility_timeout: &'static str,
     pub shutdown_grace: &'static str,
     pub retry_base: &'static str,
+    pub retry_max: &'static str,
+    /// Leave `queue.dead_letter_queue` out of the configuration (the queues are still provisioned).
+    pub no_dlq: bool,
 }
 
 impl Default for Options {
@@ -185,6 +188,8 @@ impl Default for Options {
             visibility_timeout: "30s",
             shutdown_grace: "10s",
             retry_base: "1s",
+            retry_max: "15m",
+            no_dlq: false,
         }
     }
 }
@@ -234,6 +239,7 @@ max_in_flight = {mif}
 visibility_timeout = "{vis}"
 wait_time = "1s"
 retry_base = "{retry}"
+retry_max = "{retry_max}"
 
 [spool]
 dir = "{spool}"
@@ -256,6 +262,7 @@ output_prefix = "output/"
                 mif = o.max_in_flight,
                 vis = o.visibility_timeout,
                 retry = o.retry_base,
+                retry_max = o.retry_max,
                 spool = spool.display()
             ),
         )
@@ -302,6 +309,12 @@ output_prefix = "output/"
         // S3 sends s3:TestEvent when a notification is configured; drain it so that tests count only
         // their own messages (one test checks the TestEvent on purpose).
         w.purge_queue().await;
+        if o.no_dlq {
+            // Provisioned with a dead-letter queue (and SQS's redrive to it); the agent is not told.
+            let text = std::fs::read_to_string(&w.config).unwrap();
+            let text = text.replace(&format!("dead_letter_queue = \"{}\"\n", w.dlq), "");
+            std::fs::write(&w.config, text).unwrap();
+        }
         w
     }
 
