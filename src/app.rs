@@ -427,6 +427,7 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
         queue_url: String::new(),
         dlq_url: None,
         max_receives: None,
+        key_locks: Default::default(),
     };
     let obj = ObjectRef {
         bucket: bucket.clone(),
@@ -491,6 +492,9 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
         ))),
         Err(ProcessError::Transient(reason)) => Err(Failure::Runtime(anyhow::anyhow!(
             "s3://{bucket}/{key} failed (retrying may help): {reason}"
+        ))),
+        Err(ProcessError::Superseded(reason)) => Err(Failure::Runtime(anyhow::anyhow!(
+            "{reason}; run again to process the current version"
         ))),
         Err(ProcessError::Cancelled) => Err(Failure::Runtime(anyhow::anyhow!(
             "interrupted; rows written so far are rewritten identically by the next run"

@@ -292,6 +292,7 @@ async fn serve(
         queue_url,
         dlq_url,
         max_receives,
+        key_locks: Default::default(),
     });
     pool::run(worker, stop, abort).await;
 }

@@ -20,6 +20,10 @@ pub enum ProcessError {
     /// Shutdown's grace period ran out: the message is released for another worker at once.
     #[error("stopped by shutdown before the file was finished")]
     Cancelled,
+    /// The event announced a version of the object that is no longer the current one: a newer upload
+    /// has its own event, so this one is acknowledged without processing.
+    #[error("{0}")]
+    Superseded(String),
 }
 
 /// How an AWS call failed, from the caller's point of view.

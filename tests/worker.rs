@@ -595,3 +595,43 @@ async fn a_file_failing_transiently_reaches_the_dlq_with_its_reason() {
         "the reason names the table: {dlq:?}"
     );
 }
+
+/// Two uploads of one key 50 ms apart, several times: the table and the output always end as the
+/// second upload says (the first is processed before it, or acknowledged as superseded).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_newest_upload_of_a_key_wins() {
+    let w = World::new("versions").await;
+    let agent = w.start();
+    for round in 0..4 {
+        let key = format!("input/twice-{round}.csv");
+        let out_key = format!("output/twice-{round}.csv");
+        let first = orders_csv(round * 100, 5);
+        // Same OrderIds, other values: the second upload must win every item.
+        let second = first.replace(",651.21,", ",999.99,");
+        w.put(&key, first).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        w.put(&key, second.clone()).await;
+        w.wait_for(&out_key, WAIT, &agent).await;
+    }
+    w.wait_queue_empty(WAIT, &agent).await;
+    let items = w.items().await;
+    assert_eq!(items.len(), 20);
+    for item in &items {
+        assert_eq!(s(item, "UnitPrice"), "999.99", "{item:?}");
+    }
+    let log = agent.log_text();
+    assert!(
+        log.contains("superseded by a newer upload"),
+        "events for replaced versions are acknowledged as superseded:\n{log}"
+    );
+    // Each output lists the ConfirmationIds of the second upload (they derive from its ETag).
+    let ids = w.confirmations().await;
+    for round in 0..4 {
+        let out =
+            String::from_utf8(w.get(&format!("output/twice-{round}.csv")).await.unwrap()).unwrap();
+        for line in out.lines().skip(1) {
+            let (id, cid) = line.split_once(',').unwrap();
+            assert_eq!(ids[id], cid, "output and table agree on {id}");
+        }
+    }
+}

@@ -37,6 +37,8 @@ pub struct Stats {
     pub rows_written: AtomicU64,
     pub rows_rejected: AtomicU64,
     pub events_unmatched: AtomicU64,
+    /// Events for a version that was no longer current when read (a newer upload has its own event).
+    pub files_superseded: AtomicU64,
     pub test_events: AtomicU64,
     pub in_flight: AtomicU64,
     /// Whether the queue can be reached (for the status line).
@@ -122,6 +124,36 @@ pub struct Worker {
     /// Receives after which SQS's redrive moves a message (the queue's `maxReceiveCount`): on the last
     /// one the agent gives up itself, with a reason and an error report, before SQS would move it bare.
     pub max_receives: Option<u32>,
+    /// Files of one key are processed one at a time, in the order their events arrive, so that an
+    /// older upload never lands after a newer one on this host.
+    pub key_locks: KeyLocks,
+}
+
+/// One async lock per (bucket, key) being processed; entries disappear when nobody holds them.
+#[derive(Debug, Default)]
+pub struct KeyLocks(
+    std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
+);
+
+impl KeyLocks {
+    pub async fn lock(&self, bucket: &str, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let name = format!("{bucket}\0{key}");
+        let lock = {
+            let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() > 1024 {
+                map.retain(|_, w| w.strong_count() > 0);
+            }
+            match map.get(&name).and_then(|w| w.upgrade()) {
+                Some(l) => l,
+                None => {
+                    let l = Arc::new(tokio::sync::Mutex::new(()));
+                    map.insert(name, Arc::downgrade(&l));
+                    l
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
 }
 
 /// Receives needed for a transient failure's delay (`retry_base` doubling per receive) to reach
@@ -194,7 +226,7 @@ impl Worker {
         }
         let files = self.spool.files_for(&obj.bucket, &obj.key);
         let downloaded = tokio::select! {
-            r = objects::download(&self.clients.s3, &obj.bucket, &obj.key, &files.files.input) => r?,
+            r = objects::download(&self.clients.s3, obj, &files.files.input) => r?,
             _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
         };
         tracing::debug!(bytes = downloaded.bytes, etag = %downloaded.etag, peak_rss = crate::telemetry::peak_rss_bytes(), "downloaded to spool");
@@ -380,6 +412,10 @@ impl Worker {
             };
             let span = tracing::info_span!("file", bucket = %obj.bucket, key = %obj.key, pipeline = %pipeline.name);
             let result = async {
+                let _one_at_a_time = tokio::select! {
+                    g = self.key_locks.lock(&obj.bucket, &obj.key) => g,
+                    _ = abort.cancelled() => return Err(ProcessError::Cancelled),
+                };
                 tracing::info!(size = obj.size, "processing");
                 self.process_object(pipeline, obj, &abort, None).await
             }
@@ -406,6 +442,10 @@ impl Worker {
                     cancelled = true;
                     break;
                 }
+                Err(ProcessError::Superseded(reason)) => {
+                    Stats::add(&self.stats.files_superseded, 1);
+                    tracing::info!(%reason, "superseded by a newer upload (its own event processes it); acknowledged");
+                }
                 Err(ProcessError::Transient(reason))
                     if self.max_receives.map_or(true, |m| receive_count < m) =>
                 {
@@ -422,7 +462,7 @@ impl Worker {
                             "gave up after {receive_count} receives (the queue's maxReceiveCount): {r}"
                         ),
                         ProcessError::Permanent(r) => r,
-                        ProcessError::Cancelled => ProcessError::Cancelled.to_string(),
+                        other => other.to_string(),
                     };
                     Stats::add(&self.stats.files_failed, 1);
                     match self

@@ -7,6 +7,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_smithy_types::byte_stream::Length;
 use tokio::io::AsyncWriteExt;
 
+use super::event::ObjectRef;
 use crate::error::{classify, describe, ErrorClass, ProcessError};
 
 /// Objects up to this size are stored with one `PutObject`; larger ones in parts of this size.
@@ -29,20 +30,47 @@ fn class_to_error(class: ErrorClass, text: String) -> ProcessError {
     }
 }
 
-/// Stream `s3://bucket/key` into `path`, never holding more than a chunk in memory.
+/// Stream exactly the announced version of `obj` into `path`, never holding more than a chunk in
+/// memory: its version id when the event has one (a newer current version makes it superseded), else
+/// `If-Match` on its ETag (a changed object answers 412: superseded).
 pub async fn download(
     s3: &aws_sdk_s3::Client,
-    bucket: &str,
-    key: &str,
+    obj: &ObjectRef,
     path: &Path,
 ) -> Result<Downloaded, ProcessError> {
-    let out = match s3.get_object().bucket(bucket).key(key).send().await {
+    let (bucket, key) = (obj.bucket.as_str(), obj.key.as_str());
+    let mut get = s3.get_object().bucket(bucket).key(key);
+    match (&obj.version_id, &obj.etag) {
+        (Some(v), _) => {
+            if let Ok(head) = s3.head_object().bucket(bucket).key(key).send().await {
+                if head.version_id().is_some_and(|current| current != v) {
+                    return Err(ProcessError::Superseded(format!(
+                        "s3://{bucket}/{key} version {v} is no longer the current version"
+                    )));
+                }
+            }
+            get = get.version_id(v);
+        }
+        (None, Some(etag)) if !etag.is_empty() => {
+            get = get.if_match(format!("\"{}\"", etag.trim_matches('"')));
+        }
+        _ => {}
+    }
+    let out = match get.send().await {
         Ok(o) => o,
         Err(e) => {
             let gone = e.as_service_error().is_some_and(|se| se.is_no_such_key());
             if gone {
                 return Err(ProcessError::Permanent(format!(
                     "s3://{bucket}/{key} no longer exists (deleted before it could be read)"
+                )));
+            }
+            if crate::error::code(&e) == Some("PreconditionFailed")
+                || e.raw_response().is_some_and(|r| r.status().as_u16() == 412)
+            {
+                return Err(ProcessError::Superseded(format!(
+                    "s3://{bucket}/{key} changed since the event (ETag {} is no longer current)",
+                    obj.etag.as_deref().unwrap_or("")
                 )));
             }
             return Err(class_to_error(
