@@ -635,3 +635,59 @@ async fn the_newest_upload_of_a_key_wins() {
         }
     }
 }
+
+/// Shutdown in the middle of a multipart upload (an output larger than one part) aborts it: no
+/// incomplete upload is left in the bucket (ListMultipartUploads), and no object appears.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_multipart_upload_cut_short_is_aborted() {
+    let w = World::new("multipart").await;
+    let path = w.dir.path().join("big.out");
+    let size = offload_agent::worker::objects::MULTIPART_PART_SIZE as usize * 3;
+    std::fs::write(&path, vec![b'x'; size]).unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let upload = {
+        let (s3, bucket, path, cancel) = (
+            w.clients.s3.clone(),
+            w.bucket.clone(),
+            path.clone(),
+            cancel.clone(),
+        );
+        tokio::spawn(async move {
+            offload_agent::worker::objects::upload(
+                &s3,
+                &bucket,
+                "output/big.csv",
+                &path,
+                "text/csv",
+                &cancel,
+            )
+            .await
+        })
+    };
+    let uploads = |w: &World| {
+        let s3 = w.clients.s3.clone();
+        let bucket = w.bucket.clone();
+        async move {
+            s3.list_multipart_uploads()
+                .bucket(bucket)
+                .send()
+                .await
+                .unwrap()
+                .uploads()
+                .len()
+        }
+    };
+    let start = std::time::Instant::now();
+    while uploads(&w).await == 0 {
+        assert!(start.elapsed() < WAIT, "the multipart upload never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cancel.cancel();
+    let r = upload.await.unwrap();
+    assert!(
+        matches!(r, Err(offload_agent::error::ProcessError::Cancelled)),
+        "{r:?}"
+    );
+    assert_eq!(uploads(&w).await, 0, "no incomplete upload left");
+    assert!(w.get("output/big.csv").await.is_none());
+}

@@ -257,6 +257,7 @@ impl Worker {
                     &rkey,
                     &files.files.rejects,
                     "text/csv",
+                    cancel,
                 )
                 .await?;
             } else {
@@ -277,13 +278,12 @@ impl Worker {
                 &output,
                 &files.files.output,
                 "text/csv",
+                cancel,
             )
             .await
         };
-        tokio::select! {
-            r = store => r?,
-            _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
-        }
+        // Each upload watches `cancel` itself: a multipart upload cut short is aborted, not dropped.
+        store.await?;
         Ok(FileReport {
             pipeline: pipeline.name.clone(),
             bucket: obj.bucket.clone(),

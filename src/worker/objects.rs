@@ -7,6 +7,8 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_smithy_types::byte_stream::Length;
 use tokio::io::AsyncWriteExt;
 
+use tokio_util::sync::CancellationToken;
+
 use super::event::ObjectRef;
 use crate::error::{classify, describe, ErrorClass, ProcessError};
 
@@ -128,13 +130,15 @@ where
 }
 
 /// Store a spooled file as `s3://bucket/key`, in parts when it is large. The object appears only when
-/// complete (S3 never shows a half-finished multipart upload).
+/// complete (S3 never shows a half-finished multipart upload). Cancelled mid-way, a multipart upload is
+/// aborted rather than left to linger (and be billed) in the bucket.
 pub async fn upload(
     s3: &aws_sdk_s3::Client,
     bucket: &str,
     key: &str,
     path: &Path,
     content_type: &str,
+    cancel: &CancellationToken,
 ) -> Result<(), ProcessError> {
     let what = format!("cannot store s3://{bucket}/{key}");
     let size = tokio::fs::metadata(path)
@@ -151,14 +155,18 @@ pub async fn upload(
             .map_err(|e| ProcessError::Transient(format!("cannot read spool file: {e}")))
     };
     if size <= MULTIPART_PART_SIZE {
-        s3.put_object()
+        let put = s3
+            .put_object()
             .bucket(bucket)
             .key(key)
             .content_type(content_type)
             .body(body(0, size).await?)
-            .send()
-            .await
-            .map_err(|e| upload_error(e, &what))?;
+            .send();
+        // Dropping a single PUT leaves nothing behind.
+        tokio::select! {
+            r = put => r.map_err(|e| upload_error(e, &what))?,
+            _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
+        };
         return Ok(());
     }
     let created = s3
@@ -176,7 +184,7 @@ pub async fn upload(
         let mut number = 1;
         while offset < size {
             let len = MULTIPART_PART_SIZE.min(size - offset);
-            let out = s3
+            let part = s3
                 .upload_part()
                 .bucket(bucket)
                 .key(key)
@@ -184,9 +192,12 @@ pub async fn upload(
                 .part_number(number)
                 .content_length(len as i64)
                 .body(body(offset, len).await?)
-                .send()
-                .await
-                .map_err(|e| upload_error(e, &what))?;
+                .send();
+            let out = tokio::select! {
+                r = part => r.map_err(|e| upload_error(e, &what))?,
+                // Aborted below, like any failed part.
+                _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
+            };
             parts.push(
                 CompletedPart::builder()
                     .part_number(number)
