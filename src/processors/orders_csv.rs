@@ -468,12 +468,22 @@ pub fn validate_into(rec: &csv::ByteRecord, h: &Header, order: &mut Order) -> Re
 }
 
 /// Counts bytes for progress and refuses absurdly long lines before the CSV reader buffers them.
+/// The csv reader's input, bounding what one line and one record can make it buffer: a line longer
+/// than `limit` (a binary file, no newlines), or a record running on past `limit` (an unbalanced quote
+/// makes the rest of the file one record, newlines and all), fails the file before it is held in memory.
 struct GuardedReader<R> {
     inner: R,
     since_newline: u64,
     limit: u64,
     progress: Option<Arc<AtomicU64>>,
+    /// Bytes handed to the csv reader so far.
+    total: u64,
+    /// Where the record being read starts (set by [`read_record`] after each record).
+    record_start: std::cell::Cell<u64>,
 }
+
+/// The csv reader buffers at most this much beyond the record it is parsing.
+const READ_AHEAD: u64 = 256 * 1024;
 
 impl<R: Read> Read for GuardedReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -483,7 +493,10 @@ impl<R: Read> Read for GuardedReader<R> {
             Some(pos) => self.since_newline = (n - pos - 1) as u64,
             None => self.since_newline += n as u64,
         }
-        if self.since_newline > self.limit {
+        self.total += n as u64;
+        if self.since_newline > self.limit
+            || self.total.saturating_sub(self.record_start.get()) > self.limit + READ_AHEAD
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 LineTooLong(self.limit),
@@ -497,8 +510,22 @@ impl<R: Read> Read for GuardedReader<R> {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("a line is longer than {0} bytes (spool.max_line_bytes): not an orders CSV")]
+#[error(
+    "a line or record is longer than {0} bytes (spool.max_line_bytes; an unbalanced quote makes the rest \
+     of the file one record): not an orders CSV"
+)]
 struct LineTooLong(u64);
+
+/// Read the next record, and tell the guard where the one after it starts.
+fn read_record(
+    rdr: &mut csv::Reader<GuardedReader<File>>,
+    rec: &mut csv::ByteRecord,
+) -> Result<bool, FileError> {
+    let more = rdr.read_byte_record(rec).map_err(csv_error)?;
+    let next = rdr.position().byte();
+    rdr.get_ref().record_start.set(next);
+    Ok(more)
+}
 
 fn csv_error(e: csv::Error) -> FileError {
     let line = e.position().map(|p| p.line());
@@ -531,9 +558,11 @@ fn open(
             since_newline: 0,
             limit: limits.max_line_bytes,
             progress,
+            total: 0,
+            record_start: std::cell::Cell::new(0),
         });
     let mut rec = csv::ByteRecord::new();
-    if !rdr.read_byte_record(&mut rec).map_err(csv_error)? {
+    if !read_record(&mut rdr, &mut rec)? {
         return Err(FileError::Invalid(format!(
             "the file is empty: an orders CSV starts with the header {}",
             COLUMNS.join(",")
@@ -605,7 +634,7 @@ fn duplicate_candidates(path: &Path, limits: ScanLimits) -> Result<HashSet<Box<[
     let (mut rdr, header) = open(path, limits, None)?;
     let col = header.idx[ORDER_ID];
     let mut rec = csv::ByteRecord::new();
-    while rdr.read_byte_record(&mut rec).map_err(csv_error)? {
+    while read_record(&mut rdr, &mut rec)? {
         if let Some(id) = rec.get(col).and_then(normalized_id) {
             if !id.is_empty() && bloom.check_and_set(id.as_bytes()) {
                 candidates.insert(Box::from(id.as_bytes()));
@@ -636,7 +665,7 @@ pub fn scan(
     let mut order = Order {
         fields: Default::default(),
     };
-    while rdr.read_byte_record(&mut rec).map_err(csv_error)? {
+    while read_record(&mut rdr, &mut rec)? {
         let line = rec.position().map(|p| p.line()).unwrap_or(0);
         // A blank line is no row: the csv reader already skips empty lines.
         out.rows += 1;
@@ -1084,6 +1113,47 @@ mod tests {
             "{rejects:?}"
         );
         assert!(parse_number(&format!("1.{}", "2".repeat(38)), false).is_none());
+    }
+
+    /// An unbalanced quote early in a large file makes the rest of it one record: the file fails as not
+    /// orders CSV once the record passes max_line_bytes, long before the whole file is buffered.
+    #[test]
+    fn an_unbalanced_quote_fails_the_file_without_buffering_it() {
+        let mut text = format!("{HEADER}\n{}\n", row("1").replacen("Asia", "\"Asia", 1));
+        for i in 0..100_000 {
+            text.push_str(&row(&format!("{}", i + 2)));
+            text.push('\n');
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.csv");
+        std::fs::write(&p, &text).unwrap();
+        let limits = ScanLimits {
+            max_line_bytes: 64 * 1024,
+            item_overhead: 0,
+        };
+        let (mut rdr, _) = open(&p, limits, None).unwrap();
+        let mut rec = csv::ByteRecord::new();
+        let err = loop {
+            match read_record(&mut rdr, &mut rec) {
+                Ok(true) => continue,
+                Ok(false) => panic!("read the whole file as records"),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(&err, FileError::Invalid(r) if r.contains("unbalanced quote")),
+            "{err:?}"
+        );
+        let read = rdr.get_ref().total;
+        assert!(
+            read <= limits.max_line_bytes + 2 * READ_AHEAD,
+            "read {read} of {} bytes before giving up",
+            text.len()
+        );
+        assert!(
+            rec.as_slice().len() < 64 * 1024,
+            "nothing large buffered in the record"
+        );
     }
 
     #[test]
