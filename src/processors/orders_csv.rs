@@ -628,13 +628,29 @@ fn estimate_rows(path: &Path) -> io::Result<u64> {
 }
 
 /// Pass 1: the ids that may occur more than once (a superset of the real repeats).
-fn duplicate_candidates(path: &Path, limits: ScanLimits) -> Result<HashSet<Box<[u8]>>, FileError> {
+/// Rows between two looks at the cancellation token in the blocking passes.
+const CANCEL_EVERY: u64 = 1024;
+
+fn stopped(cancel: Option<&CancellationToken>, rows: u64) -> bool {
+    rows % CANCEL_EVERY == 0 && cancel.is_some_and(|c| c.is_cancelled())
+}
+
+fn duplicate_candidates(
+    path: &Path,
+    limits: ScanLimits,
+    cancel: Option<&CancellationToken>,
+) -> Result<HashSet<Box<[u8]>>, FileError> {
     let mut bloom = Bloom::with_capacity(estimate_rows(path)?);
     let mut candidates = HashSet::new();
     let (mut rdr, header) = open(path, limits, None)?;
     let col = header.idx[ORDER_ID];
     let mut rec = csv::ByteRecord::new();
+    let mut rows = 0u64;
     while read_record(&mut rdr, &mut rec)? {
+        rows += 1;
+        if stopped(cancel, rows) {
+            return Err(FileError::Stopped);
+        }
         if let Some(id) = rec.get(col).and_then(normalized_id) {
             if !id.is_empty() && bloom.check_and_set(id.as_bytes()) {
                 candidates.insert(Box::from(id.as_bytes()));
@@ -651,10 +667,11 @@ pub fn scan(
     path: &Path,
     limits: ScanLimits,
     progress: Option<Arc<AtomicU64>>,
+    cancel: Option<&CancellationToken>,
     mut on_reject: impl FnMut(u64, &str, &str) -> Result<(), FileError>,
     mut on_valid: impl FnMut(&Order) -> Result<(), FileError>,
 ) -> Result<ScanOutcome, FileError> {
-    let candidates = duplicate_candidates(path, limits)?;
+    let candidates = duplicate_candidates(path, limits, cancel)?;
     let mut first_line: HashMap<Box<[u8]>, u64> = HashMap::new();
     let (mut rdr, header) = open(path, limits, progress)?;
     let mut out = ScanOutcome {
@@ -669,6 +686,10 @@ pub fn scan(
         let line = rec.position().map(|p| p.line()).unwrap_or(0);
         // A blank line is no row: the csv reader already skips empty lines.
         out.rows += 1;
+        // Long runs of rejected rows send nothing, so the channel cannot tell the reader to stop.
+        if stopped(cancel, out.rows) {
+            return Err(FileError::Stopped);
+        }
         if let Err(reason) = validate_into(&rec, &header, &mut order) {
             let id = rec
                 .get(header.idx[ORDER_ID])
@@ -729,8 +750,9 @@ impl Loader {
         let files2 = files.clone();
         let src2 = src.clone();
         let limits = self.limits;
+        let stop = cancel.clone();
         let reader = tokio::task::spawn_blocking(move || {
-            write_reports(&files2, limits, &src2, progress, |batch| {
+            write_reports(&files2, limits, &src2, progress, &stop, |batch| {
                 tx.blocking_send(batch).map_err(|_| FileError::Stopped)
             })
         });
@@ -849,6 +871,7 @@ fn write_reports(
     limits: ScanLimits,
     src: &Source,
     progress: Option<Arc<AtomicU64>>,
+    cancel: &CancellationToken,
     mut send: impl FnMut(Vec<WriteRequest>) -> Result<(), FileError>,
 ) -> Result<ScanOutcome, FileError> {
     let mut output = csv::Writer::from_writer(io::BufWriter::new(File::create(&files.output)?));
@@ -865,6 +888,7 @@ fn write_reports(
         &files.input,
         limits,
         progress,
+        Some(cancel),
         |line, id, reason| {
             rejects
                 .write_record([line.to_string().as_str(), id, reason])
@@ -919,6 +943,7 @@ pub fn dry_run(
         path,
         limits,
         progress,
+        None,
         |line, id, reason| {
             w.write_record([line.to_string().as_str(), id, reason])
                 .map_err(io_of)
@@ -960,6 +985,7 @@ mod tests {
                 max_line_bytes,
                 item_overhead: 0,
             },
+            None,
             None,
             |l, id, r| {
                 rejects.push((l, id.to_string(), r.to_string()));
@@ -1154,6 +1180,39 @@ mod tests {
             rec.as_slice().len() < 64 * 1024,
             "nothing large buffered in the record"
         );
+    }
+
+    /// A long run of rejected rows (nothing is sent, so the writer channel cannot stop the reader)
+    /// still stops at cancellation, in the first pass and in the second.
+    #[test]
+    fn cancellation_stops_both_passes() {
+        let mut text = format!("{HEADER}\n");
+        for _ in 0..10_000 {
+            text.push_str("not,a,row\n");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.csv");
+        std::fs::write(&p, &text).unwrap();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let limits = ScanLimits {
+            max_line_bytes: 4096,
+            item_overhead: 0,
+        };
+        let mut rejected = 0;
+        let r = scan(
+            &p,
+            limits,
+            None,
+            Some(&cancel),
+            |_, _, _| {
+                rejected += 1;
+                Ok(())
+            },
+            |_| Ok(()),
+        );
+        assert!(matches!(r, Err(FileError::Stopped)), "{r:?}");
+        assert!(rejected < CANCEL_EVERY as usize, "{rejected}");
     }
 
     #[test]
