@@ -599,9 +599,8 @@ impl Supervisor {
                             State::Stopped,
                             "the ECS agent exited 0 (stopped on purpose, e.g. `docker stop`): not restarting until SIGHUP or a configuration change",
                         );
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => break,
-                            r = self.config.changed() => if r.is_err() { break },
+                        if !self.wait_for_reload().await {
+                            break;
                         }
                         tracing::info!("configuration reloaded: starting the ECS agent again");
                         continue;
@@ -617,9 +616,8 @@ impl Supervisor {
                             State::Terminal,
                             "the ECS agent exited 5 (terminal error; see its log lines): not restarting until the configuration changes or SIGHUP",
                         );
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => break,
-                            r = self.config.changed() => if r.is_err() { break },
+                        if !self.wait_for_reload().await {
+                            break;
                         }
                         tracing::info!("configuration reloaded: retrying the ECS agent after its terminal exit");
                         continue;
@@ -647,6 +645,14 @@ impl Supervisor {
             }
         }
         self.set(State::Stopped, "offload-agent is stopping");
+    }
+
+    /// Wait for a reload (SIGHUP or a configuration change); false on shutdown.
+    async fn wait_for_reload(&mut self) -> bool {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            r = self.config.changed() => r.is_ok(),
+        }
     }
 
     /// Count a restart and wait for the restart backoff before it (shutdown or a configuration change
