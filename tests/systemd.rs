@@ -295,7 +295,13 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
         "/etc/offload-agent/conf.d/80-broken.toml",
         "[queue]\nmax_in_flight = \"many\"\n",
     );
-    let since = b.ok("date +%s").trim().to_string();
+    // The journal's cursor, not a time: a start in the same second as the last one must not count.
+    let cursor = b
+        .ok("journalctl -n 1 --show-cursor --no-pager -o cat")
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("-- cursor: ").map(str::to_string))
+        .expect("a journal cursor");
     let (code, _) = b.sh("systemctl restart offload-agent");
     assert_ne!(code, 0, "start with a broken configuration fails");
     std::thread::sleep(Duration::from_secs(8));
@@ -304,7 +310,7 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
     assert_eq!(b.prop("NRestarts"), "0", "no restart loop");
     assert_eq!(b.prop("ExecMainStatus"), "78");
     let starts = b.ok(&format!(
-        "journalctl -u offload-agent --no-pager -o cat --since @{since} | grep -c '^Starting offload-agent' || true"
+        "journalctl -u offload-agent --no-pager -o cat --after-cursor='{cursor}' | grep -c '^Starting offload-agent' || true"
     ));
     assert_eq!(starts.trim(), "1", "started once, not in a loop");
     let journal = b.journal();
