@@ -13,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{parse_s3_url, Cli, Command, ConfigCommand};
 use crate::config::{self, Config, ConfigError};
 use crate::error::ProcessError;
+use crate::processors::container::Owner;
 use crate::processors::orders_csv::{self, FileError, ScanLimits};
 use crate::telemetry::{self, LogHandle};
 use crate::worker::event::ObjectRef;
 use crate::worker::spool::Spool;
-use crate::worker::{Stats, Worker};
+use crate::worker::ObjectProcessor;
 
 /// Exit codes (documented in `--help`).
 pub mod exit {
@@ -418,17 +419,10 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
             cfg.spool.dir.display()
         ))
     })?;
-    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(cfg.clone()));
-    let worker = Worker {
-        clients,
-        config: rx,
+    let objects = ObjectProcessor::new(
+        crate::processors::Context::new(clients, &cfg, Owner::Process),
         spool,
-        stats: Arc::new(Stats::default()),
-        queue_url: String::new(),
-        dlq_url: None,
-        max_receives: None,
-        key_locks: Default::default(),
-    };
+    );
     let obj = ObjectRef {
         bucket: bucket.clone(),
         key: key.clone(),
@@ -436,7 +430,8 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
         etag: None,
         version_id: None,
     };
-    let size = worker
+    let size = objects
+        .ctx
         .clients
         .s3
         .head_object()
@@ -458,8 +453,8 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
             }
         })
     };
-    let result = worker
-        .process_object(&pipeline, &obj, &cancel, counter_of(&progress))
+    let result = objects
+        .process(&cfg, &pipeline, &obj, &cancel, counter_of(&progress))
         .await;
     ctrl_c.abort();
     if let Some(p) = progress {
@@ -473,13 +468,10 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
                 "input:     s3://{}/{} (etag {}, {} bytes)",
                 r.bucket, r.key, r.etag, r.bytes
             );
-            println!(
-                "rows:      {} ({} written to table {}, {} rejected)",
-                r.outcome.rows, r.outcome.written, pipeline.table, r.outcome.rejected
-            );
-            println!("output:    s3://{out_bucket}/{}", r.output);
-            if let Some(rej) = &r.rejects {
-                println!("rejects:   s3://{out_bucket}/{rej}");
+            println!("processor: {}", pipeline.processor);
+            println!("result:    {}", r.summary);
+            for key in &r.outputs {
+                println!("output:    s3://{out_bucket}/{key}");
             }
             println!("elapsed:   {:.2}s", r.elapsed.as_secs_f64());
             if let Some(peak) = crate::telemetry::peak_rss_bytes() {
@@ -492,6 +484,10 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
         ))),
         Err(ProcessError::Transient(reason)) => Err(Failure::Runtime(anyhow::anyhow!(
             "s3://{bucket}/{key} failed (retrying may help): {reason}"
+        ))),
+        Err(ProcessError::Unavailable(reason)) => Err(Failure::Unavailable(format!(
+            "pipeline {} cannot run on this host: {reason}",
+            pipeline.name
         ))),
         Err(ProcessError::Superseded(reason)) => Err(Failure::Runtime(anyhow::anyhow!(
             "{reason}; run again to process the current version"

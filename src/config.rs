@@ -213,18 +213,87 @@ pub const DEFAULT_ECS_IMAGE: &str = "amazon/amazon-ecs-agent:latest";
 pub const DEFAULT_ECS_TARBALL: &str = "/var/cache/ecs/ecs-agent.tar";
 pub const DEFAULT_ECS_INTROSPECTION: &str = "http://127.0.0.1:51678/v1/metadata";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What a pipeline does with each file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum ProcessorKind {
+    /// The built-in loader: CSV orders into DynamoDB, an output and a rejects report back to S3.
     #[serde(rename = "orders-csv")]
     OrdersCsv,
+    /// The user's container image, run once per file by this host's Docker engine.
+    #[serde(rename = "container")]
+    Container(ContainerSpec),
+    /// The user's program, run once per file directly (no shell).
+    #[serde(rename = "command")]
+    Command(CommandSpec),
 }
 
 impl fmt::Display for ProcessorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProcessorKind::OrdersCsv => f.write_str("orders-csv"),
+            ProcessorKind::Container(c) => write!(f, "container {}", c.image),
+            ProcessorKind::Command(c) => write!(f, "command {}", c.program.display()),
         }
     }
+}
+
+/// Placeholders `args` may contain; replaced by the paths the processor sees.
+pub const ARG_PLACEHOLDERS: [&str; 2] = ["{input}", "{output_dir}"];
+
+pub const DEFAULT_PROCESSOR_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DEFAULT_CONTAINER_NETWORK: &str = "none";
+
+/// `processor = { container = { ... } }`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ContainerSpec {
+    pub image: String,
+    /// Replaces the image's command (placeholders as for `command.args`); absent: the image's CMD.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    /// Memory limit, Docker style ("512m", "2g"); no swap beyond it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    pub network: String,
+    pub read_only: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    pub pull: bool,
+    pub pids_limit: u64,
+    pub permanent_exit_codes: Vec<i64>,
+}
+
+impl ContainerSpec {
+    pub fn memory_bytes(&self) -> Option<u64> {
+        self.memory.as_deref().and_then(parse_size)
+    }
+}
+
+/// `processor = { command = { ... } }`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CommandSpec {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    pub permanent_exit_codes: Vec<i64>,
+}
+
+/// "512m", "2g", "1048576", "64k" (binary units, as Docker reads them) into bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim().to_ascii_lowercase();
+    let s = s.strip_suffix('b').unwrap_or(&s);
+    let (num, mult) = match s.chars().last()? {
+        'k' => (&s[..s.len() - 1], 1u64 << 10),
+        'm' => (&s[..s.len() - 1], 1 << 20),
+        'g' => (&s[..s.len() - 1], 1 << 30),
+        't' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -234,9 +303,14 @@ pub struct Pipeline {
     pub prefix: String,
     pub suffix: String,
     pub processor: ProcessorKind,
-    pub table: String,
+    /// The DynamoDB table (orders-csv only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
     pub output_bucket: Option<String>,
     pub output_prefix: String,
+    /// Files of this pipeline processed at once (at most `queue.max_in_flight`); absent: no own limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<usize>,
 }
 
 impl Pipeline {
@@ -546,7 +620,9 @@ impl<'a> Reader<'a> {
     }
 
     fn key(&self, k: &str) -> String {
-        if self.path.is_empty() {
+        if k.is_empty() {
+            self.path.clone()
+        } else if self.path.is_empty() {
             k.to_string()
         } else {
             format!("{}.{}", self.path, k)
@@ -680,6 +756,78 @@ impl<'a> Reader<'a> {
                 default
             }
         }
+    }
+
+    fn float(&mut self, k: &str, min: f64, max: f64) -> Option<f64> {
+        let v = self.take(k)?;
+        match v.clone().into_float() {
+            Ok(n) if n >= min && n <= max => Some(n),
+            Ok(n) => {
+                self.problem(
+                    k,
+                    Some(&v),
+                    format!("{n} is out of range (allowed {min} to {max})"),
+                );
+                None
+            }
+            Err(_) => {
+                self.problem(k, Some(&v), "expected a number");
+                None
+            }
+        }
+    }
+
+    fn string_list(&mut self, k: &str) -> Vec<String> {
+        let Some(v) = self.take(k) else {
+            return Vec::new();
+        };
+        let items = match v.clone().into_array() {
+            Ok(items) => items,
+            Err(_) => {
+                self.problem(
+                    k,
+                    Some(&v),
+                    "expected a list of strings, e.g. [\"--in\", \"{input}\"]",
+                );
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            match &item.kind {
+                ValueKind::String(s) => out.push(s.clone()),
+                _ => {
+                    self.problem(k, Some(&v), "every element must be a string");
+                    return Vec::new();
+                }
+            }
+        }
+        out
+    }
+
+    fn int_list(&mut self, k: &str, min: i64, max: i64) -> Vec<i64> {
+        let Some(v) = self.take(k) else {
+            return Vec::new();
+        };
+        let Ok(items) = v.clone().into_array() else {
+            self.problem(k, Some(&v), "expected a list of whole numbers, e.g. [2, 3]");
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            match item.into_int() {
+                Ok(n) if (min..=max).contains(&n) => out.push(n),
+                _ => {
+                    self.problem(
+                        k,
+                        Some(&v),
+                        format!("every element must be a whole number from {min} to {max}"),
+                    );
+                    return Vec::new();
+                }
+            }
+        }
+        out
     }
 
     fn table(&mut self, k: &str) -> config::Map<String, Value> {
@@ -1039,35 +1187,75 @@ fn read_pipeline(
         Some(ValueKind::String(s)) if s == "orders-csv" => Some(ProcessorKind::OrdersCsv),
         Some(ValueKind::String(s)) => {
             let msg = format!(
-                "unknown processor \"{s}\"; this version offers \"orders-csv\" (container and command processors are planned)"
+                "unknown processor \"{s}\"; write \"orders-csv\", {{ container = {{ image = \"...\" }} }} \
+                 or {{ command = {{ program = \"/path\" }} }}"
             );
             r.problem("processor", processor_v.as_ref(), msg);
             None
         }
+        Some(ValueKind::Table(t)) => read_processor(
+            &format!("pipeline[{i}].processor"),
+            t.clone(),
+            r.problems,
+            origin,
+        ),
         Some(_) => {
-            r.problem("processor", processor_v.as_ref(), "expected a string");
+            r.problem(
+                "processor",
+                processor_v.as_ref(),
+                "expected \"orders-csv\" or a table ({ container = {...} } or { command = {...} })",
+            );
             None
         }
         None => {
-            r.problem("processor", None, "missing; required (\"orders-csv\")");
+            r.problem(
+                "processor",
+                None,
+                "missing; required (\"orders-csv\", { container = {...} } or { command = {...} })",
+            );
             None
         }
     };
-    let table = r.required_string("table", "the DynamoDB table orders are written to");
+    let table = r.opt_string("table");
     let output_bucket = r.opt_string("output_bucket");
     let output_prefix = r.required_string(
         "output_prefix",
         "where outputs, rejects and error reports are written",
     );
+    let max_in_flight = r
+        .take("max_in_flight")
+        .is_some()
+        .then(|| r.uint("max_in_flight", 1, 1, 1024) as usize);
+    match (&processor, &table) {
+        (Some(ProcessorKind::OrdersCsv), None) => r.problem(
+            "table",
+            None,
+            "missing; required by orders-csv (the DynamoDB table orders are written to)",
+        ),
+        (Some(ProcessorKind::OrdersCsv), Some(t)) if t.is_empty() => {
+            let v = r.table.get("table").cloned();
+            r.problem("table", v.as_ref(), "must not be empty")
+        }
+        (Some(ProcessorKind::Container(_) | ProcessorKind::Command(_)), Some(_)) => {
+            let v = r.table.get("table").cloned();
+            r.problem(
+                "table",
+                v.as_ref(),
+                "only orders-csv writes to a table; remove it (container and command processors write files)",
+            )
+        }
+        _ => {}
+    }
     let p = Pipeline {
         name,
         bucket,
         prefix,
         suffix,
-        processor: processor.unwrap_or(ProcessorKind::OrdersCsv),
+        processor: processor.clone().unwrap_or(ProcessorKind::OrdersCsv),
         table,
         output_bucket,
         output_prefix,
+        max_in_flight,
     };
     if !p.output_prefix.is_empty() && p.would_feed_itself() {
         let v = r.table.get("output_prefix").cloned();
@@ -1080,6 +1268,137 @@ fn read_pipeline(
     }
     r.finish();
     processor.map(|_| p)
+}
+
+/// `{ container = { ... } }` or `{ command = { ... } }`.
+fn read_processor(
+    path: &str,
+    t: config::Map<String, Value>,
+    problems: &mut Vec<String>,
+    origin: &str,
+) -> Option<ProcessorKind> {
+    let mut outer = Reader::new(path, t, problems, origin);
+    let kinds: Vec<String> = outer.table.keys().cloned().collect();
+    if kinds.len() != 1 {
+        outer.problem(
+            "",
+            None,
+            format!(
+                "expected exactly one of container or command, found {}",
+                if kinds.is_empty() {
+                    "none".to_string()
+                } else {
+                    kinds.join(", ")
+                }
+            ),
+        );
+        return None;
+    }
+    let kind = kinds[0].clone();
+    let body = outer.table(&kind);
+    outer.finish();
+    let sub = format!("{path}.{kind}");
+    let before = problems.len();
+    let mut r = Reader::new(&sub, body, problems, origin);
+    let timeout = r.duration(
+        "timeout",
+        DEFAULT_PROCESSOR_TIMEOUT,
+        Duration::from_secs(1),
+        Duration::from_secs(7 * 24 * 3600),
+    );
+    let permanent_exit_codes = r.int_list("permanent_exit_codes", 1, 255);
+    let kind = match kind.as_str() {
+        "container" => {
+            let image = r.required_string("image", "the image to run, e.g. \"acme/resize:1.4\"");
+            let args = r.take("args").is_some().then(|| r.string_list("args"));
+            let memory = r.opt_string("memory");
+            if let Some(m) = &memory {
+                if parse_size(m).map_or(true, |b| b < 6 << 20) {
+                    let v = r.table.get("memory").cloned();
+                    r.problem(
+                        "memory",
+                        v.as_ref(),
+                        format!("\"{m}\" is not a memory size of at least 6m; write e.g. \"512m\" or \"2g\""),
+                    );
+                }
+            }
+            let cpus = r.float("cpus", 0.01, 1024.0);
+            let network = r.string("network", DEFAULT_CONTAINER_NETWORK);
+            let read_only = r.boolean("read_only", false);
+            let pull = r.boolean("pull", false);
+            let pids_limit = r.uint("pids_limit", 1024, 16, 1 << 22);
+            let user = r.opt_string("user");
+            ProcessorKind::Container(ContainerSpec {
+                image,
+                args,
+                memory,
+                cpus,
+                timeout,
+                network,
+                read_only,
+                user,
+                pull,
+                pids_limit,
+                permanent_exit_codes,
+            })
+        }
+        "command" => {
+            let program = PathBuf::from(r.required_string(
+                "program",
+                "the absolute path of the program to run for each file",
+            ));
+            if !program.as_os_str().is_empty() && !program.is_absolute() {
+                let v = r.table.get("program").cloned();
+                r.problem(
+                    "program",
+                    v.as_ref(),
+                    format!(
+                        "\"{}\" must be an absolute path (no shell or PATH lookup is used)",
+                        program.display()
+                    ),
+                );
+            }
+            let args = r.string_list("args");
+            ProcessorKind::Command(CommandSpec {
+                program,
+                args,
+                timeout,
+                permanent_exit_codes,
+            })
+        }
+        other => {
+            r.problem(
+                "",
+                None,
+                format!("unknown processor kind \"{other}\"; expected container or command"),
+            );
+            return None;
+        }
+    };
+    let args: &[String] = match &kind {
+        ProcessorKind::Container(c) => c.args.as_deref().unwrap_or(&[]),
+        ProcessorKind::Command(c) => &c.args,
+        ProcessorKind::OrdersCsv => &[],
+    };
+    for a in args {
+        let mut rest = a.as_str();
+        while let Some(open) = rest.find('{') {
+            let tail = &rest[open..];
+            let close = tail.find('}').map(|c| c + 1).unwrap_or(tail.len());
+            let word = &tail[..close];
+            if !ARG_PLACEHOLDERS.contains(&word) {
+                let v = r.table.get("args").cloned();
+                r.problem(
+                    "args",
+                    v.as_ref(),
+                    format!("unknown placeholder {word:?} in {a:?}; the placeholders are {{input}} and {{output_dir}}"),
+                );
+            }
+            rest = &tail[close..];
+        }
+    }
+    r.finish();
+    (problems.len() == before).then_some(kind)
 }
 
 /// Serialize `Duration`s as humantime strings ("1m 30s") in `config check`.
@@ -1213,6 +1532,113 @@ output_prefix = "output/"
         let err = from_toml_str(&bad, "agent.toml").unwrap_err().to_string();
         assert!(err.contains("queue.name"), "{err}");
         assert!(err.contains("unknown processor \"magic\""), "{err}");
+    }
+
+    #[test]
+    fn container_and_command_processors_are_read_and_checked() {
+        let base = "[aws]\nregion = \"us-east-1\"\n[queue]\nname = \"q\"\n";
+        let good = format!(
+            r#"{base}
+[[pipeline]]
+name = "thumbnails"
+bucket = "drop"
+prefix = "images/"
+processor = {{ container = {{ image = "acme/resize:1.4", memory = "512m", cpus = 0.5, timeout = "10m", permanent_exit_codes = [2, 3] }} }}
+output_prefix = "thumbnails/"
+max_in_flight = 2
+
+[[pipeline]]
+name = "checksums"
+bucket = "drop"
+prefix = "raw/"
+processor = {{ command = {{ program = "/usr/local/bin/checksum", args = ["--in", "{{input}}", "--out", "{{output_dir}}"], timeout = "2m" }} }}
+output_prefix = "checksums/"
+"#
+        );
+        let c = from_toml_str(&good, "agent.toml").unwrap();
+        let ProcessorKind::Container(spec) = &c.pipelines[0].processor else {
+            panic!("{:?}", c.pipelines[0].processor)
+        };
+        assert_eq!(spec.memory_bytes(), Some(512 << 20));
+        assert_eq!(spec.cpus, Some(0.5));
+        assert_eq!(spec.network, "none");
+        assert_eq!(spec.permanent_exit_codes, [2, 3]);
+        assert_eq!(c.pipelines[0].max_in_flight, Some(2));
+        assert_eq!(c.pipelines[0].table, None);
+        let ProcessorKind::Command(cmd) = &c.pipelines[1].processor else {
+            panic!()
+        };
+        assert_eq!(cmd.timeout, Duration::from_secs(120));
+        assert_eq!(cmd.args[1], "{input}");
+        // `config check` renders it back to TOML that reads the same.
+        let again = from_toml_str(&c.to_toml(&Default::default()), "rendered").unwrap();
+        assert_eq!(again.pipelines, c.pipelines);
+
+        let bad = good
+            .replace("memory = \"512m\"", "memory = \"lots\"")
+            .replace("\"/usr/local/bin/checksum\"", "\"checksum\"")
+            .replace("{output_dir}", "{outdir}")
+            .replace("cpus = 0.5", "cpus = 0.5, shell = true");
+        let err = from_toml_str(&bad, "agent.toml").unwrap_err().to_string();
+        for needle in [
+            "pipeline[0].processor.container.memory",
+            "pipeline[0].processor.container.shell (in ",
+            "pipeline[1].processor.command.program",
+            "unknown placeholder \"{outdir}\"",
+        ] {
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        let table = good.replace("max_in_flight = 2", "max_in_flight = 2\ntable = \"t\"");
+        let err = from_toml_str(&table, "agent.toml").unwrap_err().to_string();
+        assert!(err.contains("only orders-csv writes to a table"), "{err}");
+        let two = good.replace(
+            "{ container = {",
+            "{ command = { program = \"/x\" }, container = {",
+        );
+        let err = from_toml_str(&two, "agent.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("expected exactly one of container or command"),
+            "{err}"
+        );
+        let no_table = GOOD.replace("table = \"Order\"\n", "");
+        let err = from_toml_str(&no_table, "agent.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing; required by orders-csv"), "{err}");
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("64k"), Some(64 << 10));
+        assert_eq!(parse_size("100"), Some(100));
+        assert_eq!(parse_size("1.5g"), None);
+    }
+
+    #[test]
+    fn the_reference_files_processor_examples_parse_uncommented() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/agent.toml"))
+                .unwrap();
+        let at = text
+            .find("## Examples: your own processors")
+            .expect("examples block");
+        let examples: String = text[at..]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# ").or_else(|| (l == "#").then_some("")))
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = from_toml_str(&format!("{text}\n{examples}"), "agent.toml").unwrap();
+        let kinds: Vec<String> = c
+            .pipelines
+            .iter()
+            .map(|p| p.processor.to_string())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "orders-csv",
+                "container acme/resize:1.4",
+                "command /usr/local/bin/checksum"
+            ]
+        );
     }
 
     #[test]

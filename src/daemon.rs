@@ -20,9 +20,10 @@ use crate::config::{self, Config};
 use crate::ecs_agent::Supervisor;
 use crate::error::describe;
 use crate::params::ParameterLayer;
+use crate::processors::container::Owner;
 use crate::telemetry::LogHandle;
 use crate::worker::spool::Spool;
-use crate::worker::{pool, Stats, Worker};
+use crate::worker::{pool, ObjectProcessor, Stats, Worker};
 use sd_notify::NotifyState;
 use tokio::time::Instant;
 
@@ -205,7 +206,11 @@ pub const UNIT_TIMEOUT_STOP: Duration = Duration::from_secs(60);
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 /// The one-line summary systemd shows (`STATUS=`), from the same counters the log uses.
-fn status_line(stats: &Stats, ecs: Option<&watch::Receiver<crate::ecs_agent::Status>>) -> String {
+fn status_line(
+    stats: &Stats,
+    unavailable: &[(String, String)],
+    ecs: Option<&watch::Receiver<crate::ecs_agent::Status>>,
+) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let mut parts = Vec::new();
     if let Some(rx) = ecs {
@@ -222,6 +227,9 @@ fn status_line(stats: &Stats, ecs: Option<&watch::Receiver<crate::ecs_agent::Sta
     }
     if let Some(problem) = stats.queue.describe() {
         parts.push(problem);
+    }
+    for (pipeline, _) in unavailable {
+        parts.push(format!("pipeline {pipeline} unavailable (see the log)"));
     }
     parts.join("; ")
 }
@@ -250,17 +258,17 @@ async fn redrive_max_receives(clients: &Clients, queue_url: &str) -> Option<u32>
 
 /// Resolve the queues (waiting for an operator if need be), then receive and process until `stop`.
 async fn serve(
-    clients: Clients,
+    objects: Arc<ObjectProcessor>,
     cfg: Config,
     config: watch::Receiver<Arc<Config>>,
-    spool: Spool,
     stats: Arc<Stats>,
     stop: CancellationToken,
     abort: CancellationToken,
 ) {
+    let clients = &objects.ctx.clients;
     let main = match (&cfg.queue.url, &cfg.queue.name) {
         (Some(url), _) => Some(url.clone()),
-        (None, Some(name)) => resolve_queue(&clients, name, "queue", &stats, &stop).await,
+        (None, Some(name)) => resolve_queue(clients, name, "queue", &stats, &stop).await,
         (None, None) => None,
     };
     let Some(queue_url) = main else { return };
@@ -269,14 +277,14 @@ async fn serve(
             Some(name.clone())
         }
         Some(name) => {
-            match resolve_queue(&clients, name, "dead-letter queue", &stats, &stop).await {
+            match resolve_queue(clients, name, "dead-letter queue", &stats, &stop).await {
                 Some(url) => Some(url),
                 None => return,
             }
         }
         None => None,
     };
-    let max_receives = redrive_max_receives(&clients, &queue_url).await;
+    let max_receives = redrive_max_receives(clients, &queue_url).await;
     tracing::info!(
         queue = %queue_url,
         dead_letter_queue = dlq_url.as_deref().unwrap_or(""),
@@ -285,9 +293,8 @@ async fn serve(
         "receiving from the queue"
     );
     let worker = Arc::new(Worker {
-        clients,
+        objects,
         config,
-        spool,
         stats,
         queue_url,
         dlq_url,
@@ -372,17 +379,30 @@ pub async fn run(
     };
 
     let ssm = clients.ssm.clone();
+    let objects = Arc::new(ObjectProcessor::new(
+        crate::processors::Context::new(clients, &cfg, Owner::Daemon),
+        spool,
+    ));
+    // Containers a killed predecessor left running go first; then every pipeline is checked once.
+    tokio::spawn({
+        let (objects, cfg) = (objects.clone(), cfg.clone());
+        async move {
+            if let Err(e) = objects.ctx.docker.remove_orphans().await {
+                tracing::warn!(error = %e, "cannot look for processor containers left by an earlier run");
+            }
+            objects.preflight(&cfg).await;
+        }
+    });
     let mut pool_task = tokio::spawn(serve(
-        clients,
+        objects.clone(),
         cfg.clone(),
         config_rx,
-        spool,
         stats.clone(),
         stop.clone(),
         abort.clone(),
     ));
     tracing::info!(pipelines = cfg.pipelines.len(), "offload-agent ready");
-    let mut status = status_line(&stats, ecs_status.as_ref());
+    let mut status = status_line(&stats, &objects.unavailable(), ecs_status.as_ref());
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 
     // The watchdog is fed only while a second task keeps beating too: a wedged runtime feeds nothing.
@@ -415,6 +435,8 @@ pub async fn run(
                     settings.fetch_params(&ssm).await;
                     if settings.reload("SIGHUP") {
                         tracing::info!(pipelines = settings.current.pipelines.len(), "configuration reloaded");
+                        let (objects, cfg) = (objects.clone(), settings.current.clone());
+                        tokio::spawn(async move { objects.preflight(&cfg).await });
                     }
                     next_refresh = settings.params_delay().map(|d| Instant::now() + d);
                     notify(&[NotifyState::Ready]);
@@ -429,7 +451,7 @@ pub async fn run(
                 next_refresh = settings.params_delay().map(|d| Instant::now() + d);
             }
             _ = tick.tick() => {
-                let line = status_line(&stats, ecs_status.as_ref());
+                let line = status_line(&stats, &objects.unavailable(), ecs_status.as_ref());
                 if line != status {
                     status = line;
                     notify(&[NotifyState::Status(&status)]);
@@ -504,10 +526,14 @@ mod tests {
     #[test]
     fn the_status_line_says_what_is_wrong() {
         let stats = Stats::default();
-        assert_eq!(status_line(&stats, None), "0 in flight; 0 files done");
+        assert_eq!(status_line(&stats, &[], None), "0 in flight; 0 files done");
         stats.queue.fail("queue q not found".into());
-        assert!(status_line(&stats, None).contains("queue q not found for 0 s"));
+        assert!(status_line(&stats, &[], None).contains("queue q not found for 0 s"));
         stats.queue.ok();
-        assert!(!status_line(&stats, None).contains("not found"));
+        assert!(!status_line(&stats, &[], None).contains("not found"));
+        let gone = [("thumbs".to_string(), "image x is not present".to_string())];
+        assert!(
+            status_line(&stats, &gone, None).ends_with("pipeline thumbs unavailable (see the log)")
+        );
     }
 }

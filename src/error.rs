@@ -17,6 +17,11 @@ pub enum ProcessError {
     /// and the message goes to the dead-letter queue.
     #[error("{0}")]
     Permanent(String),
+    /// The pipeline cannot run on this host until an operator acts (its container image is not loaded,
+    /// its program is not installed, Docker is down): retried like a transient failure, but reported
+    /// once per pipeline rather than once per file.
+    #[error("{0}")]
+    Unavailable(String),
     /// Shutdown's grace period ran out: the message is released for another worker at once.
     #[error("stopped by shutdown before the file was finished")]
     Cancelled,

@@ -59,10 +59,11 @@ pub fn policy(cfg: &Config, account: Option<&str>) -> Value {
             p.output_bucket(),
             p.output_prefix
         ));
-        tables.push(format!(
-            "arn:{part}:dynamodb:{region}:{account}:table/{}",
-            p.table
-        ));
+        if let Some(table) = &p.table {
+            tables.push(format!(
+                "arn:{part}:dynamodb:{region}:{account}:table/{table}"
+            ));
+        }
     }
     read.sort();
     read.dedup();
@@ -83,12 +84,14 @@ pub fn policy(cfg: &Config, account: Option<&str>) -> Value {
         "Action": ["s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
         "Resource": write,
     }));
-    statements.push(json!({
-        "Sid": "WriteOrders",
-        "Effect": "Allow",
-        "Action": ["dynamodb:BatchWriteItem", "dynamodb:PutItem", "dynamodb:DescribeTable"],
-        "Resource": tables,
-    }));
+    if !tables.is_empty() {
+        statements.push(json!({
+            "Sid": "WriteOrders",
+            "Effect": "Allow",
+            "Action": ["dynamodb:BatchWriteItem", "dynamodb:PutItem", "dynamodb:DescribeTable"],
+            "Resource": tables,
+        }));
+    }
     if let Some(path) = &cfg.ssm.parameters_path {
         let path = path.trim_end_matches('/');
         statements.push(json!({

@@ -157,7 +157,11 @@ pub async fn provision(cfg: &Config, clients: &Clients) -> Result<Vec<Step>> {
         steps.push(ensure_notification(cfg, clients, &b, &arn).await?);
     }
 
-    let tables: BTreeSet<_> = cfg.pipelines.iter().map(|p| p.table.clone()).collect();
+    let tables: BTreeSet<_> = cfg
+        .pipelines
+        .iter()
+        .filter_map(|p| p.table.clone())
+        .collect();
     for t in &tables {
         steps.push(ensure_table(clients, t).await?);
     }

@@ -119,7 +119,7 @@ pub struct Supervisor {
     firewall: firewall::Firewall,
 }
 
-fn is_not_found(e: &DockerError) -> bool {
+pub fn is_not_found(e: &DockerError) -> bool {
     matches!(
         e,
         DockerError::DockerResponseServerError {

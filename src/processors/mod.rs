@@ -1,3 +1,104 @@
-//! File processors. `orders-csv` is built in; container and command processors are planned.
+//! File processors behind one interface. A processor gets one spooled object (its file, its S3 reference
+//! and a private directory to work in) and returns what to store: output files with their keys, keys an
+//! earlier version may have left that are now wrong, and row counts where it has rows. Downloading,
+//! storing and settling the SQS message are not its business (`worker::object` and `worker` do them).
+//!
+//! - `orders-csv` (built in): CSV orders into DynamoDB, an output and a rejects report back to S3;
+//! - `container`: the user's image, run by the host's Docker engine once per file, under limits;
+//! - `command`: the user's program, run directly (no shell) once per file.
+//!
+//! Adding a kind: a module implementing [`Processor`], a variant of `config::ProcessorKind` with its
+//! parser, and one arm in [`build`].
 
+pub mod command;
+pub mod container;
+pub mod external;
 pub mod orders_csv;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::aws::Clients;
+use crate::config::{Config, Pipeline, ProcessorKind};
+use crate::error::ProcessError;
+use crate::worker::event::ObjectRef;
+use crate::worker::spool::SpoolFiles;
+
+/// One object to process.
+pub struct Job<'a> {
+    pub pipeline: &'a Pipeline,
+    pub object: &'a ObjectRef,
+    /// The ETag of the version that was downloaded (`STATUS_KEY` for external processors).
+    pub etag: &'a str,
+    /// The downloaded input and the object's private spool directory.
+    pub files: &'a SpoolFiles,
+    pub cancel: &'a CancellationToken,
+    /// Input bytes consumed so far, for a progress bar (processors that cannot tell leave it alone).
+    pub progress: Option<Arc<AtomicU64>>,
+}
+
+/// A local file to store under `key` in the pipeline's output bucket.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub path: PathBuf,
+    pub key: String,
+    pub content_type: &'static str,
+}
+
+/// What a processor produced.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Stored in this order once the processor is done; the last one marks the file finished.
+    pub outputs: Vec<Output>,
+    /// Keys in the output bucket that an earlier version of the object may have produced and this one
+    /// does not (deleted, best effort, before the outputs are stored).
+    pub stale: Vec<String>,
+    /// Row accounting, for processors that have rows (`orders-csv`).
+    pub rows: Option<orders_csv::ScanOutcome>,
+    /// One line for the log and `process`'s summary (e.g. "exit 0 after 1.2 s").
+    pub summary: String,
+}
+
+pub type ProcessFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Outcome, ProcessError>> + Send + 'a>>;
+
+/// Turns one spooled object into outputs.
+pub trait Processor: Send + Sync {
+    fn process<'a>(&'a self, job: &'a Job<'a>) -> ProcessFuture<'a>;
+}
+
+/// What processors share for the life of a daemon (or of one `process` command).
+pub struct Context {
+    pub clients: Clients,
+    pub region: String,
+    /// The Docker engine, connected on first use.
+    pub docker: container::Engine,
+}
+
+impl Context {
+    pub fn new(clients: Clients, cfg: &Config, owner: container::Owner) -> Context {
+        Context {
+            clients,
+            region: cfg.aws.region.clone().unwrap_or_default(),
+            docker: container::Engine::new(&cfg.ecs_agent.docker_socket, owner),
+        }
+    }
+}
+
+/// The processor of `pipeline`, configured from `cfg`.
+pub fn build<'a>(
+    pipeline: &'a Pipeline,
+    cfg: &'a Config,
+    ctx: &'a Context,
+) -> Box<dyn Processor + 'a> {
+    match &pipeline.processor {
+        ProcessorKind::OrdersCsv => Box::new(orders_csv::OrdersCsv::new(pipeline, cfg, ctx)),
+        ProcessorKind::Container(spec) => Box::new(container::Container::new(spec, ctx)),
+        ProcessorKind::Command(spec) => Box::new(command::Command::new(spec, ctx)),
+    }
+}

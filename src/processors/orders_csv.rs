@@ -25,8 +25,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::{Context, Job, Outcome, Output, ProcessFuture, Processor};
 use crate::backoff::Backoff;
+use crate::config::{Config, Pipeline};
 use crate::error::{classify, describe, ErrorClass, ProcessError};
+use crate::worker::objects::MAX_KEY_BYTES as MAX_S3_KEY_BYTES;
 
 /// The columns an orders file must have, in the order items and reports name them.
 pub const COLUMNS: [&str; 13] = [
@@ -927,6 +930,100 @@ fn io_of(e: csv::Error) -> FileError {
         csv::ErrorKind::Io(io) => FileError::Io(io),
         other => FileError::Io(io::Error::other(format!("{other:?}"))),
     }
+}
+
+/// The `orders-csv` processor of one pipeline.
+pub struct OrdersCsv {
+    ddb: aws_sdk_dynamodb::Client,
+    table: String,
+    write_concurrency: usize,
+    write_max_attempts: u32,
+    max_line_bytes: u64,
+}
+
+impl OrdersCsv {
+    pub fn new(pipeline: &Pipeline, cfg: &Config, ctx: &Context) -> OrdersCsv {
+        OrdersCsv {
+            ddb: ctx.clients.dynamodb.clone(),
+            table: pipeline.table.clone().unwrap_or_default(),
+            write_concurrency: cfg.dynamodb.write_concurrency,
+            write_max_attempts: cfg.dynamodb.write_max_attempts,
+            max_line_bytes: cfg.spool.max_line_bytes,
+        }
+    }
+
+    async fn run(&self, job: &Job<'_>) -> Result<Outcome, ProcessError> {
+        let output = job.pipeline.output_key(&job.object.key);
+        let rkey = rejects_key(&output);
+        if rkey.len() > MAX_S3_KEY_BYTES {
+            return Err(ProcessError::Permanent(format!(
+                "the output key for {:?} would be longer than S3's {MAX_S3_KEY_BYTES} bytes; shorten the key or output_prefix",
+                job.object.key
+            )));
+        }
+        let src = Source {
+            bucket: job.object.bucket.clone(),
+            key: job.object.key.clone(),
+            etag: job.etag.to_string(),
+        };
+        let loader = Loader {
+            ddb: self.ddb.clone(),
+            table: self.table.clone(),
+            write_concurrency: self.write_concurrency,
+            write_max_attempts: self.write_max_attempts,
+            limits: ScanLimits {
+                max_line_bytes: self.max_line_bytes,
+                item_overhead: src.item_overhead(),
+            },
+        };
+        let files = LoadFiles {
+            input: job.files.input.clone(),
+            output: job.files.path("output.csv"),
+            rejects: job.files.path("rejects.csv"),
+        };
+        let rows = loader
+            .load(&files, &src, job.cancel, job.progress.clone())
+            .await?;
+        if !rows.extra_columns.is_empty() {
+            tracing::warn!(columns = ?rows.extra_columns, "ignoring columns that orders-csv does not use");
+        }
+        let mut outcome = Outcome {
+            summary: format!(
+                "{} rows: {} written to table {}, {} rejected",
+                rows.rows, rows.written, self.table, rows.rejected
+            ),
+            ..Outcome::default()
+        };
+        if rows.rejected > 0 {
+            outcome.outputs.push(Output {
+                path: files.rejects,
+                key: rkey,
+                content_type: "text/csv",
+            });
+        } else {
+            // A report from an earlier version of this object would now be wrong.
+            outcome.stale.push(rkey);
+        }
+        // The output last: its appearance tells watchers the file is done.
+        outcome.outputs.push(Output {
+            path: files.output,
+            key: output,
+            content_type: "text/csv",
+        });
+        outcome.rows = Some(rows);
+        Ok(outcome)
+    }
+}
+
+impl Processor for OrdersCsv {
+    fn process<'a>(&'a self, job: &'a Job<'a>) -> ProcessFuture<'a> {
+        Box::pin(self.run(job))
+    }
+}
+
+/// Where the rejects report of `output_key` goes.
+pub fn rejects_key(output_key: &str) -> String {
+    format!("{output_key}.rejects.csv")
 }
 
 /// `process --dry-run`: validate a local file, print each reject to `out`, write nothing anywhere.

@@ -1,28 +1,27 @@
-//! The file-event worker pool: receive S3 events from SQS, route them to pipelines, process each file,
-//! and settle each message (delete, back off, dead-letter or release).
+//! The file-event worker pool: receive S3 events from SQS, route them to pipelines, have each file
+//! processed (`object`), and settle each message: keep it invisible while it is worked on, then delete
+//! it, back it off, dead-letter it or release it.
 
 pub mod event;
+pub mod object;
 pub mod objects;
 pub mod pool;
 pub mod spool;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::aws::Clients;
 use crate::backoff::Backoff;
-use crate::config::{Config, Pipeline};
+use crate::config::Config;
 use crate::error::{describe, ProcessError};
-use crate::processors::orders_csv::{Loader, ScanLimits, ScanOutcome, Source};
-use event::{Event, ObjectRef};
-use spool::Spool;
+use event::Event;
+pub use object::{FileReport, ObjectProcessor};
 
 /// Counters for logs and status; monotonic since start.
 #[derive(Debug, Default)]
@@ -99,25 +98,10 @@ impl Stats {
     }
 }
 
-/// What processing one object produced.
-#[derive(Debug, Clone)]
-pub struct FileReport {
-    pub pipeline: String,
-    pub bucket: String,
-    pub key: String,
-    pub etag: String,
-    pub bytes: u64,
-    pub outcome: ScanOutcome,
-    pub output: String,
-    pub rejects: Option<String>,
-    pub elapsed: Duration,
-}
-
-/// Everything a worker needs; shared by all workers of a daemon (and by `offload-agent process`).
+/// Settles the messages of one queue; shared by all workers of a daemon.
 pub struct Worker {
-    pub clients: Clients,
+    pub objects: Arc<ObjectProcessor>,
     pub config: watch::Receiver<Arc<Config>>,
-    pub spool: Spool,
     pub stats: Arc<Stats>,
     pub queue_url: String,
     pub dlq_url: Option<String>,
@@ -182,155 +166,9 @@ pub fn sqs_safe(s: &str) -> String {
         .collect()
 }
 
-/// A key derived from `key` that S3 accepts, for reports: the key itself when it fits, else its hash.
-fn report_key(prefix: &str, key: &str, suffix: &str) -> String {
-    let direct = format!("{prefix}{key}{suffix}");
-    if direct.len() <= objects::MAX_KEY_BYTES {
-        return direct;
-    }
-    let digest = hex::encode(Sha256::digest(key.as_bytes()));
-    format!("{prefix}sha256-{digest}{suffix}")
-}
-
-pub fn rejects_key(output_key: &str) -> String {
-    format!("{output_key}.rejects.csv")
-}
-
 impl Worker {
-    fn limits(cfg: &Config, src: &Source) -> ScanLimits {
-        ScanLimits {
-            max_line_bytes: cfg.spool.max_line_bytes,
-            item_overhead: src.item_overhead(),
-        }
-    }
-
-    /// Run one object through `pipeline`: download, load, upload the output and rejects report.
-    pub async fn process_object(
-        &self,
-        pipeline: &Pipeline,
-        obj: &ObjectRef,
-        cancel: &CancellationToken,
-        progress: Option<Arc<AtomicU64>>,
-    ) -> Result<FileReport, ProcessError> {
-        let started = Instant::now();
-        let cfg = self.config.borrow().clone();
-        let output = pipeline.output_key(&obj.key);
-        if output.len() > objects::MAX_KEY_BYTES
-            || rejects_key(&output).len() > objects::MAX_KEY_BYTES
-        {
-            return Err(ProcessError::Permanent(format!(
-                "the output key for {:?} would be longer than S3's {} bytes; shorten the key or output_prefix",
-                obj.key,
-                objects::MAX_KEY_BYTES
-            )));
-        }
-        let files = self.spool.files_for(&obj.bucket, &obj.key);
-        let downloaded = tokio::select! {
-            r = objects::download(&self.clients.s3, obj, &files.files.input) => r?,
-            _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
-        };
-        tracing::debug!(bytes = downloaded.bytes, etag = %downloaded.etag, peak_rss = crate::telemetry::peak_rss_bytes(), "downloaded to spool");
-        let src = Source {
-            bucket: obj.bucket.clone(),
-            key: obj.key.clone(),
-            etag: downloaded.etag.clone(),
-        };
-        let loader = Loader {
-            ddb: self.clients.dynamodb.clone(),
-            table: pipeline.table.clone(),
-            write_concurrency: cfg.dynamodb.write_concurrency,
-            write_max_attempts: cfg.dynamodb.write_max_attempts,
-            limits: Self::limits(&cfg, &src),
-        };
-        let outcome = loader.load(&files.files, &src, cancel, progress).await?;
-        if !outcome.extra_columns.is_empty() {
-            tracing::warn!(columns = ?outcome.extra_columns, "ignoring columns that orders-csv does not use");
-        }
-        tracing::debug!(peak_rss = crate::telemetry::peak_rss_bytes(), "rows loaded");
-        let out_bucket = pipeline.output_bucket();
-        let rkey = rejects_key(&output);
-        let store = async {
-            if outcome.rejected > 0 {
-                objects::upload(
-                    &self.clients.s3,
-                    out_bucket,
-                    &rkey,
-                    &files.files.rejects,
-                    "text/csv",
-                    cancel,
-                )
-                .await?;
-            } else {
-                // A report from an earlier version of this object would now be wrong.
-                let _ = self
-                    .clients
-                    .s3
-                    .delete_object()
-                    .bucket(out_bucket)
-                    .key(&rkey)
-                    .send()
-                    .await;
-            }
-            // The output last: its appearance tells watchers the file is done.
-            objects::upload(
-                &self.clients.s3,
-                out_bucket,
-                &output,
-                &files.files.output,
-                "text/csv",
-                cancel,
-            )
-            .await
-        };
-        // Each upload watches `cancel` itself: a multipart upload cut short is aborted, not dropped.
-        store.await?;
-        Ok(FileReport {
-            pipeline: pipeline.name.clone(),
-            bucket: obj.bucket.clone(),
-            key: obj.key.clone(),
-            etag: downloaded.etag,
-            bytes: downloaded.bytes,
-            rejects: (outcome.rejected > 0).then_some(rkey),
-            outcome,
-            output,
-            elapsed: started.elapsed(),
-        })
-    }
-
-    /// Write `errors/<key>.json` under the pipeline's output prefix.
-    async fn write_error_report(
-        &self,
-        pipeline: &Pipeline,
-        obj: &ObjectRef,
-        reason: &str,
-        message_id: &str,
-    ) -> Result<String, ProcessError> {
-        let key = report_key(
-            &format!("{}errors/", pipeline.output_prefix),
-            &obj.key,
-            ".json",
-        );
-        let failed_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-        let body = serde_json::json!({
-            "bucket": obj.bucket,
-            "key": obj.key,
-            "etag": obj.etag,
-            "pipeline": pipeline.name,
-            "processor": pipeline.processor.to_string(),
-            "reason": reason,
-            "message_id": message_id,
-            "failed_at": failed_at,
-        });
-        let bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
-        objects::put_small(
-            &self.clients.s3,
-            pipeline.output_bucket(),
-            &key,
-            bytes,
-            "application/json",
-        )
-        .await?;
-        Ok(key)
+    fn sqs(&self) -> &aws_sdk_sqs::Client {
+        &self.objects.ctx.clients.sqs
     }
 
     /// Handle one SQS message from receipt to settlement.
@@ -396,7 +234,7 @@ impl Worker {
 
         // Keep the message invisible while we work, however long the files take.
         let heartbeat = Heartbeat::start(
-            self.clients.sqs.clone(),
+            self.sqs().clone(),
             self.queue_url.clone(),
             receipt.clone(),
             cfg.queue.visibility_timeout,
@@ -417,7 +255,9 @@ impl Worker {
                     _ = abort.cancelled() => return Err(ProcessError::Cancelled),
                 };
                 tracing::info!(size = obj.size, "processing");
-                self.process_object(pipeline, obj, &abort, None).await
+                self.objects
+                    .process(&cfg, pipeline, obj, &abort, None)
+                    .await
             }
             .instrument(span.clone())
             .await;
@@ -425,18 +265,32 @@ impl Worker {
             match result {
                 Ok(report) => {
                     Stats::add(&self.stats.files_processed, 1);
-                    Stats::add(&self.stats.rows_written, report.outcome.written);
-                    Stats::add(&self.stats.rows_rejected, report.outcome.rejected);
-                    tracing::info!(
-                        rows = report.outcome.rows,
-                        rows_written = report.outcome.written,
-                        rows_rejected = report.outcome.rejected,
-                        output = %report.output,
-                        rejects = report.rejects.as_deref().unwrap_or(""),
-                        bytes = report.bytes,
-                        elapsed_ms = report.elapsed.as_millis() as u64,
-                        "processed"
-                    );
+                    let last = report.outputs.last().map(String::as_str).unwrap_or("");
+                    let elapsed_ms = report.elapsed.as_millis() as u64;
+                    if let Some(rows) = &report.rows {
+                        Stats::add(&self.stats.rows_written, rows.written);
+                        Stats::add(&self.stats.rows_rejected, rows.rejected);
+                        let rejects = report.outputs.iter().find(|k| k.ends_with(".rejects.csv"));
+                        tracing::info!(
+                            rows = rows.rows,
+                            rows_written = rows.written,
+                            rows_rejected = rows.rejected,
+                            output = %last,
+                            rejects = rejects.map(String::as_str).unwrap_or(""),
+                            bytes = report.bytes,
+                            elapsed_ms,
+                            "processed"
+                        );
+                    } else {
+                        tracing::info!(
+                            outputs = report.outputs.len(),
+                            output = %last,
+                            bytes = report.bytes,
+                            elapsed_ms,
+                            summary = %report.summary,
+                            "processed"
+                        );
+                    }
                 }
                 Err(ProcessError::Cancelled) => {
                     cancelled = true;
@@ -454,11 +308,20 @@ impl Worker {
                     transient = Some(reason);
                     break;
                 }
+                Err(ProcessError::Unavailable(reason))
+                    if self.max_receives.map_or(true, |m| receive_count < m) =>
+                {
+                    // Reported once by pipeline (see ObjectProcessor::note); the file waits.
+                    Stats::add(&self.stats.files_failed, 1);
+                    tracing::debug!(%reason, receive_count, "pipeline unavailable; the message will be retried");
+                    transient = Some(reason);
+                    break;
+                }
                 Err(failure) => {
                     // A transient failure on the last receive SQS allows is given up here, with a reason
                     // and an error report, rather than moved bare by SQS's redrive on the next receive.
                     let reason = match failure {
-                        ProcessError::Transient(r) => format!(
+                        ProcessError::Transient(r) | ProcessError::Unavailable(r) => format!(
                             "gave up after {receive_count} receives (the queue's maxReceiveCount): {r}"
                         ),
                         ProcessError::Permanent(r) => r,
@@ -466,6 +329,7 @@ impl Worker {
                     };
                     Stats::add(&self.stats.files_failed, 1);
                     match self
+                        .objects
                         .write_error_report(pipeline, obj, &reason, &message_id)
                         .await
                     {
@@ -505,8 +369,7 @@ impl Worker {
 
     async fn delete(&self, receipt: &str) {
         match self
-            .clients
-            .sqs
+            .sqs()
             .delete_message()
             .queue_url(&self.queue_url)
             .receipt_handle(receipt)
@@ -525,8 +388,7 @@ impl Worker {
     async fn set_visibility(&self, receipt: &str, after: Duration) -> bool {
         let secs = after.as_secs().min(43_200) as i32;
         match self
-            .clients
-            .sqs
+            .sqs()
             .change_message_visibility()
             .queue_url(&self.queue_url)
             .receipt_handle(receipt)
@@ -573,8 +435,7 @@ impl Worker {
         };
         let reason_attr: String = sqs_safe(reason).chars().take(1000).collect();
         let sent = self
-            .clients
-            .sqs
+            .sqs()
             .send_message()
             .queue_url(dlq)
             .message_body(if body.is_empty() {
@@ -645,22 +506,5 @@ impl Heartbeat {
 impl Drop for Heartbeat {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn report_keys_fit_s3() {
-        assert_eq!(
-            report_key("out/errors/", "a b.csv", ".json"),
-            "out/errors/a b.csv.json"
-        );
-        let long = "k".repeat(1020);
-        let r = report_key("out/errors/", &long, ".json");
-        assert!(r.len() <= objects::MAX_KEY_BYTES);
-        assert!(r.starts_with("out/errors/sha256-"));
     }
 }

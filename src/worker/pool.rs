@@ -77,6 +77,8 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: Cancellati
             (c.queue.visibility_timeout, c.queue.wait_time)
         };
         let receive = worker
+            .objects
+            .ctx
             .clients
             .sqs_receive
             .receive_message()

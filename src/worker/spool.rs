@@ -9,29 +9,55 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
-use crate::processors::orders_csv::LoadFiles;
-
 #[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
     seq: AtomicU64,
 }
 
-/// The files of one object; removed when dropped, whatever happened.
+/// One object's private directory in the spool (mode 0700): the downloaded input under its own file
+/// name, and whatever the processor produces. Removed with everything in it when dropped, whatever
+/// happened.
 #[derive(Debug)]
 pub struct SpoolFiles {
-    pub files: LoadFiles,
+    pub dir: PathBuf,
+    /// The downloaded object: `<dir>/input/<the key's last segment>`.
+    pub input: PathBuf,
+}
+
+impl SpoolFiles {
+    /// A path for a processor's own file or directory inside this object's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
 }
 
 impl Drop for SpoolFiles {
     fn drop(&mut self) {
-        for p in [&self.files.input, &self.files.output, &self.files.rejects] {
-            let _ = std::fs::remove_file(p);
-        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-const SUFFIXES: [&str; 3] = ["in", "out", "rej"];
+/// Extension of the per-object directories (`<hash>-<pid>-<seq>.obj`).
+const DIR_SUFFIX: &str = "obj";
+/// Files earlier versions of the agent spooled directly in the directory.
+const OLD_SUFFIXES: [&str; 3] = ["in", "out", "rej"];
+
+/// The input's file name inside the object's directory: the key's last segment when it is a plain
+/// name of sensible length, else "input". Processors see it (a container at `/input/<name>`).
+pub fn input_name(key: &str) -> String {
+    let last = key.rsplit('/').next().unwrap_or("");
+    let plain = !last.is_empty()
+        && last != "."
+        && last != ".."
+        && last.len() <= 200
+        && !last.chars().any(|c| c.is_control());
+    if plain {
+        last.to_string()
+    } else {
+        "input".to_string()
+    }
+}
 
 /// Directories that are never a spool: the daemon would chmod them 0700 and delete files in them.
 const SHARED_DIRS: [&str; 12] = [
@@ -99,17 +125,19 @@ impl Spool {
         &self.dir
     }
 
-    /// Remove files a crashed or killed predecessor left behind (the daemon alone owns the spool; their
-    /// messages come back through SQS). Returns how many were removed.
+    /// Remove what a crashed or killed predecessor left behind (the daemon alone owns the spool; their
+    /// messages come back through SQS). Returns how many entries were removed.
     pub fn clean_stale(&self) -> io::Result<usize> {
         let mut n = 0;
         for entry in std::fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            let ours = path
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| SUFFIXES.contains(&e));
-            if ours && path.is_file() {
+            let entry = entry?;
+            let path = entry.path();
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            let kind = entry.file_type()?;
+            if ext == DIR_SUFFIX && kind.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+                n += 1;
+            } else if OLD_SUFFIXES.contains(&ext) && kind.is_file() {
                 std::fs::remove_file(&path)?;
                 n += 1;
             }
@@ -117,22 +145,30 @@ impl Spool {
         Ok(n)
     }
 
-    pub fn files_for(&self, bucket: &str, key: &str) -> SpoolFiles {
+    /// A new private directory for one object (never shared: two deliveries of one key get two).
+    pub fn files_for(&self, bucket: &str, key: &str) -> io::Result<SpoolFiles> {
         let mut h = Sha256::new();
         h.update(bucket.as_bytes());
         h.update([0]);
         h.update(key.as_bytes());
         let digest = hex::encode(&h.finalize()[..12]);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let stem = format!("{digest}-{}-{seq}", std::process::id());
-        let path = |suffix: &str| self.dir.join(format!("{stem}.{suffix}"));
-        SpoolFiles {
-            files: LoadFiles {
-                input: path(SUFFIXES[0]),
-                output: path(SUFFIXES[1]),
-                rejects: path(SUFFIXES[2]),
-            },
+        let dir = self.dir.join(format!(
+            "{digest}-{}-{seq}.{DIR_SUFFIX}",
+            std::process::id()
+        ));
+        let input_dir = dir.join("input");
+        std::fs::create_dir(&dir)?;
+        let files = SpoolFiles {
+            input: input_dir.join(input_name(key)),
+            dir,
+        };
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&files.dir, std::fs::Permissions::from_mode(0o700))?;
         }
+        std::fs::create_dir(&input_dir)?;
+        Ok(files)
     }
 }
 
@@ -163,24 +199,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(&dir.path().join("spool")).unwrap();
         let long = "é/".repeat(600);
-        for key in ["../../etc/passwd", "/abs/path", long.as_str(), "a\0b"] {
-            let f = spool.files_for("bucket", key);
-            for p in [&f.files.input, &f.files.output, &f.files.rejects] {
-                assert_eq!(p.parent().unwrap(), spool.dir());
-                assert!(p.file_name().unwrap().len() < 64);
-                std::fs::write(p, b"x").unwrap();
-            }
-            let input = f.files.input.clone();
+        for key in [
+            "../../etc/passwd",
+            "/abs/path",
+            long.as_str(),
+            "a\0b",
+            "dir/..",
+            "x/",
+        ] {
+            let f = spool.files_for("bucket", key).unwrap();
+            assert_eq!(f.dir.parent().unwrap(), spool.dir());
+            assert!(f.input.starts_with(&f.dir));
+            assert_eq!(f.input.parent().unwrap().file_name().unwrap(), "input");
+            assert!(f.dir.file_name().unwrap().len() < 64);
+            std::fs::write(&f.input, b"x").unwrap();
+            let d = f.dir.clone();
             drop(f);
-            assert!(!input.exists());
+            assert!(!d.exists());
         }
-        let a = spool.files_for("b", "k");
-        let b = spool.files_for("b", "k");
-        assert_ne!(a.files.input, b.files.input);
-        std::fs::write(&a.files.input, b"x").unwrap();
+        assert_eq!(input_name("a/b/report.csv"), "report.csv");
+        assert_eq!(input_name("../.."), "input");
+        assert_eq!(input_name("a\nb"), "input");
+        let a = spool.files_for("b", "k").unwrap();
+        let b = spool.files_for("b", "k").unwrap();
+        assert_ne!(a.dir, b.dir);
+        std::fs::write(&a.input, b"x").unwrap();
         std::fs::write(spool.dir().join("keep.txt"), b"x").unwrap();
+        std::fs::write(spool.dir().join("old-1-2.in"), b"x").unwrap();
         std::mem::forget(a);
-        assert_eq!(spool.clean_stale().unwrap(), 1);
+        drop(b);
+        assert_eq!(spool.clean_stale().unwrap(), 2);
         assert!(spool.dir().join("keep.txt").exists());
     }
 }

@@ -1,0 +1,309 @@
+//! Processing one object, for the daemon and for `offload-agent process` alike: wait for a slot of the
+//! pipeline, spool the object (pinned to the announced version), run the pipeline's processor, store its
+//! outputs. Settling the SQS message is not done here (see `worker`).
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::event::ObjectRef;
+use super::objects;
+use super::spool::Spool;
+use crate::config::{Config, Pipeline, ProcessorKind};
+use crate::error::ProcessError;
+use crate::processors::orders_csv::ScanOutcome;
+use crate::processors::{self, Context, Job, Outcome};
+
+/// What processing one object produced.
+#[derive(Debug, Clone)]
+pub struct FileReport {
+    pub pipeline: String,
+    pub bucket: String,
+    pub key: String,
+    pub etag: String,
+    pub bytes: u64,
+    /// Keys stored in the output bucket, in the order they were stored.
+    pub outputs: Vec<String>,
+    /// Row accounting (orders-csv).
+    pub rows: Option<ScanOutcome>,
+    pub summary: String,
+    pub elapsed: Duration,
+}
+
+/// Runs objects through their pipelines; shared by all workers of a daemon.
+pub struct ObjectProcessor {
+    pub ctx: Context,
+    pub spool: Spool,
+    limits: PipelineLimits,
+    /// Pipelines that cannot run on this host now, with the reason reported (once) for each.
+    unavailable: Mutex<HashMap<String, String>>,
+}
+
+impl ObjectProcessor {
+    pub fn new(ctx: Context, spool: Spool) -> ObjectProcessor {
+        ObjectProcessor {
+            ctx,
+            spool,
+            limits: PipelineLimits::default(),
+            unavailable: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Run one object through `pipeline`, configured by `cfg`.
+    pub async fn process(
+        &self,
+        cfg: &Config,
+        pipeline: &Pipeline,
+        obj: &ObjectRef,
+        cancel: &CancellationToken,
+        progress: Option<Arc<AtomicU64>>,
+    ) -> Result<FileReport, ProcessError> {
+        let _slot = self.limits.acquire(pipeline, cancel).await?;
+        let started = Instant::now();
+        let output = pipeline.output_key(&obj.key);
+        if output.len() > objects::MAX_KEY_BYTES {
+            return Err(ProcessError::Permanent(format!(
+                "the output key for {:?} would be longer than S3's {} bytes; shorten the key or output_prefix",
+                obj.key,
+                objects::MAX_KEY_BYTES
+            )));
+        }
+        let files = self.spool.files_for(&obj.bucket, &obj.key).map_err(|e| {
+            ProcessError::Transient(format!(
+                "cannot create a spool directory in {}: {e}",
+                self.spool.dir().display()
+            ))
+        })?;
+        let downloaded = tokio::select! {
+            r = objects::download(&self.ctx.clients.s3, obj, &files.input) => r?,
+            _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
+        };
+        tracing::debug!(bytes = downloaded.bytes, etag = %downloaded.etag, peak_rss = crate::telemetry::peak_rss_bytes(), "downloaded to spool");
+        let processor = processors::build(pipeline, cfg, &self.ctx);
+        let job = Job {
+            pipeline,
+            object: obj,
+            etag: &downloaded.etag,
+            files: &files,
+            cancel,
+            progress,
+        };
+        let result = processor.process(&job).await;
+        self.note(pipeline, &result);
+        let outcome = result?;
+        tracing::debug!(peak_rss = crate::telemetry::peak_rss_bytes(), summary = %outcome.summary, "processor done");
+        let stored = self.store(pipeline, &outcome, cancel).await?;
+        Ok(FileReport {
+            pipeline: pipeline.name.clone(),
+            bucket: obj.bucket.clone(),
+            key: obj.key.clone(),
+            etag: downloaded.etag,
+            bytes: downloaded.bytes,
+            outputs: stored,
+            rows: outcome.rows,
+            summary: outcome.summary,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Delete what an earlier version left and this one does not replace, then store the outputs in
+    /// order. Each upload watches `cancel` itself: a multipart upload cut short is aborted, not dropped.
+    async fn store(
+        &self,
+        pipeline: &Pipeline,
+        outcome: &Outcome,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<String>, ProcessError> {
+        let bucket = pipeline.output_bucket();
+        let s3 = &self.ctx.clients.s3;
+        for key in &outcome.stale {
+            let _ = s3.delete_object().bucket(bucket).key(key).send().await;
+        }
+        let mut stored = Vec::with_capacity(outcome.outputs.len());
+        for o in &outcome.outputs {
+            if cancel.is_cancelled() {
+                return Err(ProcessError::Cancelled);
+            }
+            objects::upload(s3, bucket, &o.key, &o.path, o.content_type, cancel).await?;
+            stored.push(o.key.clone());
+        }
+        Ok(stored)
+    }
+
+    /// Report a pipeline that became unavailable once (and its recovery), not once per file.
+    fn note(&self, pipeline: &Pipeline, result: &Result<Outcome, ProcessError>) {
+        let mut map = self.unavailable.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Err(ProcessError::Unavailable(reason)) => {
+                if map.get(&pipeline.name) != Some(reason) {
+                    tracing::error!(pipeline = %pipeline.name, %reason, "pipeline cannot run on this host; its files wait in the queue (retried with backoff) until this is fixed");
+                    map.insert(pipeline.name.clone(), reason.clone());
+                }
+            }
+            Err(ProcessError::Cancelled) => {}
+            _ => {
+                if map.remove(&pipeline.name).is_some() {
+                    tracing::info!(pipeline = %pipeline.name, "pipeline can run again");
+                }
+            }
+        }
+    }
+
+    /// Pipelines that cannot run now, with their reasons (for the status line).
+    pub fn unavailable(&self) -> Vec<(String, String)> {
+        let map = self.unavailable.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort();
+        v
+    }
+
+    /// Check, before any file arrives, that every external processor can run here (its image present,
+    /// its program installed): problems are reported now, by pipeline, not by the first file.
+    pub async fn preflight(&self, cfg: &Config) {
+        for p in &cfg.pipelines {
+            let r = match &p.processor {
+                ProcessorKind::OrdersCsv => continue,
+                ProcessorKind::Container(spec) => self.ctx.docker.ensure_image(spec).await,
+                ProcessorKind::Command(spec) => program_runnable(&spec.program).map_err(|why| {
+                    ProcessError::Unavailable(format!(
+                        "cannot run {}: {why} (install it, or fix processor.command.program of pipeline {})",
+                        spec.program.display(),
+                        p.name
+                    ))
+                }),
+            };
+            if let Err(ProcessError::Transient(why)) = &r {
+                tracing::warn!(pipeline = %p.name, reason = %why, "cannot check the pipeline's processor now");
+                continue;
+            }
+            self.note(p, &r.map(|_| Outcome::default()));
+        }
+    }
+
+    /// Write `errors/<key>.json` under the pipeline's output prefix.
+    pub async fn write_error_report(
+        &self,
+        pipeline: &Pipeline,
+        obj: &ObjectRef,
+        reason: &str,
+        message_id: &str,
+    ) -> Result<String, ProcessError> {
+        let key = report_key(
+            &format!("{}errors/", pipeline.output_prefix),
+            &obj.key,
+            ".json",
+        );
+        let failed_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        let body = serde_json::json!({
+            "bucket": obj.bucket,
+            "key": obj.key,
+            "etag": obj.etag,
+            "pipeline": pipeline.name,
+            "processor": pipeline.processor.to_string(),
+            "reason": reason,
+            "message_id": message_id,
+            "failed_at": failed_at,
+        });
+        let bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
+        objects::put_small(
+            &self.ctx.clients.s3,
+            pipeline.output_bucket(),
+            &key,
+            bytes,
+            "application/json",
+        )
+        .await?;
+        Ok(key)
+    }
+}
+
+/// Whether `path` is a regular file this process may execute.
+fn program_runnable(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: `c` is a valid NUL-terminated path; access has no other preconditions.
+    if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
+        return Err(format!(
+            "not executable ({})",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// A key derived from `key` that S3 accepts, for reports: the key itself when it fits, else its hash.
+fn report_key(prefix: &str, key: &str, suffix: &str) -> String {
+    let direct = format!("{prefix}{key}{suffix}");
+    if direct.len() <= objects::MAX_KEY_BYTES {
+        return direct;
+    }
+    let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    format!("{prefix}sha256-{digest}{suffix}")
+}
+
+/// Per-pipeline `max_in_flight`: one semaphore per pipeline that sets it. A changed limit takes a new
+/// semaphore (files holding the old one finish under it).
+#[derive(Default)]
+struct PipelineLimits(Mutex<HashMap<String, (usize, Arc<Semaphore>)>>);
+
+impl PipelineLimits {
+    async fn acquire(
+        &self,
+        p: &Pipeline,
+        cancel: &CancellationToken,
+    ) -> Result<Option<OwnedSemaphorePermit>, ProcessError> {
+        let Some(limit) = p.max_in_flight else {
+            return Ok(None);
+        };
+        let sem = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = map
+                .entry(p.name.clone())
+                .or_insert_with(|| (limit, Arc::new(Semaphore::new(limit))));
+            if entry.0 != limit {
+                *entry = (limit, Arc::new(Semaphore::new(limit)));
+            }
+            entry.1.clone()
+        };
+        tokio::select! {
+            permit = sem.acquire_owned() => Ok(permit.ok()),
+            _ = cancel.cancelled() => Err(ProcessError::Cancelled),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_keys_fit_s3() {
+        assert_eq!(
+            report_key("out/errors/", "a b.csv", ".json"),
+            "out/errors/a b.csv.json"
+        );
+        let long = "k".repeat(1020);
+        let r = report_key("out/errors/", &long, ".json");
+        assert!(r.len() <= objects::MAX_KEY_BYTES);
+        assert!(r.starts_with("out/errors/sha256-"));
+    }
+
+    #[test]
+    fn programs_must_exist_and_be_executable() {
+        assert!(program_runnable(std::path::Path::new("/bin/sh")).is_ok());
+        assert!(program_runnable(std::path::Path::new("/nonexistent/x")).is_err());
+        let f = tempfile::NamedTempFile::new().unwrap();
+        assert!(program_runnable(f.path())
+            .unwrap_err()
+            .contains("not executable"));
+    }
+}
