@@ -26,6 +26,8 @@ use crate::error::ProcessError;
 pub const PIPELINE_LABEL: &str = "offload-agent.pipeline";
 /// Who started the container: `daemon` (removed by the next daemon start if left behind) or `process`.
 pub const OWNER_LABEL: &str = "offload-agent.owner";
+/// The spool directory of the agent that started it: a daemon removes only its own leftovers.
+pub const SPOOL_LABEL: &str = "offload-agent.spool";
 
 const DRAIN: Duration = Duration::from_secs(2);
 
@@ -51,14 +53,16 @@ impl Owner {
 pub struct Engine {
     socket: String,
     owner: Owner,
+    spool: String,
     docker: tokio::sync::OnceCell<Docker>,
 }
 
 impl Engine {
-    pub fn new(socket: &str, owner: Owner) -> Engine {
+    pub fn new(socket: &str, owner: Owner, spool: &std::path::Path) -> Engine {
         Engine {
             socket: socket.to_string(),
             owner,
+            spool: spool.display().to_string(),
             docker: tokio::sync::OnceCell::new(),
         }
     }
@@ -83,7 +87,10 @@ impl Engine {
         let docker = self.get().await.map_err(|e| e.to_string())?;
         let filters = HashMap::from([(
             "label",
-            vec![format!("{OWNER_LABEL}={}", self.owner.label())],
+            vec![
+                format!("{OWNER_LABEL}={}", self.owner.label()),
+                format!("{SPOOL_LABEL}={}", self.spool),
+            ],
         )]);
         let list = docker
             .list_containers(Some(
@@ -215,6 +222,7 @@ impl<'a> Container<'a> {
                 OWNER_LABEL.to_string(),
                 self.ctx.docker.owner.label().to_string(),
             ),
+            (SPOOL_LABEL.to_string(), self.ctx.docker.spool.clone()),
         ]);
         let bind = |source: &std::path::Path, target: &str, read_only: bool| Mount {
             source: Some(source.display().to_string()),

@@ -85,7 +85,7 @@ impl Context {
         Context {
             clients,
             region: cfg.aws.region.clone().unwrap_or_default(),
-            docker: container::Engine::new(&cfg.ecs_agent.docker_socket, owner),
+            docker: container::Engine::new(&cfg.ecs_agent.docker_socket, owner, &cfg.spool.dir),
         }
     }
 }

@@ -66,7 +66,9 @@ while true; do
 done
 "#;
 
-fn rootfs_tar(version: &str) -> Vec<u8> {
+/// A root filesystem of busybox-static, the given files (path, content, mode), empty directories, and
+/// the applets as symbolic links in /bin.
+pub fn busybox_rootfs(files: &[(&str, &[u8], u32)], dirs: &[&str], applets: &[&str]) -> Vec<u8> {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .iter()
         .find(|p| Path::new(p).exists())
@@ -80,20 +82,13 @@ fn rootfs_tar(version: &str) -> Vec<u8> {
         b.append_data(&mut h, path, data).unwrap();
     };
     add("bin/busybox", &std::fs::read(busybox).unwrap(), 0o755);
-    add("agent.sh", AGENT_SCRIPT.as_bytes(), 0o755);
-    add("version", version.as_bytes(), 0o644);
-    for dir in [
-        "www/.keep",
-        "tmp/.keep",
-        "var/lib/ecs/.keep",
-        "etc/ecs/.keep",
-    ] {
-        add(dir, b"", 0o644);
+    for (path, data, mode) in files {
+        add(path, data, *mode);
     }
-    for applet in [
-        "sh", "cat", "echo", "httpd", "mkdir", "rm", "usleep", "killall", "sleep", "date", "[",
-        "test",
-    ] {
+    for dir in dirs {
+        add(&format!("{dir}/.keep"), b"", 0o644);
+    }
+    for applet in applets {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_size(0);
@@ -105,16 +100,30 @@ fn rootfs_tar(version: &str) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-/// `docker import` a stand-in agent image as `repo:tag`; returns its id.
-pub async fn import_image(d: &Docker, repo: &str, tag: &str, version: &str) -> String {
-    let tar = rootfs_tar(version);
+fn rootfs_tar(version: &str) -> Vec<u8> {
+    busybox_rootfs(
+        &[
+            ("agent.sh", AGENT_SCRIPT.as_bytes(), 0o755),
+            ("version", version.as_bytes(), 0o644),
+        ],
+        &["www", "tmp", "var/lib/ecs", "etc/ecs"],
+        &[
+            "sh", "cat", "echo", "httpd", "mkdir", "rm", "usleep", "killall", "sleep", "date", "[",
+            "test",
+        ],
+    )
+}
+
+/// `docker import` a root filesystem as `name` (repo:tag) with `cmd` as its command.
+pub async fn import_rootfs(d: &Docker, tar: Vec<u8>, name: &str, cmd: &str) {
+    let (repo, tag) = name.rsplit_once(':').unwrap_or((name, "latest"));
     let mut s = d.create_image(
         Some(
             CreateImageOptionsBuilder::default()
                 .from_src("-")
                 .repo(repo)
                 .tag(tag)
-                .changes(vec!["CMD [\"/agent.sh\"]".to_string()])
+                .changes(vec![format!("CMD {cmd}")])
                 .build(),
         ),
         Some(bollard::body_full(tar.into())),
@@ -123,6 +132,17 @@ pub async fn import_image(d: &Docker, repo: &str, tag: &str, version: &str) -> S
     while let Some(r) = s.next().await {
         r.unwrap();
     }
+}
+
+/// `docker import` a stand-in agent image as `repo:tag`; returns its id.
+pub async fn import_image(d: &Docker, repo: &str, tag: &str, version: &str) -> String {
+    import_rootfs(
+        d,
+        rootfs_tar(version),
+        &format!("{repo}:{tag}"),
+        "[\"/agent.sh\"]",
+    )
+    .await;
     image_id(d, &format!("{repo}:{tag}")).await.unwrap()
 }
 

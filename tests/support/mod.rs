@@ -167,7 +167,7 @@ pub struct Options {
     pub endpoint: Option<String>,
     /// Access key id and secret for the harness and the agent (default: the emulator's "testing").
     pub creds: Option<(String, String)>,
-    /// TOML appended to the configuration (extra sections).
+    /// TOML appended to the configuration (extra sections); `{bucket}` stands for the world's bucket.
     pub extra: String,
     pub max_in_flight: usize,
     pub visibility_timeout: &'static str,
@@ -257,7 +257,7 @@ table = "{table}"
 output_prefix = "output/"
 {extra}
 "#,
-                extra = o.extra,
+                extra = o.extra.replace("{bucket}", &bucket),
                 grace = o.shutdown_grace,
                 mif = o.max_in_flight,
                 vis = o.visibility_timeout,
