@@ -297,6 +297,40 @@ mod tests {
         assert!(r.starts_with("out/errors/sha256-"));
     }
 
+    #[tokio::test]
+    async fn a_pipelines_own_limit_holds_and_follows_a_change() {
+        let mut p = crate::config::from_toml_str(
+            "[queue]\nname='q'\n[[pipeline]]\nname='p'\nbucket='b'\nprefix='in/'\nprocessor='orders-csv'\ntable='t'\noutput_prefix='out/'\nmax_in_flight=2\n",
+            "t.toml",
+        )
+        .unwrap()
+        .pipelines
+        .remove(0);
+        let limits = PipelineLimits::default();
+        let cancel = CancellationToken::new();
+        let a = limits.acquire(&p, &cancel).await.unwrap();
+        let _b = limits.acquire(&p, &cancel).await.unwrap();
+        assert!(a.is_some());
+        let third = tokio::time::timeout(Duration::from_millis(50), limits.acquire(&p, &cancel));
+        assert!(third.await.is_err(), "a third file waits");
+        drop(a);
+        assert!(limits.acquire(&p, &cancel).await.unwrap().is_some());
+        p.max_in_flight = Some(3);
+        let held: Vec<_> =
+            futures::future::join_all((0..3).map(|_| limits.acquire(&p, &cancel))).await;
+        assert_eq!(held.iter().filter(|h| matches!(h, Ok(Some(_)))).count(), 3);
+        cancel.cancel();
+        assert!(matches!(
+            limits.acquire(&p, &cancel).await,
+            Err(ProcessError::Cancelled)
+        ));
+        p.max_in_flight = None;
+        assert!(
+            limits.acquire(&p, &cancel).await.unwrap().is_none(),
+            "no own limit"
+        );
+    }
+
     #[test]
     fn programs_must_exist_and_be_executable() {
         assert!(program_runnable(std::path::Path::new("/bin/sh")).is_ok());
