@@ -2,7 +2,8 @@
 """offload-agent benchmarks against moto on 127.0.0.1; prints a Markdown table.
 
 Environment: BENCH_DRY_ROWS (1000000), BENCH_E2E_ROWS (50000), BENCH_LATENCY_FILES (100),
-BENCH_BIG_MB (2048).
+BENCH_BIG_MB (2048), BENCH_PROCESSOR_FILES (30); BENCH_ONLY, a comma-separated list of sections to run
+(dry, e2e, latency, big, processors; default all).
 """
 import os
 import resource
@@ -21,6 +22,12 @@ DRY_ROWS = int(os.environ.get("BENCH_DRY_ROWS", "1000000"))
 E2E_ROWS = int(os.environ.get("BENCH_E2E_ROWS", "50000"))
 LAT_FILES = int(os.environ.get("BENCH_LATENCY_FILES", "100"))
 BIG_MB = int(os.environ.get("BENCH_BIG_MB", "2048"))
+PROC_FILES = int(os.environ.get("BENCH_PROCESSOR_FILES", "30"))
+ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+
+
+def want(section):
+    return not ONLY or section in ONLY
 
 work = tempfile.mkdtemp(prefix="offload-bench-")
 env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
@@ -49,7 +56,7 @@ def child_cpu():
     return r.ru_utime + r.ru_stime
 
 
-def config(name, max_in_flight=8):
+def config(name, max_in_flight=8, extra=""):
     tag = f"{name}-{uuid.uuid4().hex[:8]}"
     path = os.path.join(work, f"{tag}.toml")
     with open(path, "w") as f:
@@ -68,6 +75,8 @@ wait_time = "20s"
 dir = "{work}/spool-{tag}"
 [ecs_agent]
 enabled = false
+[admin]
+listen = "127.0.0.1:0"
 [[pipeline]]
 name = "orders"
 bucket = "b-{tag}"
@@ -76,7 +85,7 @@ suffix = ".csv"
 processor = "orders-csv"
 table = "t-{tag}"
 output_prefix = "output/"
-""")
+""" + extra.replace("{bucket}", f"b-{tag}"))
     subprocess.run([BIN, "provision", "--config", path], env=env, check=True, stdout=subprocess.DEVNULL)
     return path, f"b-{tag}"
 
@@ -101,76 +110,155 @@ def wait_output(bucket, key, timeout):
 
 
 # 1. Processor throughput (dry run: parse + validate + duplicate check, no I/O to AWS).
-p = os.path.join(work, "dry.csv")
-gen(p, DRY_ROWS)
-best = None
-for _ in range(3):
-    c0, t0 = child_cpu(), time.monotonic()
-    subprocess.run([BIN, "process", "--dry-run", p], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall, cpu = time.monotonic() - t0, child_cpu() - c0
-    if best is None or wall < best[0]:
-        best = (wall, cpu)
-size_mb = os.path.getsize(p) / 1e6
-row("dry-run throughput", f"{DRY_ROWS / best[0]:,.0f} rows/s",
-    f"({DRY_ROWS:,} rows, {size_mb:.0f} MB, best of 3: {best[0]:.2f} s wall, {best[1]:.2f} s CPU)")
-os.remove(p)
+if want("dry"):
+    p = os.path.join(work, "dry.csv")
+    gen(p, DRY_ROWS)
+    best = None
+    for _ in range(3):
+        c0, t0 = child_cpu(), time.monotonic()
+        subprocess.run([BIN, "process", "--dry-run", p], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall, cpu = time.monotonic() - t0, child_cpu() - c0
+        if best is None or wall < best[0]:
+            best = (wall, cpu)
+    size_mb = os.path.getsize(p) / 1e6
+    row("dry-run throughput", f"{DRY_ROWS / best[0]:,.0f} rows/s",
+        f"({DRY_ROWS:,} rows, {size_mb:.0f} MB, best of 3: {best[0]:.2f} s wall, {best[1]:.2f} s CPU)")
+    os.remove(p)
 
 # 2. End to end against moto: CPU of the agent per million rows written.
-cfg, bucket = config("e2e")
-p = os.path.join(work, "e2e.csv")
-gen(p, E2E_ROWS)
-s3.upload_file(p, bucket, "input/e2e.csv")
-c0, t0 = child_cpu(), time.monotonic()
-out = subprocess.run([BIN, "process", "--config", cfg, f"s3://{bucket}/input/e2e.csv"], env=env,
-                     check=True, capture_output=True, text=True)
-wall, cpu = time.monotonic() - t0, child_cpu() - c0
-row("agent CPU per million rows, end to end", f"{cpu * 1e6 / E2E_ROWS:.1f} s",
-    f"({E2E_ROWS:,} rows into moto's DynamoDB in {wall:.1f} s wall = {E2E_ROWS / wall:,.0f} rows/s, "
-    f"bounded by the emulator)")
-os.remove(p)
+if want("e2e"):
+    cfg, bucket = config("e2e")
+    p = os.path.join(work, "e2e.csv")
+    gen(p, E2E_ROWS)
+    s3.upload_file(p, bucket, "input/e2e.csv")
+    c0, t0 = child_cpu(), time.monotonic()
+    out = subprocess.run([BIN, "process", "--config", cfg, f"s3://{bucket}/input/e2e.csv"], env=env,
+                         check=True, capture_output=True, text=True)
+    wall, cpu = time.monotonic() - t0, child_cpu() - c0
+    row("agent CPU per million rows, end to end", f"{cpu * 1e6 / E2E_ROWS:.1f} s",
+        f"({E2E_ROWS:,} rows into moto's DynamoDB in {wall:.1f} s wall = {E2E_ROWS / wall:,.0f} rows/s, "
+        f"bounded by the emulator)")
+    os.remove(p)
 
 # 3. Latency from PutObject to the output object, agent idle beforehand.
-cfg, bucket = config("latency")
-agent = subprocess.Popen([BIN, "run", "--config", cfg], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-time.sleep(5)
-idle_rss = status_kb(agent.pid, "VmRSS")
-small = os.path.join(work, "small.csv")
-gen(small, 20)
-body = open(small, "rb").read()
-lat = []
-for i in range(LAT_FILES):
-    key = f"input/lat-{i}.csv"
-    t0 = time.monotonic()
-    s3.put_object(Bucket=bucket, Key=key, Body=body)
-    if not wait_output(bucket, f"output/lat-{i}.csv", 30):
-        sys.exit(f"file {i} not processed within 30 s")
-    lat.append(time.monotonic() - t0)
-    time.sleep(0.05)
-lat.sort()
-p50 = statistics.median(lat) * 1000
-p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
-row("latency PutObject -> output object", f"p50 {p50:.0f} ms, p99 {p99:.0f} ms",
-    f"({LAT_FILES} files of 20 rows, one at a time; moto)")
-row("RSS idle", f"{idle_rss / 1024:.1f} MiB", "(VmRSS after 5 s of idle long polling)")
+if want("latency") or want("big"):
+    cfg, bucket = config("latency")
+    agent = subprocess.Popen([BIN, "run", "--config", cfg], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(5)
+    idle_rss = status_kb(agent.pid, "VmRSS")
+    small = os.path.join(work, "small.csv")
+    gen(small, 20)
+    body = open(small, "rb").read()
+    lat = []
+    for i in range(LAT_FILES):
+        key = f"input/lat-{i}.csv"
+        t0 = time.monotonic()
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+        if not wait_output(bucket, f"output/lat-{i}.csv", 30):
+            sys.exit(f"file {i} not processed within 30 s")
+        lat.append(time.monotonic() - t0)
+        time.sleep(0.05)
+    lat.sort()
+    p50 = statistics.median(lat) * 1000
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+    row("latency PutObject -> output object", f"p50 {p50:.0f} ms, p99 {p99:.0f} ms",
+        f"({LAT_FILES} files of 20 rows, one at a time; moto)")
+    row("RSS idle", f"{idle_rss / 1024:.1f} MiB", "(VmRSS after 5 s of idle long polling)")
 
 # 4. Peak RSS while processing a file far larger than memory would allow buffering.
-rows = BIG_MB * 1_000_000 // 50_150
-p = os.path.join(work, "big.csv")
-gen(p, rows, pad=50_000)
-big = os.path.getsize(p)
-s3.upload_file(p, bucket, "input/big.csv")
-os.remove(p)
-t0 = time.monotonic()
-if not wait_output(bucket, "output/big.csv", 1800):
-    sys.exit("big file not processed within 30 minutes")
-wall = time.monotonic() - t0
-peak = status_kb(agent.pid, "VmHWM")
-row("peak RSS while processing a large file", f"{peak / 1024:.1f} MiB",
-    f"({big / 2**20:,.0f} MiB file, {rows:,} rows, processed in {wall:.0f} s)")
-agent.terminate()
-agent.wait(timeout=60)
+if want("big"):
+    rows = BIG_MB * 1_000_000 // 50_150
+    p = os.path.join(work, "big.csv")
+    gen(p, rows, pad=50_000)
+    big = os.path.getsize(p)
+    s3.upload_file(p, bucket, "input/big.csv")
+    os.remove(p)
+    t0 = time.monotonic()
+    if not wait_output(bucket, "output/big.csv", 1800):
+        sys.exit("big file not processed within 30 minutes")
+    wall = time.monotonic() - t0
+    peak = status_kb(agent.pid, "VmHWM")
+    row("peak RSS while processing a large file", f"{peak / 1024:.1f} MiB",
+        f"({big / 2**20:,.0f} MiB file, {rows:,} rows, processed in {wall:.0f} s)")
+if want("latency") or want("big"):
+    agent.terminate()
+    agent.wait(timeout=60)
+
+# 5. What isolation costs: PutObject -> first output, one small file at a time, through the built-in
+# orders-csv processor, a command processor and a container processor (both a no-op that copies the
+# input), interleaved in one agent so that the three see the same conditions.
+NOOP = """#!/bin/sh
+cp "$OFFLOAD_INPUT" "$OFFLOAD_OUTPUT_DIR/copy"
+"""
+if want("processors"):
+    import io
+    import shutil
+    import tarfile
+
+    script = os.path.join(work, "noop.sh")
+    with open(script, "w") as f:
+        f.write(NOOP)
+    os.chmod(script, 0o755)
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        t.add(busybox, arcname="bin/busybox")
+        t.add(script, arcname="noop.sh")
+        for applet in ("sh", "cp"):
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            t.addfile(info)
+        for d in ("tmp", "dev", "proc", "sys", "etc"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            t.addfile(info)
+    image = "offload-bench-noop:1"
+    subprocess.run(["docker", "import", "-c", 'CMD ["/noop.sh"]', "-", image], input=buf.getvalue(),
+                   check=True, stdout=subprocess.DEVNULL)
+    extra = f"""
+[[pipeline]]
+name = "box"
+bucket = "{{bucket}}"
+prefix = "box/"
+output_prefix = "boxed/"
+processor = {{ container = {{ image = "{image}" }} }}
+
+[[pipeline]]
+name = "cmd"
+bucket = "{{bucket}}"
+prefix = "cmd/"
+output_prefix = "cmdout/"
+processor = {{ command = {{ program = "{script}" }} }}
+"""
+    cfg, bucket = config("processors", extra=extra)
+    agent = subprocess.Popen([BIN, "run", "--config", cfg], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(5)
+    small = os.path.join(work, "small.csv")
+    gen(small, 20)
+    body = open(small, "rb").read()
+    kinds = [("orders-csv (built in)", "input/p-{i}.csv", "output/p-{i}.csv"),
+             ("command (no-op script)", "cmd/p-{i}.csv", "cmdout/p-{i}.csv/copy"),
+             ("container (no-op busybox image)", "box/p-{i}.csv", "boxed/p-{i}.csv/copy")]
+    lat = {k: [] for k, _, _ in kinds}
+    for i in range(PROC_FILES):
+        for kind, key, out in kinds:
+            t0 = time.monotonic()
+            s3.put_object(Bucket=bucket, Key=key.format(i=i), Body=body)
+            if not wait_output(bucket, out.format(i=i), 60):
+                sys.exit(f"{kind}: file {i} not processed within 60 s")
+            lat[kind].append(time.monotonic() - t0)
+            time.sleep(0.05)
+    for kind, _, _ in kinds:
+        v = sorted(lat[kind])
+        p50 = statistics.median(v) * 1000
+        p95 = v[min(len(v) - 1, int(len(v) * 0.95))] * 1000
+        row(f"latency PutObject -> output, {kind}", f"p50 {p50:.0f} ms, p95 {p95:.0f} ms",
+            f"({PROC_FILES} files of 20 rows, interleaved; moto)")
+    agent.terminate()
+    agent.wait(timeout=60)
 
 print("\n| measure | result | conditions |")
 print("|---|---|---|")

@@ -24,6 +24,8 @@ use crate::worker::ObjectProcessor;
 pub mod exit {
     pub const OK: u8 = 0;
     pub const FAILURE: u8 = 1;
+    /// `status`: no daemon answers.
+    pub const NOT_RUNNING: u8 = 3;
     pub const USAGE: u8 = 64;
     pub const DATA: u8 = 65;
     pub const UNAVAILABLE: u8 = 69;
@@ -38,6 +40,8 @@ pub enum Failure {
     Data(String),
     /// Something outside did not answer in time (`register`).
     Unavailable(String),
+    /// `status`: no daemon answers.
+    NotRunning(String),
     Runtime(anyhow::Error),
 }
 
@@ -48,6 +52,7 @@ impl Failure {
             Failure::Usage(_) => exit::USAGE,
             Failure::Data(_) => exit::DATA,
             Failure::Unavailable(_) => exit::UNAVAILABLE,
+            Failure::NotRunning(_) => exit::NOT_RUNNING,
             Failure::Runtime(_) => exit::FAILURE,
         }
     }
@@ -57,7 +62,10 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::Config(e) => write!(f, "{e}"),
-            Failure::Usage(s) | Failure::Data(s) | Failure::Unavailable(s) => f.write_str(s),
+            Failure::Usage(s)
+            | Failure::Data(s)
+            | Failure::Unavailable(s)
+            | Failure::NotRunning(s) => f.write_str(s),
             // `{:#}` prints the whole chain of causes on one line.
             Failure::Runtime(e) => write!(f, "{e:#}"),
         }
@@ -186,6 +194,11 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
                 .await
                 .map_err(registration_failure)
         }
+        Command::Status {
+            config,
+            json,
+            listen,
+        } => status(&config.config, json, listen).await,
         Command::IamPolicy { config, account } => {
             let cfg = load(&config.config)?;
             let doc = crate::iam_policy::policy(&cfg, account.as_deref());
@@ -420,7 +433,12 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
         ))
     })?;
     let objects = ObjectProcessor::new(
-        crate::processors::Context::new(clients, &cfg, Owner::Process),
+        crate::processors::Context::new(
+            clients,
+            &cfg,
+            Owner::Process,
+            Arc::new(crate::metrics::Metrics::new()),
+        ),
         spool,
     );
     let obj = ObjectRef {
@@ -496,4 +514,157 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
             "interrupted; rows written so far are rewritten identically by the next run"
         ))),
     }
+}
+
+/// `offload-agent status`.
+async fn status(
+    config_path: &Path,
+    json: bool,
+    listen: Option<std::net::SocketAddr>,
+) -> Result<(), Failure> {
+    let addr = match listen {
+        Some(a) => a,
+        None => match crate::config::load(config_path, &Default::default()) {
+            Ok(cfg) => cfg.admin.addr(),
+            Err(e) => {
+                eprintln!(
+                    "note: cannot read {} ({}); asking {}",
+                    config_path.display(),
+                    e.problems.first().map(String::as_str).unwrap_or(""),
+                    crate::config::DEFAULT_ADMIN_LISTEN
+                );
+                crate::config::DEFAULT_ADMIN_LISTEN
+                    .parse()
+                    .expect("a valid default")
+            }
+        },
+    };
+    let (code, body) = crate::admin::get(addr, "/status", std::time::Duration::from_secs(5))
+        .await
+        .map_err(|e| {
+            Failure::NotRunning(format!(
+                "offload-agent is not running (nothing answers at {addr}: {e}); see `systemctl status offload-agent`"
+            ))
+        })?;
+    let doc: serde_json::Value = serde_json::from_str(&body).map_err(|e| {
+        Failure::Runtime(anyhow::anyhow!(
+            "{addr} answered {code} with something that is not offload-agent's status: {e}"
+        ))
+    })?;
+    if json {
+        println!("{body}");
+    } else {
+        print!("{}", render_status(&doc));
+    }
+    match &doc["ready"] {
+        serde_json::Value::Bool(true) => Ok(()),
+        why => Err(Failure::Runtime(anyhow::anyhow!(
+            "the daemon is not ready: {}",
+            why.as_str().unwrap_or("unknown reason")
+        ))),
+    }
+}
+
+/// The human summary of a `/status` document.
+pub fn render_status(d: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut o = String::new();
+    let ready = match &d["ready"] {
+        serde_json::Value::Bool(true) => "ready".to_string(),
+        why => format!("NOT READY: {}", s(why)),
+    };
+    let _ = writeln!(
+        o,
+        "offload-agent {} (pid {}), up {} s, {ready}",
+        s(&d["version"]),
+        s(&d["pid"]),
+        s(&d["uptime_s"])
+    );
+    let r = &d["registration"];
+    let _ = writeln!(
+        o,
+        "registration: managed instance {}, cluster {}, container instance {}",
+        s(&r["managed_instance_id"]),
+        s(&r["cluster"]),
+        s(&r["container_instance_arn"])
+    );
+    let e = &d["ecs_agent"];
+    if e.is_null() {
+        let _ = writeln!(
+            o,
+            "ECS agent:    not supervised (ecs_agent.enabled = false)"
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "ECS agent:    {} (version {}), {} restarts, last exit code {}{}",
+            s(&e["state"]),
+            s(&e["version"]),
+            s(&e["restarts"]),
+            s(&e["last_exit_code"]),
+            e["reason"]
+                .as_str()
+                .filter(|r| !r.is_empty())
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
+    let w = &d["worker"];
+    let _ = writeln!(
+        o,
+        "worker:       {} in flight, {} free slots, {} files done, {} failed, {} rows/s over the last minute",
+        s(&w["in_flight"]),
+        s(&w["free_slots"]),
+        s(&w["files_done"]),
+        s(&w["files_failed"]),
+        s(&w["rows_per_second_1m"])
+    );
+    if let Some(p) = w["queue_problem"].as_str() {
+        let _ = writeln!(o, "queue:        {p}");
+    }
+    for p in w["pipelines"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  pipeline {}: {} ok, {} with rejected rows, {} failed for good, {} retried, {} superseded; rows {} written, {} rejected",
+            s(&p["pipeline"]),
+            s(&p["ok"]),
+            s(&p["rejected"]),
+            s(&p["permanent_error"]),
+            s(&p["transient_retry"]),
+            s(&p["superseded"]),
+            s(&p["rows_written"]),
+            s(&p["rows_rejected"])
+        );
+    }
+    for p in w["unavailable_pipelines"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "  pipeline {} UNAVAILABLE: {}",
+            s(&p["pipeline"]),
+            s(&p["reason"])
+        );
+    }
+    let errors = d["recent_errors"].as_array().cloned().unwrap_or_default();
+    if errors.is_empty() {
+        let _ = writeln!(o, "last errors:  none");
+    } else {
+        let _ = writeln!(o, "last errors ({}, newest last):", errors.len());
+        for e in errors.iter().rev().take(5).rev() {
+            let reason = s(&e["reason"]);
+            let first = reason.lines().next().unwrap_or("");
+            let _ = writeln!(
+                o,
+                "  {} {} [{}]: {first}",
+                s(&e["time"]),
+                s(&e["file"]),
+                s(&e["pipeline"])
+            );
+        }
+    }
+    o
 }

@@ -25,7 +25,9 @@ SIGNALS (run):
 
 EXIT STATUS:
     0   success
-    1   runtime failure (AWS unreachable, a transient processing failure, I/O error)
+    1   runtime failure (AWS unreachable, a transient processing failure, I/O error); status: the
+        daemon answers but is not ready
+    3   status: no daemon answers at admin.listen
     64  bad command-line usage
     65  process: the file is not valid orders CSV, or --dry-run found rejected rows
     69  register: an AWS side, the SSM agent or the ECS agent did not answer in time
@@ -39,7 +41,9 @@ EXAMPLES:
     offload-agent process --dry-run ./orders.csv
     offload-agent register --region eu-west-1 --cluster onprem --activation-id ID \\
         --activation-code-file /root/activation-code
-    offload-agent iam-policy --account 123456789012";
+    offload-agent iam-policy --account 123456789012
+    offload-agent status
+    curl -s http://127.0.0.1:9464/metrics";
 
 /// offload-agent: process S3 file events on your own hosts.
 ///
@@ -164,6 +168,24 @@ pub enum Command {
         /// The AWS account id for resource ARNs (default: any account, "*").
         #[arg(long, value_name = "ID")]
         account: Option<String>,
+    },
+
+    /// Show what the running daemon is doing, from its admin endpoint.
+    ///
+    /// Reads /status from admin.listen (from the configuration; --listen overrides it) and prints
+    /// the registration (managed instance id, cluster, container instance ARN), the ECS agent (state,
+    /// version, restarts), the worker (in flight, files done and failed, rows per second over the
+    /// last minute, each pipeline) and the last errors. Exit 0 when the daemon answers and is ready,
+    /// 1 when it answers but is not ready (the reason is printed), 3 when no daemon answers.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the /status JSON document unchanged, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// The endpoint's address (default: admin.listen of the configuration, else 127.0.0.1:9464).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
     },
 
     /// Inspect the configuration.

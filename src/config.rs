@@ -46,8 +46,29 @@ pub struct Config {
     pub ecs_agent: EcsAgentConfig,
     pub host: HostConfig,
     pub ssm: SsmConfig,
+    pub admin: AdminConfig,
     #[serde(rename = "pipeline")]
     pub pipelines: Vec<Pipeline>,
+}
+
+/// `[admin]`: the local health, metrics and status endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    pub listen: String,
+    /// Allow a non-loopback `listen` (the endpoint has no authentication).
+    pub allow_remote: bool,
+}
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+
+impl AdminConfig {
+    /// The address to bind (validated at load).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.listen
+            .parse()
+            .unwrap_or_else(|_| DEFAULT_ADMIN_LISTEN.parse().expect("a valid default"))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -869,6 +890,7 @@ fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, C
     let ecs_t = top.table("ecs_agent");
     let host_t = top.table("host");
     let ssm_t = top.table("ssm");
+    let admin_t = top.table("admin");
     let pipeline_v = top.take("pipeline");
     top.finish();
 
@@ -1090,6 +1112,33 @@ fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, C
     };
     r.finish();
 
+    let mut r = Reader::new("admin", admin_t, &mut problems, origin);
+    let admin = AdminConfig {
+        enabled: r.boolean("enabled", true),
+        listen: r.string("listen", DEFAULT_ADMIN_LISTEN),
+        allow_remote: r.boolean("allow_remote", false),
+    };
+    match admin.listen.parse::<std::net::SocketAddr>() {
+        Err(_) => {
+            let v = r.table.get("listen").cloned();
+            let msg = format!(
+                "\"{}\" is not an address and port such as \"127.0.0.1:9464\" or \"[::1]:9464\"",
+                admin.listen
+            );
+            r.problem("listen", v.as_ref(), msg);
+        }
+        Ok(a) if admin.enabled && !a.ip().is_loopback() && !admin.allow_remote => {
+            let v = r.table.get("listen").cloned();
+            let msg = format!(
+                "{a} is not a loopback address; the endpoint has no authentication, so exposing it \
+                 to the network needs admin.allow_remote = true as well"
+            );
+            r.problem("listen", v.as_ref(), msg);
+        }
+        Ok(_) => {}
+    }
+    r.finish();
+
     let mut r = Reader::new("ssm", ssm_t, &mut problems, origin);
     let ssm = SsmConfig {
         parameters_path: r.opt_string("parameters_path"),
@@ -1164,6 +1213,7 @@ fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, C
             ecs_agent,
             host,
             ssm,
+            admin,
             pipelines,
         })
     } else {

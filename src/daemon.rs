@@ -19,11 +19,12 @@ use crate::backoff::Backoff;
 use crate::config::{self, Config};
 use crate::ecs_agent::Supervisor;
 use crate::error::describe;
+use crate::metrics::{FileOutcome, Metrics};
 use crate::params::ParameterLayer;
 use crate::processors::container::Owner;
 use crate::telemetry::LogHandle;
 use crate::worker::spool::Spool;
-use crate::worker::{pool, ObjectProcessor, Stats, Worker};
+use crate::worker::{pool, ObjectProcessor, Worker};
 use sd_notify::NotifyState;
 use tokio::time::Instant;
 
@@ -161,7 +162,7 @@ async fn resolve_queue(
     clients: &Clients,
     name: &str,
     what: &str,
-    stats: &Stats,
+    stats: &Metrics,
     stop: &CancellationToken,
 ) -> Option<String> {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
@@ -169,12 +170,12 @@ async fn resolve_queue(
         match clients.sqs.get_queue_url().queue_name(name).send().await {
             Ok(out) => {
                 if let Some(url) = out.queue_url() {
-                    stats.queue.ok();
+                    stats.queue_found();
                     return Some(url.to_string());
                 }
             }
             Err(e) => {
-                stats.queue.fail(format!("{what} {name} not found"));
+                stats.queue_missing(format!("{what} {name} not found"));
                 let delay = backoff.next_delay();
                 tracing::error!(
                     queue = name,
@@ -207,21 +208,20 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 /// The one-line summary systemd shows (`STATUS=`), from the same counters the log uses.
 fn status_line(
-    stats: &Stats,
+    stats: &Metrics,
     unavailable: &[(String, String)],
     ecs: Option<&watch::Receiver<crate::ecs_agent::Status>>,
 ) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
     let mut parts = Vec::new();
     if let Some(rx) = ecs {
         parts.push(format!("ECS agent {}", rx.borrow().state));
     }
-    parts.push(format!("{} in flight", stats.in_flight.load(Relaxed)));
+    parts.push(format!("{} in flight", stats.in_flight()));
     parts.push(format!(
         "{} files done",
-        stats.files_processed.load(Relaxed)
+        stats.files_total(&[FileOutcome::Ok, FileOutcome::Rejected])
     ));
-    let failed = stats.files_failed.load(Relaxed);
+    let failed = stats.files_total(&[FileOutcome::PermanentError, FileOutcome::TransientRetry]);
     if failed > 0 {
         parts.push(format!("{failed} failed"));
     }
@@ -261,13 +261,16 @@ async fn serve(
     objects: Arc<ObjectProcessor>,
     cfg: Config,
     config: watch::Receiver<Arc<Config>>,
-    stats: Arc<Stats>,
+    stats: Arc<Metrics>,
     stop: CancellationToken,
     abort: CancellationToken,
 ) {
     let clients = &objects.ctx.clients;
     let main = match (&cfg.queue.url, &cfg.queue.name) {
-        (Some(url), _) => Some(url.clone()),
+        (Some(url), _) => {
+            stats.queue_found();
+            Some(url.clone())
+        }
         (None, Some(name)) => resolve_queue(clients, name, "queue", &stats, &stop).await,
         (None, None) => None,
     };
@@ -302,6 +305,123 @@ async fn serve(
         key_locks: Default::default(),
     });
     pool::run(worker, stop, abort).await;
+}
+
+/// What the admin endpoint reports about this daemon.
+struct DaemonFacts {
+    metrics: Arc<Metrics>,
+    objects: Arc<ObjectProcessor>,
+    ecs: Option<watch::Receiver<crate::ecs_agent::Status>>,
+    host: crate::config::HostConfig,
+    /// Milliseconds since `started` at the main loop's last turn.
+    turned: Arc<std::sync::atomic::AtomicU64>,
+    started: Instant,
+    stopping: CancellationToken,
+}
+
+/// The main loop turns at least every STATUS_EVERY; this much silence means it is stuck.
+const ALIVE_WITHIN: Duration = Duration::from_secs(10);
+
+impl crate::admin::Facts for DaemonFacts {
+    fn alive(&self) -> Result<(), String> {
+        let last = self.turned.load(std::sync::atomic::Ordering::Relaxed);
+        let silent = (self.started.elapsed().as_millis() as u64).saturating_sub(last);
+        if silent < ALIVE_WITHIN.as_millis() as u64 {
+            Ok(())
+        } else {
+            Err(format!(
+                "the main loop has not turned for {} s",
+                silent / 1000
+            ))
+        }
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.stopping.is_cancelled() {
+            return Err("shutting down: not taking new work".into());
+        }
+        if let Some(problem) = self.metrics.queue.describe() {
+            return Err(problem);
+        }
+        if !self.metrics.queue_seen() {
+            return Err("the queue has not been reached yet".into());
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let m = &self.metrics;
+        let reg = crate::registration::ssm::registration(&self.host)
+            .ok()
+            .flatten();
+        let ecs = self.ecs.as_ref().map(|rx| rx.borrow().clone());
+        let meta = ecs.as_ref().and_then(|s| s.metadata.clone());
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "ready": self.ready().err().map_or(serde_json::json!(true), |why| serde_json::json!(why)),
+            "registration": {
+                "managed_instance_id": reg.as_ref().map(|r| r.managed_instance_id.clone()),
+                "cluster": meta.as_ref().and_then(|m| m.cluster.clone()),
+                "container_instance_arn": meta.as_ref().and_then(|m| m.container_instance_arn.clone()),
+            },
+            "ecs_agent": ecs.as_ref().map(|s| serde_json::json!({
+                "state": s.state.to_string(),
+                "reason": s.reason,
+                "version": meta.as_ref().and_then(|m| m.version.clone()),
+                "restarts": s.restarts,
+                "last_exit_code": s.last_exit_code,
+            })),
+            "worker": {
+                "in_flight": m.in_flight(),
+                "free_slots": m.free_slots(),
+                "files_done": m.files_total(&[FileOutcome::Ok, FileOutcome::Rejected]),
+                "files_failed": m.files_total(&[FileOutcome::PermanentError, FileOutcome::TransientRetry]),
+                "rows_per_second_1m": m.rows_per_second(),
+                "queue_problem": m.queue.describe(),
+                "pipelines": m.by_pipeline(),
+                "unavailable_pipelines": self.objects.unavailable().into_iter()
+                    .map(|(p, why)| serde_json::json!({"pipeline": p, "reason": why}))
+                    .collect::<Vec<_>>(),
+            },
+            "recent_errors": m.recent_errors(),
+        })
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+/// Keep the ECS agent's gauges and restart counter in step with the supervisor's status.
+async fn follow_ecs_status(
+    mut rx: watch::Receiver<crate::ecs_agent::Status>,
+    metrics: Arc<Metrics>,
+) {
+    let all: Vec<String> = crate::ecs_agent::State::ALL
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut restarts = 0;
+    loop {
+        {
+            let s = rx.borrow_and_update();
+            metrics.ecs_agent(&s.state.to_string(), &all);
+            if s.restarts > restarts {
+                metrics.ecs_agent_restarted(s.restarts - restarts, s.last_exit_code);
+            }
+            restarts = s.restarts;
+            let arn = s
+                .metadata
+                .as_ref()
+                .and_then(|m| m.container_instance_arn.as_ref());
+            metrics.registered("ecs", arn.is_some());
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Run the daemon until `control` says stop (or closes). `env` is the environment used for reloads.
@@ -366,7 +486,10 @@ pub async fn run(
 
     let stop = CancellationToken::new();
     let abort = CancellationToken::new();
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Metrics::new());
+    for p in &cfg.pipelines {
+        stats.pipeline(&p.name);
+    }
 
     // The ECS agent's supervisor runs whatever the queue's state, and the worker pool whatever the
     // supervisor's.
@@ -378,9 +501,13 @@ pub async fn run(
         (None, None)
     };
 
+    if let Some(rx) = &ecs_status {
+        tokio::spawn(follow_ecs_status(rx.clone(), stats.clone()));
+    }
+    let credentials = clients.credentials.clone();
     let ssm = clients.ssm.clone();
     let objects = Arc::new(ObjectProcessor::new(
-        crate::processors::Context::new(clients, &cfg, Owner::Daemon),
+        crate::processors::Context::new(clients, &cfg, Owner::Daemon, stats.clone()),
         spool,
     ));
     // Containers a killed predecessor left running go first; then every pipeline is checked once.
@@ -401,14 +528,49 @@ pub async fn run(
         stop.clone(),
         abort.clone(),
     ));
+    let started = Instant::now();
+    let turned = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut admin_problem = None;
+    if cfg.admin.enabled {
+        match crate::admin::bind(cfg.admin.addr()).await {
+            Ok(listener) => {
+                let addr = listener
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                tracing::info!(listen = %addr, "admin endpoint: /healthz /readyz /metrics /status");
+                let facts = Arc::new(DaemonFacts {
+                    metrics: stats.clone(),
+                    objects: objects.clone(),
+                    ecs: ecs_status.clone(),
+                    host: cfg.host.clone(),
+                    turned: turned.clone(),
+                    started,
+                    stopping: stop.clone(),
+                });
+                tokio::spawn(crate::admin::serve(listener, facts, stop.clone()));
+            }
+            // Files keep flowing without the endpoint; the problem stays in the status line.
+            Err(e) => {
+                tracing::error!(error = %e, "admin endpoint not available");
+                admin_problem = Some(e);
+            }
+        }
+    }
     tracing::info!(pipelines = cfg.pipelines.len(), "offload-agent ready");
-    let mut status = status_line(&stats, &objects.unavailable(), ecs_status.as_ref());
+    let status_of = |stats: &Metrics| {
+        let mut line = status_line(stats, &objects.unavailable(), ecs_status.as_ref());
+        if admin_problem.is_some() {
+            line.push_str("; admin endpoint not available (see the log)");
+        }
+        line
+    };
+    let mut status = status_of(&stats);
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 
     // The watchdog is fed only while a second task keeps beating too: a wedged runtime feeds nothing.
     let watchdog = watchdog_interval();
     let beat = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let started = Instant::now();
     let beater = {
         let beat = beat.clone();
         tokio::spawn(async move {
@@ -433,7 +595,9 @@ pub async fn run(
                 Some(Control::Reload) => {
                     notify(&[NotifyState::Reloading]);
                     settings.fetch_params(&ssm).await;
-                    if settings.reload("SIGHUP") {
+                    let ok = settings.reload("SIGHUP");
+                    stats.config_reload(ok);
+                    if ok {
                         tracing::info!(pipelines = settings.current.pipelines.len(), "configuration reloaded");
                         let (objects, cfg) = (objects.clone(), settings.current.clone());
                         tokio::spawn(async move { objects.preflight(&cfg).await });
@@ -446,12 +610,18 @@ pub async fn run(
             _ = tokio::time::sleep_until(next_refresh.unwrap_or_else(Instant::now)), if next_refresh.is_some() => {
                 settings.fetch_params(&ssm).await;
                 if settings.params.is_some() {
-                    settings.reload("Parameter Store refresh");
+                    let ok = settings.reload("Parameter Store refresh");
+                    stats.config_reload(ok);
                 }
                 next_refresh = settings.params_delay().map(|d| Instant::now() + d);
             }
             _ = tick.tick() => {
-                let line = status_line(&stats, &objects.unavailable(), ecs_status.as_ref());
+                turned.store(started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+                stats.sample_rows();
+                if let Some(c) = &credentials {
+                    stats.credentials_reloaded_total(c.reloads());
+                }
+                let line = status_of(&stats);
                 if line != status {
                     status = line;
                     notify(&[NotifyState::Status(&status)]);
@@ -471,7 +641,7 @@ pub async fn run(
     let grace = settings.current.agent.shutdown_grace;
     tracing::info!(
         grace_s = grace.as_secs_f64(),
-        in_flight = stats.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+        in_flight = stats.in_flight(),
         "shutting down: no new messages; finishing in-flight files"
     );
     notify(&[NotifyState::Stopping]);
@@ -525,7 +695,7 @@ mod tests {
 
     #[test]
     fn the_status_line_says_what_is_wrong() {
-        let stats = Stats::default();
+        let stats = Metrics::new();
         assert_eq!(status_line(&stats, &[], None), "0 in flight; 0 files done");
         stats.queue.fail("queue q not found".into());
         assert!(status_line(&stats, &[], None).contains("queue q not found for 0 s"));

@@ -19,6 +19,7 @@
 //! - [`host`]: the host's service manager (`systemctl`), called without blocking the runtime.
 //! - [`registration`]: `register` / `deregister` with SSM hybrid activation and ECS Anywhere.
 
+pub mod admin;
 pub mod app;
 pub mod aws;
 pub mod backoff;
@@ -30,6 +31,7 @@ pub mod ecs_agent;
 pub mod error;
 pub mod host;
 pub mod iam_policy;
+pub mod metrics;
 pub mod params;
 pub mod processors;
 pub mod provision;

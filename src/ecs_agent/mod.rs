@@ -51,6 +51,23 @@ pub enum State {
     Stopped,
 }
 
+impl State {
+    /// Every state, for one gauge per state.
+    pub const ALL: [State; 11] = [
+        State::Disabled,
+        State::WaitingForDocker,
+        State::Conflict,
+        State::LoadingImage,
+        State::ImageUnavailable,
+        State::Starting,
+        State::Running,
+        State::Registered,
+        State::BackingOff,
+        State::Terminal,
+        State::Stopped,
+    ];
+}
+
 impl fmt::Display for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = serde_json::to_value(self)

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::aws::Clients;
 use crate::config::{Config, Pipeline, ProcessorKind};
 use crate::error::ProcessError;
+use crate::metrics::Metrics;
 use crate::worker::event::ObjectRef;
 use crate::worker::spool::SpoolFiles;
 
@@ -75,15 +76,23 @@ pub trait Processor: Send + Sync {
 /// What processors share for the life of a daemon (or of one `process` command).
 pub struct Context {
     pub clients: Clients,
+    /// Counters processors update (DynamoDB retries, bytes stored).
+    pub metrics: Arc<Metrics>,
     pub region: String,
     /// The Docker engine, connected on first use.
     pub docker: container::Engine,
 }
 
 impl Context {
-    pub fn new(clients: Clients, cfg: &Config, owner: container::Owner) -> Context {
+    pub fn new(
+        clients: Clients,
+        cfg: &Config,
+        owner: container::Owner,
+        metrics: Arc<Metrics>,
+    ) -> Context {
         Context {
             clients,
+            metrics,
             region: cfg.aws.region.clone().unwrap_or_default(),
             docker: container::Engine::new(&cfg.ecs_agent.docker_socket, owner, &cfg.spool.dir),
         }

@@ -29,6 +29,7 @@ use super::{Context, Job, Outcome, Output, ProcessFuture, Processor};
 use crate::backoff::Backoff;
 use crate::config::{Config, Pipeline};
 use crate::error::{classify, describe, ErrorClass, ProcessError};
+use crate::metrics::Metrics;
 use crate::worker::objects::MAX_KEY_BYTES as MAX_S3_KEY_BYTES;
 
 /// The columns an orders file must have, in the order items and reports name them.
@@ -725,6 +726,7 @@ pub fn scan(
 #[derive(Clone)]
 pub struct Loader {
     pub ddb: aws_sdk_dynamodb::Client,
+    pub metrics: Arc<Metrics>,
     pub table: String,
     pub write_concurrency: usize,
     pub write_max_attempts: u32,
@@ -831,6 +833,7 @@ impl Loader {
                     if left.is_empty() {
                         return Ok(total);
                     }
+                    self.metrics.dynamodb_unprocessed();
                     tracing::debug!(table = %self.table, unprocessed = left.len(), "DynamoDB returned unprocessed items; retrying them");
                     pending = left;
                 }
@@ -840,6 +843,11 @@ impl Loader {
                         self.table,
                         describe(&e)
                     );
+                    if crate::error::code(&e).is_some_and(|c| {
+                        c.contains("Throttl") || c == "ProvisionedThroughputExceededException"
+                    }) {
+                        self.metrics.dynamodb_throttled();
+                    }
                     match classify(&e) {
                         ErrorClass::Transient => tracing::debug!("{text}; retrying"),
                         // A table that does not exist yet, or a policy being fixed: retry the whole
@@ -935,6 +943,7 @@ fn io_of(e: csv::Error) -> FileError {
 /// The `orders-csv` processor of one pipeline.
 pub struct OrdersCsv {
     ddb: aws_sdk_dynamodb::Client,
+    metrics: Arc<Metrics>,
     table: String,
     write_concurrency: usize,
     write_max_attempts: u32,
@@ -945,6 +954,7 @@ impl OrdersCsv {
     pub fn new(pipeline: &Pipeline, cfg: &Config, ctx: &Context) -> OrdersCsv {
         OrdersCsv {
             ddb: ctx.clients.dynamodb.clone(),
+            metrics: ctx.metrics.clone(),
             table: pipeline.table.clone().unwrap_or_default(),
             write_concurrency: cfg.dynamodb.write_concurrency,
             write_max_attempts: cfg.dynamodb.write_max_attempts,
@@ -968,6 +978,7 @@ impl OrdersCsv {
         };
         let loader = Loader {
             ddb: self.ddb.clone(),
+            metrics: self.metrics.clone(),
             table: self.table.clone(),
             write_concurrency: self.write_concurrency,
             write_max_attempts: self.write_max_attempts,

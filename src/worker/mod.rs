@@ -8,9 +8,8 @@ pub mod objects;
 pub mod pool;
 pub mod spool;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName};
 use tokio::sync::watch;
@@ -20,89 +19,15 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::error::{describe, ProcessError};
+use crate::metrics::{FileOutcome, MessageOutcome, Metrics};
 use event::Event;
 pub use object::{FileReport, ObjectProcessor};
-
-/// Counters for logs and status; monotonic since start.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub messages_received: AtomicU64,
-    pub messages_deleted: AtomicU64,
-    pub messages_dead_lettered: AtomicU64,
-    pub messages_retried: AtomicU64,
-    pub messages_released: AtomicU64,
-    pub files_processed: AtomicU64,
-    pub files_failed: AtomicU64,
-    pub rows_written: AtomicU64,
-    pub rows_rejected: AtomicU64,
-    pub events_unmatched: AtomicU64,
-    /// Events for a version that was no longer current when read (a newer upload has its own event).
-    pub files_superseded: AtomicU64,
-    pub test_events: AtomicU64,
-    pub in_flight: AtomicU64,
-    /// Whether the queue can be reached (for the status line).
-    pub queue: QueueHealth,
-}
-
-/// Since when, and why, the queue cannot be found or received from (`None`: it can).
-#[derive(Debug, Default)]
-pub struct QueueHealth(std::sync::Mutex<Option<(Instant, String)>>);
-
-impl QueueHealth {
-    /// Record a failure; the episode keeps its start.
-    pub fn fail(&self, what: String) {
-        if let Ok(mut g) = self.0.lock() {
-            let since = g.as_ref().map(|(t, _)| *t).unwrap_or_else(Instant::now);
-            *g = Some((since, what));
-        }
-    }
-
-    pub fn ok(&self) {
-        if let Ok(mut g) = self.0.lock() {
-            *g = None;
-        }
-    }
-
-    /// "queue unreachable for 40 s (why)", while there is a problem.
-    pub fn describe(&self) -> Option<String> {
-        let g = self.0.lock().ok()?;
-        let (since, what) = g.as_ref()?;
-        Some(format!(
-            "{what} for {} s (run `offload-agent provision`, or check the region and IAM permissions)",
-            since.elapsed().as_secs()
-        ))
-    }
-}
-
-impl Stats {
-    fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// A one-line summary for the log.
-    pub fn summary(&self) -> String {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        format!(
-            "messages received={} deleted={} dead-lettered={} retried={} released={}; files processed={} failed={}; rows written={} rejected={}; unmatched events={}",
-            g(&self.messages_received),
-            g(&self.messages_deleted),
-            g(&self.messages_dead_lettered),
-            g(&self.messages_retried),
-            g(&self.messages_released),
-            g(&self.files_processed),
-            g(&self.files_failed),
-            g(&self.rows_written),
-            g(&self.rows_rejected),
-            g(&self.events_unmatched),
-        )
-    }
-}
 
 /// Settles the messages of one queue; shared by all workers of a daemon.
 pub struct Worker {
     pub objects: Arc<ObjectProcessor>,
     pub config: watch::Receiver<Arc<Config>>,
-    pub stats: Arc<Stats>,
+    pub stats: Arc<Metrics>,
     pub queue_url: String,
     pub dlq_url: Option<String>,
     /// Receives after which SQS's redrive moves a message (the queue's `maxReceiveCount`): on the last
@@ -198,7 +123,7 @@ impl Worker {
             .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
-        Stats::add(&self.stats.messages_received, 1);
+        self.stats.message(MessageOutcome::Received);
         let cfg = self.config.borrow().clone();
 
         let objects = match event::parse(&body) {
@@ -208,7 +133,7 @@ impl Worker {
                 return;
             }
             Ok(Event::Test { bucket }) => {
-                Stats::add(&self.stats.test_events, 1);
+                self.stats.event_skipped("test");
                 tracing::info!(
                     bucket = bucket.as_deref().unwrap_or(""),
                     "s3:TestEvent received (S3 checks the notification target); acknowledged"
@@ -217,6 +142,7 @@ impl Worker {
                 return;
             }
             Ok(Event::Nothing { ignored }) => {
+                self.stats.event_skipped("other");
                 tracing::info!(
                     ignored,
                     "notification announces no created object; acknowledged"
@@ -244,7 +170,7 @@ impl Worker {
         let mut cancelled = false;
         for obj in &objects {
             let Some(pipeline) = cfg.route(&obj.bucket, &obj.key) else {
-                Stats::add(&self.stats.events_unmatched, 1);
+                self.stats.event_skipped("unmatched");
                 tracing::info!(bucket = %obj.bucket, key = %obj.key, "no pipeline matches this object; acknowledged without processing");
                 continue;
             };
@@ -264,12 +190,20 @@ impl Worker {
             let _enter = span.enter();
             match result {
                 Ok(report) => {
-                    Stats::add(&self.stats.files_processed, 1);
+                    let (written, rejected) = report
+                        .rows
+                        .as_ref()
+                        .map_or((0, 0), |r| (r.written, r.rejected));
+                    self.stats.file_done(
+                        &pipeline.name,
+                        report.elapsed.as_secs_f64(),
+                        written,
+                        rejected,
+                        report.bytes,
+                    );
                     let last = report.outputs.last().map(String::as_str).unwrap_or("");
                     let elapsed_ms = report.elapsed.as_millis() as u64;
                     if let Some(rows) = &report.rows {
-                        Stats::add(&self.stats.rows_written, rows.written);
-                        Stats::add(&self.stats.rows_rejected, rows.rejected);
                         let rejects = report.outputs.iter().find(|k| k.ends_with(".rejects.csv"));
                         tracing::info!(
                             rows = rows.rows,
@@ -297,13 +231,14 @@ impl Worker {
                     break;
                 }
                 Err(ProcessError::Superseded(reason)) => {
-                    Stats::add(&self.stats.files_superseded, 1);
+                    self.stats.file(&pipeline.name, FileOutcome::Superseded);
                     tracing::info!(%reason, "superseded by a newer upload (its own event processes it); acknowledged");
                 }
                 Err(ProcessError::Transient(reason))
                     if self.max_receives.map_or(true, |m| receive_count < m) =>
                 {
-                    Stats::add(&self.stats.files_failed, 1);
+                    self.stats.file(&pipeline.name, FileOutcome::TransientRetry);
+                    self.stats.error(&pipeline.name, &file_url(obj), &reason);
                     tracing::warn!(%reason, receive_count, "transient failure; the message will be retried");
                     transient = Some(reason);
                     break;
@@ -312,7 +247,7 @@ impl Worker {
                     if self.max_receives.map_or(true, |m| receive_count < m) =>
                 {
                     // Reported once by pipeline (see ObjectProcessor::note); the file waits.
-                    Stats::add(&self.stats.files_failed, 1);
+                    self.stats.file(&pipeline.name, FileOutcome::TransientRetry);
                     tracing::debug!(%reason, receive_count, "pipeline unavailable; the message will be retried");
                     transient = Some(reason);
                     break;
@@ -327,7 +262,8 @@ impl Worker {
                         ProcessError::Permanent(r) => r,
                         other => other.to_string(),
                     };
-                    Stats::add(&self.stats.files_failed, 1);
+                    self.stats.file(&pipeline.name, FileOutcome::PermanentError);
+                    self.stats.error(&pipeline.name, &file_url(obj), &reason);
                     match self
                         .objects
                         .write_error_report(pipeline, obj, &reason, &message_id)
@@ -356,7 +292,7 @@ impl Worker {
                 cfg.queue.retry_max,
                 receive_count.saturating_sub(1),
             );
-            Stats::add(&self.stats.messages_retried, 1);
+            self.stats.message(MessageOutcome::Retried);
             tracing::info!(retry_in_s = delay.as_secs(), %reason, "message returns to the queue");
             let _ = self.set_visibility(&receipt, delay).await;
         } else if !permanent.is_empty() {
@@ -376,7 +312,7 @@ impl Worker {
             .send()
             .await
         {
-            Ok(_) => Stats::add(&self.stats.messages_deleted, 1),
+            Ok(_) => self.stats.message(MessageOutcome::Deleted),
             // Results are idempotent: if the delete is lost, the redelivery rewrites the same items.
             Err(e) => {
                 tracing::warn!(error = %describe(&e), "could not delete the message; it will be delivered and processed again (idempotently)")
@@ -413,7 +349,7 @@ impl Worker {
         .await;
         match r {
             Ok(true) => {
-                Stats::add(&self.stats.messages_released, 1);
+                self.stats.message(MessageOutcome::Released);
                 tracing::info!("shutdown: message released to the queue unfinished")
             }
             Ok(false) => {} // logged by set_visibility; counted as not released
@@ -452,7 +388,7 @@ impl Worker {
             .await;
         match sent {
             Ok(_) => {
-                Stats::add(&self.stats.messages_dead_lettered, 1);
+                self.stats.message(MessageOutcome::DeadLettered);
                 tracing::info!(dead_letter_queue = %dlq, "message moved to the dead-letter queue");
                 self.delete(receipt).await;
             }
@@ -461,6 +397,10 @@ impl Worker {
             }
         }
     }
+}
+
+fn file_url(obj: &event::ObjectRef) -> String {
+    format!("s3://{}/{}", obj.bucket, obj.key)
 }
 
 fn string_attr(v: &str) -> MessageAttributeValue {

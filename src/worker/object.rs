@@ -130,6 +130,8 @@ impl ObjectProcessor {
                 return Err(ProcessError::Cancelled);
             }
             objects::upload(s3, bucket, &o.key, &o.path, o.content_type, cancel).await?;
+            let size = std::fs::metadata(&o.path).map_or(0, |m| m.len());
+            self.ctx.metrics.uploaded(size);
             stored.push(o.key.clone());
         }
         Ok(stored)

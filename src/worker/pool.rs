@@ -1,7 +1,7 @@
 //! The receiver and its pool of workers. The receiver asks SQS for only as many messages as there are
 //! free worker slots (at most 10, SQS's limit), so no message waits invisible in a local buffer.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +48,10 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: Cancellati
     let max_in_flight = worker.config.borrow().queue.max_in_flight;
     let slots = Arc::new(Semaphore::new(max_in_flight));
     let mut capacity = max_in_flight;
+    // Busy workers and the pool's size, for the in-flight and free-slot gauges.
+    let busy = Arc::new(AtomicUsize::new(0));
+    let size = Arc::new(AtomicUsize::new(max_in_flight));
+    worker.stats.slots(0, max_in_flight);
     let mut config = worker.config.clone();
     let mut tasks = JoinSet::new();
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
@@ -60,6 +64,9 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: Cancellati
                 if r.is_ok() {
                     let want = config.borrow_and_update().queue.max_in_flight;
                     resize(&slots, &mut capacity, want);
+                    size.store(want, Ordering::Relaxed);
+                    let n = busy.load(Ordering::Relaxed);
+                    worker.stats.slots(n, want.saturating_sub(n));
                 }
                 continue;
             }
@@ -97,18 +104,24 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: Cancellati
         match result {
             Ok(out) => {
                 backoff.reset();
-                worker.stats.queue.ok();
-                for msg in out.messages.unwrap_or_default() {
+                let messages = out.messages.unwrap_or_default();
+                worker.stats.receive(messages.len());
+                for msg in messages {
                     let Some(permit) = permits.pop() else {
                         tracing::error!("SQS returned more messages than asked for; the extra one returns after its visibility timeout");
                         break;
                     };
                     let w = worker.clone();
                     let abort = abort.clone();
+                    let (busy, size) = (busy.clone(), size.clone());
                     tasks.spawn(async move {
-                        w.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+                        let gauges = |n: usize| {
+                            w.stats
+                                .slots(n, size.load(Ordering::Relaxed).saturating_sub(n))
+                        };
+                        gauges(busy.fetch_add(1, Ordering::Relaxed) + 1);
                         w.clone().handle_message(msg, abort).await;
-                        w.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        gauges(busy.fetch_sub(1, Ordering::Relaxed) - 1);
                         drop(permit);
                     });
                 }
@@ -117,8 +130,7 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: Cancellati
                 let delay = backoff.next_delay();
                 worker
                     .stats
-                    .queue
-                    .fail(format!("queue unreachable ({})", describe(&e)));
+                    .receive_failed(format!("queue unreachable ({})", describe(&e)));
                 match classify(&e) {
                     ErrorClass::Fatal => tracing::error!(
                         queue = %worker.queue_url,

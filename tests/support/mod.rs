@@ -176,6 +176,8 @@ pub struct Options {
     pub retry_max: &'static str,
     /// Leave `queue.dead_letter_queue` out of the configuration (the queues are still provisioned).
     pub no_dlq: bool,
+    /// `admin.listen` (default "127.0.0.1:0": any free port, so that parallel daemons never collide).
+    pub admin_listen: String,
 }
 
 impl Default for Options {
@@ -190,6 +192,7 @@ impl Default for Options {
             retry_base: "1s",
             retry_max: "15m",
             no_dlq: false,
+            admin_listen: "127.0.0.1:0".into(),
         }
     }
 }
@@ -247,6 +250,9 @@ dir = "{spool}"
 [ecs_agent]
 enabled = false
 
+[admin]
+listen = "{admin}"
+
 [[pipeline]]
 name = "orders"
 bucket = "{bucket}"
@@ -258,6 +264,7 @@ output_prefix = "output/"
 {extra}
 "#,
                 extra = o.extra.replace("{bucket}", &bucket),
+                admin = o.admin_listen,
                 grace = o.shutdown_grace,
                 mif = o.max_in_flight,
                 vis = o.visibility_timeout,

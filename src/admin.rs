@@ -1,0 +1,231 @@
+//! The local admin endpoint (`[admin] listen`, loopback by default): `/healthz`, `/readyz`, `/metrics`
+//! (OpenMetrics text) and `/status` (JSON), served by hyper over HTTP/1.1. GET and HEAD only; bounded
+//! connections, header and total timeouts, so a stuck client cannot pile up work.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 32;
+/// A connection (keep-alive included) lives at most this long.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// What the endpoint reports; the daemon fills it.
+pub trait Facts: Send + Sync {
+    /// `Err(why)` when the main loop has not turned lately.
+    fn alive(&self) -> Result<(), String>;
+    /// `Err(why)` when the daemon cannot take work now (queue not reachable, workers not accepting).
+    fn ready(&self) -> Result<(), String>;
+    /// The JSON document of `/status`.
+    fn status(&self) -> serde_json::Value;
+    fn metrics(&self) -> &Metrics;
+}
+
+/// Bind `addr`, naming it in the error.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        format!("cannot listen on {addr} for the admin endpoint: {e} (change admin.listen, or set admin.enabled = false)")
+    })
+}
+
+/// Serve until `stop`.
+pub async fn serve(listener: TcpListener, facts: Arc<dyn Facts>, stop: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.cancelled() => return,
+        };
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let facts = facts.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let facts = facts.clone();
+                async move { Ok::<_, Infallible>(respond(facts.as_ref(), &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            drop(permit);
+        });
+    }
+}
+
+fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    if let Ok(v) = "no-store".parse() {
+        r.headers_mut().insert(hyper::header::CACHE_CONTROL, v);
+    }
+    r
+}
+
+/// The response to one request.
+pub fn respond<B>(facts: &dyn Facts, req: &Request<B>) -> Response<Full<Bytes>> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            "only GET and HEAD\n".into(),
+        );
+        if let Ok(v) = "GET, HEAD".parse() {
+            r.headers_mut().insert(hyper::header::ALLOW, v);
+        }
+        return r;
+    }
+    let verdict = |r: Result<(), String>| match r {
+        Ok(()) => text(StatusCode::OK, PLAIN, "ok\n".into()),
+        Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("{why}\n")),
+    };
+    let mut resp = match req.uri().path() {
+        "/healthz" => verdict(facts.alive()),
+        "/readyz" => verdict(facts.ready()),
+        "/metrics" => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            facts.metrics().encode(),
+        ),
+        "/status" => text(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&facts.status()).unwrap_or_default() + "\n",
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "not found; try /healthz, /readyz, /metrics or /status\n".into(),
+        ),
+    };
+    if req.method() == Method::HEAD {
+        *resp.body_mut() = Full::new(Bytes::new());
+    }
+    resp
+}
+
+/// `GET path` on the local endpoint, for `offload-agent status`: (status code, body). An error when
+/// nothing answers at `addr`.
+pub async fn get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let host = if addr.ip().is_unspecified() {
+            format!("127.0.0.1:{}", addr.port())
+        } else {
+            addr.to_string()
+        };
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        s.take(16 << 20).read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        // The server answers `Connection: close` requests with a plain (not chunked) body.
+        Ok((code, body.to_string()))
+    };
+    tokio::time::timeout(timeout, work).await.map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{addr} did not answer within {timeout:?}"),
+        )
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed {
+        metrics: Metrics,
+        ready: bool,
+    }
+
+    impl Facts for Fixed {
+        fn alive(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn ready(&self) -> Result<(), String> {
+            if self.ready {
+                Ok(())
+            } else {
+                Err("queue q not found".into())
+            }
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({"worker": {"in_flight": 0}})
+        }
+        fn metrics(&self) -> &Metrics {
+            &self.metrics
+        }
+    }
+
+    #[tokio::test]
+    async fn endpoints_answer_over_http() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let facts = Arc::new(Fixed {
+            metrics: Metrics::new(),
+            ready: false,
+        });
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, facts, stop.clone()));
+        let t = Duration::from_secs(5);
+        assert_eq!(
+            get(addr, "/healthz", t).await.unwrap(),
+            (200, "ok\n".into())
+        );
+        let (code, body) = get(addr, "/readyz", t).await.unwrap();
+        assert_eq!((code, body.as_str()), (503, "queue q not found\n"));
+        let (code, body) = get(addr, "/metrics", t).await.unwrap();
+        assert_eq!(code, 200);
+        assert!(body.contains("# TYPE offload_messages counter"), "{body}");
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        let (code, body) = get(addr, "/status", t).await.unwrap();
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["worker"]["in_flight"], 0);
+        assert_eq!(get(addr, "/nope", t).await.unwrap().0, 404);
+        stop.cancel();
+        server.await.unwrap();
+        assert!(get(addr, "/healthz", t).await.is_err(), "stopped");
+    }
+}

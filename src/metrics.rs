@@ -1,0 +1,736 @@
+//! The daemon's one set of numbers: a Prometheus registry (prometheus-client, no global state) that the
+//! worker, the receiver and the daemon update, and that the log summary, systemd's `STATUS=` line,
+//! `/metrics` and `/status` all read, so that they cannot disagree. Label sets are bounded: pipeline
+//! names (from the configuration), fixed outcome words, ECS agent states and exit codes; never object
+//! keys or message ids.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+/// How a file ended, as counted in `offload_files_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileOutcome {
+    /// Processed, every row written (or a processor without rows succeeded).
+    Ok,
+    /// Processed, some rows rejected (listed in the rejects report).
+    Rejected,
+    /// Failed for good: error report and dead-letter queue.
+    PermanentError,
+    /// Failed for now: the message returns to the queue.
+    TransientRetry,
+    /// Its version was no longer current: acknowledged, the newer upload processes.
+    Superseded,
+}
+
+impl FileOutcome {
+    pub const ALL: [FileOutcome; 5] = [
+        FileOutcome::Ok,
+        FileOutcome::Rejected,
+        FileOutcome::PermanentError,
+        FileOutcome::TransientRetry,
+        FileOutcome::Superseded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileOutcome::Ok => "ok",
+            FileOutcome::Rejected => "rejected",
+            FileOutcome::PermanentError => "permanent_error",
+            FileOutcome::TransientRetry => "transient_retry",
+            FileOutcome::Superseded => "superseded",
+        }
+    }
+}
+
+/// How a message was settled, as counted in `offload_messages_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageOutcome {
+    Received,
+    Deleted,
+    DeadLettered,
+    Retried,
+    Released,
+}
+
+impl MessageOutcome {
+    pub const ALL: [MessageOutcome; 5] = [
+        MessageOutcome::Received,
+        MessageOutcome::Deleted,
+        MessageOutcome::DeadLettered,
+        MessageOutcome::Retried,
+        MessageOutcome::Released,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            MessageOutcome::Received => "received",
+            MessageOutcome::Deleted => "deleted",
+            MessageOutcome::DeadLettered => "dead_lettered",
+            MessageOutcome::Retried => "retried",
+            MessageOutcome::Released => "released",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FileLabels {
+    pipeline: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PipelineLabels {
+    pipeline: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExitLabels {
+    exit_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    git_sha: String,
+}
+
+/// Processing time buckets, in seconds: 10 ms to about 40 minutes.
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 2400.0,
+    ])
+}
+
+/// One failure, for `/status` and `offload-agent status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecentError {
+    pub time: String,
+    pub pipeline: String,
+    pub file: String,
+    pub reason: String,
+}
+
+/// Errors kept for `/status`.
+pub const RECENT_ERRORS: usize = 20;
+
+/// Since when, and why, the queue cannot be found or received from (`None`: it can).
+#[derive(Debug, Default)]
+pub struct QueueHealth(Mutex<Option<(Instant, String)>>);
+
+impl QueueHealth {
+    /// Record a failure; the episode keeps its start.
+    pub fn fail(&self, what: String) {
+        if let Ok(mut g) = self.0.lock() {
+            let since = g.as_ref().map(|(t, _)| *t).unwrap_or_else(Instant::now);
+            *g = Some((since, what));
+        }
+    }
+
+    pub fn ok(&self) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = None;
+        }
+    }
+
+    /// "queue unreachable for 40 s (why)", while there is a problem.
+    pub fn describe(&self) -> Option<String> {
+        let g = self.0.lock().ok()?;
+        let (since, what) = g.as_ref()?;
+        Some(format!(
+            "{what} for {} s (run `offload-agent provision`, or check the region and IAM permissions)",
+            since.elapsed().as_secs()
+        ))
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    files: Family<FileLabels, Counter>,
+    rows_written: Family<PipelineLabels, Counter>,
+    rows_rejected: Family<PipelineLabels, Counter>,
+    file_seconds: Family<PipelineLabels, Histogram, fn() -> Histogram>,
+    bytes_downloaded: Counter,
+    bytes_uploaded: Counter,
+    in_flight: Gauge,
+    free_slots: Gauge,
+    messages: Family<OutcomeLabels, Counter>,
+    events_skipped: Family<KindLabels, Counter>,
+    sqs_receives: Counter,
+    sqs_empty_receives: Counter,
+    sqs_errors: Counter,
+    dynamodb_throttles: Counter,
+    dynamodb_unprocessed_retries: Counter,
+    ecs_agent_state: Family<StateLabels, Gauge>,
+    ecs_agent_restarts: Family<ExitLabels, Counter>,
+    registered: Family<KindLabels, Gauge>,
+    config_reloads: Family<OutcomeLabels, Counter>,
+    credentials_reloads: Counter,
+    queue_reachable: Gauge,
+    /// Whether the queue can be reached, with the reason when not (for the status line and `/readyz`).
+    pub queue: QueueHealth,
+    pipelines: Mutex<BTreeSet<String>>,
+    recent: Mutex<VecDeque<RecentError>>,
+    credentials_seen: AtomicU64,
+    queue_seen: std::sync::atomic::AtomicBool,
+    /// (when, rows written so far), a minute of them, for the rate in `/status`.
+    rows_window: Mutex<VecDeque<(Instant, u64)>>,
+    pub started: Instant,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("offload"),
+            files: Family::default(),
+            rows_written: Family::default(),
+            rows_rejected: Family::default(),
+            file_seconds: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            bytes_downloaded: Counter::default(),
+            bytes_uploaded: Counter::default(),
+            in_flight: Gauge::default(),
+            free_slots: Gauge::default(),
+            messages: Family::default(),
+            events_skipped: Family::default(),
+            sqs_receives: Counter::default(),
+            sqs_empty_receives: Counter::default(),
+            sqs_errors: Counter::default(),
+            dynamodb_throttles: Counter::default(),
+            dynamodb_unprocessed_retries: Counter::default(),
+            ecs_agent_state: Family::default(),
+            ecs_agent_restarts: Family::default(),
+            registered: Family::default(),
+            config_reloads: Family::default(),
+            credentials_reloads: Counter::default(),
+            queue_reachable: Gauge::default(),
+            queue: QueueHealth::default(),
+            pipelines: Mutex::new(BTreeSet::new()),
+            recent: Mutex::new(VecDeque::new()),
+            credentials_seen: AtomicU64::new(0),
+            queue_seen: std::sync::atomic::AtomicBool::new(false),
+            rows_window: Mutex::new(VecDeque::new()),
+            started: Instant::now(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "files",
+            "Files processed, by pipeline and outcome",
+            m.files.clone(),
+        );
+        r.register(
+            "rows_written",
+            "Rows written to DynamoDB, by pipeline",
+            m.rows_written.clone(),
+        );
+        r.register(
+            "rows_rejected",
+            "Rows rejected (in a rejects report), by pipeline",
+            m.rows_rejected.clone(),
+        );
+        r.register(
+            "file_processing_seconds",
+            "Time from the start of a file's download to its last output stored, by pipeline",
+            m.file_seconds.clone(),
+        );
+        r.register(
+            "downloaded_bytes",
+            "Bytes of objects downloaded",
+            m.bytes_downloaded.clone(),
+        );
+        r.register(
+            "uploaded_bytes",
+            "Bytes of outputs and reports uploaded",
+            m.bytes_uploaded.clone(),
+        );
+        r.register(
+            "files_in_flight",
+            "Files being processed now",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "worker_slots_free",
+            "Worker slots free (queue.max_in_flight minus busy)",
+            m.free_slots.clone(),
+        );
+        r.register(
+            "messages",
+            "SQS messages, by what happened to them",
+            m.messages.clone(),
+        );
+        r.register(
+            "events_skipped",
+            "Events acknowledged without processing: unmatched (no pipeline), test (s3:TestEvent), other (no created object)",
+            m.events_skipped.clone(),
+        );
+        r.register(
+            "sqs_receives",
+            "ReceiveMessage calls that returned messages",
+            m.sqs_receives.clone(),
+        );
+        r.register(
+            "sqs_empty_receives",
+            "ReceiveMessage calls that returned none",
+            m.sqs_empty_receives.clone(),
+        );
+        r.register(
+            "sqs_errors",
+            "ReceiveMessage calls that failed",
+            m.sqs_errors.clone(),
+        );
+        r.register(
+            "dynamodb_throttles",
+            "BatchWriteItem calls throttled (retried)",
+            m.dynamodb_throttles.clone(),
+        );
+        r.register(
+            "dynamodb_unprocessed_retries",
+            "BatchWriteItem calls retried for UnprocessedItems",
+            m.dynamodb_unprocessed_retries.clone(),
+        );
+        r.register(
+            "ecs_agent_state",
+            "The ECS agent supervisor's state (1 for the current one)",
+            m.ecs_agent_state.clone(),
+        );
+        r.register(
+            "ecs_agent_restarts",
+            "ECS agent restarts by the supervisor, by the exit code before them",
+            m.ecs_agent_restarts.clone(),
+        );
+        r.register("registered", "Whether this host is registered: kind ssm (managed instance) or ecs (container instance)", m.registered.clone());
+        r.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP, Parameter Store), by outcome",
+            m.config_reloads.clone(),
+        );
+        r.register(
+            "credentials_reloads",
+            "Times rotated credentials were read again",
+            m.credentials_reloads.clone(),
+        );
+        r.register(
+            "queue_reachable",
+            "Whether the queue was reachable at the last receive",
+            m.queue_reachable.clone(),
+        );
+        r.register(
+            "build",
+            "Build of the running daemon",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                git_sha: option_env!("OFFLOAD_GIT_SHA")
+                    .unwrap_or("unknown")
+                    .to_string(),
+            }),
+        );
+        for o in MessageOutcome::ALL {
+            let _ = m.messages.get_or_create(&OutcomeLabels {
+                outcome: o.as_str().into(),
+            });
+        }
+        for o in ["ok", "failed"] {
+            let _ = m
+                .config_reloads
+                .get_or_create(&OutcomeLabels { outcome: o.into() });
+        }
+        m
+    }
+
+    /// Announce a pipeline so that its series exist (at zero) before its first file.
+    pub fn pipeline(&self, name: &str) {
+        let mut p = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        if p.insert(name.to_string()) {
+            for o in FileOutcome::ALL {
+                let _ = self.files.get_or_create(&FileLabels {
+                    pipeline: name.into(),
+                    outcome: o.as_str().into(),
+                });
+            }
+            let l = PipelineLabels {
+                pipeline: name.into(),
+            };
+            let _ = self.rows_written.get_or_create(&l);
+            let _ = self.rows_rejected.get_or_create(&l);
+        }
+    }
+
+    pub fn file(&self, pipeline: &str, outcome: FileOutcome) {
+        self.pipeline(pipeline);
+        self.files
+            .get_or_create(&FileLabels {
+                pipeline: pipeline.into(),
+                outcome: outcome.as_str().into(),
+            })
+            .inc();
+    }
+
+    pub fn file_done(&self, pipeline: &str, seconds: f64, written: u64, rejected: u64, bytes: u64) {
+        let l = PipelineLabels {
+            pipeline: pipeline.into(),
+        };
+        self.file_seconds.get_or_create(&l).observe(seconds);
+        self.rows_written.get_or_create(&l).inc_by(written);
+        self.rows_rejected.get_or_create(&l).inc_by(rejected);
+        self.bytes_downloaded.inc_by(bytes);
+        self.file(
+            pipeline,
+            if rejected > 0 {
+                FileOutcome::Rejected
+            } else {
+                FileOutcome::Ok
+            },
+        );
+    }
+
+    pub fn uploaded(&self, bytes: u64) {
+        self.bytes_uploaded.inc_by(bytes);
+    }
+
+    pub fn message(&self, outcome: MessageOutcome) {
+        self.messages
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// `kind`: "unmatched", "test" or "other".
+    pub fn event_skipped(&self, kind: &'static str) {
+        self.events_skipped
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    /// The queue was found (its URL resolved or configured).
+    pub fn queue_found(&self) {
+        self.queue_seen.store(true, Ordering::Relaxed);
+        self.queue_reachable.set(1);
+        self.queue.ok();
+    }
+
+    /// Whether the queue was ever found or received from.
+    pub fn queue_seen(&self) -> bool {
+        self.queue_seen.load(Ordering::Relaxed)
+    }
+
+    fn rows_written_total(&self) -> u64 {
+        let pipelines = self
+            .pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        pipelines
+            .into_iter()
+            .map(|p| {
+                self.rows_written
+                    .get(&PipelineLabels { pipeline: p })
+                    .map_or(0, |c| c.get())
+            })
+            .sum()
+    }
+
+    /// Remember the rows written so far (the daemon calls it every few seconds).
+    pub fn sample_rows(&self) {
+        let now = Instant::now();
+        let total = self.rows_written_total();
+        let mut w = self.rows_window.lock().unwrap_or_else(|e| e.into_inner());
+        while w
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t).as_secs() > 60)
+        {
+            w.pop_front();
+        }
+        w.push_back((now, total));
+    }
+
+    /// Rows written per second over the last minute (or since start, if shorter).
+    pub fn rows_per_second(&self) -> f64 {
+        self.sample_rows();
+        let w = self.rows_window.lock().unwrap_or_else(|e| e.into_inner());
+        match (w.front(), w.back()) {
+            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => {
+                let secs = t1.duration_since(*t0).as_secs_f64();
+                ((n1 - n0) as f64 / secs * 10.0).round() / 10.0
+            }
+            _ => 0.0,
+        }
+    }
+
+    pub fn receive(&self, messages: usize) {
+        if messages == 0 {
+            self.sqs_empty_receives.inc();
+        } else {
+            self.sqs_receives.inc();
+        }
+        self.queue_found();
+    }
+
+    pub fn receive_failed(&self, what: String) {
+        self.sqs_errors.inc();
+        self.queue_reachable.set(0);
+        self.queue.fail(what);
+    }
+
+    /// The queue cannot be resolved (before any receive).
+    pub fn queue_missing(&self, what: String) {
+        self.queue_reachable.set(0);
+        self.queue.fail(what);
+    }
+
+    pub fn dynamodb_throttled(&self) {
+        self.dynamodb_throttles.inc();
+    }
+
+    pub fn dynamodb_unprocessed(&self) {
+        self.dynamodb_unprocessed_retries.inc();
+    }
+
+    pub fn slots(&self, in_flight: usize, free: usize) {
+        self.in_flight.set(in_flight as i64);
+        self.free_slots.set(free as i64);
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.get().max(0) as u64
+    }
+
+    pub fn free_slots(&self) -> u64 {
+        self.free_slots.get().max(0) as u64
+    }
+
+    pub fn config_reload(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.config_reloads
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// Bring the credentials counter up to `total` reads (the provider counts them itself).
+    pub fn credentials_reloaded_total(&self, total: u64) {
+        let seen = self.credentials_seen.swap(total, Ordering::Relaxed);
+        if total > seen {
+            self.credentials_reloads.inc_by(total - seen);
+        }
+    }
+
+    /// The supervisor's state now (one gauge per state, 1 for the current one).
+    pub fn ecs_agent(&self, state: &str, all: &[String]) {
+        for s in all {
+            self.ecs_agent_state
+                .get_or_create(&StateLabels { state: s.clone() })
+                .set(i64::from(s == state));
+        }
+    }
+
+    pub fn ecs_agent_restarted(&self, by: u64, exit_code: Option<i64>) {
+        let code = exit_code.map_or_else(|| "none".to_string(), |c| c.to_string());
+        self.ecs_agent_restarts
+            .get_or_create(&ExitLabels { exit_code: code })
+            .inc_by(by);
+    }
+
+    /// `kind`: "ssm" or "ecs".
+    pub fn registered(&self, kind: &'static str, yes: bool) {
+        self.registered
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .set(i64::from(yes));
+    }
+
+    /// Files of `outcomes`, summed over pipelines.
+    pub fn files_total(&self, outcomes: &[FileOutcome]) -> u64 {
+        let pipelines = self
+            .pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut n = 0;
+        for p in pipelines {
+            for o in outcomes {
+                if let Some(c) = self.files.get(&FileLabels {
+                    pipeline: p.clone(),
+                    outcome: o.as_str().into(),
+                }) {
+                    n += c.get();
+                }
+            }
+        }
+        n
+    }
+
+    /// Per pipeline: outcome -> count, rows written, rows rejected.
+    pub fn by_pipeline(&self) -> Vec<PipelineCounts> {
+        let pipelines = self
+            .pipelines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        pipelines
+            .into_iter()
+            .map(|p| {
+                let l = PipelineLabels {
+                    pipeline: p.clone(),
+                };
+                let get = |o: FileOutcome| {
+                    self.files
+                        .get(&FileLabels {
+                            pipeline: p.clone(),
+                            outcome: o.as_str().into(),
+                        })
+                        .map_or(0, |c| c.get())
+                };
+                PipelineCounts {
+                    ok: get(FileOutcome::Ok),
+                    rejected: get(FileOutcome::Rejected),
+                    permanent_error: get(FileOutcome::PermanentError),
+                    transient_retry: get(FileOutcome::TransientRetry),
+                    superseded: get(FileOutcome::Superseded),
+                    rows_written: self.rows_written.get(&l).map_or(0, |c| c.get()),
+                    rows_rejected: self.rows_rejected.get(&l).map_or(0, |c| c.get()),
+                    pipeline: p,
+                }
+            })
+            .collect()
+    }
+
+    pub fn messages_total(&self, outcome: MessageOutcome) -> u64 {
+        self.messages
+            .get(&OutcomeLabels {
+                outcome: outcome.as_str().into(),
+            })
+            .map_or(0, |c| c.get())
+    }
+
+    pub fn error(&self, pipeline: &str, file: &str, reason: &str) {
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if r.len() == RECENT_ERRORS {
+            r.pop_front();
+        }
+        r.push_back(RecentError {
+            time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            pipeline: pipeline.into(),
+            file: file.into(),
+            reason: reason.chars().take(2000).collect(),
+        });
+    }
+
+    pub fn recent_errors(&self) -> Vec<RecentError> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// A one-line summary for the log.
+    pub fn summary(&self) -> String {
+        use MessageOutcome::*;
+        format!(
+            "messages received={} deleted={} dead-lettered={} retried={} released={}; files processed={} failed={}",
+            self.messages_total(Received),
+            self.messages_total(Deleted),
+            self.messages_total(DeadLettered),
+            self.messages_total(Retried),
+            self.messages_total(Released),
+            self.files_total(&[FileOutcome::Ok, FileOutcome::Rejected]),
+            self.files_total(&[FileOutcome::PermanentError, FileOutcome::TransientRetry]),
+        )
+    }
+}
+
+/// One pipeline's counts, for `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PipelineCounts {
+    pub pipeline: String,
+    pub ok: u64,
+    pub rejected: u64,
+    pub permanent_error: u64,
+    pub transient_retry: u64,
+    pub superseded: u64,
+    pub rows_written: u64,
+    pub rows_rejected: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_show_in_the_exposition_with_bounded_labels() {
+        let m = Metrics::new();
+        m.pipeline("orders");
+        m.file_done("orders", 0.2, 10, 2, 1000);
+        m.file("orders", FileOutcome::TransientRetry);
+        m.message(MessageOutcome::Received);
+        m.receive(0);
+        m.credentials_reloaded_total(3);
+        m.credentials_reloaded_total(3);
+        m.ecs_agent("registered", &["running".into(), "registered".into()]);
+        let text = m.encode();
+        for line in [
+            "offload_files_total{pipeline=\"orders\",outcome=\"rejected\"} 1",
+            "offload_files_total{pipeline=\"orders\",outcome=\"ok\"} 0",
+            "offload_rows_written_total{pipeline=\"orders\"} 10",
+            "offload_rows_rejected_total{pipeline=\"orders\"} 2",
+            "offload_file_processing_seconds_count{pipeline=\"orders\"} 1",
+            "offload_downloaded_bytes_total 1000",
+            "offload_messages_total{outcome=\"received\"} 1",
+            "offload_messages_total{outcome=\"deleted\"} 0",
+            "offload_sqs_empty_receives_total 1",
+            "offload_credentials_reloads_total 3",
+            "offload_ecs_agent_state{state=\"registered\"} 1",
+            "offload_ecs_agent_state{state=\"running\"} 0",
+            "offload_build_info{version=",
+        ] {
+            assert!(text.contains(line), "{line} in:\n{text}");
+        }
+        assert_eq!(m.files_total(&[FileOutcome::Ok, FileOutcome::Rejected]), 1);
+        assert!(m.summary().contains("files processed=1 failed=1"));
+        for i in 0..30 {
+            m.error("orders", &format!("s3://b/k{i}"), "boom");
+        }
+        let errs = m.recent_errors();
+        assert_eq!(errs.len(), RECENT_ERRORS);
+        assert_eq!(errs.last().unwrap().file, "s3://b/k29");
+    }
+}

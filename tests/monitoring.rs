@@ -1,0 +1,234 @@
+//! The admin endpoint and `offload-agent status` against a daemon on the AWS emulator: the counters
+//! equal what happened, readiness follows the queue, and a non-loopback address needs consent.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn get(port: u16, path: &str) -> (u16, String) {
+    offload_agent::admin::get(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        path,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// `name{labels} value` lines of an exposition, keyed by `name{labels}`.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    let mut m = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (key, value) = line.rsplit_once(' ').expect("name value");
+        m.insert(key.to_string(), value.parse().expect("a number"));
+    }
+    m
+}
+
+async fn wait_ready(port: u16, want: u16, agent: &Agent) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok((code, body)) = offload_agent::admin::get(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            "/readyz",
+            Duration::from_secs(2),
+        )
+        .await
+        {
+            if code == want {
+                return body;
+            }
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "/readyz never answered {want}; log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Two good files (one with rejected rows) and one that is not an orders CSV: `/metrics` counts
+/// exactly that, `status --json` agrees, and the human `status` names the pipeline and the error.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_and_status_count_what_happened() {
+    let port = free_port();
+    let w = World::with(
+        "metrics",
+        Options {
+            admin_listen: format!("127.0.0.1:{port}"),
+            ..Options::default()
+        },
+    )
+    .await;
+    let agent = w.start();
+    wait_ready(port, 200, &agent).await;
+    assert_eq!(get(port, "/healthz").await, (200, "ok\n".into()));
+
+    w.put("input/good.csv", orders_csv(0, 20)).await;
+    let mut mixed = orders_csv(100, 5);
+    mixed.push_str(&order_row("bad", 1).replace("651.21", "lots"));
+    mixed.push('\n');
+    w.put("input/mixed.csv", mixed).await;
+    w.put("input/wrong.csv", "a,b,c\n1,2,3\n").await;
+    w.wait_for("output/good.csv", WAIT, &agent).await;
+    w.wait_for("output/mixed.csv", WAIT, &agent).await;
+    w.wait_for("output/errors/input/wrong.csv.json", WAIT, &agent)
+        .await;
+    w.wait_queue_empty(WAIT, &agent).await;
+
+    let (code, text) = get(port, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(text.ends_with("# EOF\n"));
+    let m = parse_metrics(&text);
+    let want = [
+        (
+            "offload_files_total{pipeline=\"orders\",outcome=\"ok\"}",
+            1.0,
+        ),
+        (
+            "offload_files_total{pipeline=\"orders\",outcome=\"rejected\"}",
+            1.0,
+        ),
+        (
+            "offload_files_total{pipeline=\"orders\",outcome=\"permanent_error\"}",
+            1.0,
+        ),
+        (
+            "offload_files_total{pipeline=\"orders\",outcome=\"transient_retry\"}",
+            0.0,
+        ),
+        ("offload_rows_written_total{pipeline=\"orders\"}", 25.0),
+        ("offload_rows_rejected_total{pipeline=\"orders\"}", 1.0),
+        ("offload_messages_total{outcome=\"received\"}", 3.0),
+        ("offload_messages_total{outcome=\"deleted\"}", 3.0),
+        ("offload_messages_total{outcome=\"dead_lettered\"}", 1.0),
+        (
+            "offload_file_processing_seconds_count{pipeline=\"orders\"}",
+            2.0,
+        ),
+        ("offload_files_in_flight", 0.0),
+        ("offload_worker_slots_free", 4.0),
+        ("offload_sqs_errors_total", 0.0),
+    ];
+    for (key, value) in want {
+        assert_eq!(m.get(key), Some(&value), "{key} in:\n{text}");
+    }
+    assert!(m["offload_downloaded_bytes_total"] > 0.0);
+    assert!(m["offload_uploaded_bytes_total"] > 0.0);
+    assert!(m["offload_sqs_receives_total"] >= 1.0);
+    assert!(text.contains("offload_build_info{version=\""), "{text}");
+    assert!(!text.contains("good.csv"), "no object keys as labels");
+
+    let out = w.agent(&["status", "--json"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["ready"], true);
+    assert_eq!(doc["worker"]["files_done"], 2);
+    assert_eq!(doc["worker"]["files_failed"], 1);
+    assert_eq!(doc["worker"]["pipelines"][0]["rows_written"], 25);
+    let errors = doc["recent_errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{doc}");
+    assert!(errors[0]["file"]
+        .as_str()
+        .unwrap()
+        .ends_with("/input/wrong.csv"));
+    assert!(errors[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("lacks columns"));
+
+    let out = w.agent(&["status"]).output().unwrap();
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{human}");
+    assert!(human.contains("ready"), "{human}");
+    assert!(human.contains("2 files done, 1 failed"), "{human}");
+    assert!(
+        human.contains("pipeline orders: 1 ok, 1 with rejected rows"),
+        "{human}"
+    );
+    assert!(human.contains("input/wrong.csv"), "{human}");
+}
+
+/// Deleting the queue turns `/readyz` to 503 with the reason (and `status` exits 1); provisioning
+/// it again turns it back to 200, without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_the_queue() {
+    let port = free_port();
+    let w = World::with(
+        "readyz",
+        Options {
+            admin_listen: format!("127.0.0.1:{port}"),
+            ..Options::default()
+        },
+    )
+    .await;
+    let agent = w.start();
+    wait_ready(port, 200, &agent).await;
+    let url = w.queue_url(&w.queue).await;
+    w.clients
+        .sqs
+        .delete_queue()
+        .queue_url(&url)
+        .send()
+        .await
+        .unwrap();
+    let why = wait_ready(port, 503, &agent).await;
+    assert!(why.contains("queue unreachable"), "{why}");
+    let out = w.agent(&["status"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NOT READY"));
+    let out = w.agent(&["provision"]).output().unwrap();
+    assert!(out.status.success());
+    wait_ready(port, 200, &agent).await;
+    assert_eq!(get(port, "/healthz").await.0, 200);
+}
+
+/// No daemon: `status` says so and exits 3. A non-loopback address without `allow_remote` is a
+/// configuration error (78) naming the key; with it, the daemon serves there.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_without_a_daemon_and_remote_binds_need_consent() {
+    let port = free_port();
+    let w = World::new("remote").await;
+    let out = w
+        .agent(&["status", "--listen", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("offload-agent is not running"));
+
+    let mut cmd = w.agent(&["run"]);
+    cmd.env("OFFLOAD_AGENT_ADMIN__LISTEN", format!("0.0.0.0:{port}"));
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("admin.listen"), "{err}");
+    assert!(err.contains("allow_remote"), "{err}");
+
+    let mut cmd = w.agent(&["run"]);
+    cmd.env("OFFLOAD_AGENT_ADMIN__LISTEN", format!("0.0.0.0:{port}"))
+        .env("OFFLOAD_AGENT_ADMIN__ALLOW_REMOTE", "true");
+    let agent = w.start_cmd(cmd);
+    wait_ready(port, 200, &agent).await;
+}
