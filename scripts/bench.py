@@ -2,8 +2,8 @@
 """offload-agent benchmarks against moto on 127.0.0.1; prints a Markdown table.
 
 Environment: BENCH_DRY_ROWS (1000000), BENCH_E2E_ROWS (50000), BENCH_LATENCY_FILES (100),
-BENCH_BIG_MB (2048), BENCH_PROCESSOR_FILES (30); BENCH_ONLY, a comma-separated list of sections to run
-(dry, e2e, latency, big, processors; default all).
+BENCH_BIG_MB (2048), BENCH_PROCESSOR_FILES (30), BENCH_SCRAPE_FILES (2000); BENCH_ONLY, a
+comma-separated list of sections to run (dry, e2e, latency, big, processors, scrape; default all).
 """
 import os
 import resource
@@ -23,6 +23,7 @@ E2E_ROWS = int(os.environ.get("BENCH_E2E_ROWS", "50000"))
 LAT_FILES = int(os.environ.get("BENCH_LATENCY_FILES", "100"))
 BIG_MB = int(os.environ.get("BENCH_BIG_MB", "2048"))
 PROC_FILES = int(os.environ.get("BENCH_PROCESSOR_FILES", "30"))
+SCRAPE_FILES = int(os.environ.get("BENCH_SCRAPE_FILES", "2000"))
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
 
 
@@ -56,7 +57,7 @@ def child_cpu():
     return r.ru_utime + r.ru_stime
 
 
-def config(name, max_in_flight=8, extra=""):
+def config(name, max_in_flight=8, extra="", admin="127.0.0.1:0"):
     tag = f"{name}-{uuid.uuid4().hex[:8]}"
     path = os.path.join(work, f"{tag}.toml")
     with open(path, "w") as f:
@@ -76,7 +77,7 @@ dir = "{work}/spool-{tag}"
 [ecs_agent]
 enabled = false
 [admin]
-listen = "127.0.0.1:0"
+listen = "{admin}"
 [[pipeline]]
 name = "orders"
 bucket = "b-{tag}"
@@ -259,6 +260,66 @@ processor = {{ command = {{ program = "{script}" }} }}
             f"({PROC_FILES} files of 20 rows, interleaved; moto)")
     agent.terminate()
     agent.wait(timeout=60)
+
+# 6. Does scraping /metrics every 100 ms slow processing? The same backlog of small files drained with
+# and without a scraper, alternating, twice each; the agent starts after the uploads.
+if want("scrape"):
+    import socket
+    import threading
+    import urllib.request
+
+    sqs = boto3.client("sqs", **kw)
+    small = os.path.join(work, "scrape.csv")
+    gen(small, 5)
+    body = open(small, "rb").read()
+
+    def drain(scrape):
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        cfg, bucket = config("scrape", admin=f"127.0.0.1:{port}")
+        url = sqs.get_queue_url(QueueName=bucket.replace("b-", "q-", 1))["QueueUrl"]
+        for i in range(SCRAPE_FILES):
+            s3.put_object(Bucket=bucket, Key=f"input/s-{i}.csv", Body=body)
+        agent = subprocess.Popen([BIN, "run", "--config", cfg], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stop, scrapes = threading.Event(), [0]
+
+        def scraper():
+            while not stop.is_set():
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+                    scrapes[0] += 1
+                except OSError:
+                    pass
+                stop.wait(0.1)
+
+        t0 = time.monotonic()
+        if scrape:
+            threading.Thread(target=scraper, daemon=True).start()
+        while True:
+            a = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+                "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+            if int(a["ApproximateNumberOfMessages"]) + int(a["ApproximateNumberOfMessagesNotVisible"]) == 0:
+                break
+            if time.monotonic() - t0 > 900:
+                sys.exit("scrape benchmark: backlog not drained within 15 minutes")
+            time.sleep(0.2)
+        wall = time.monotonic() - t0
+        stop.set()
+        agent.terminate()
+        agent.wait(timeout=60)
+        return wall, scrapes[0]
+
+    runs = {False: [], True: []}
+    for scrape in (False, True, False, True):
+        wall, n = drain(scrape)
+        runs[scrape].append(wall)
+        print(f"  scrape={scrape}: {SCRAPE_FILES} files in {wall:.1f} s ({n} scrapes)", file=sys.stderr)
+    base, with_scrape = min(runs[False]), min(runs[True])
+    row("backlog drain, scraping /metrics every 100 ms vs not",
+        f"{with_scrape / base * 100 - 100:+.1f} %",
+        f"({SCRAPE_FILES} files of 5 rows: best of 2 each, {base:.1f} s without, {with_scrape:.1f} s with; moto)")
 
 print("\n| measure | result | conditions |")
 print("|---|---|---|")

@@ -618,6 +618,8 @@ pub async fn run(
             _ = tick.tick() => {
                 turned.store(started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
                 stats.sample_rows();
+                let ssm = crate::registration::ssm::registration(&settings.current.host);
+                stats.registered("ssm", matches!(ssm, Ok(Some(_))));
                 if let Some(c) = &credentials {
                     stats.credentials_reloaded_total(c.reloads());
                 }
