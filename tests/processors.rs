@@ -220,6 +220,27 @@ async fn container_and_command_outputs_land_under_the_prefix() {
         "output lines carry the file's fields: {log}"
     );
     assert!(containers(&w).await.is_empty(), "containers are removed");
+
+    // `process` runs one object through the same processor, without the queue.
+    w.put("cmd/once.txt", "1\n2\n").await;
+    let out = w
+        .agent(&["process", &format!("s3://{}/cmd/once.txt", w.bucket)])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "output:    s3://{}/cmdout/once.txt/count.txt",
+            w.bucket
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("exited 0"), "{stdout}");
 }
 
 /// Exit 3 is retried until the queue's maxReceiveCount, then given up with the processor's last
