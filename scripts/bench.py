@@ -3,7 +3,9 @@
 
 Environment: BENCH_DRY_ROWS (1000000), BENCH_E2E_ROWS (50000), BENCH_LATENCY_FILES (100),
 BENCH_BIG_MB (2048), BENCH_PROCESSOR_FILES (30), BENCH_SCRAPE_FILES (2000); BENCH_ONLY, a
-comma-separated list of sections to run (dry, e2e, latency, big, processors, scrape; default all).
+comma-separated list of sections to run (idle, dry, e2e, latency, big, processors, scrape; default
+all). The idle section fails the run when an idle daemon costs more than BENCH_IDLE_MAX_TICKS (30) CPU
+ticks in 60 s (0.5 % of a core): the regression check for the long-poll client.
 """
 import os
 import resource
@@ -24,6 +26,7 @@ LAT_FILES = int(os.environ.get("BENCH_LATENCY_FILES", "100"))
 BIG_MB = int(os.environ.get("BENCH_BIG_MB", "2048"))
 PROC_FILES = int(os.environ.get("BENCH_PROCESSOR_FILES", "30"))
 SCRAPE_FILES = int(os.environ.get("BENCH_SCRAPE_FILES", "2000"))
+IDLE_MAX_TICKS = int(os.environ.get("BENCH_IDLE_MAX_TICKS", "30"))
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
 
 
@@ -109,6 +112,51 @@ def wait_output(bucket, key, timeout):
             time.sleep(0.005)
     return False
 
+
+# 0. Idle: time from start to ready (/readyz answers 200: configured, queue found), then CPU over 60 s
+# of long polling an empty queue, and resident memory.
+if want("idle"):
+    import socket
+    import urllib.request
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    cfg, bucket = config("idle", admin=f"127.0.0.1:{port}")
+    t0 = time.monotonic()
+    agent = subprocess.Popen([BIN, "run", "--config", cfg], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ready = None
+    while time.monotonic() - t0 < 30:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
+                ready = time.monotonic() - t0
+                break
+        except OSError:
+            pass
+        time.sleep(0.005)
+    if ready is None:
+        sys.exit("idle: the daemon did not become ready within 30 s")
+    time.sleep(5)
+
+    def ticks(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    c0 = ticks(agent.pid)
+    time.sleep(60)
+    idle_ticks = ticks(agent.pid) - c0
+    rss = status_kb(agent.pid, "VmRSS")
+    agent.terminate()
+    agent.wait(timeout=60)
+    hz = os.sysconf("SC_CLK_TCK")
+    row("start to ready", f"{ready * 1000:.0f} ms", "(spawn to /readyz 200: configuration, clients, queue found)")
+    row("idle CPU, 60 s of long polling", f"{idle_ticks} ticks = {idle_ticks / hz / 60 * 100:.2f} % of a core",
+        f"(limit {IDLE_MAX_TICKS} ticks; CLK_TCK {hz})")
+    row("RSS idle (idle section)", f"{rss / 1024:.1f} MiB", "(VmRSS after 65 s idle)")
+    if idle_ticks > IDLE_MAX_TICKS:
+        sys.exit(f"REGRESSION: an idle daemon used {idle_ticks} CPU ticks in 60 s (limit {IDLE_MAX_TICKS})")
 
 # 1. Processor throughput (dry run: parse + validate + duplicate check, no I/O to AWS).
 if want("dry"):
