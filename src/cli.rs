@@ -88,10 +88,11 @@ pub enum Command {
 
     /// Process one file now, without SQS, and print a summary.
     ///
-    /// With s3://BUCKET/KEY the object goes through its pipeline exactly as the daemon would do it
-    /// (DynamoDB writes, output and rejects report). With --dry-run and a local path, the file is
-    /// only validated: rejected rows are printed as CSV (Line,OrderId,Reason) on stdout and nothing
-    /// is written anywhere; no configuration is needed.
+    /// With s3://BUCKET/KEY the object goes through its pipeline's processor exactly as the daemon
+    /// would do it (orders-csv: DynamoDB writes, output and rejects report; a container or command
+    /// processor: run once, its output files stored). With --dry-run and a local path, an orders CSV
+    /// file is only validated: rejected rows are printed as CSV (Line,OrderId,Reason) on stdout and
+    /// nothing is written anywhere; no configuration is needed.
     Process {
         #[command(flatten)]
         config: ConfigArg,
