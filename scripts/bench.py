@@ -9,6 +9,7 @@ ticks in 60 s (0.5 % of a core): the regression check for the long-poll client.
 """
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -94,6 +95,12 @@ output_prefix = "output/"
     return path, f"b-{tag}"
 
 
+def free_port():
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
 def status_kb(pid, field):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -116,12 +123,9 @@ def wait_output(bucket, key, timeout):
 # 0. Idle: time from start to ready (/readyz answers 200: configured, queue found), then CPU over 60 s
 # of long polling an empty queue, and resident memory.
 if want("idle"):
-    import socket
     import urllib.request
 
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
+    port = free_port()
     cfg, bucket = config("idle", admin=f"127.0.0.1:{port}")
     t0 = time.monotonic()
     agent = subprocess.Popen([BIN, "run", "--config", cfg], env=env,
@@ -312,7 +316,6 @@ processor = {{ command = {{ program = "{script}" }} }}
 # 6. Does scraping /metrics every 100 ms slow processing? The same backlog of small files drained with
 # and without a scraper, alternating, twice each; the agent starts after the uploads.
 if want("scrape"):
-    import socket
     import threading
     import urllib.request
 
@@ -322,9 +325,7 @@ if want("scrape"):
     body = open(small, "rb").read()
 
     def drain(scrape):
-        with socket.socket() as sk:
-            sk.bind(("127.0.0.1", 0))
-            port = sk.getsockname()[1]
+        port = free_port()
         cfg, bucket = config("scrape", admin=f"127.0.0.1:{port}")
         url = sqs.get_queue_url(QueueName=bucket.replace("b-", "q-", 1))["QueueUrl"]
         for i in range(SCRAPE_FILES):

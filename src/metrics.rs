@@ -443,19 +443,33 @@ impl Metrics {
         self.queue_seen.load(Ordering::Relaxed)
     }
 
-    fn rows_written_total(&self) -> u64 {
-        let pipelines = self
-            .pipelines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        pipelines
-            .into_iter()
-            .map(|p| {
-                self.rows_written
-                    .get(&PipelineLabels { pipeline: p })
-                    .map_or(0, |c| c.get())
+    /// The pipelines seen so far (configured or processed).
+    fn pipeline_names(&self) -> Vec<String> {
+        let p = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        p.iter().cloned().collect()
+    }
+
+    fn file_count(&self, pipeline: &str, outcome: FileOutcome) -> u64 {
+        self.files
+            .get(&FileLabels {
+                pipeline: pipeline.into(),
+                outcome: outcome.as_str().into(),
             })
+            .map_or(0, |c| c.get())
+    }
+
+    fn row_count(family: &Family<PipelineLabels, Counter>, pipeline: &str) -> u64 {
+        family
+            .get(&PipelineLabels {
+                pipeline: pipeline.into(),
+            })
+            .map_or(0, |c| c.get())
+    }
+
+    fn rows_written_total(&self) -> u64 {
+        self.pipeline_names()
+            .iter()
+            .map(|p| Self::row_count(&self.rows_written, p))
             .sum()
     }
 
@@ -570,56 +584,25 @@ impl Metrics {
 
     /// Files of `outcomes`, summed over pipelines.
     pub fn files_total(&self, outcomes: &[FileOutcome]) -> u64 {
-        let pipelines = self
-            .pipelines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let mut n = 0;
-        for p in pipelines {
-            for o in outcomes {
-                if let Some(c) = self.files.get(&FileLabels {
-                    pipeline: p.clone(),
-                    outcome: o.as_str().into(),
-                }) {
-                    n += c.get();
-                }
-            }
-        }
-        n
+        self.pipeline_names()
+            .iter()
+            .flat_map(|p| outcomes.iter().map(move |o| self.file_count(p, *o)))
+            .sum()
     }
 
     /// Per pipeline: outcome -> count, rows written, rows rejected.
     pub fn by_pipeline(&self) -> Vec<PipelineCounts> {
-        let pipelines = self
-            .pipelines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        pipelines
+        self.pipeline_names()
             .into_iter()
-            .map(|p| {
-                let l = PipelineLabels {
-                    pipeline: p.clone(),
-                };
-                let get = |o: FileOutcome| {
-                    self.files
-                        .get(&FileLabels {
-                            pipeline: p.clone(),
-                            outcome: o.as_str().into(),
-                        })
-                        .map_or(0, |c| c.get())
-                };
-                PipelineCounts {
-                    ok: get(FileOutcome::Ok),
-                    rejected: get(FileOutcome::Rejected),
-                    permanent_error: get(FileOutcome::PermanentError),
-                    transient_retry: get(FileOutcome::TransientRetry),
-                    superseded: get(FileOutcome::Superseded),
-                    rows_written: self.rows_written.get(&l).map_or(0, |c| c.get()),
-                    rows_rejected: self.rows_rejected.get(&l).map_or(0, |c| c.get()),
-                    pipeline: p,
-                }
+            .map(|p| PipelineCounts {
+                ok: self.file_count(&p, FileOutcome::Ok),
+                rejected: self.file_count(&p, FileOutcome::Rejected),
+                permanent_error: self.file_count(&p, FileOutcome::PermanentError),
+                transient_retry: self.file_count(&p, FileOutcome::TransientRetry),
+                superseded: self.file_count(&p, FileOutcome::Superseded),
+                rows_written: Self::row_count(&self.rows_written, &p),
+                rows_rejected: Self::row_count(&self.rows_rejected, &p),
+                pipeline: p,
             })
             .collect()
     }

@@ -10,12 +10,18 @@ use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A world whose daemon serves the admin endpoint on a port of its own; returns the port too.
+async fn world_on_port(name: &str) -> (World, u16) {
+    let port = free_port();
+    let w = World::with(
+        name,
+        Options {
+            admin_listen: format!("127.0.0.1:{port}"),
+            ..Options::default()
+        },
+    )
+    .await;
+    (w, port)
 }
 
 async fn get(port: u16, path: &str) -> (u16, String) {
@@ -68,15 +74,7 @@ async fn wait_ready(port: u16, want: u16, agent: &Agent) -> String {
 /// exactly that, `status --json` agrees, and the human `status` names the pipeline and the error.
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_and_status_count_what_happened() {
-    let port = free_port();
-    let w = World::with(
-        "metrics",
-        Options {
-            admin_listen: format!("127.0.0.1:{port}"),
-            ..Options::default()
-        },
-    )
-    .await;
+    let (w, port) = world_on_port("metrics").await;
     let agent = w.start();
     wait_ready(port, 200, &agent).await;
     assert_eq!(get(port, "/healthz").await, (200, "ok\n".into()));
@@ -175,25 +173,10 @@ async fn metrics_and_status_count_what_happened() {
 /// it again turns it back to 200, without a restart.
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_follows_the_queue() {
-    let port = free_port();
-    let w = World::with(
-        "readyz",
-        Options {
-            admin_listen: format!("127.0.0.1:{port}"),
-            ..Options::default()
-        },
-    )
-    .await;
+    let (w, port) = world_on_port("readyz").await;
     let agent = w.start();
     wait_ready(port, 200, &agent).await;
-    let url = w.queue_url(&w.queue).await;
-    w.clients
-        .sqs
-        .delete_queue()
-        .queue_url(&url)
-        .send()
-        .await
-        .unwrap();
+    w.delete_queue().await;
     let why = wait_ready(port, 503, &agent).await;
     assert!(why.contains("queue unreachable"), "{why}");
     let out = w.agent(&["status"]).output().unwrap();

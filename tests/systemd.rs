@@ -223,14 +223,7 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
 
     // 3. The queue missing at start: active anyway, the status says why, recovers without a restart.
     b.ok("systemctl stop offload-agent");
-    let url = w.queue_url(&w.queue).await;
-    w.clients
-        .sqs
-        .delete_queue()
-        .queue_url(&url)
-        .send()
-        .await
-        .unwrap();
+    w.delete_queue().await;
     b.ok("systemctl start offload-agent");
     assert_eq!(b.prop("ActiveState"), "active");
     b.wait(

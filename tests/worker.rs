@@ -432,14 +432,7 @@ async fn sighup_reloads_pipelines() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_queue_is_reported_and_waited_for() {
     let w = World::new("noqueue").await;
-    let url = w.queue_url(&w.queue).await;
-    w.clients
-        .sqs
-        .delete_queue()
-        .queue_url(&url)
-        .send()
-        .await
-        .unwrap();
+    w.delete_queue().await;
     let mut agent = w.start();
     agent
         .wait_log("cannot find the queue", Duration::from_secs(20))

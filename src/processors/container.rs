@@ -384,21 +384,15 @@ impl<'a> Container<'a> {
                 }
             }
         };
-        let mut log = std::mem::take(&mut *log.lock().unwrap_or_else(|p| p.into_inner()));
-        log.finish();
-        let elapsed = started.elapsed();
-        external::judge(&exit, &spec.permanent_exit_codes, &what, &log)?;
-        let outputs = external::collect_outputs(&output_dir, &external::output_key_prefix(job))?;
-        Ok(Outcome {
-            summary: format!(
-                "{what} exited 0 after {:.2} s, {} output file{}",
-                elapsed.as_secs_f64(),
-                outputs.len(),
-                if outputs.len() == 1 { "" } else { "s" }
-            ),
-            outputs,
-            ..Outcome::default()
-        })
+        external::finish(
+            job,
+            &what,
+            &exit,
+            &spec.permanent_exit_codes,
+            &log,
+            &output_dir,
+            started.elapsed(),
+        )
     }
 }
 

@@ -217,6 +217,33 @@ pub fn judge(
     }
 }
 
+/// The end of an external processor's run, the same for both kinds: judge the exit with the output's
+/// tail (the processor is gone by now), then collect what it left in `output_dir`.
+pub fn finish(
+    job: &Job<'_>,
+    what: &str,
+    exit: &Exit,
+    permanent: &[i64],
+    log: &std::sync::Mutex<OutputLog>,
+    output_dir: &Path,
+    elapsed: std::time::Duration,
+) -> Result<super::Outcome, ProcessError> {
+    let mut log = std::mem::take(&mut *log.lock().unwrap_or_else(|p| p.into_inner()));
+    log.finish();
+    judge(exit, permanent, what, &log)?;
+    let outputs = collect_outputs(output_dir, &output_key_prefix(job))?;
+    Ok(super::Outcome {
+        summary: format!(
+            "{what} exited 0 after {:.2} s, {} output file{}",
+            elapsed.as_secs_f64(),
+            outputs.len(),
+            if outputs.len() == 1 { "" } else { "s" }
+        ),
+        outputs,
+        ..super::Outcome::default()
+    })
+}
+
 /// Every regular file under `dir`, as outputs under `key_prefix` + its path relative to `dir`, sorted.
 /// Refused (a permanent failure, nothing stored): symbolic links, hard links (a file also reachable
 /// elsewhere), devices, sockets and pipes, names that are not UTF-8, keys longer than S3 allows, and

@@ -204,14 +204,6 @@ pub async fn test_image(d: &Docker, name: &str) -> String {
     format!("offload-test-ecs-agent:{name}")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One supervisor under test.
 pub struct Rig {
     pub dir: tempfile::TempDir,
@@ -294,7 +286,7 @@ output_prefix = "out/"
             }
             None => test_image(&d, &id).await,
         };
-        let port = free_port();
+        let port = super::free_port();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("etc/ecs")).unwrap();
         std::fs::write(

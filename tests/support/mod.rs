@@ -149,6 +149,15 @@ pub fn orders_csv(first: usize, n: usize) -> String {
     s
 }
 
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// One test's world: its own bucket, queues, table, spool and configuration file.
 pub struct World {
     pub dir: tempfile::TempDir,
@@ -429,6 +438,18 @@ output_prefix = "output/"
             .into_iter()
             .map(|i| (s(&i, "OrderId"), s(&i, "ConfirmationId")))
             .collect()
+    }
+
+    /// Delete this world's main queue (as an operator's mistake would).
+    pub async fn delete_queue(&self) {
+        let url = self.queue_url(&self.queue).await;
+        self.clients
+            .sqs
+            .delete_queue()
+            .queue_url(&url)
+            .send()
+            .await
+            .unwrap();
     }
 
     pub async fn queue_url(&self, name: &str) -> String {
