@@ -2,11 +2,13 @@
 """offload-agent benchmarks against moto on 127.0.0.1; prints a Markdown table.
 
 Environment: BENCH_DRY_ROWS (1000000), BENCH_E2E_ROWS (50000), BENCH_LATENCY_FILES (100),
-BENCH_BIG_MB (2048), BENCH_PROCESSOR_FILES (30), BENCH_SCRAPE_FILES (2000); BENCH_ONLY, a
-comma-separated list of sections to run (idle, dry, e2e, latency, big, processors, scrape; default
-all). The idle section fails the run when an idle daemon costs more than BENCH_IDLE_MAX_TICKS (30) CPU
+BENCH_BIG_MB (2048), BENCH_PROCESSOR_FILES (30), BENCH_SCRAPE_FILES (2000), BENCH_FLOOR_RUNS (3);
+BENCH_ONLY, a comma-separated list of sections to run (idle, dry, e2e, dynamodb, latency, big,
+processors, scrape; default all). Arguments: the moto endpoint, the agent binary, the dynalite endpoint
+and the ddb-floor program (examples/ddb-floor.rs: the bare SDK writing the same pre-built items). The idle section fails the run when an idle daemon costs more than BENCH_IDLE_MAX_TICKS (30) CPU
 ticks in 60 s (0.5 % of a core): the regression check for the long-poll client.
 """
+import json
 import os
 import resource
 import socket
@@ -19,7 +21,7 @@ import uuid
 
 import boto3
 
-ENDPOINT, BIN = sys.argv[1], sys.argv[2]
+ENDPOINT, BIN, DYNALITE, FLOOR = sys.argv[1:5]
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRY_ROWS = int(os.environ.get("BENCH_DRY_ROWS", "1000000"))
 E2E_ROWS = int(os.environ.get("BENCH_E2E_ROWS", "50000"))
@@ -27,6 +29,8 @@ LAT_FILES = int(os.environ.get("BENCH_LATENCY_FILES", "100"))
 BIG_MB = int(os.environ.get("BENCH_BIG_MB", "2048"))
 PROC_FILES = int(os.environ.get("BENCH_PROCESSOR_FILES", "30"))
 SCRAPE_FILES = int(os.environ.get("BENCH_SCRAPE_FILES", "2000"))
+FLOOR_RUNS = int(os.environ.get("BENCH_FLOOR_RUNS", "3"))
+IN_FLIGHT = 8
 IDLE_MAX_TICKS = int(os.environ.get("BENCH_IDLE_MAX_TICKS", "30"))
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
 
@@ -61,7 +65,7 @@ def child_cpu():
     return r.ru_utime + r.ru_stime
 
 
-def config(name, max_in_flight=8, extra="", admin="127.0.0.1:0"):
+def config(name, max_in_flight=8, extra="", admin="127.0.0.1:0", dynamodb=None):
     tag = f"{name}-{uuid.uuid4().hex[:8]}"
     path = os.path.join(work, f"{tag}.toml")
     with open(path, "w") as f:
@@ -90,7 +94,10 @@ suffix = ".csv"
 processor = "orders-csv"
 table = "t-{tag}"
 output_prefix = "output/"
-""" + extra.replace("{bucket}", f"b-{tag}"))
+[dynamodb]
+write_concurrency = {IN_FLIGHT}
+""" + (f'[aws.endpoints]\ndynamodb = "{dynamodb}"\n' if dynamodb else "")
+            + extra.replace("{bucket}", f"b-{tag}"))
     subprocess.run([BIN, "provision", "--config", path], env=env, check=True, stdout=subprocess.DEVNULL)
     return path, f"b-{tag}"
 
@@ -118,6 +125,18 @@ def wait_output(bucket, key, timeout):
         except s3.exceptions.ClientError:
             time.sleep(0.005)
     return False
+
+
+def floor(endpoint, table, csv):
+    out = subprocess.run([FLOOR, endpoint, table, csv, str(IN_FLIGHT)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def agent_process(cfg, url):
+    c0, t0 = child_cpu(), time.monotonic()
+    subprocess.run([BIN, "process", "--config", cfg, url], env=env, check=True, capture_output=True)
+    return time.monotonic() - t0, child_cpu() - c0
 
 
 # 0. Idle: time from start to ready (/readyz answers 200: configured, queue found), then CPU over 60 s
@@ -189,10 +208,59 @@ if want("e2e"):
     out = subprocess.run([BIN, "process", "--config", cfg, f"s3://{bucket}/input/e2e.csv"], env=env,
                          check=True, capture_output=True, text=True)
     wall, cpu = time.monotonic() - t0, child_cpu() - c0
-    row("agent CPU per million rows, end to end", f"{cpu * 1e6 / E2E_ROWS:.1f} s",
+    f = floor(ENDPOINT, bucket.replace("b-", "t-", 1), p)
+    row("DynamoDB floor on moto: bare SDK, CPU per million rows", f"{f['cpu_s_per_million']:.1f} s",
+        "(the same program as the dynalite floor; moto closes every connection)")
+    row("agent CPU per million rows, end to end (moto)", f"{cpu * 1e6 / E2E_ROWS:.1f} s",
         f"({E2E_ROWS:,} rows into moto's DynamoDB in {wall:.1f} s wall = {E2E_ROWS / wall:,.0f} rows/s, "
         f"bounded by the emulator)")
     os.remove(p)
+
+# 2b. The DynamoDB write path against its floor: the bare SDK writing the same pre-built items with the
+# same concurrency (examples/ddb-floor.rs; only its writing phase is timed) beside the agent's whole
+# `process` run (download, parse, validate, write, outputs), both against dynalite, which keeps
+# connections alive; interleaved, best of BENCH_FLOOR_RUNS each. Then latency with DynamoDB on dynalite.
+if want("dynamodb"):
+    cfg, bucket = config("ddb", dynamodb=DYNALITE)
+    fcfg, fbucket = config("ddbfloor", dynamodb=DYNALITE)
+    p = os.path.join(work, "ddb.csv")
+    gen(p, E2E_ROWS)
+    s3.upload_file(p, bucket, "input/ddb.csv")
+    floors, agents = [], []
+    for _ in range(FLOOR_RUNS):
+        f = floor(DYNALITE, fbucket.replace("b-", "t-", 1), p)
+        floors.append(f["cpu_s_per_million"])
+        wall, cpu = agent_process(cfg, f"s3://{bucket}/input/ddb.csv")
+        agents.append((cpu * 1e6 / E2E_ROWS, wall))
+        print(f"  floor {floors[-1]:.1f} CPU-s/M rows, agent {agents[-1][0]:.1f} CPU-s/M rows", file=sys.stderr)
+    best_floor, (best_agent, agent_wall) = min(floors), min(agents)
+    row("DynamoDB floor: bare SDK, CPU per million rows", f"{best_floor:.1f} s",
+        f"({E2E_ROWS:,} pre-built items, batches of 25, {IN_FLIGHT} in flight; dynalite; best of {FLOOR_RUNS})")
+    row("agent CPU per million rows, end to end (dynalite)", f"{best_agent:.1f} s = {best_agent / best_floor:.2f} x the floor",
+        f"(`process` of a {E2E_ROWS:,}-row file: S3 on moto, DynamoDB on dynalite, "
+        f"{E2E_ROWS / agent_wall:,.0f} rows/s; best of {FLOOR_RUNS})")
+    os.remove(p)
+
+    agent = subprocess.Popen([BIN, "run", "--config", cfg], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(5)
+    small = os.path.join(work, "small.csv")
+    gen(small, 20)
+    body = open(small, "rb").read()
+    lat = []
+    for i in range(LAT_FILES):
+        t0 = time.monotonic()
+        s3.put_object(Bucket=bucket, Key=f"input/lat-{i}.csv", Body=body)
+        if not wait_output(bucket, f"output/lat-{i}.csv", 30):
+            sys.exit(f"file {i} not processed within 30 s")
+        lat.append(time.monotonic() - t0)
+        time.sleep(0.05)
+    agent.terminate()
+    agent.wait(timeout=60)
+    lat.sort()
+    row("latency PutObject -> output object (dynalite)",
+        f"p50 {statistics.median(lat) * 1000:.0f} ms, p99 {lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000:.0f} ms",
+        f"({LAT_FILES} files of 20 rows, one at a time; S3 and SQS on moto)")
 
 # 3. Latency from PutObject to the output object, agent idle beforehand.
 if want("latency") or want("big"):

@@ -115,6 +115,47 @@ ensure_packagers() {
   export PATH="$TOOLS/bin:$PATH"
 }
 
+DYNALITE_PID=""
+
+# dynalite (a DynamoDB implementation on LevelDB, from the npm registry) in $CACHE/dynalite, for the
+# benchmarks: unlike moto it keeps connections alive, so CPU per row measures the agent, not the
+# emulator's connection handling. node and npm from Debian when missing.
+start_dynalite() {
+  local port="$1"
+  if ! command -v npm >/dev/null 2>&1; then
+    log "installing nodejs and npm with apt"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  if [ ! -x "$CACHE/dynalite/node_modules/.bin/dynalite" ]; then
+    log "installing dynalite with npm into $CACHE/dynalite (once per machine)"
+    mkdir -p "$CACHE/dynalite"
+    npm install --prefix "$CACHE/dynalite" --no-audit --no-fund --loglevel=error dynalite >/dev/null
+  fi
+  if port_open "$port"; then
+    log "something already listens on 127.0.0.1:$port; using it as dynalite"
+    return
+  fi
+  log "starting dynalite on 127.0.0.1:$port (log: target/dynalite-$port.log)"
+  "$CACHE/dynalite/node_modules/.bin/dynalite" --host 127.0.0.1 --port "$port" \
+    >"$REPO_ROOT/target/dynalite-$port.log" 2>&1 &
+  DYNALITE_PID=$!
+  for _ in $(seq 1 100); do
+    port_open "$port" && return
+    sleep 0.2
+  done
+  echo "dynalite did not start; see target/dynalite-$port.log" >&2
+  return 1
+}
+
+stop_dynalite() {
+  if [ -n "$DYNALITE_PID" ]; then
+    kill "$DYNALITE_PID" 2>/dev/null || true
+    wait "$DYNALITE_PID" 2>/dev/null || true
+    DYNALITE_PID=""
+  fi
+}
+
 SYSTEMD_IMAGE="offload-test-systemd:bookworm"
 
 # A Debian 12 root filesystem with systemd (debootstrap, about 1.5 minutes; the tarball is cached in

@@ -514,6 +514,91 @@ async fn rows_dynamodb_would_refuse_are_rejected_and_the_rest_written() {
     assert!(w.drain_dlq().await.is_empty());
 }
 
+/// A row that passes validation but that DynamoDB still refuses (here: an empty `Country`, which the
+/// table's secondary index on it does not take) fails its whole batch; the agent writes that batch's rows
+/// one at a time, rejects the refused ones with DynamoDB's reason, and writes the rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_dynamodb_refuses_is_found_in_its_batch_and_rejected() {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
+        Projection, ProjectionType, ScalarAttributeType,
+    };
+    let w = World::new("ddb-refuses").await;
+    let ddb = &w.clients.dynamodb;
+    ddb.delete_table()
+        .table_name(&w.table)
+        .send()
+        .await
+        .unwrap();
+    let attr = |name: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .unwrap()
+    };
+    let hash = |name: &str| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(KeyType::Hash)
+            .build()
+            .unwrap()
+    };
+    ddb.create_table()
+        .table_name(&w.table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attr("OrderId"))
+        .attribute_definitions(attr("Country"))
+        .key_schema(hash("OrderId"))
+        .global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name("by-country")
+                .key_schema(hash("Country"))
+                .projection(
+                    Projection::builder()
+                        .projection_type(ProjectionType::KeysOnly)
+                        .build(),
+                )
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut text = format!("{HEADER}\n");
+    for i in 0..60 {
+        let row = order_row(&format!("{}", 500 + i), i);
+        text.push_str(&if i == 9 || i == 39 {
+            row.replacen(",Chad,", ",,", 1)
+        } else {
+            row
+        });
+        text.push('\n');
+    }
+    w.put("input/gsi.csv", text).await;
+    let agent = w.start();
+    let out = String::from_utf8(w.wait_for("output/gsi.csv", WAIT, &agent).await).unwrap();
+    assert_eq!(out.lines().count(), 59, "{out}");
+    assert!(!out.contains("509,") && !out.contains("539,"), "{out}");
+    let rejects = String::from_utf8(w.get("output/gsi.csv.rejects.csv").await.unwrap()).unwrap();
+    let lines: Vec<&str> = rejects.lines().skip(1).collect();
+    assert_eq!(lines.len(), 2, "{rejects}");
+    for (line, id) in [("11", "509"), ("41", "539")] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(&format!("{line},{id},"))
+                && l.contains("DynamoDB refused the item")
+                && l.contains("secondary index")),
+            "line {line} in:\n{rejects}"
+        );
+    }
+    let items = w.items().await;
+    assert_eq!(items.len(), 58);
+    assert!(items.iter().all(|i| s(i, "Country") == "Chad"));
+    w.wait_queue_empty(WAIT, &agent).await;
+    assert!(w.drain_dlq().await.is_empty());
+    assert!(agent.log_text().contains("writing its rows one at a time"));
+}
+
 /// Without a dead-letter queue in the configuration, a file that fails permanently gets its error report
 /// and its message is deleted (SQS cannot hide it for longer than 12 hours): settled once, never
 /// re-downloaded and re-failed.

@@ -13,11 +13,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
 use tokio::sync::mpsc;
@@ -25,11 +24,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::batch_writer::{writer_client, BatchWriter, WriteError};
 use super::{Context, Job, Outcome, Output, ProcessFuture, Processor};
-use crate::backoff::Backoff;
 use crate::config::{Config, Pipeline};
-use crate::error::{classify, describe, ErrorClass, ProcessError};
-use crate::metrics::Metrics;
+use crate::error::ProcessError;
 use crate::worker::objects::MAX_KEY_BYTES as MAX_S3_KEY_BYTES;
 
 /// The columns an orders file must have, in the order items and reports name them.
@@ -673,7 +671,7 @@ pub fn scan(
     progress: Option<Arc<AtomicU64>>,
     cancel: Option<&CancellationToken>,
     mut on_reject: impl FnMut(u64, &str, &str) -> Result<(), FileError>,
-    mut on_valid: impl FnMut(&Order) -> Result<(), FileError>,
+    mut on_valid: impl FnMut(RowAt, &Order) -> Result<(), FileError>,
 ) -> Result<ScanOutcome, FileError> {
     let candidates = duplicate_candidates(path, limits, cancel)?;
     let mut first_line: HashMap<Box<[u8]>, u64> = HashMap::new();
@@ -686,7 +684,11 @@ pub fn scan(
     let mut order = Order {
         fields: Default::default(),
     };
-    while read_record(&mut rdr, &mut rec)? {
+    loop {
+        let offset = rdr.get_ref().record_start.get();
+        if !read_record(&mut rdr, &mut rec)? {
+            break;
+        }
         let line = rec.position().map(|p| p.line()).unwrap_or(0);
         // A blank line is no row: the csv reader already skips empty lines.
         out.rows += 1;
@@ -717,7 +719,7 @@ pub fn scan(
             first_line.insert(Box::from(id_bytes), line);
         }
         out.written += 1;
-        on_valid(&order)?;
+        on_valid(RowAt { line, offset }, &order)?;
     }
     Ok(out)
 }
@@ -725,11 +727,8 @@ pub fn scan(
 /// What loading one file needs.
 #[derive(Clone)]
 pub struct Loader {
-    pub ddb: aws_sdk_dynamodb::Client,
-    pub metrics: Arc<Metrics>,
-    pub table: String,
+    pub writer: BatchWriter,
     pub write_concurrency: usize,
-    pub write_max_attempts: u32,
     pub limits: ScanLimits,
 }
 
@@ -739,6 +738,36 @@ pub struct LoadFiles {
     pub input: PathBuf,
     pub output: PathBuf,
     pub rejects: PathBuf,
+}
+
+/// Where a row is in the input: its line, for reports, and the byte offset its record starts at, to
+/// read it again if DynamoDB refuses its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowAt {
+    pub line: u64,
+    pub offset: u64,
+}
+
+/// Up to 25 put requests and where their rows are.
+struct Batch {
+    requests: Vec<WriteRequest>,
+    rows: Vec<RowAt>,
+}
+
+/// A row DynamoDB refused although it passed validation (a secondary index key it does not take, a
+/// limit it counts differently): rejected after the fact.
+#[derive(Debug, Clone)]
+struct Refused {
+    at: RowAt,
+    id: String,
+    reason: String,
+}
+
+/// What the write tasks need to find a refused row: the input and how its items are built.
+struct Rebuild {
+    input: PathBuf,
+    limits: ScanLimits,
+    src: Source,
 }
 
 impl Loader {
@@ -751,7 +780,7 @@ impl Loader {
         cancel: &CancellationToken,
         progress: Option<Arc<AtomicU64>>,
     ) -> Result<ScanOutcome, ProcessError> {
-        let (tx, mut rx) = mpsc::channel::<Vec<WriteRequest>>(self.write_concurrency * 2);
+        let (tx, mut rx) = mpsc::channel::<Batch>(self.write_concurrency * 2);
         let files2 = files.clone();
         let src2 = src.clone();
         let limits = self.limits;
@@ -761,8 +790,14 @@ impl Loader {
                 tx.blocking_send(batch).map_err(|_| FileError::Stopped)
             })
         });
+        let rebuild = Arc::new(Rebuild {
+            input: files.input.clone(),
+            limits,
+            src: src.clone(),
+        });
 
-        let mut writes: JoinSet<Result<usize, ProcessError>> = JoinSet::new();
+        let mut writes: JoinSet<Result<Vec<Refused>, ProcessError>> = JoinSet::new();
+        let mut refused = Vec::new();
         let mut failure: Option<ProcessError> = None;
         let mut channel_open = true;
         while channel_open || !writes.is_empty() {
@@ -773,14 +808,15 @@ impl Loader {
                         Some(batch) => {
                             let this = self.clone();
                             let cancel = cancel.clone();
-                            writes.spawn(async move { this.write_batch(batch, &cancel).await });
+                            let rebuild = rebuild.clone();
+                            writes.spawn(async move { this.write_batch(batch, &rebuild, &cancel).await });
                         }
                         None => channel_open = false,
                     }
                 }
                 Some(done) = writes.join_next(), if !writes.is_empty() => {
                     match done {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(rows)) => refused.extend(rows),
                         Ok(Err(e)) => { failure = Some(e); break; }
                         Err(join) => {
                             failure = Some(ProcessError::Transient(format!("a write task failed: {join}")));
@@ -798,80 +834,170 @@ impl Loader {
         if let Some(f) = failure {
             return Err(f);
         }
-        match scanned {
-            Ok(outcome) => Ok(outcome),
-            Err(FileError::Invalid(reason)) => Err(ProcessError::Permanent(reason)),
-            Err(FileError::Io(e)) => Err(ProcessError::Transient(format!("spool I/O failed: {e}"))),
-            Err(FileError::Stopped) => Err(ProcessError::Transient(
-                "row writing stopped unexpectedly".into(),
-            )),
+        let mut outcome = match scanned {
+            Ok(outcome) => outcome,
+            Err(FileError::Invalid(reason)) => return Err(ProcessError::Permanent(reason)),
+            Err(FileError::Io(e)) => {
+                return Err(ProcessError::Transient(format!("spool I/O failed: {e}")))
+            }
+            Err(FileError::Stopped) => {
+                return Err(ProcessError::Transient(
+                    "row writing stopped unexpectedly".into(),
+                ))
+            }
+        };
+        if !refused.is_empty() {
+            let n = refused.len() as u64;
+            let files = files.clone();
+            tokio::task::spawn_blocking(move || amend_reports(&files, refused))
+                .await
+                .map_err(|e| ProcessError::Transient(format!("the report task failed: {e}")))?
+                .map_err(|e| ProcessError::Transient(format!("spool I/O failed: {e}")))?;
+            outcome.written -= n;
+            outcome.rejected += n;
         }
+        Ok(outcome)
     }
 
-    /// One `BatchWriteItem`, retrying throttling and `UnprocessedItems` (which the SDK does not retry)
-    /// with exponential backoff and jitter.
+    /// One batch. If DynamoDB refuses its data, its rows are read again from the spool and written one
+    /// at a time: the ones it refuses again are returned, to be rejected; the rest are written.
     async fn write_batch(
         &self,
-        mut pending: Vec<WriteRequest>,
+        batch: Batch,
+        rebuild: &Rebuild,
         cancel: &CancellationToken,
-    ) -> Result<usize, ProcessError> {
-        let total = pending.len();
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-        loop {
-            let res = self
-                .ddb
-                .batch_write_item()
-                .request_items(&self.table, pending.clone())
-                .send()
-                .await;
-            match res {
-                Ok(out) => {
-                    let left = out
-                        .unprocessed_items
-                        .and_then(|mut m| m.remove(&self.table))
-                        .unwrap_or_default();
-                    if left.is_empty() {
-                        return Ok(total);
-                    }
-                    self.metrics.dynamodb_unprocessed();
-                    tracing::debug!(table = %self.table, unprocessed = left.len(), "DynamoDB returned unprocessed items; retrying them");
-                    pending = left;
-                }
-                Err(e) => {
-                    let text = format!(
-                        "BatchWriteItem to table {} failed: {}",
-                        self.table,
-                        describe(&e)
-                    );
-                    if crate::error::code(&e).is_some_and(|c| {
-                        c.contains("Throttl") || c == "ProvisionedThroughputExceededException"
-                    }) {
-                        self.metrics.dynamodb_throttled();
-                    }
-                    match classify(&e) {
-                        ErrorClass::Transient => tracing::debug!("{text}; retrying"),
-                        // A table that does not exist yet, or a policy being fixed: retry the whole
-                        // file later rather than condemn it.
-                        ErrorClass::Fatal => return Err(ProcessError::Transient(text)),
-                        ErrorClass::Permanent => return Err(ProcessError::Permanent(text)),
-                    }
-                }
-            }
-            if backoff.attempts() + 1 >= self.write_max_attempts {
-                return Err(ProcessError::Transient(format!(
-                    "DynamoDB table {} kept {} of {} items unprocessed after {} attempts (dynamodb.write_max_attempts)",
-                    self.table,
-                    pending.len(),
-                    total,
-                    self.write_max_attempts
-                )));
-            }
-            let delay = backoff.next_delay();
-            tokio::select! {
-                _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
-                _ = tokio::time::sleep(delay) => {}
+    ) -> Result<Vec<Refused>, ProcessError> {
+        let reason = match self.writer.write(batch.requests, cancel).await {
+            Ok(()) => return Ok(Vec::new()),
+            Err(WriteError::Failed(e)) => return Err(e),
+            Err(WriteError::Refused(reason)) => reason,
+        };
+        tracing::info!(
+            table = %self.writer.table,
+            rows = batch.rows.len(),
+            first_line = batch.rows.first().map(|r| r.line),
+            %reason,
+            "DynamoDB refused a batch; writing its rows one at a time to find the refused ones"
+        );
+        let rows = batch.rows.clone();
+        let (input, limits, src) = (rebuild.input.clone(), rebuild.limits, rebuild.src.clone());
+        let items = tokio::task::spawn_blocking(move || reread(&input, limits, &src, &rows))
+            .await
+            .map_err(|e| ProcessError::Transient(format!("the reread task failed: {e}")))?
+            .map_err(|e| {
+                ProcessError::Transient(format!("cannot read the spooled input again: {e}"))
+            })?;
+        let mut refused = Vec::new();
+        for (at, (id, request)) in batch.rows.iter().zip(items) {
+            match self.writer.write(vec![request], cancel).await {
+                Ok(()) => {}
+                Err(WriteError::Failed(e)) => return Err(e),
+                Err(WriteError::Refused(reason)) => refused.push(Refused {
+                    at: *at,
+                    id,
+                    reason: format!("DynamoDB refused the item: {reason}"),
+                }),
             }
         }
+        if refused.len() > 1 && refused.len() == batch.rows.len() {
+            // Not one row's data: the table takes none of these items (its key schema, say).
+            return Err(ProcessError::Permanent(format!(
+                "DynamoDB table {} refused every item of a batch of {} rows (lines {} to {}): {reason}; check \
+                 the table's key schema (partition key OrderId, a string) and its indexes",
+                self.writer.table,
+                refused.len(),
+                batch.rows[0].line,
+                batch.rows[batch.rows.len() - 1].line,
+            )));
+        }
+        Ok(refused)
+    }
+}
+
+/// Build the put requests of rows again from the spooled input (a refused batch, rare), with their
+/// `OrderId`s.
+fn reread(
+    input: &Path,
+    limits: ScanLimits,
+    src: &Source,
+    rows: &[RowAt],
+) -> Result<Vec<(String, WriteRequest)>, FileError> {
+    let (_, header) = open(input, limits, None)?;
+    let mut order = Order {
+        fields: Default::default(),
+    };
+    let mut rec = csv::ByteRecord::new();
+    let mut out = Vec::with_capacity(rows.len());
+    for at in rows {
+        let mut file = File::open(input)?;
+        file.seek(SeekFrom::Start(at.offset))?;
+        let mut rdr = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(file.take(limits.max_line_bytes + READ_AHEAD));
+        if !rdr.read_byte_record(&mut rec).map_err(csv_error)? {
+            return Err(FileError::Io(io::Error::other(format!(
+                "no row at byte {} (line {}) any more",
+                at.offset, at.line
+            ))));
+        }
+        validate_into(&rec, &header, &mut order).map_err(|reason| {
+            FileError::Io(io::Error::other(format!(
+                "line {} no longer passes validation: {reason}",
+                at.line
+            )))
+        })?;
+        out.push((order.order_id().to_string(), put_request(&order, src)?));
+    }
+    Ok(out)
+}
+
+fn put_request(order: &Order, src: &Source) -> Result<WriteRequest, FileError> {
+    let cid = src.confirmation_id(order.order_id());
+    let put = PutRequest::builder()
+        .set_item(Some(order.to_item(&cid, src)))
+        .build()
+        .map_err(|e| FileError::Io(io::Error::other(e)))?;
+    Ok(WriteRequest::builder().put_request(put).build())
+}
+
+/// Move rows DynamoDB refused from the output to the rejects report (appended, with their lines).
+fn amend_reports(files: &LoadFiles, refused: Vec<Refused>) -> io::Result<()> {
+    let gone: HashSet<&str> = refused.iter().map(|r| r.id.as_str()).collect();
+    let kept = files.output.with_extension("amended");
+    {
+        let mut rdr = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_path(&files.output)
+            .map_err(io_err)?;
+        let mut w = csv::Writer::from_writer(io::BufWriter::new(File::create(&kept)?));
+        let mut rec = csv::StringRecord::new();
+        let mut first = true;
+        while rdr.read_record(&mut rec).map_err(io_err)? {
+            if first || !gone.contains(&rec[0]) {
+                w.write_record(&rec).map_err(io_err)?;
+            }
+            first = false;
+        }
+        w.flush()?;
+    }
+    std::fs::rename(&kept, &files.output)?;
+    let mut w = csv::Writer::from_writer(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&files.rejects)?,
+    );
+    for r in &refused {
+        w.write_record([r.at.line.to_string().as_str(), &r.id, &r.reason])
+            .map_err(io_err)?;
+    }
+    w.flush()
+}
+
+fn io_err(e: csv::Error) -> io::Error {
+    match io_of(e) {
+        FileError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
     }
 }
 
@@ -883,7 +1009,7 @@ fn write_reports(
     src: &Source,
     progress: Option<Arc<AtomicU64>>,
     cancel: &CancellationToken,
-    mut send: impl FnMut(Vec<WriteRequest>) -> Result<(), FileError>,
+    mut send: impl FnMut(Batch) -> Result<(), FileError>,
 ) -> Result<ScanOutcome, FileError> {
     let mut output = csv::Writer::from_writer(io::BufWriter::new(File::create(&files.output)?));
     output
@@ -893,7 +1019,11 @@ fn write_reports(
     rejects
         .write_record(["Line", "OrderId", "Reason"])
         .map_err(io_of)?;
-    let mut batch = Vec::with_capacity(BATCH_SIZE);
+    let new_batch = || Batch {
+        requests: Vec::with_capacity(BATCH_SIZE),
+        rows: Vec::with_capacity(BATCH_SIZE),
+    };
+    let mut batch = new_batch();
     let mut name_buf = Vec::with_capacity(256);
     let outcome = scan(
         &files.input,
@@ -905,7 +1035,7 @@ fn write_reports(
                 .write_record([line.to_string().as_str(), id, reason])
                 .map_err(io_of)
         },
-        |order| {
+        |at, order| {
             let cid = src.confirmation_id_with(order.order_id(), &mut name_buf);
             let mut buf = Uuid::encode_buffer();
             output
@@ -915,17 +1045,17 @@ fn write_reports(
                 .set_item(Some(order.to_item(&cid, src)))
                 .build()
                 .map_err(|e| FileError::Io(io::Error::other(e)))?;
-            batch.push(WriteRequest::builder().put_request(put).build());
-            if batch.len() == BATCH_SIZE {
-                send(std::mem::replace(
-                    &mut batch,
-                    Vec::with_capacity(BATCH_SIZE),
-                ))?;
+            batch
+                .requests
+                .push(WriteRequest::builder().put_request(put).build());
+            batch.rows.push(at);
+            if batch.requests.len() == BATCH_SIZE {
+                send(std::mem::replace(&mut batch, new_batch()))?;
             }
             Ok(())
         },
     )?;
-    if !batch.is_empty() {
+    if !batch.requests.is_empty() {
         send(batch)?;
     }
     output.flush()?;
@@ -942,22 +1072,22 @@ fn io_of(e: csv::Error) -> FileError {
 
 /// The `orders-csv` processor of one pipeline.
 pub struct OrdersCsv {
-    ddb: aws_sdk_dynamodb::Client,
-    metrics: Arc<Metrics>,
-    table: String,
+    writer: BatchWriter,
     write_concurrency: usize,
-    write_max_attempts: u32,
     max_line_bytes: u64,
 }
 
 impl OrdersCsv {
     pub fn new(pipeline: &Pipeline, cfg: &Config, ctx: &Context) -> OrdersCsv {
+        let attempts = cfg.dynamodb.write_max_attempts;
         OrdersCsv {
-            ddb: ctx.clients.dynamodb.clone(),
-            metrics: ctx.metrics.clone(),
-            table: pipeline.table.clone().unwrap_or_default(),
+            writer: BatchWriter {
+                ddb: writer_client(&ctx.clients.dynamodb, attempts, ctx.metrics.clone()),
+                metrics: ctx.metrics.clone(),
+                table: pipeline.table.clone().unwrap_or_default(),
+                max_attempts: attempts,
+            },
             write_concurrency: cfg.dynamodb.write_concurrency,
-            write_max_attempts: cfg.dynamodb.write_max_attempts,
             max_line_bytes: cfg.spool.max_line_bytes,
         }
     }
@@ -977,11 +1107,8 @@ impl OrdersCsv {
             etag: job.etag.to_string(),
         };
         let loader = Loader {
-            ddb: self.ddb.clone(),
-            metrics: self.metrics.clone(),
-            table: self.table.clone(),
+            writer: self.writer.clone(),
             write_concurrency: self.write_concurrency,
-            write_max_attempts: self.write_max_attempts,
             limits: ScanLimits {
                 max_line_bytes: self.max_line_bytes,
                 item_overhead: src.item_overhead(),
@@ -1001,7 +1128,7 @@ impl OrdersCsv {
         let mut outcome = Outcome {
             summary: format!(
                 "{} rows: {} written to table {}, {} rejected",
-                rows.rows, rows.written, self.table, rows.rejected
+                rows.rows, rows.written, self.writer.table, rows.rejected
             ),
             ..Outcome::default()
         };
@@ -1056,7 +1183,7 @@ pub fn dry_run(
             w.write_record([line.to_string().as_str(), id, reason])
                 .map_err(io_of)
         },
-        |_| Ok(()),
+        |_, _| Ok(()),
     )?;
     w.flush()?;
     Ok(outcome)
@@ -1099,7 +1226,7 @@ mod tests {
                 rejects.push((l, id.to_string(), r.to_string()));
                 Ok(())
             },
-            |o| {
+            |_, o| {
                 valid.push(o.clone());
                 Ok(())
             },
@@ -1317,7 +1444,7 @@ mod tests {
                 rejected += 1;
                 Ok(())
             },
-            |_| Ok(()),
+            |_, _| Ok(()),
         );
         assert!(matches!(r, Err(FileError::Stopped)), "{r:?}");
         assert!(rejected < CANCEL_EVERY as usize, "{rejected}");
