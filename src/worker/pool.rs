@@ -42,6 +42,10 @@ fn resize(slots: &Arc<Semaphore>, capacity: &mut usize, want: usize) {
     *capacity = want;
 }
 
+/// The longest wait between two receive attempts while the queue is unreachable: at most two
+/// requests a minute during an outage, and work resumes within 30 s of its end (tests/faults.rs).
+const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 /// Receive and process until `stop` is cancelled; then wait for in-flight messages. Workers watch `abort`
 /// (cancelled by the daemon when the shutdown grace runs out) and release what they cannot finish.
 pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: CancellationToken) {
@@ -54,7 +58,7 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: Cancellati
     worker.stats.slots(0, max_in_flight);
     let mut config = worker.config.clone();
     let mut tasks = JoinSet::new();
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+    let mut backoff = Backoff::new(Duration::from_secs(1), RECEIVE_BACKOFF_MAX);
     tracing::info!(queue = %worker.queue_url, max_in_flight, "receiver started");
     loop {
         while tasks.try_join_next().is_some() {}

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod docker;
+pub mod proxy;
 pub mod ssm_stub;
 
 use std::collections::HashMap;
@@ -301,8 +302,12 @@ output_prefix = "output/"
                 profile: "default".into(),
             },
         );
+        // The harness talks to the emulator itself, never through a test's `[aws.endpoints]` (a fault
+        // proxy in front of the agent).
+        let mut aws = cfg.aws.clone();
+        aws.endpoints = Default::default();
         let clients =
-            offload_agent::aws::clients_with(&cfg.aws, Duration::from_secs(1), Some(provider))
+            offload_agent::aws::clients_with(&aws, Duration::from_secs(1), Some(provider))
                 .await
                 .unwrap();
         let w = World {
@@ -353,6 +358,85 @@ output_prefix = "output/"
     /// Start `offload-agent run`, its log going to a file in the world's directory.
     pub fn start(&self) -> Agent {
         self.start_cmd(self.agent(&["run"]))
+    }
+
+    /// Start another daemon on this world's queue and table, with a spool of its own (`spool-<n>`): one
+    /// more host of a fleet.
+    pub fn start_replica(&self, n: usize) -> Agent {
+        let spool = self.dir.path().join("spool");
+        let text = std::fs::read_to_string(&self.config).unwrap().replace(
+            &format!("dir = \"{}\"", spool.display()),
+            &format!("dir = \"{}-{n}\"", spool.display()),
+        );
+        let config = self.dir.path().join(format!("agent-{n}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let cmd = self.agent(&["run"]);
+        let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let mut replica = Command::new(cmd.get_program());
+        replica.args(&args[..args.len() - 1]).arg(&config);
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => replica.env(k, v),
+                None => replica.env_remove(k),
+            };
+        }
+        self.start_cmd(replica)
+    }
+
+    /// The accounting every fault scenario ends with. `files` are the uploaded keys and the ids each
+    /// holds. The table holds exactly those ids, each with the ConfirmationId its object version gives
+    /// (so no retry changed one) and its source key; each output lists its file's ids in order; the
+    /// main and dead-letter queues are empty.
+    pub async fn account(&self, files: &[(String, Vec<String>)], output_prefix: &str) {
+        use offload_agent::processors::orders_csv::Source;
+        let mut expected = HashMap::new();
+        for (key, ids) in files {
+            let head = self
+                .clients
+                .s3
+                .head_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+                .unwrap();
+            let src = Source {
+                bucket: self.bucket.clone(),
+                key: key.clone(),
+                etag: head.e_tag().unwrap().trim_matches('"').to_string(),
+            };
+            let name = key.trim_start_matches("input/");
+            let out = self
+                .get(&format!("{output_prefix}{name}"))
+                .await
+                .unwrap_or_else(|| panic!("no output for {key}"));
+            let out = String::from_utf8(out).unwrap();
+            let listed: Vec<&str> = out
+                .lines()
+                .skip(1)
+                .map(|l| l.split(',').next().unwrap())
+                .collect();
+            assert_eq!(listed, *ids, "output of {key}");
+            for id in ids {
+                let cid = src.confirmation_id(id).hyphenated().to_string();
+                assert!(
+                    expected.insert(id.clone(), (key.clone(), cid)).is_none(),
+                    "id {id} in two files"
+                );
+            }
+        }
+        let items = self.items().await;
+        assert_eq!(items.len(), expected.len(), "items in the table");
+        for item in &items {
+            let id = s(item, "OrderId");
+            let (key, cid) = expected
+                .get(&id)
+                .unwrap_or_else(|| panic!("unexpected item {id}"));
+            assert_eq!(&s(item, "ConfirmationId"), cid, "ConfirmationId of {id}");
+            assert_eq!(&s(item, "SourceKey"), key, "SourceKey of {id}");
+        }
+        assert_eq!(self.depth(&self.queue).await, (0, 0), "main queue");
+        assert_eq!(self.depth(&self.dlq).await, (0, 0), "dead-letter queue");
     }
 
     /// Start a prepared `offload-agent run` command (its environment adjusted by the test).

@@ -1,0 +1,187 @@
+//! Property tests (proptest) of the two parsers that take input from outside: the event parser (S3
+//! notifications, SNS-wrapped, EventBridge, and garbage) and the orders-csv row validator and mapper.
+//! Neither may panic; every event is an event or a reason; every row is written or rejected with a
+//! reason, and written + rejected = rows.
+
+use offload_agent::processors::orders_csv::{scan, ScanLimits, Source};
+use offload_agent::worker::event::{decode_key, parse, Event};
+use proptest::prelude::*;
+use serde_json::json;
+
+const HEADER: &str = "Region,Country,ItemType,SalesChannel,OrderPriority,OrderDate,OrderId,ShipDate,UnitSold,UnitPrice,TotalRevenue,TotalCost,TotalProfit";
+
+/// A key as S3 would encode it in a notification: form-urlencoded.
+fn encode_key(key: &str) -> String {
+    percent_encoding::utf8_percent_encode(key, percent_encoding::NON_ALPHANUMERIC)
+        .to_string()
+        .replace("%20", "+")
+}
+
+fn s3_event(bucket: &str, key: &str, etag: &str) -> serde_json::Value {
+    json!({"Records": [{
+        "eventSource": "aws:s3",
+        "eventName": "ObjectCreated:Put",
+        "s3": {"bucket": {"name": bucket}, "object": {"key": encode_key(key), "size": 3, "eTag": etag}}
+    }]})
+}
+
+fn expect_object(ev: Event, bucket: &str, key: &str) {
+    match ev {
+        Event::Objects { objects, ignored } => {
+            assert_eq!(ignored, 0);
+            assert_eq!(objects.len(), 1);
+            assert_eq!(objects[0].bucket, bucket);
+            assert_eq!(objects[0].key, key);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Garbage never panics: it is an event or a reason.
+    #[test]
+    fn any_text_is_an_event_or_a_reason(body in any::<String>()) {
+        match parse(&body) {
+            Ok(_) => {}
+            Err(e) => prop_assert!(!e.0.is_empty()),
+        }
+    }
+
+    /// JSON of any shape never panics either.
+    #[test]
+    fn any_json_is_an_event_or_a_reason(v in arb_json()) {
+        let _ = parse(&v.to_string());
+        let _ = parse(&json!({"Type": "Notification", "Message": v.to_string()}).to_string());
+        let _ = parse(&json!({"Records": [v.clone()]}).to_string());
+        let _ = parse(&json!({"source": "aws.s3", "detail": v}).to_string());
+    }
+
+    /// Any key survives the three envelopes exactly (S3's form encoding decoded once).
+    #[test]
+    fn keys_round_trip_through_every_envelope(key in "\\PC{1,60}", etag in "[0-9a-f]{32}") {
+        let direct = s3_event("bucket-1", &key, &etag);
+        expect_object(parse(&direct.to_string()).unwrap(), "bucket-1", &key);
+        let sns = json!({"Type": "Notification", "Message": direct.to_string()});
+        expect_object(parse(&sns.to_string()).unwrap(), "bucket-1", &key);
+        let bridge = json!({
+            "source": "aws.s3",
+            "detail-type": "Object Created",
+            "detail": {"bucket": {"name": "bucket-1"}, "object": {"key": encode_key(&key), "size": 3, "etag": etag}}
+        });
+        expect_object(parse(&bridge.to_string()).unwrap(), "bucket-1", &key);
+        prop_assert_eq!(decode_key(&encode_key(&key)).unwrap(), key);
+    }
+
+    /// Rows of random fields (some valid, most not): no panic, and every row is either written as an
+    /// item with 16 attributes or rejected with a reason and its line.
+    #[test]
+    fn every_row_is_an_item_or_a_reject(
+        rows in prop::collection::vec(prop_oneof![valid_row(), arb_row()], 0..40)
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.csv");
+        let mut text = format!("{HEADER}\n");
+        for r in &rows {
+            text.push_str(r);
+            text.push('\n');
+        }
+        std::fs::write(&path, &text).unwrap();
+        let src = Source { bucket: "b".into(), key: "k.csv".into(), etag: "\"e\"".into() };
+        let limits = ScanLimits { max_line_bytes: 64 * 1024, item_overhead: src.item_overhead() };
+        let (mut written, mut rejected) = (0u64, 0u64);
+        let out = scan(
+            &path,
+            limits,
+            None,
+            None,
+            |line, _, reason| {
+                assert!(line >= 2, "line {line}");
+                assert!(!reason.is_empty());
+                rejected += 1;
+                Ok(())
+            },
+            |_, order| {
+                let item = order.to_item(&src.confirmation_id(order.order_id()), &src);
+                assert_eq!(item.len(), 16);
+                assert!(!order.order_id().is_empty());
+                written += 1;
+                Ok(())
+            },
+        );
+        match out {
+            Ok(out) => {
+                prop_assert_eq!(out.written, written);
+                prop_assert_eq!(out.rejected, rejected);
+                prop_assert_eq!(out.rows, written + rejected);
+            }
+            // A quote can join lines into one unreadable record: a reason, never a panic.
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
+    }
+}
+
+fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        "\\PC{0,20}".prop_map(serde_json::Value::from),
+        Just(json!("aws:s3")),
+        Just(json!("ObjectCreated:Put")),
+        Just(json!("Notification")),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+            prop::collection::btree_map(
+                prop_oneof![
+                    Just("Records".to_string()),
+                    Just("s3".to_string()),
+                    Just("bucket".to_string()),
+                    Just("object".to_string()),
+                    Just("key".to_string()),
+                    Just("name".to_string()),
+                    Just("eventSource".to_string()),
+                    Just("eventName".to_string()),
+                    Just("Message".to_string()),
+                    Just("Type".to_string()),
+                    Just("detail".to_string()),
+                    "[a-zA-Z]{1,8}",
+                ],
+                inner,
+                0..6
+            )
+            .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// A row that is valid unless its id repeats or is blank.
+fn valid_row() -> impl Strategy<Value = String> {
+    ("[0-9a-z ]{1,6}", 0u32..100_000).prop_map(|(id, n)| {
+        format!("Asia,Japan,Cereal,Online,H,3/7/2017,{id},4/1/2017,{n},205.70,20570.00,11770.00,8800.00")
+    })
+}
+
+/// One CSV line: 13 fields drawn from valid values, edge cases and noise.
+fn arb_row() -> impl Strategy<Value = String> {
+    let field = prop_oneof![
+        Just("Asia".to_string()),
+        Just("".to_string()),
+        Just(" ".to_string()),
+        Just("3/7/2017".to_string()),
+        Just("2017-02-30".to_string()),
+        Just("2016-02-29".to_string()),
+        Just("100".to_string()),
+        Just("-0.5".to_string()),
+        Just("1e5".to_string()),
+        Just(format!("1{}", "0".repeat(130))),
+        Just("\"quoted, with comma\"".to_string()),
+        Just("\u{a0}42\u{3000}".to_string()),
+        "[0-9]{1,12}",
+        "\\PC{0,12}".prop_map(|s| s.replace(['"', '\n', '\r'], "")),
+    ];
+    prop::collection::vec(field, 11..15).prop_map(|f| f.join(","))
+}
