@@ -253,3 +253,121 @@ async fn a_fleet_of_three_shares_500_files_and_survives_losing_one() {
         alive(agent);
     }
 }
+
+/// A tmpfs mounted over the world's spool directory for the duration of a test (root only: the test
+/// command runs as root).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "the full-disk scenario mounts a tmpfs: run the tests as root with `scripts/test`"
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount -t tmpfs on {} failed", dir.display());
+        SmallDisk(dir.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount of {} failed", self.0.display());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The spool on a 4 MiB tmpfs: a 6 MB file cannot be downloaded. It waits (its message not acknowledged,
+/// nothing written for it, not dead-lettered) while small files keep flowing, and is processed once the
+/// filesystem grows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_spool_makes_a_large_file_wait_while_small_ones_flow() {
+    let w = World::with(
+        "fulldisk",
+        Options {
+            retry_base: "1s",
+            retry_max: "4s",
+            ..Options::default()
+        },
+    )
+    .await;
+    let disk = SmallDisk::mount(&w.dir.path().join("spool"), "4m");
+    let mut agent = w.start();
+    let pad = "p".repeat(10_000);
+    let mut big = format!("{HEADER},Notes\n");
+    for i in 0..600 {
+        big.push_str(&format!(
+            "{},{pad}\n",
+            order_row(&(100_000_000 + i).to_string(), i)
+        ));
+    }
+    assert!(big.len() > 5_000_000);
+    w.put("input/big.csv", big).await;
+    let mut files = vec![("input/big.csv".to_string(), ids(0, 600))];
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 1..6 {
+        let key = format!("input/small-{i}.csv");
+        w.put(&key, orders_csv(i * 1000, 50)).await;
+        let name = key.trim_start_matches("input/");
+        w.wait_for(&format!("output/{name}"), WAIT, &agent).await;
+        files.push((key, ids(i * 1000, 50)));
+    }
+    agent
+        .wait_log("transient failure", Duration::from_secs(30))
+        .await;
+    assert!(
+        w.get("output/big.csv").await.is_none(),
+        "big file done on a full disk?"
+    );
+    assert_eq!(
+        w.items().await.len(),
+        5 * 50,
+        "nothing of the big file written"
+    );
+    assert_eq!(
+        w.depth(&w.dlq).await,
+        (0, 0),
+        "the big file is not dead-lettered"
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("No space left"),
+        "the log names the cause:\n{log}"
+    );
+
+    disk.resize("64m");
+    let back = Instant::now();
+    w.wait_for("output/big.csv", WAIT, &agent).await;
+    w.wait_queue_empty(WAIT, &agent).await;
+    eprintln!(
+        "full disk: processed {:?} after space returned",
+        back.elapsed()
+    );
+    w.account(&files, "output/").await;
+    alive(&mut agent);
+    agent.terminate(Duration::from_secs(30));
+}

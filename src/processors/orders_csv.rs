@@ -635,7 +635,10 @@ impl Records {
                 // The csv reader's own record line counts from before the blank lines it skipped: count
                 // back from the line after the record instead, over its quoted newlines and terminator.
                 let quoted = memchr::memchr_iter(b'\n', rec.as_slice()).count() as u64;
-                let terminated = !(self.unterminated && self.base_offset + pos.byte() == self.len);
+                // A record that reaches the end of the file ended on its last newline only if that
+                // newline is not field data (an unclosed quote takes it in).
+                let terminated = self.base_offset + pos.byte() < self.len
+                    || (!self.unterminated && rec.as_slice().last() != Some(&b'\n'));
                 let line = self.next_line - quoted - u64::from(terminated);
                 Ok(Next::Row(RowAt {
                     line,
