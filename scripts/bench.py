@@ -3,8 +3,8 @@
 
 Environment: BENCH_DRY_ROWS (1000000), BENCH_E2E_ROWS (50000), BENCH_LATENCY_FILES (100),
 BENCH_BIG_MB (2048), BENCH_PROCESSOR_FILES (30), BENCH_SCRAPE_FILES (2000), BENCH_FLOOR_RUNS (3);
-BENCH_ONLY, a comma-separated list of sections to run (idle, dry, e2e, dynamodb, latency, big,
-processors, scrape; default all). Arguments: the moto endpoint, the agent binary, the dynalite endpoint
+BENCH_FLEET_FILES (300); BENCH_ONLY, a comma-separated list of sections to run (idle, dry, e2e,
+dynamodb, latency, big, processors, scrape, fleet; default all). Arguments: the moto endpoint, the agent binary, the dynalite endpoint
 and the ddb-floor program (examples/ddb-floor.rs: the bare SDK writing the same pre-built items). The idle section fails the run when an idle daemon costs more than BENCH_IDLE_MAX_TICKS (30) CPU
 ticks in 60 s (0.5 % of a core): the regression check for the long-poll client.
 """
@@ -30,6 +30,7 @@ BIG_MB = int(os.environ.get("BENCH_BIG_MB", "2048"))
 PROC_FILES = int(os.environ.get("BENCH_PROCESSOR_FILES", "30"))
 SCRAPE_FILES = int(os.environ.get("BENCH_SCRAPE_FILES", "2000"))
 FLOOR_RUNS = int(os.environ.get("BENCH_FLOOR_RUNS", "3"))
+FLEET_FILES = int(os.environ.get("BENCH_FLEET_FILES", "300"))
 IN_FLIGHT = 8
 IDLE_MAX_TICKS = int(os.environ.get("BENCH_IDLE_MAX_TICKS", "30"))
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
@@ -437,6 +438,45 @@ if want("scrape"):
     row("backlog drain, scraping /metrics every 100 ms vs not",
         f"{with_scrape / base * 100 - 100:+.1f} %",
         f"({SCRAPE_FILES} files of 5 rows: best of 2 each, {base:.1f} s without, {with_scrape:.1f} s with; moto)")
+
+# 7. Fleet: the same backlog drained by 1, 2 and 3 daemons on one queue and table (separate spools), to
+# show where adding hosts stops adding capacity on this machine (moto is one Python process).
+if want("fleet"):
+    sqs = boto3.client("sqs", **kw)
+    small = os.path.join(work, "fleet.csv")
+    gen(small, 20)
+    body = open(small, "rb").read()
+    base = None
+    for hosts in (1, 2, 3):
+        cfg, bucket = config(f"fleet{hosts}", max_in_flight=8)
+        url = sqs.get_queue_url(QueueName=bucket.replace("b-", "q-", 1))["QueueUrl"]
+        for i in range(FLEET_FILES):
+            s3.put_object(Bucket=bucket, Key=f"input/f-{i}.csv", Body=body)
+        text = open(cfg).read()
+        agents = []
+        t0 = time.monotonic()
+        for n in range(hosts):
+            c = f"{cfg}.{n}.toml"
+            with open(c, "w") as f:
+                f.write(text.replace("/spool-", f"/spool{n}-"))
+            agents.append(subprocess.Popen([BIN, "run", "--config", c], env=env,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        while True:
+            a = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+                "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+            if int(a["ApproximateNumberOfMessages"]) + int(a["ApproximateNumberOfMessagesNotVisible"]) == 0:
+                break
+            if time.monotonic() - t0 > 900:
+                sys.exit("fleet benchmark: backlog not drained within 15 minutes")
+            time.sleep(0.2)
+        wall = time.monotonic() - t0
+        for a in agents:
+            a.terminate()
+        for a in agents:
+            a.wait(timeout=60)
+        base = base or wall
+        row(f"fleet of {hosts}: backlog drained", f"{FLEET_FILES / wall:.1f} files/s = {FLEET_FILES * 20 / wall:,.0f} rows/s",
+            f"({FLEET_FILES} files of 20 rows in {wall:.1f} s, {base / wall:.2f} x one host; max_in_flight 8 each; moto)")
 
 print("\n| measure | result | conditions |")
 print("|---|---|---|")
