@@ -491,14 +491,15 @@ impl<R: Read> Read for GuardedReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.total += n as u64;
+        // Counted before the check: `Records` moves progress from `total` to where it resumes.
+        if let Some(p) = &self.progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
         if self.total.saturating_sub(self.record_start.get()) > self.limit + READ_AHEAD {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 LineTooLong(self.limit),
             ));
-        }
-        if let Some(p) = &self.progress {
-            p.fetch_add(n as u64, Ordering::Relaxed);
         }
         Ok(n)
     }
@@ -652,17 +653,19 @@ impl Records {
             Err(e) if too_long(&e) => {
                 rec.clear();
                 let (line, resume) = skip_line(&self.path, start, self.next_line)?;
+                // Progress follows the position (where reading resumes, or the end of the file), not
+                // the bytes read twice or skipped.
                 let read_to = self.base_offset + self.rdr.get_ref().total;
+                let to = resume.unwrap_or(self.len);
+                if let Some(p) = &self.progress {
+                    if read_to > to {
+                        p.fetch_sub(read_to - to, Ordering::Relaxed);
+                    } else {
+                        p.fetch_add(to - read_to, Ordering::Relaxed);
+                    }
+                }
                 match resume {
                     Some(offset) => {
-                        // Progress follows the position, not the bytes read twice.
-                        if let Some(p) = &self.progress {
-                            if read_to > offset {
-                                p.fetch_sub(read_to - offset, Ordering::Relaxed);
-                            } else {
-                                p.fetch_add(offset - read_to, Ordering::Relaxed);
-                            }
-                        }
                         self.rdr = reader_at(
                             &self.path,
                             offset,
@@ -1570,6 +1573,25 @@ mod tests {
         let lines: Vec<u64> = rejects.iter().map(|r| r.0).collect();
         assert_eq!(lines, [5, 9]);
         assert_eq!(valid.len(), 4);
+        // Progress follows the position through the skips: it ends at the file's length.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.csv");
+        std::fs::write(&p, &text).unwrap();
+        let progress = Arc::new(AtomicU64::new(0));
+        let limits = ScanLimits {
+            max_line_bytes: limit,
+            item_overhead: 0,
+        };
+        scan(
+            &p,
+            limits,
+            Some(progress.clone()),
+            None,
+            |_, _, _| Ok(()),
+            |_, _| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(progress.load(Ordering::Relaxed), text.len() as u64);
 
         // A header that long is no orders CSV.
         let (r, _, _) = run_limited(&format!("{huge}\n{}\n", row("1")), limit);
