@@ -184,6 +184,8 @@ pub struct Options {
     pub shutdown_grace: &'static str,
     pub retry_base: &'static str,
     pub retry_max: &'static str,
+    /// `queue.max_receive_count`: the fewest receives `provision` lets the redrive policy allow.
+    pub max_receive_count: u32,
     /// Leave `queue.dead_letter_queue` out of the configuration (the queues are still provisioned).
     pub no_dlq: bool,
     /// `admin.listen` (default "127.0.0.1:0": any free port, so that parallel daemons never collide).
@@ -201,6 +203,7 @@ impl Default for Options {
             shutdown_grace: "10s",
             retry_base: "1s",
             retry_max: "15m",
+            max_receive_count: offload_agent::config::DEFAULT_MAX_RECEIVE_COUNT,
             no_dlq: false,
             admin_listen: "127.0.0.1:0".into(),
         }
@@ -253,6 +256,7 @@ visibility_timeout = "{vis}"
 wait_time = "1s"
 retry_base = "{retry}"
 retry_max = "{retry_max}"
+max_receive_count = {max_receives}
 
 [spool]
 dir = "{spool}"
@@ -280,6 +284,7 @@ output_prefix = "output/"
                 vis = o.visibility_timeout,
                 retry = o.retry_base,
                 retry_max = o.retry_max,
+                max_receives = o.max_receive_count,
                 spool = spool.display()
             ),
         )
@@ -302,12 +307,8 @@ output_prefix = "output/"
                 profile: "default".into(),
             },
         );
-        // The harness talks to the emulator itself, never through a test's `[aws.endpoints]` (a fault
-        // proxy in front of the agent).
-        let mut aws = cfg.aws.clone();
-        aws.endpoints = Default::default();
         let clients =
-            offload_agent::aws::clients_with(&aws, Duration::from_secs(1), Some(provider))
+            offload_agent::aws::clients_with(&cfg.aws, Duration::from_secs(1), Some(provider))
                 .await
                 .unwrap();
         let w = World {
