@@ -147,6 +147,35 @@ def agent_process(cfg, url):
     return time.monotonic() - t0, child_cpu() - c0
 
 
+def latencies(bucket):
+    """PutObject -> output object for LAT_FILES files of 20 rows, one at a time: (p50, p99) in ms."""
+    small = os.path.join(work, "small.csv")
+    gen(small, 20)
+    body = open(small, "rb").read()
+    lat = []
+    for i in range(LAT_FILES):
+        t0 = time.monotonic()
+        s3.put_object(Bucket=bucket, Key=f"input/lat-{i}.csv", Body=body)
+        if not wait_output(bucket, f"output/lat-{i}.csv", 30):
+            sys.exit(f"file {i} not processed within 30 s")
+        lat.append(time.monotonic() - t0)
+        time.sleep(0.05)
+    lat.sort()
+    return statistics.median(lat) * 1000, lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+
+
+def wait_drained(sqs, url, t0, what):
+    """Wait until the queue has no message, visible or in flight; exit after 15 minutes from t0."""
+    while True:
+        a = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+        if int(a["ApproximateNumberOfMessages"]) + int(a["ApproximateNumberOfMessagesNotVisible"]) == 0:
+            return
+        if time.monotonic() - t0 > 900:
+            sys.exit(f"{what} benchmark: backlog not drained within 15 minutes")
+        time.sleep(0.2)
+
+
 # 0. Idle: time from start to ready (/readyz answers 200: configured, queue found), then CPU over 60 s
 # of long polling an empty queue, and resident memory.
 if want("idle"):
@@ -250,22 +279,10 @@ if want("dynamodb"):
     agent = subprocess.Popen([BIN, "run", "--config", cfg], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(5)
-    small = os.path.join(work, "small.csv")
-    gen(small, 20)
-    body = open(small, "rb").read()
-    lat = []
-    for i in range(LAT_FILES):
-        t0 = time.monotonic()
-        s3.put_object(Bucket=bucket, Key=f"input/lat-{i}.csv", Body=body)
-        if not wait_output(bucket, f"output/lat-{i}.csv", 30):
-            sys.exit(f"file {i} not processed within 30 s")
-        lat.append(time.monotonic() - t0)
-        time.sleep(0.05)
+    p50, p99 = latencies(bucket)
     agent.terminate()
     agent.wait(timeout=60)
-    lat.sort()
-    row("latency PutObject -> output object (dynalite)",
-        f"p50 {statistics.median(lat) * 1000:.0f} ms, p99 {lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000:.0f} ms",
+    row("latency PutObject -> output object (dynalite)", f"p50 {p50:.0f} ms, p99 {p99:.0f} ms",
         f"({LAT_FILES} files of 20 rows, one at a time; S3 and SQS on moto)")
 
 # 3. Latency from PutObject to the output object, agent idle beforehand.
@@ -275,21 +292,7 @@ if want("latency") or want("big"):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(5)
     idle_rss = status_kb(agent.pid, "VmRSS")
-    small = os.path.join(work, "small.csv")
-    gen(small, 20)
-    body = open(small, "rb").read()
-    lat = []
-    for i in range(LAT_FILES):
-        key = f"input/lat-{i}.csv"
-        t0 = time.monotonic()
-        s3.put_object(Bucket=bucket, Key=key, Body=body)
-        if not wait_output(bucket, f"output/lat-{i}.csv", 30):
-            sys.exit(f"file {i} not processed within 30 s")
-        lat.append(time.monotonic() - t0)
-        time.sleep(0.05)
-    lat.sort()
-    p50 = statistics.median(lat) * 1000
-    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+    p50, p99 = latencies(bucket)
     row("latency PutObject -> output object", f"p50 {p50:.0f} ms, p99 {p99:.0f} ms",
         f"({LAT_FILES} files of 20 rows, one at a time; moto)")
     row("RSS idle", f"{idle_rss / 1024:.1f} MiB", "(VmRSS after 5 s of idle long polling)")
@@ -420,14 +423,7 @@ if want("scrape"):
         t0 = time.monotonic()
         if scrape:
             threading.Thread(target=scraper, daemon=True).start()
-        while True:
-            a = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
-                "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-            if int(a["ApproximateNumberOfMessages"]) + int(a["ApproximateNumberOfMessagesNotVisible"]) == 0:
-                break
-            if time.monotonic() - t0 > 900:
-                sys.exit("scrape benchmark: backlog not drained within 15 minutes")
-            time.sleep(0.2)
+        wait_drained(sqs, url, t0, "scrape")
         wall = time.monotonic() - t0
         stop.set()
         agent.terminate()
@@ -466,14 +462,7 @@ def drain_with(hosts, per_host, body, sqs):
             f.write(text.replace("/spool-", f"/spool{n}-"))
         agents.append(subprocess.Popen([BIN, "run", "--config", c], env=env,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    while True:
-        a = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
-            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-        if int(a["ApproximateNumberOfMessages"]) + int(a["ApproximateNumberOfMessagesNotVisible"]) == 0:
-            break
-        if time.monotonic() - t0 > 900:
-            sys.exit("fleet benchmark: backlog not drained within 15 minutes")
-        time.sleep(0.2)
+    wait_drained(sqs, url, t0, "fleet")
     wall = time.monotonic() - t0
     hz = os.sysconf("SC_CLK_TCK")
     moto_share = (moto_ticks() - m0) / hz / wall

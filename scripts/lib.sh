@@ -44,11 +44,16 @@ start_moto() {
   log "starting moto_server on 127.0.0.1:$port (log: target/moto-$port.log)"
   "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >"$REPO_ROOT/target/moto-$port.log" 2>&1 &
   MOTO_PID=$!
+  wait_port "$port" moto_server "target/moto-$port.log"
+}
+
+# Wait up to 20 s for something to listen on 127.0.0.1:$1 ($2 started it; its log is $3).
+wait_port() {
   for _ in $(seq 1 100); do
-    port_open "$port" && return
+    port_open "$1" && return
     sleep 0.2
   done
-  echo "moto_server did not start; see target/moto-$port.log" >&2
+  echo "$2 did not start; see $3" >&2
   return 1
 }
 
@@ -140,12 +145,7 @@ start_dynalite() {
   "$CACHE/dynalite/node_modules/.bin/dynalite" --host 127.0.0.1 --port "$port" \
     >"$REPO_ROOT/target/dynalite-$port.log" 2>&1 &
   DYNALITE_PID=$!
-  for _ in $(seq 1 100); do
-    port_open "$port" && return
-    sleep 0.2
-  done
-  echo "dynalite did not start; see target/dynalite-$port.log" >&2
-  return 1
+  wait_port "$port" dynalite "target/dynalite-$port.log"
 }
 
 stop_dynalite() {

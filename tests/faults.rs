@@ -35,6 +35,14 @@ fn through(w: &World, proxy: &FaultProxy) {
     .unwrap();
 }
 
+/// Wait for the output of every file (`input/<name>` → `output/<name>`).
+async fn wait_outputs(w: &World, files: &[(String, Vec<String>)], agent: &Agent) {
+    for (key, _) in files {
+        let name = key.trim_start_matches("input/");
+        w.wait_for(&format!("output/{name}"), WAIT, agent).await;
+    }
+}
+
 fn alive(agent: &mut Agent) {
     let child = agent.child.as_mut().unwrap();
     assert!(
@@ -147,10 +155,7 @@ async fn an_aws_outage_of_30_s_loses_nothing() {
     proxy.set(Faults::default());
     let back = Instant::now();
 
-    for (key, _) in &files {
-        let name = key.trim_start_matches("input/");
-        w.wait_for(&format!("output/{name}"), WAIT, &agent).await;
-    }
+    wait_outputs(&w, &files, &agent).await;
     w.wait_queue_empty(WAIT, &agent).await;
     eprintln!(
         "outage: {during} connection attempts in 30 s; drained {:?} after the end of the outage",
@@ -205,10 +210,7 @@ async fn a_misbehaving_network_changes_nothing_in_the_results() {
         w.put(&key, orders_csv(i * 100, 100)).await;
         files.push((key, ids(i * 100, 100)));
     }
-    for (key, _) in &files {
-        let name = key.trim_start_matches("input/");
-        w.wait_for(&format!("output/{name}"), WAIT, &agent).await;
-    }
+    wait_outputs(&w, &files, &agent).await;
     w.wait_queue_empty(WAIT, &agent).await;
     let (errors, resets) = (proxy.count(|c| &c.errors), proxy.count(|c| &c.resets));
     eprintln!("flaky network: {errors} answers of 503, {resets} resets");
@@ -252,10 +254,7 @@ async fn a_fleet_of_three_shares_500_files_and_survives_losing_one() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     kill(&mut victim);
-    for (key, _) in &files {
-        let name = key.trim_start_matches("input/");
-        w.wait_for(&format!("output/{name}"), WAIT, &fleet[0]).await;
-    }
+    wait_outputs(&w, &files, &fleet[0]).await;
     w.wait_queue_empty(WAIT, &fleet[0]).await;
     eprintln!("fleet: 500 files in {:?}", started.elapsed());
     w.account(&files, "output/").await;

@@ -80,50 +80,19 @@ proptest! {
     fn every_row_is_an_item_or_a_reject(
         rows in prop::collection::vec(prop_oneof![valid_row(), arb_row()], 0..40)
     ) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("in.csv");
         let mut text = format!("{HEADER}\n");
         for r in &rows {
             text.push_str(r);
             text.push('\n');
         }
-        std::fs::write(&path, &text).unwrap();
-        let src = Source { bucket: "b".into(), key: "k.csv".into(), etag: "\"e\"".into() };
-        let limits = ScanLimits { max_line_bytes: 64 * 1024, item_overhead: src.item_overhead() };
-        let (mut written, mut rejected) = (0u64, 0u64);
-        let out = scan(
-            &path,
-            limits,
-            None,
-            None,
-            |line, _, reason| {
-                assert!(line >= 2, "line {line}");
-                assert!(!reason.is_empty());
-                rejected += 1;
-                Ok(())
-            },
-            |_, order| {
-                let item = order.to_item(&src.confirmation_id(order.order_id()), &src);
-                assert_eq!(item.len(), 16);
-                assert!(!order.order_id().is_empty());
-                written += 1;
-                Ok(())
-            },
-        );
-        match out {
-            Ok(out) => {
-                prop_assert_eq!(out.written, written);
-                prop_assert_eq!(out.rejected, rejected);
-                prop_assert_eq!(out.rows, written + rejected);
-            }
-            // A quote can join lines into one unreadable record: a reason, never a panic.
-            Err(e) => prop_assert!(!e.to_string().is_empty()),
-        }
+        check_scan(text.as_bytes(), 64 * 1024, 2)?;
     }
 }
 
-/// Scan `bytes` as an orders file: no panic, and written + rejected = rows when it is one.
-fn check_scan(bytes: &[u8]) -> Result<(), TestCaseError> {
+/// Scan `bytes` as an orders file: no panic; every row is an item of 16 attributes with an OrderId,
+/// or a reject with a reason and a line of at least `min_line`; written + rejected = rows; a file that is
+/// no orders CSV (a quote can join lines into one unreadable record) gets a reason.
+fn check_scan(bytes: &[u8], max_line_bytes: u64, min_line: u64) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("in.csv");
     std::fs::write(&path, bytes).unwrap();
@@ -133,7 +102,7 @@ fn check_scan(bytes: &[u8]) -> Result<(), TestCaseError> {
         etag: "e".into(),
     };
     let limits = ScanLimits {
-        max_line_bytes: 4096,
+        max_line_bytes,
         item_overhead: src.item_overhead(),
     };
     let (mut written, mut rejected) = (0u64, 0u64);
@@ -142,23 +111,26 @@ fn check_scan(bytes: &[u8]) -> Result<(), TestCaseError> {
         limits,
         None,
         None,
-        |_, _, r| {
-            assert!(!r.is_empty());
+        |line, _, reason| {
+            assert!(line >= min_line, "line {line}");
+            assert!(!reason.is_empty());
             rejected += 1;
             Ok(())
         },
-        |_, o| {
-            assert_eq!(
-                o.to_item(&src.confirmation_id(o.order_id()), &src).len(),
-                16
-            );
+        |_, order| {
+            let item = order.to_item(&src.confirmation_id(order.order_id()), &src);
+            assert_eq!(item.len(), 16);
+            assert!(!order.order_id().is_empty());
             written += 1;
             Ok(())
         },
     );
-    if let Ok(out) = out {
-        prop_assert_eq!((out.written, out.rejected), (written, rejected));
-        prop_assert_eq!(out.rows, written + rejected);
+    match out {
+        Ok(out) => {
+            prop_assert_eq!((out.written, out.rejected), (written, rejected));
+            prop_assert_eq!(out.rows, written + rejected);
+        }
+        Err(e) => prop_assert!(!e.to_string().is_empty()),
     }
     Ok(())
 }
@@ -201,7 +173,9 @@ proptest! {
             }
         }
         bytes.truncate(cut.index(bytes.len() + 1).max(bytes.len() / 2));
-        check_scan(&bytes)?;
+        // No line check: lines are counted by newlines, and a mutation may end the header with a lone
+        // carriage return (a row then reports line 1).
+        check_scan(&bytes, 4096, 0)?;
     }
 }
 

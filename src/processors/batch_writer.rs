@@ -134,11 +134,10 @@ impl BatchWriter {
                         return Err(WriteError::Refused(describe(&e)));
                     }
                     return Err(WriteError::Failed(match classify(&e) {
-                        // The SDK already retried it write_max_attempts times.
-                        ErrorClass::Transient => ProcessError::Transient(text),
-                        // A table that does not exist yet, or a policy being fixed: retry the whole
-                        // file later rather than condemn it.
-                        ErrorClass::Fatal => ProcessError::Transient(text),
+                        // Transient: the SDK already retried it write_max_attempts times. Fatal: a
+                        // table that does not exist yet, or a policy being fixed. Either way the whole
+                        // file is retried later rather than condemned.
+                        ErrorClass::Transient | ErrorClass::Fatal => ProcessError::Transient(text),
                         ErrorClass::Permanent => ProcessError::Permanent(text),
                     }));
                 }

@@ -1091,12 +1091,7 @@ fn reread(
     let mut rec = csv::ByteRecord::new();
     let mut out = Vec::with_capacity(rows.len());
     for at in rows {
-        let mut file = File::open(input)?;
-        file.seek(SeekFrom::Start(at.offset))?;
-        let mut rdr = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .flexible(true)
-            .from_reader(file.take(limits.max_line_bytes + READ_AHEAD));
+        let mut rdr = reader_at(input, at.offset, limits.max_line_bytes, None)?;
         if !rdr.read_byte_record(&mut rec).map_err(csv_error)? {
             return Err(FileError::Io(io::Error::other(format!(
                 "no row at byte {} (line {}) any more",
@@ -1109,15 +1104,18 @@ fn reread(
                 at.line
             )))
         })?;
-        out.push((order.order_id().to_string(), put_request(&order, src)?));
+        let cid = src.confirmation_id(order.order_id());
+        out.push((
+            order.order_id().to_string(),
+            put_request(&order, &cid, src)?,
+        ));
     }
     Ok(out)
 }
 
-fn put_request(order: &Order, src: &Source) -> Result<WriteRequest, FileError> {
-    let cid = src.confirmation_id(order.order_id());
+fn put_request(order: &Order, cid: &Uuid, src: &Source) -> Result<WriteRequest, FileError> {
     let put = PutRequest::builder()
-        .set_item(Some(order.to_item(&cid, src)))
+        .set_item(Some(order.to_item(cid, src)))
         .build()
         .map_err(|e| FileError::Io(io::Error::other(e)))?;
     Ok(WriteRequest::builder().put_request(put).build())
@@ -1203,13 +1201,7 @@ fn write_reports(
             output
                 .write_record([order.order_id(), cid.hyphenated().encode_lower(&mut buf)])
                 .map_err(io_of)?;
-            let put = PutRequest::builder()
-                .set_item(Some(order.to_item(&cid, src)))
-                .build()
-                .map_err(|e| FileError::Io(io::Error::other(e)))?;
-            batch
-                .requests
-                .push(WriteRequest::builder().put_request(put).build());
+            batch.requests.push(put_request(order, &cid, src)?);
             batch.rows.push(at);
             if batch.requests.len() == BATCH_SIZE {
                 send(std::mem::replace(&mut batch, new_batch()))?;

@@ -342,10 +342,15 @@ output_prefix = "output/"
 
     /// The real binary with this world's configuration and fake credentials for the emulator.
     pub fn agent(&self, args: &[&str]) -> Command {
+        self.agent_with(&self.config, args)
+    }
+
+    /// The same with another configuration file.
+    pub fn agent_with(&self, config: &std::path::Path, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_offload-agent"));
         c.args(args)
             .arg("--config")
-            .arg(&self.config)
+            .arg(config)
             .env("AWS_ACCESS_KEY_ID", &self.creds.0)
             .env("AWS_SECRET_ACCESS_KEY", &self.creds.1)
             .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -371,17 +376,7 @@ output_prefix = "output/"
         );
         let config = self.dir.path().join(format!("agent-{n}.toml"));
         std::fs::write(&config, text).unwrap();
-        let cmd = self.agent(&["run"]);
-        let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
-        let mut replica = Command::new(cmd.get_program());
-        replica.args(&args[..args.len() - 1]).arg(&config);
-        for (k, v) in cmd.get_envs() {
-            match v {
-                Some(v) => replica.env(k, v),
-                None => replica.env_remove(k),
-            };
-        }
-        self.start_cmd(replica)
+        self.start_cmd(self.agent_with(&config, &["run"]))
     }
 
     /// The accounting every fault scenario ends with. `files` are the uploaded keys and the ids each
