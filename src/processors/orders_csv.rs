@@ -469,13 +469,54 @@ pub fn validate_into(rec: &csv::ByteRecord, h: &Header, order: &mut Order) -> Re
     Ok(())
 }
 
+/// A file read with every lone carriage return (the line end of classic Mac OS files) turned into a
+/// newline, so that lines are counted alike whatever ends them: `\n`, `\r\n` or `\r`. The csv reader
+/// counts lines by newlines only: without this, every row of a CR-only file reported line 1. One byte
+/// for one byte, so offsets stay file offsets. (A lone `\r` inside a quoted field reads as `\n` too.)
+struct LineEnds<R> {
+    inner: io::BufReader<R>,
+}
+
+impl<R: Read> LineEnds<R> {
+    fn new(inner: R) -> LineEnds<R> {
+        LineEnds {
+            inner: io::BufReader::with_capacity(64 * 1024, inner),
+        }
+    }
+}
+
+impl<R: Read> Read for LineEnds<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use io::BufRead;
+        let avail = self.inner.fill_buf()?;
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.inner.consume(n);
+        let mut from = 0;
+        while let Some(j) = memchr::memchr(b'\r', &buf[from..n]) {
+            let i = from + j;
+            // A carriage return at the end of what was read: the next read tells what follows it.
+            let next = if i + 1 < n {
+                Some(buf[i + 1])
+            } else {
+                self.inner.fill_buf()?.first().copied()
+            };
+            if next != Some(b'\n') {
+                buf[i] = b'\n';
+            }
+            from = i + 1;
+        }
+        Ok(n)
+    }
+}
+
 /// The csv reader's input: counts bytes for progress and bounds what one record can make the reader
 /// buffer. The reader asks for more input only once it has parsed all it holds, so when more than
 /// `limit` plus one read has been asked for since the current record began, that record (an
 /// unbalanced quote makes the rest of the file one record; a binary file may have no newline at all)
 /// is over `limit` bytes: the read fails with [`LineTooLong`] before it is held in memory.
 struct GuardedReader<R> {
-    inner: R,
+    inner: LineEnds<R>,
     limit: u64,
     progress: Option<Arc<AtomicU64>>,
     /// Bytes handed to the csv reader so far.
@@ -553,6 +594,8 @@ struct Records {
     len: u64,
     unterminated: bool,
     done: bool,
+    /// The last field of a `\r\n`-terminated record, without its `\r`.
+    scratch: Vec<u8>,
 }
 
 fn reader_at(
@@ -566,9 +609,10 @@ fn reader_at(
     Ok(csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
+        .terminator(csv::Terminator::Any(b'\n'))
         .buffer_capacity(256 * 1024)
         .from_reader(GuardedReader {
-            inner: file,
+            inner: LineEnds::new(file),
             limit,
             progress,
             total: 0,
@@ -592,7 +636,7 @@ impl Records {
         }
         let mut records = Records {
             len,
-            unterminated: last[0] != b'\n',
+            unterminated: last[0] != b'\n' && last[0] != b'\r',
             path: path.to_path_buf(),
             limits,
             rdr: reader_at(path, 0, limits.max_line_bytes, progress.clone())?,
@@ -601,6 +645,7 @@ impl Records {
             base_lines: 0,
             next_line: 1,
             done: false,
+            scratch: Vec::new(),
         };
         let mut rec = csv::ByteRecord::new();
         match records.next(&mut rec)? {
@@ -624,6 +669,25 @@ impl Records {
     }
 
     fn next(&mut self, rec: &mut csv::ByteRecord) -> Result<Next, FileError> {
+        loop {
+            let next = self.next_record(rec)?;
+            // The carriage return of a `\r\n` line end is the last field's last byte (the csv reader
+            // ends records at newlines only, so that it counts every line it ends).
+            if let Some(last) = rec.iter().next_back().filter(|f| f.ends_with(b"\r")) {
+                self.scratch.clear();
+                self.scratch.extend_from_slice(&last[..last.len() - 1]);
+                rec.truncate(rec.len() - 1);
+                rec.push_field(&self.scratch);
+            }
+            // A blank line (`\r\n` alone) is no row.
+            let blank = rec.len() == 1 && rec[0].is_empty();
+            if !(blank && matches!(next, Next::Row(_))) {
+                return Ok(next);
+            }
+        }
+    }
+
+    fn next_record(&mut self, rec: &mut csv::ByteRecord) -> Result<Next, FileError> {
         if self.done {
             return Ok(Next::End);
         }
@@ -690,6 +754,7 @@ impl Records {
 fn skip_line(path: &Path, start: u64, mut line: u64) -> io::Result<(u64, Option<u64>)> {
     let mut file = File::open(path)?;
     file.seek(SeekFrom::Start(start))?;
+    let mut file = LineEnds::new(file);
     let mut buf = vec![0u8; 64 * 1024];
     let mut at = start;
     let mut in_record = false;
@@ -1588,6 +1653,46 @@ mod tests {
         // A header that long is no orders CSV.
         let (r, _, _) = run_limited(&format!("{huge}\n{}\n", row("1")), limit);
         assert!(matches!(r, Err(FileError::Invalid(m)) if m.contains("first line")));
+    }
+
+    /// Lines are counted alike whatever ends them: `\n`, `\r\n`, a lone `\r` (classic Mac OS), or a mix;
+    /// a quoted line end inside a field is data and the line count goes on after it.
+    #[test]
+    fn lines_end_with_newline_crlf_or_lone_carriage_return() {
+        let bad = row("2").replace("100", "many");
+        let quoted = row("3").replacen("Asia", "\"As\r\nia\"", 1);
+        for end in ["\n", "\r\n", "\r"] {
+            let text = format!(
+                "{HEADER}{end}{}{end}{end}{bad}{end}{quoted}{end}{}{end}{bad}",
+                row("1"),
+                row("4")
+            );
+            let (r, rejects, valid) = run(&text);
+            let r = r.unwrap();
+            assert_eq!(
+                (r.rows, r.written, r.rejected),
+                (5, 3, 2),
+                "{end:?} {rejects:?}"
+            );
+            let lines: Vec<u64> = rejects.iter().map(|r| r.0).collect();
+            assert_eq!(lines, [4, 8], "line ends {end:?}");
+            assert_eq!(valid.len(), 3);
+        }
+        // Mixed line ends, and a carriage return as the last byte of the file or of a 64 KiB read
+        // (alone, or the first byte of a `\r\n` split between two reads).
+        for boundary in ["\r", "\r\n"] {
+            let prefix = format!("{HEADER}\r{}\r\n{bad}\n", row("1"));
+            let width = 65_535 - prefix.len() - row("5").len() + "Japan".len();
+            let pad = row("5").replace("Japan", &"J".repeat(width));
+            let text = format!("{prefix}{pad}{boundary}{bad}\r");
+            assert_eq!(text.as_bytes()[65_535], b'\r');
+            let (r, rejects, valid) = run_limited(&text, 1 << 20);
+            let r = r.unwrap();
+            assert_eq!((r.rows, r.rejected), (4, 2), "{rejects:?}");
+            let lines: Vec<u64> = rejects.iter().map(|r| r.0).collect();
+            assert_eq!(lines, [3, 5], "{boundary:?}");
+            assert_eq!(valid[1].order_id(), "5");
+        }
     }
 
     /// Rows are found again at the offsets scan reports (a refused batch is rebuilt from them).
