@@ -7,6 +7,13 @@
 //! Credentials: on an SSM hybrid host (the SSM agent's `identity_config.json` exists) or when
 //! `aws.credentials_file` is set, every client shares one [`RotatingCredentials`] that follows the file
 //! as the SSM agent rewrites it; otherwise the SDK's default chain.
+//!
+//! Retries: the SDK's standard mode (3 attempts; DynamoDB writes their own count, see
+//! `processors::batch_writer`). Each retry is logged at info by [`LogRetries`] with the service, the
+//! operation, the attempt and what failed the attempt before: the SDK's own retries are otherwise silent.
+//! The number is bounded by the standard mode's retry token bucket (500 tokens, 5 per retry, 10 per
+//! retried timeout, refilled by successes), so a sustained outage fails calls fast instead of filling
+//! the log.
 
 use std::time::Duration;
 
@@ -14,6 +21,16 @@ use aws_config::identity::IdentityCache;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::context::{
+    BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef,
+};
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_runtime_api::client::retries::RequestAttempts;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::{ConfigBag, Storable, StoreReplace};
 
 use crate::config::{AwsConfig, Config, HostConfig};
 use crate::credentials::{RotatingCredentials, Source};
@@ -39,6 +56,60 @@ pub enum AwsSetupError {
         "no AWS region: set aws.region in the configuration, or AWS_REGION in the environment"
     )]
     NoRegion,
+}
+
+/// Logs every retry of an AWS call, with what failed the attempt before it.
+#[derive(Debug)]
+pub struct LogRetries;
+
+/// What failed the latest attempt of a call (kept in the call's config bag for the retry's log line).
+#[derive(Debug, Clone)]
+struct FailedAttempt(String);
+
+impl Storable for FailedAttempt {
+    type Storer = StoreReplace<Self>;
+}
+
+impl Intercept for LogRetries {
+    fn name(&self) -> &'static str {
+        "LogRetries"
+    }
+
+    fn read_after_attempt(
+        &self,
+        context: &FinalizerInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if let Some(Err(e)) = context.output_or_error() {
+            let why = match context.response() {
+                Some(r) => format!("HTTP {}", r.status().as_u16()),
+                None => crate::error::chain(e),
+            };
+            cfg.interceptor_state().store_put(FailedAttempt(why));
+        }
+        Ok(())
+    }
+
+    fn read_before_attempt(
+        &self,
+        _: &BeforeTransmitInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let attempt = cfg.load::<RequestAttempts>().map_or(1, |a| a.attempts());
+        if attempt > 1 {
+            let op = cfg.load::<Metadata>();
+            tracing::info!(
+                service = op.map_or("", |m| m.service()),
+                operation = op.map_or("", |m| m.name()),
+                attempt,
+                after = cfg.load::<FailedAttempt>().map_or("", |f| f.0.as_str()),
+                "retrying an AWS call"
+            );
+        }
+        Ok(())
+    }
 }
 
 fn timeouts(cfg: &AwsConfig, attempt: Duration) -> TimeoutConfig {
@@ -151,12 +222,12 @@ pub async fn clients_with(
         ecs = ecs.endpoint_url(url);
     }
     Ok(Clients {
-        s3: aws_sdk_s3::Client::from_conf(s3.build()),
-        sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
-        sqs_receive: aws_sdk_sqs::Client::from_conf(receive.build()),
-        dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
-        ssm: aws_sdk_ssm::Client::from_conf(ssm.build()),
-        ecs: aws_sdk_ecs::Client::from_conf(ecs.build()),
+        s3: aws_sdk_s3::Client::from_conf(s3.interceptor(LogRetries).build()),
+        sqs: aws_sdk_sqs::Client::from_conf(sqs.interceptor(LogRetries).build()),
+        sqs_receive: aws_sdk_sqs::Client::from_conf(receive.interceptor(LogRetries).build()),
+        dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.interceptor(LogRetries).build()),
+        ssm: aws_sdk_ssm::Client::from_conf(ssm.interceptor(LogRetries).build()),
+        ecs: aws_sdk_ecs::Client::from_conf(ecs.interceptor(LogRetries).build()),
         region,
         credentials,
     })

@@ -127,8 +127,13 @@ where
             );
         }
     }
+    chain(err)
+}
+
+/// An error and its sources, each once, joined by ": " (no Debug forms).
+pub fn chain(err: &dyn StdError) -> String {
     let mut text = err.to_string();
-    let mut source = StdError::source(err);
+    let mut source = err.source();
     while let Some(s) = source {
         let next = s.to_string();
         if !text.ends_with(&next) {

@@ -215,6 +215,25 @@ async fn a_misbehaving_network_changes_nothing_in_the_results() {
     let (errors, resets) = (proxy.count(|c| &c.errors), proxy.count(|c| &c.resets));
     eprintln!("flaky network: {errors} answers of 503, {resets} resets");
     assert!(errors > 0 && resets > 0, "the proxy injected faults");
+    // The SDK's retries are in the log, with what failed the attempt before.
+    let log = agent.log_text();
+    let retries: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("retrying an AWS call"))
+        .collect();
+    eprintln!(
+        "flaky network: {} retries logged, e.g. {:?}",
+        retries.len(),
+        retries.iter().find(|l| !l.contains("HTTP "))
+    );
+    assert!(
+        retries.iter().any(|l| l.contains("HTTP 503")),
+        "a retry after a 503 is logged:\n{log}"
+    );
+    assert!(
+        retries.iter().any(|l| !l.contains("HTTP ")),
+        "a retry after a reset is logged:\n{log}"
+    );
     proxy.set(Faults::default());
     w.account(&files, "output/").await;
     alive(&mut agent);
@@ -380,6 +399,108 @@ async fn a_full_spool_makes_a_large_file_wait_while_small_ones_flow() {
         back.elapsed()
     );
     w.account(&files, "output/").await;
+    alive(&mut agent);
+    agent.terminate(Duration::from_secs(30));
+}
+
+/// The daemon's `/status` as JSON (an error while it is not listening yet).
+async fn status(port: u16) -> Result<serde_json::Value, String> {
+    let (code, body) = offload_agent::admin::get(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        "/status",
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| format!("GET /status: {e}"))?;
+    assert_eq!(code, 200, "{body}");
+    Ok(serde_json::from_str(&body).unwrap())
+}
+
+/// Wait until the daemon's `ecs_agent` status satisfies `ok`.
+async fn wait_ecs(port: u16, what: &str, agent: &Agent, ok: impl Fn(&serde_json::Value) -> bool) {
+    let start = Instant::now();
+    loop {
+        let s = status(port).await;
+        if s.as_ref().is_ok_and(|s| ok(&s["ecs_agent"])) {
+            return;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "ECS agent never {what}: {:?}\nlog:\n{}",
+            s.map(|s| s["ecs_agent"].clone()),
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Docker stopped and started again under the supervised ECS agent while files flow (a private engine
+/// with live restore on a socket of its own, so that the other Docker suites keep theirs): the
+/// supervisor waits for the engine, then reconnects and re-adopts the agent's container, which never
+/// stopped; the worker does not notice — every file uploaded before, during and after is accounted for.
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_restarted_under_the_ecs_agent_leaves_the_worker_untouched() {
+    let mut engine = support::docker::PrivateDocker::start().await;
+    let rig =
+        support::docker::Rig::prepare_on("fault-restart", false, Some(&engine.socket())).await;
+    let port = free_port();
+    let w = World::with(
+        "dockerrestart",
+        Options {
+            admin_listen: format!("127.0.0.1:{port}"),
+            ecs_agent: rig.ecs_agent_section(),
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut agent = w.start();
+    wait_ecs(port, "answered", &agent, |e| !e["version"].is_null()).await;
+    let mut files = Vec::new();
+    let upload = async |files: &mut Vec<(String, Vec<String>)>, phase: &str, from: usize| {
+        for i in from..from + 4 {
+            let key = format!("input/{phase}-{i}.csv");
+            w.put(&key, orders_csv(i * 300, 300)).await;
+            files.push((key, ids(i * 300, 300)));
+        }
+    };
+    upload(&mut files, "before", 0).await;
+
+    engine.stop();
+    let waiting = offload_agent::ecs_agent::State::WaitingForDocker.to_string();
+    wait_ecs(port, "waited for Docker", &agent, |e| {
+        e["state"] == waiting.as_str()
+    })
+    .await;
+    upload(&mut files, "during", 4).await;
+    // The worker goes on without Docker: the files uploaded while it is down are done before it returns.
+    wait_outputs(&w, &files, &agent).await;
+    assert_eq!(
+        status(port).await.unwrap()["ecs_agent"]["state"],
+        waiting.as_str()
+    );
+
+    engine.start_again().await;
+    let back = Instant::now();
+    upload(&mut files, "after", 8).await;
+    agent.wait_log("adopted the running container", WAIT).await;
+    wait_ecs(port, "answered again", &agent, |e| {
+        e["state"] == "running" && !e["version"].is_null()
+    })
+    .await;
+    eprintln!(
+        "docker restart: agent re-adopted {:?} after the engine returned",
+        back.elapsed()
+    );
+    wait_outputs(&w, &files, &agent).await;
+    w.wait_queue_empty(WAIT, &agent).await;
+    w.account(&files, "output/").await;
+    let e = status(port).await.unwrap()["ecs_agent"].clone();
+    assert_eq!(e["restarts"], 0, "{e}");
+    assert_eq!(
+        rig.starts(),
+        1,
+        "the agent kept running through the Docker restart"
+    );
     alive(&mut agent);
     agent.terminate(Duration::from_secs(30));
 }

@@ -231,14 +231,10 @@ impl Rig {
         self.dir.path().join("agent-image.tar")
     }
 
-    /// A configuration for this rig, in TOML so that it goes through the same validation as the daemon's.
-    pub fn make_config(dir: &Path, name: &str, image: &str, port: u16, iam: bool) -> Config {
-        let text = format!(
-            r#"
-[queue]
-name = "unused"
-[ecs_agent]
-enabled = true
+    /// The `[ecs_agent]` settings of a rig, in TOML.
+    fn ecs_agent_toml(dir: &Path, name: &str, image: &str, port: u16, iam: bool) -> String {
+        format!(
+            r#"enabled = true
 image = "{image}"
 image_tarball = "{tarball}"
 allow_pull = false
@@ -252,6 +248,29 @@ start_timeout = "20s"
 restart_backoff_min = "200ms"
 restart_backoff_max = "3s"
 healthy_reset_after = "2s"
+"#,
+            tarball = dir.join("agent-image.tar").display(),
+            root = dir.display(),
+        )
+    }
+
+    /// This rig's `[ecs_agent]` settings (its engine's socket too), for a daemon's configuration.
+    pub fn ecs_agent_section(&self) -> String {
+        format!(
+            "{}docker_socket = \"{}\"\n",
+            Self::ecs_agent_toml(self.root(), &self.name, &self.image, self.port, false),
+            self.config.ecs_agent.docker_socket
+        )
+    }
+
+    /// A configuration for this rig, in TOML so that it goes through the same validation as the daemon's.
+    pub fn make_config(dir: &Path, name: &str, image: &str, port: u16, iam: bool) -> Config {
+        let text = format!(
+            r#"
+[queue]
+name = "unused"
+[ecs_agent]
+{ecs}
 [[pipeline]]
 name = "p"
 bucket = "b"
@@ -260,8 +279,7 @@ processor = "orders-csv"
 table = "t"
 output_prefix = "out/"
 "#,
-            tarball = dir.join("agent-image.tar").display(),
-            root = dir.display(),
+            ecs = Self::ecs_agent_toml(dir, name, image, port, iam),
         );
         offload_agent::config::from_toml_str(&text, "rig.toml").unwrap()
     }

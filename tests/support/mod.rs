@@ -190,6 +190,8 @@ pub struct Options {
     pub no_dlq: bool,
     /// `admin.listen` (default "127.0.0.1:0": any free port, so that parallel daemons never collide).
     pub admin_listen: String,
+    /// The `[ecs_agent]` section's settings (default: `enabled = false`).
+    pub ecs_agent: String,
 }
 
 impl Default for Options {
@@ -206,6 +208,7 @@ impl Default for Options {
             max_receive_count: offload_agent::config::DEFAULT_MAX_RECEIVE_COUNT,
             no_dlq: false,
             admin_listen: "127.0.0.1:0".into(),
+            ecs_agent: "enabled = false".into(),
         }
     }
 }
@@ -262,7 +265,7 @@ max_receive_count = {max_receives}
 dir = "{spool}"
 
 [ecs_agent]
-enabled = false
+{ecs_agent}
 
 [admin]
 listen = "{admin}"
@@ -279,6 +282,7 @@ output_prefix = "output/"
 "#,
                 extra = o.extra.replace("{bucket}", &bucket),
                 admin = o.admin_listen,
+                ecs_agent = o.ecs_agent,
                 grace = o.shutdown_grace,
                 mif = o.max_in_flight,
                 vis = o.visibility_timeout,
