@@ -3,9 +3,12 @@
 //! Neither may panic; every event is an event or a reason; every row is written or rejected with a
 //! reason, and written + rejected = rows.
 
-use offload_agent::processors::orders_csv::{scan, ScanLimits, Source};
+#[path = "support/scan_check.rs"]
+mod scan_check;
+
 use offload_agent::worker::event::{decode_key, parse, Event};
 use proptest::prelude::*;
+use scan_check::check_scan;
 use serde_json::json;
 
 const HEADER: &str = "Region,Country,ItemType,SalesChannel,OrderPriority,OrderDate,OrderId,ShipDate,UnitSold,UnitPrice,TotalRevenue,TotalCost,TotalProfit";
@@ -85,61 +88,8 @@ proptest! {
             text.push_str(r);
             text.push('\n');
         }
-        check_scan(text.as_bytes(), 64 * 1024)?;
+        check_scan(text.as_bytes(), 64 * 1024);
     }
-}
-
-/// Scan `bytes` as an orders file: no panic; every row is an item of 16 attributes with an OrderId,
-/// or a reject with a reason and a line after the header's and within the file (whatever ends its lines:
-/// `\n`, `\r\n` or a lone `\r`); written + rejected = rows; a file that is no orders CSV (a quote can
-/// join lines into one unreadable record) gets a reason.
-fn check_scan(bytes: &[u8], max_line_bytes: u64) -> Result<(), TestCaseError> {
-    let line_ends = bytes
-        .iter()
-        .enumerate()
-        .filter(|&(i, &b)| b == b'\n' || (b == b'\r' && bytes.get(i + 1) != Some(&b'\n')))
-        .count() as u64;
-    let lines = 2..=line_ends + 1;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("in.csv");
-    std::fs::write(&path, bytes).unwrap();
-    let src = Source {
-        bucket: "b".into(),
-        key: "k.csv".into(),
-        etag: "e".into(),
-    };
-    let limits = ScanLimits {
-        max_line_bytes,
-        item_overhead: src.item_overhead(),
-    };
-    let (mut written, mut rejected) = (0u64, 0u64);
-    let out = scan(
-        &path,
-        limits,
-        None,
-        None,
-        |line, _, reason| {
-            assert!(lines.contains(&line), "line {line} not in {lines:?}");
-            assert!(!reason.is_empty());
-            rejected += 1;
-            Ok(())
-        },
-        |_, order| {
-            let item = order.to_item(&src.confirmation_id(order.order_id()), &src);
-            assert_eq!(item.len(), 16);
-            assert!(!order.order_id().is_empty());
-            written += 1;
-            Ok(())
-        },
-    );
-    match out {
-        Ok(out) => {
-            prop_assert_eq!((out.written, out.rejected), (written, rejected));
-            prop_assert_eq!(out.rows, written + rejected);
-        }
-        Err(e) => prop_assert!(!e.to_string().is_empty()),
-    }
-    Ok(())
 }
 
 fn corpus() -> Vec<Vec<u8>> {
@@ -180,7 +130,7 @@ proptest! {
             }
         }
         bytes.truncate(cut.index(bytes.len() + 1).max(bytes.len() / 2));
-        check_scan(&bytes, 4096)?;
+        check_scan(&bytes, 4096);
     }
 }
 

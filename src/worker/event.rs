@@ -56,9 +56,16 @@ fn object_ref(
     version_field: &str,
 ) -> Result<ObjectRef, NotAnEvent> {
     let text = |f: &str| object.get(f).and_then(Value::as_str).map(String::from);
+    let key = decode_key(raw_key)?;
+    // S3 has no bucket without a name and no object without a key: such a record is not from S3.
+    if bucket.is_empty() || key.is_empty() {
+        return Err(NotAnEvent(format!(
+            "empty bucket name or object key (bucket {bucket:?}, key {raw_key:?})"
+        )));
+    }
     Ok(ObjectRef {
         bucket: bucket.to_string(),
-        key: decode_key(raw_key)?,
+        key,
         size: object.get("size").and_then(Value::as_u64),
         etag: text(etag_field),
         version_id: text(version_field),
@@ -193,6 +200,15 @@ mod tests {
             "../../etc/passwd"
         );
         assert!(decode_key("%FF").is_err());
+    }
+
+    #[test]
+    fn an_empty_bucket_or_key_is_not_an_event() {
+        for (bucket, key) in [("", "a.csv"), ("b", "")] {
+            let body = serde_json::json!({"Records": [record(bucket, key, "ObjectCreated:Put")]});
+            let e = parse(&body.to_string()).unwrap_err();
+            assert!(e.0.contains("empty bucket name or object key"), "{e}");
+        }
     }
 
     #[test]

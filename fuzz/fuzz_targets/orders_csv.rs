@@ -1,0 +1,10 @@
+//! Any file as an orders CSV, scanned with a 4 KiB record limit: the accounting of
+//! `tests/support/scan_check.rs` (the property tests' own) holds.
+#![no_main]
+
+#[path = "../../tests/support/scan_check.rs"]
+mod scan_check;
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| scan_check::check_scan(data, 4096));

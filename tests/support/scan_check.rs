@@ -1,0 +1,56 @@
+//! The accounting every scan of any input must satisfy; used by the property tests
+//! (`tests/properties.rs`) and the `orders_csv` fuzz target (`fuzz/`), so that both check the same.
+
+use offload_agent::processors::orders_csv::{scan, ScanLimits, Source};
+
+/// Scan `bytes` as an orders file: no panic; every row is an item of 16 attributes with an OrderId,
+/// or a reject with a reason and a line after the header's and within the file (whatever ends its lines:
+/// `\n`, `\r\n` or a lone `\r`); written + rejected = rows; a file that is no orders CSV (a quote can
+/// join lines into one unreadable record) gets a reason. Panics when one does not hold.
+pub fn check_scan(bytes: &[u8], max_line_bytes: u64) {
+    let line_ends = bytes
+        .iter()
+        .enumerate()
+        .filter(|&(i, &b)| b == b'\n' || (b == b'\r' && bytes.get(i + 1) != Some(&b'\n')))
+        .count() as u64;
+    let lines = 2..=line_ends + 1;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("in.csv");
+    std::fs::write(&path, bytes).unwrap();
+    let src = Source {
+        bucket: "b".into(),
+        key: "k.csv".into(),
+        etag: "e".into(),
+    };
+    let limits = ScanLimits {
+        max_line_bytes,
+        item_overhead: src.item_overhead(),
+    };
+    let (mut written, mut rejected) = (0u64, 0u64);
+    let out = scan(
+        &path,
+        limits,
+        None,
+        None,
+        |line, _, reason| {
+            assert!(lines.contains(&line), "line {line} not in {lines:?}");
+            assert!(!reason.is_empty());
+            rejected += 1;
+            Ok(())
+        },
+        |_, order| {
+            let item = order.to_item(&src.confirmation_id(order.order_id()), &src);
+            assert_eq!(item.len(), 16);
+            assert!(!order.order_id().is_empty());
+            written += 1;
+            Ok(())
+        },
+    );
+    match out {
+        Ok(out) => {
+            assert_eq!((out.written, out.rejected), (written, rejected));
+            assert_eq!(out.rows, written + rejected);
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}
