@@ -298,9 +298,14 @@ pub enum NumberError {
     OutOfRange,
 }
 
-/// A plain decimal (no exponent) that DynamoDB accepts as a number (at most 38 significant digits,
-/// magnitude from 1E-130 to below 1E+126), appended to `out` with any leading `+` dropped.
+/// A decimal that DynamoDB accepts as a number (at most 38 significant digits, magnitude from 1E-130
+/// to below 1E+126), appended to `out`: a plain decimal as it is, with any leading `+` dropped; one in
+/// exponent notation (`1.2E+05`, as spreadsheets export large values) as the plain decimal it stands for
+/// (`120000`), so that every number in the table is written one way.
 pub fn parse_number_into(s: &str, integer: bool, out: &mut String) -> Result<(), NumberError> {
+    if let Some(e) = s.find(['e', 'E']) {
+        return parse_exponent_into(&s[..e], &s[e + 1..], integer, out);
+    }
     let body = s.strip_prefix('+').unwrap_or(s);
     let unsigned = body.strip_prefix('-').unwrap_or(body);
     if integer && unsigned.len() != body.len() {
@@ -342,6 +347,80 @@ pub fn parse_number_into(s: &str, integer: bool, out: &mut String) -> Result<(),
         return Err(NumberError::OutOfRange);
     }
     out.push_str(body);
+    Ok(())
+}
+
+/// `mantissa`E`exponent` as a plain decimal, under the same limits as a plain one.
+fn parse_exponent_into(
+    mantissa: &str,
+    exponent: &str,
+    integer: bool,
+    out: &mut String,
+) -> Result<(), NumberError> {
+    let mantissa = mantissa.strip_prefix('+').unwrap_or(mantissa);
+    let (negative, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => (true, m),
+        None => (false, mantissa),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = || int.bytes().chain(frac.bytes());
+    let exp_digits = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
+    if (int.is_empty() && frac.is_empty())
+        || !digits().all(|b| b.is_ascii_digit())
+        || exp_digits.is_empty()
+        || !exp_digits.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(NumberError::NotANumber);
+    }
+    let total = int.len() + frac.len();
+    let leading = digits().take_while(|&b| b == b'0').count();
+    if leading == total {
+        // Zero, whatever its exponent.
+        if negative && integer {
+            return Err(NumberError::NotANumber);
+        }
+        out.push('0');
+        return Ok(());
+    }
+    if negative && integer {
+        return Err(NumberError::NotANumber); // a count of units is never negative
+    }
+    let trailing = digits().rev().take_while(|&b| b == b'0').count();
+    let significant = total - leading - trailing;
+    if significant > MAX_NUMBER_DIGITS {
+        return Err(NumberError::TooPrecise);
+    }
+    // A longer exponent is out of range whatever the mantissa (at most 2 x 10^6 digits long here).
+    let exp: i64 = match exp_digits.trim_start_matches('0') {
+        e if e.len() > 9 => return Err(NumberError::OutOfRange),
+        e => e.parse().unwrap_or(0),
+    };
+    let exp = if exponent.starts_with('-') { -exp } else { exp };
+    // Digits of the significant part before the point (negative: zeros after the point first).
+    let before = int.len() as i64 - leading as i64 + exp;
+    if before > MAX_INTEGER_DIGITS as i64 || -before > MAX_FRACTION_LEADING_ZEROS as i64 {
+        return Err(NumberError::OutOfRange);
+    }
+    if integer && before < significant as i64 {
+        return Err(NumberError::NotANumber); // a fraction of a unit
+    }
+    if negative {
+        out.push('-');
+    }
+    let sig = digits().skip(leading).take(significant).map(char::from);
+    if before <= 0 {
+        out.push_str("0.");
+        out.extend(std::iter::repeat_n('0', (-before) as usize));
+        out.extend(sig);
+    } else if before as usize >= significant {
+        out.extend(sig);
+        out.extend(std::iter::repeat_n('0', before as usize - significant));
+    } else {
+        let mut sig = sig;
+        out.extend(sig.by_ref().take(before as usize));
+        out.push('.');
+        out.extend(sig);
+    }
     Ok(())
 }
 
@@ -1465,7 +1544,52 @@ mod tests {
         assert_eq!(parse_number("205.70", false).unwrap(), "205.70");
         assert_eq!(parse_number("-3.5", false).unwrap(), "-3.5");
         assert_eq!(parse_number("+7", true).unwrap(), "7");
-        assert!(parse_number("1e5", false).is_none());
+        // Exponent notation becomes the plain decimal it stands for, under the same limits.
+        for (e, plain) in [
+            ("1e5", "100000"),
+            ("1.2E+05", "120000"),
+            ("-2.50e-3", "-0.0025"),
+            ("+12.5e1", "125"),
+            ("0.0e7", "0"),
+            (".5e1", "5"),
+            ("123.456E1", "1234.56"),
+            ("1e125", &format!("1{}", "0".repeat(125))),
+            ("1e-130", &format!("0.{}1", "0".repeat(129))),
+        ] {
+            assert_eq!(parse_number(e, false).as_deref(), Some(plain), "{e}");
+        }
+        assert_eq!(parse_number("1.5e3", true).as_deref(), Some("1500"));
+        assert_eq!(parse_number("0e-9", true).as_deref(), Some("0"));
+        for bad in [
+            "e5", "1e", "1e+", "1.2.3e4", "1ee4", "1e4.5", "--1e2", "1e--2",
+        ] {
+            assert_eq!(
+                parse_number_into(bad, false, &mut String::new()),
+                Err(NumberError::NotANumber),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_number_into("1e126", false, &mut String::new()),
+            Err(NumberError::OutOfRange)
+        );
+        assert_eq!(
+            parse_number_into("1e-131", false, &mut String::new()),
+            Err(NumberError::OutOfRange)
+        );
+        assert_eq!(
+            parse_number_into("1e9999999999999", false, &mut String::new()),
+            Err(NumberError::OutOfRange)
+        );
+        assert_eq!(
+            parse_number_into(&format!("{}e2", "1".repeat(39)), false, &mut String::new()),
+            Err(NumberError::TooPrecise)
+        );
+        assert!(
+            parse_number("1.25e1", true).is_none(),
+            "a fraction of a unit"
+        );
+        assert!(parse_number("-1e2", true).is_none(), "negative units");
         assert!(parse_number("-4", true).is_none());
         assert!(parse_number("4.0", true).is_none());
         assert!(parse_number("", false).is_none());
