@@ -410,11 +410,11 @@ fn parse_exponent_into(
     let sig = digits().skip(leading).take(significant).map(char::from);
     if before <= 0 {
         out.push_str("0.");
-        out.extend(std::iter::repeat_n('0', (-before) as usize));
+        out.extend(std::iter::repeat('0').take((-before) as usize));
         out.extend(sig);
     } else if before as usize >= significant {
         out.extend(sig);
-        out.extend(std::iter::repeat_n('0', before as usize - significant));
+        out.extend(std::iter::repeat('0').take(before as usize - significant));
     } else {
         let mut sig = sig;
         out.extend(sig.by_ref().take(before as usize));
@@ -750,14 +750,7 @@ impl Records {
     fn next(&mut self, rec: &mut csv::ByteRecord) -> Result<Next, FileError> {
         loop {
             let next = self.next_record(rec)?;
-            // The carriage return of a `\r\n` line end is the last field's last byte (the csv reader
-            // ends records at newlines only, so that it counts every line it ends).
-            if let Some(last) = rec.iter().next_back().filter(|f| f.ends_with(b"\r")) {
-                self.scratch.clear();
-                self.scratch.extend_from_slice(&last[..last.len() - 1]);
-                rec.truncate(rec.len() - 1);
-                rec.push_field(&self.scratch);
-            }
+            strip_cr(rec, &mut self.scratch);
             // A blank line (`\r\n` alone) is no row.
             let blank = rec.len() == 1 && rec[0].is_empty();
             if !(blank && matches!(next, Next::Row(_))) {
@@ -825,6 +818,18 @@ impl Records {
             }
             Err(e) => Err(csv_error(e)),
         }
+    }
+}
+
+/// Drop the carriage return of a `\r\n` line end, which is the last field's last byte: the csv reader
+/// ends records at newlines only, so that it counts every line it ends. `scratch` holds the field
+/// meanwhile.
+fn strip_cr(rec: &mut csv::ByteRecord, scratch: &mut Vec<u8>) {
+    if let Some(last) = rec.iter().next_back().filter(|f| f.ends_with(b"\r")) {
+        scratch.clear();
+        scratch.extend_from_slice(&last[..last.len() - 1]);
+        rec.truncate(rec.len() - 1);
+        rec.push_field(scratch);
     }
 }
 
@@ -1233,6 +1238,7 @@ fn reread(
         fields: Default::default(),
     };
     let mut rec = csv::ByteRecord::new();
+    let mut scratch = Vec::new();
     let mut out = Vec::with_capacity(rows.len());
     for at in rows {
         let mut rdr = reader_at(input, at.offset, limits.max_line_bytes, None)?;
@@ -1242,6 +1248,7 @@ fn reread(
                 at.offset, at.line
             ))));
         }
+        strip_cr(&mut rec, &mut scratch);
         validate_into(&rec, &header, &mut order).map_err(|reason| {
             FileError::Io(io::Error::other(format!(
                 "line {} no longer passes validation: {reason}",
@@ -1822,8 +1829,14 @@ mod tests {
     /// Rows are found again at the offsets scan reports (a refused batch is rebuilt from them).
     #[test]
     fn rows_are_read_again_at_their_offsets() {
+        for end in ["\n", "\r\n", "\r"] {
+            rows_are_read_again_with_line_ends(end);
+        }
+    }
+
+    fn rows_are_read_again_with_line_ends(end: &str) {
         let text = format!(
-            "{HEADER}\n{}\n\n{}\n\"{}\n{}\n",
+            "{HEADER}{end}{}{end}{end}{}{end}\"{}{end}{}{end}",
             row("1"),
             row("2"),
             "y".repeat(400_000),
@@ -1855,7 +1868,7 @@ mod tests {
             key: "k".into(),
             etag: "e".into(),
         };
-        let again = reread(&p, limits, &src, &at).unwrap();
+        let again = reread(&p, limits, &src, &at).unwrap_or_else(|e| panic!("{end:?}: {e}"));
         let ids: Vec<&str> = again.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(ids, ["1", "2", "3"]);
     }
