@@ -303,9 +303,17 @@ pub enum NumberError {
 /// exponent notation (`1.2E+05`, as spreadsheets export large values) as the plain decimal it stands for
 /// (`120000`), so that every number in the table is written one way.
 pub fn parse_number_into(s: &str, integer: bool, out: &mut String) -> Result<(), NumberError> {
-    if let Some(e) = s.find(['e', 'E']) {
-        return parse_exponent_into(&s[..e], &s[e + 1..], integer, out);
+    match parse_plain_into(s, integer, out) {
+        Err(NumberError::NotANumber) => match s.bytes().position(|b| b == b'e' || b == b'E') {
+            Some(e) => parse_exponent_into(&s[..e], &s[e + 1..], integer, out),
+            None => Err(NumberError::NotANumber),
+        },
+        plain => plain,
     }
+}
+
+/// A plain decimal (no exponent), appended to `out` as it is when DynamoDB accepts it.
+fn parse_plain_into(s: &str, integer: bool, out: &mut String) -> Result<(), NumberError> {
     let body = s.strip_prefix('+').unwrap_or(s);
     let unsigned = body.strip_prefix('-').unwrap_or(body);
     if integer && unsigned.len() != body.len() {
@@ -553,32 +561,50 @@ pub fn validate_into(rec: &csv::ByteRecord, h: &Header, order: &mut Order) -> Re
 /// counts lines by newlines only: without this, every row of a CR-only file reported line 1. One byte
 /// for one byte, so offsets stay file offsets. (A lone `\r` inside a quoted field reads as `\n` too.)
 struct LineEnds<R> {
-    inner: io::BufReader<R>,
+    inner: R,
+    /// A byte read from `inner` to learn what follows a carriage return that ended a read, not yet
+    /// handed out.
+    pending: Option<u8>,
 }
 
 impl<R: Read> LineEnds<R> {
     fn new(inner: R) -> LineEnds<R> {
         LineEnds {
-            inner: io::BufReader::with_capacity(64 * 1024, inner),
+            inner,
+            pending: None,
         }
     }
 }
 
 impl<R: Read> Read for LineEnds<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        use io::BufRead;
-        let avail = self.inner.fill_buf()?;
-        let n = avail.len().min(buf.len());
-        buf[..n].copy_from_slice(&avail[..n]);
-        self.inner.consume(n);
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        if let Some(b) = self.pending.take() {
+            buf[0] = b;
+            n = 1;
+        }
+        if n < buf.len() {
+            n += self.inner.read(&mut buf[n..])?;
+        }
         let mut from = 0;
         while let Some(j) = memchr::memchr(b'\r', &buf[from..n]) {
             let i = from + j;
-            // A carriage return at the end of what was read: the next read tells what follows it.
             let next = if i + 1 < n {
                 Some(buf[i + 1])
             } else {
-                self.inner.fill_buf()?.first().copied()
+                // The read ends with a carriage return: read one byte more to learn what follows it.
+                let mut one = [0u8];
+                let got = loop {
+                    match self.inner.read(&mut one) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        r => break r?,
+                    }
+                };
+                self.pending = (got == 1).then_some(one[0]);
+                self.pending
             };
             if next != Some(b'\n') {
                 buf[i] = b'\n';
@@ -825,7 +851,11 @@ impl Records {
 /// ends records at newlines only, so that it counts every line it ends. `scratch` holds the field
 /// meanwhile.
 fn strip_cr(rec: &mut csv::ByteRecord, scratch: &mut Vec<u8>) {
-    if let Some(last) = rec.iter().next_back().filter(|f| f.ends_with(b"\r")) {
+    // The record's bytes end with its last field's.
+    if rec.as_slice().last() != Some(&b'\r') {
+        return;
+    }
+    if let Some(last) = rec.iter().next_back() {
         scratch.clear();
         scratch.extend_from_slice(&last[..last.len() - 1]);
         rec.truncate(rec.len() - 1);
@@ -1809,20 +1839,49 @@ mod tests {
             assert_eq!(lines, [4, 8], "line ends {end:?}");
             assert_eq!(valid.len(), 3);
         }
-        // Mixed line ends, and a carriage return as the last byte of the file or of a 64 KiB read
-        // (alone, or the first byte of a `\r\n` split between two reads).
+        // Mixed line ends, a carriage return as the last byte of the file, and a long line.
         for boundary in ["\r", "\r\n"] {
             let prefix = format!("{HEADER}\r{}\r\n{bad}\n", row("1"));
             let width = 65_535 - prefix.len() - row("5").len() + "Japan".len();
             let pad = row("5").replace("Japan", &"J".repeat(width));
             let text = format!("{prefix}{pad}{boundary}{bad}\r");
-            assert_eq!(text.as_bytes()[65_535], b'\r');
             let (r, rejects, valid) = run_limited(&text, 1 << 20);
             let r = r.unwrap();
             assert_eq!((r.rows, r.rejected), (4, 2), "{rejects:?}");
             let lines: Vec<u64> = rejects.iter().map(|r| r.0).collect();
             assert_eq!(lines, [3, 5], "{boundary:?}");
             assert_eq!(valid[1].order_id(), "5");
+        }
+    }
+
+    /// Lone carriage returns become newlines and `\r\n` stays, whatever the reads: a carriage return
+    /// ending a read, a `\r\n` split between two, a buffer of one byte.
+    #[test]
+    fn line_ends_are_translated_across_reads() {
+        struct Trickle<'a>(&'a [u8], usize);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = self.1.min(buf.len()).min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let input = b"a\rb\r\nc\r\r\n\"d\re\"\r";
+        let want = b"a\nb\r\nc\n\r\n\"d\ne\"\n";
+        for chunk in 1..=5 {
+            for len in [1, 2, 3, 64] {
+                let mut r = LineEnds::new(Trickle(input, chunk));
+                let (mut got, mut buf) = (Vec::new(), vec![0u8; len]);
+                loop {
+                    let n = r.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                assert_eq!(got, want, "reads of {chunk} bytes into a buffer of {len}");
+            }
         }
     }
 
