@@ -60,7 +60,7 @@ pub enum AwsSetupError {
 
 /// Logs every retry of an AWS call, with what failed the attempt before it.
 #[derive(Debug)]
-pub struct LogRetries;
+struct LogRetries;
 
 /// What failed the latest attempt of a call (kept in the call's config bag for the retry's log line).
 #[derive(Debug, Clone)]

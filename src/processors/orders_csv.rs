@@ -358,7 +358,7 @@ fn parse_plain_into(s: &str, integer: bool, out: &mut String) -> Result<(), Numb
     Ok(())
 }
 
-/// `mantissa`E`exponent` as a plain decimal, under the same limits as a plain one.
+/// `mantissa`E`exponent` written out as the plain decimal it stands for, then judged as one.
 fn parse_exponent_into(
     mantissa: &str,
     exponent: &str,
@@ -366,9 +366,9 @@ fn parse_exponent_into(
     out: &mut String,
 ) -> Result<(), NumberError> {
     let mantissa = mantissa.strip_prefix('+').unwrap_or(mantissa);
-    let (negative, mantissa) = match mantissa.strip_prefix('-') {
-        Some(m) => (true, m),
-        None => (false, mantissa),
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mantissa),
     };
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let digits = || int.bytes().chain(frac.bytes());
@@ -383,22 +383,20 @@ fn parse_exponent_into(
     let total = int.len() + frac.len();
     let leading = digits().take_while(|&b| b == b'0').count();
     if leading == total {
-        // Zero, whatever its exponent.
-        if negative && integer {
-            return Err(NumberError::NotANumber);
-        }
-        out.push('0');
-        return Ok(());
-    }
-    if negative && integer {
-        return Err(NumberError::NotANumber); // a count of units is never negative
+        // Zero, whatever its exponent, written unsigned (a count of units still may not be negative).
+        let zero = if integer && !sign.is_empty() {
+            "-0"
+        } else {
+            "0"
+        };
+        return parse_plain_into(zero, integer, out);
     }
     let trailing = digits().rev().take_while(|&b| b == b'0').count();
     let significant = total - leading - trailing;
     if significant > MAX_NUMBER_DIGITS {
         return Err(NumberError::TooPrecise);
     }
-    // A longer exponent is out of range whatever the mantissa (at most 2 x 10^6 digits long here).
+    // Bounded before it is written out: a longer exponent is out of range whatever the mantissa.
     let exp: i64 = match exp_digits.trim_start_matches('0') {
         e if e.len() > 9 => return Err(NumberError::OutOfRange),
         e => e.parse().unwrap_or(0),
@@ -409,27 +407,22 @@ fn parse_exponent_into(
     if before > MAX_INTEGER_DIGITS as i64 || -before > MAX_FRACTION_LEADING_ZEROS as i64 {
         return Err(NumberError::OutOfRange);
     }
-    if integer && before < significant as i64 {
-        return Err(NumberError::NotANumber); // a fraction of a unit
-    }
-    if negative {
-        out.push('-');
-    }
-    let sig = digits().skip(leading).take(significant).map(char::from);
+    let mut plain = String::with_capacity(significant + before.unsigned_abs() as usize + 3);
+    plain.push_str(sign);
+    let mut sig = digits().skip(leading).take(significant).map(char::from);
     if before <= 0 {
-        out.push_str("0.");
-        out.extend(std::iter::repeat('0').take((-before) as usize));
-        out.extend(sig);
-    } else if before as usize >= significant {
-        out.extend(sig);
-        out.extend(std::iter::repeat('0').take(before as usize - significant));
+        plain.push_str("0.");
+        plain.extend(std::iter::repeat('0').take((-before) as usize));
+        plain.extend(sig);
     } else {
-        let mut sig = sig;
-        out.extend(sig.by_ref().take(before as usize));
-        out.push('.');
-        out.extend(sig);
+        plain.extend(sig.by_ref().take(before as usize));
+        plain.extend(std::iter::repeat('0').take((before as usize).saturating_sub(significant)));
+        if before < significant as i64 {
+            plain.push('.');
+            plain.extend(sig);
+        }
     }
-    Ok(())
+    parse_plain_into(&plain, integer, out)
 }
 
 /// [`parse_number_into`] returning a new string.

@@ -258,7 +258,13 @@ healthy_reset_after = "2s"
     pub fn ecs_agent_section(&self) -> String {
         format!(
             "{}docker_socket = \"{}\"\n",
-            Self::ecs_agent_toml(self.root(), &self.name, &self.image, self.port, false),
+            Self::ecs_agent_toml(
+                self.root(),
+                &self.name,
+                &self.image,
+                self.port,
+                self.config.ecs_agent.task_iam_roles
+            ),
             self.config.ecs_agent.docker_socket
         )
     }
