@@ -5,7 +5,8 @@
 //! doubling to 5 s, with jitter), so the writer never needs the items again. What DynamoDB returns
 //! unprocessed comes back as owned items in its answer and is sent again from there. An answer that
 //! refuses the data itself (`ValidationException`) is reported as [`WriteError::Refused`]: the caller
-//! rebuilds that batch's rows from the spool and writes them one at a time to find which row it was.
+//! builds that batch's items again from its packed rows and writes them one at a time to find which row
+//! it was.
 
 use std::sync::Arc;
 use std::time::Duration;

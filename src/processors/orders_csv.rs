@@ -86,20 +86,35 @@ impl Source {
             + self.key.len()
     }
 
+    /// `Uuid::new_v5(CONFIRMATION_NAMESPACE, "bucket\nkey\netag\nOrderId")`.
     pub fn confirmation_id(&self, order_id: &str) -> Uuid {
-        self.confirmation_id_with(order_id, &mut Vec::new())
+        ConfirmationIds::new(self).of(order_id)
+    }
+}
+
+/// [`Source::confirmation_id`] for the rows of one object: the SHA-1 state after the namespace and the
+/// object's part of the name is computed once, so that a row hashes only its `OrderId` (one SHA-1
+/// block instead of two for a typical bucket, key and ETag).
+#[derive(Clone)]
+pub struct ConfirmationIds(sha1_smol::Sha1);
+
+impl ConfirmationIds {
+    pub fn new(src: &Source) -> ConfirmationIds {
+        let mut h = sha1_smol::Sha1::new();
+        h.update(CONFIRMATION_NAMESPACE.as_bytes());
+        for part in [&src.bucket, &src.key, &src.etag] {
+            h.update(part.as_bytes());
+            h.update(b"\n");
+        }
+        ConfirmationIds(h)
     }
 
-    /// The same, building the UUIDv5 name ("bucket\nkey\netag\nOrderId") in a caller's buffer, so
-    /// that no row allocates.
-    pub fn confirmation_id_with(&self, order_id: &str, buf: &mut Vec<u8>) -> Uuid {
-        buf.clear();
-        for part in [&self.bucket, &self.key, &self.etag] {
-            buf.extend_from_slice(part.as_bytes());
-            buf.push(b'\n');
-        }
-        buf.extend_from_slice(order_id.as_bytes());
-        Uuid::new_v5(&CONFIRMATION_NAMESPACE, buf)
+    pub fn of(&self, order_id: &str) -> Uuid {
+        let mut h = self.0.clone();
+        h.update(order_id.as_bytes());
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&h.digest().bytes()[..16]);
+        uuid::Builder::from_sha1_bytes(bytes).into_uuid()
     }
 }
 
@@ -126,24 +141,37 @@ impl Order {
 
     /// The DynamoDB item: strings as S, `UnitSold` and money as N, plus ids and the source.
     pub fn to_item(&self, cid: &Uuid, src: &Source) -> HashMap<String, AttributeValue> {
-        let mut item = HashMap::with_capacity(16);
-        for (i, name) in COLUMNS.iter().enumerate() {
-            let v = self.fields[i].clone();
-            let av = if i == UNIT_SOLD || MONEY.contains(&i) {
-                AttributeValue::N(v)
-            } else {
-                AttributeValue::S(v)
-            };
-            item.insert((*name).to_string(), av);
-        }
-        item.insert(
-            "ConfirmationId".into(),
-            AttributeValue::S(cid.hyphenated().to_string()),
-        );
-        item.insert("SourceBucket".into(), AttributeValue::S(src.bucket.clone()));
-        item.insert("SourceKey".into(), AttributeValue::S(src.key.clone()));
-        item
+        item(|i| &self.fields[i], cid, src)
     }
+}
+
+/// The DynamoDB item of a valid row whose field `i` (in [`COLUMNS`] order) is `field(i)`.
+fn item<'a>(
+    field: impl Fn(usize) -> &'a str,
+    cid: &Uuid,
+    src: &Source,
+) -> HashMap<String, AttributeValue> {
+    let mut item = HashMap::with_capacity(16);
+    for (i, name) in COLUMNS.iter().enumerate() {
+        let v = field(i).to_owned();
+        let av = if i == UNIT_SOLD || MONEY.contains(&i) {
+            AttributeValue::N(v)
+        } else {
+            AttributeValue::S(v)
+        };
+        item.insert((*name).to_owned(), av);
+    }
+    let mut buf = Uuid::encode_buffer();
+    item.insert(
+        "ConfirmationId".to_owned(),
+        AttributeValue::S(cid.hyphenated().encode_lower(&mut buf).to_owned()),
+    );
+    item.insert(
+        "SourceBucket".to_owned(),
+        AttributeValue::S(src.bucket.clone()),
+    );
+    item.insert("SourceKey".to_owned(), AttributeValue::S(src.key.clone()));
+    item
 }
 
 /// Why a file as a whole cannot be read.
@@ -796,10 +824,7 @@ impl Records {
                 let terminated = self.base_offset + pos.byte() < self.len
                     || (!self.unterminated && rec.as_slice().last() != Some(&b'\n'));
                 let line = self.next_line - quoted - u64::from(terminated);
-                Ok(Next::Row(RowAt {
-                    line,
-                    offset: start,
-                }))
+                Ok(Next::Row(RowAt { line }))
             }
             Ok(false) => {
                 self.done = true;
@@ -1074,18 +1099,65 @@ pub struct LoadFiles {
     pub rejects: PathBuf,
 }
 
-/// Where a row is in the input: its line, for reports, and the byte offset its record starts at, to
-/// read it again if DynamoDB refuses its batch.
+/// Where a row is in the input: its line, for reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowAt {
     pub line: u64,
-    pub offset: u64,
 }
 
-/// Up to 25 put requests and where their rows are.
+/// Up to 25 valid rows on their way from the reader to a write task, packed: their fields one after
+/// another in one string. The write task builds the items from it, so that the ~33 allocations of an
+/// item are made on the thread that frees them (the SDK drops a request where it serializes it; made
+/// on the reader and freed on a worker, they cost twice as much), and builds them again from it if
+/// DynamoDB refuses the batch (the items themselves are moved into the request).
 struct Batch {
-    requests: Vec<WriteRequest>,
     rows: Vec<RowAt>,
+    cids: Vec<Uuid>,
+    /// Every field of every row; field `i` of row `r` ends at `ends[r * COLUMNS.len() + i]`.
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            rows: Vec::with_capacity(BATCH_SIZE),
+            cids: Vec::with_capacity(BATCH_SIZE),
+            text: String::with_capacity(BATCH_SIZE * 128),
+            ends: Vec::with_capacity(BATCH_SIZE * COLUMNS.len()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn push(&mut self, at: RowAt, order: &Order, cid: Uuid) {
+        for f in &order.fields {
+            self.text.push_str(f);
+            self.ends.push(self.text.len());
+        }
+        self.rows.push(at);
+        self.cids.push(cid);
+    }
+
+    fn field(&self, row: usize, i: usize) -> &str {
+        let at = row * COLUMNS.len() + i;
+        let start = if at == 0 { 0 } else { self.ends[at - 1] };
+        &self.text[start..self.ends[at]]
+    }
+
+    fn order_id(&self, row: usize) -> &str {
+        self.field(row, ORDER_ID)
+    }
+
+    fn request(&self, row: usize, src: &Source) -> Result<WriteRequest, ProcessError> {
+        put_request(item(|i| self.field(row, i), &self.cids[row], src))
+    }
+
+    fn requests(&self, src: &Source) -> Result<Vec<WriteRequest>, ProcessError> {
+        (0..self.len()).map(|r| self.request(r, src)).collect()
+    }
 }
 
 /// A row DynamoDB refused although it passed validation (a secondary index key it does not take, a
@@ -1095,13 +1167,6 @@ struct Refused {
     at: RowAt,
     id: String,
     reason: String,
-}
-
-/// What the write tasks need to find a refused row: the input and how its items are built.
-struct Rebuild {
-    input: PathBuf,
-    limits: ScanLimits,
-    src: Source,
 }
 
 impl Loader {
@@ -1124,11 +1189,7 @@ impl Loader {
                 tx.blocking_send(batch).map_err(|_| FileError::Stopped)
             })
         });
-        let rebuild = Arc::new(Rebuild {
-            input: files.input.clone(),
-            limits,
-            src: src.clone(),
-        });
+        let source = Arc::new(src.clone());
 
         let mut writes: JoinSet<Result<Vec<Refused>, ProcessError>> = JoinSet::new();
         let mut refused = Vec::new();
@@ -1142,8 +1203,8 @@ impl Loader {
                         Some(batch) => {
                             let this = self.clone();
                             let cancel = cancel.clone();
-                            let rebuild = rebuild.clone();
-                            writes.spawn(async move { this.write_batch(batch, &rebuild, &cancel).await });
+                            let src = source.clone();
+                            writes.spawn(async move { this.write_batch(batch, &src, &cancel).await });
                         }
                         None => channel_open = false,
                     }
@@ -1193,47 +1254,43 @@ impl Loader {
         Ok(outcome)
     }
 
-    /// One batch. If DynamoDB refuses its data, its rows are read again from the spool and written one
-    /// at a time: the ones it refuses again are returned, to be rejected; the rest are written.
+    /// One batch. If DynamoDB refuses its data, its rows are written one at a time: the ones it
+    /// refuses again are returned, to be rejected; the rest are written.
     async fn write_batch(
         &self,
         batch: Batch,
-        rebuild: &Rebuild,
+        src: &Source,
         cancel: &CancellationToken,
     ) -> Result<Vec<Refused>, ProcessError> {
-        let reason = match self.writer.write(batch.requests, cancel).await {
+        let reason = match self.writer.write(batch.requests(src)?, cancel).await {
             Ok(()) => return Ok(Vec::new()),
             Err(WriteError::Failed(e)) => return Err(e),
             Err(WriteError::Refused(reason)) => reason,
         };
         tracing::info!(
             table = %self.writer.table,
-            rows = batch.rows.len(),
+            rows = batch.len(),
             first_line = batch.rows.first().map(|r| r.line),
             %reason,
             "DynamoDB refused a batch; writing its rows one at a time to find the refused ones"
         );
-        let rows = batch.rows.clone();
-        let (input, limits, src) = (rebuild.input.clone(), rebuild.limits, rebuild.src.clone());
-        let items = tokio::task::spawn_blocking(move || reread(&input, limits, &src, &rows))
-            .await
-            .map_err(|e| ProcessError::Transient(format!("the reread task failed: {e}")))?
-            .map_err(|e| {
-                ProcessError::Transient(format!("cannot read the spooled input again: {e}"))
-            })?;
         let mut refused = Vec::new();
-        for (at, (id, request)) in batch.rows.iter().zip(items) {
-            match self.writer.write(vec![request], cancel).await {
+        for (r, at) in batch.rows.iter().enumerate() {
+            match self
+                .writer
+                .write(vec![batch.request(r, src)?], cancel)
+                .await
+            {
                 Ok(()) => {}
                 Err(WriteError::Failed(e)) => return Err(e),
                 Err(WriteError::Refused(reason)) => refused.push(Refused {
                     at: *at,
-                    id,
+                    id: batch.order_id(r).to_owned(),
                     reason: format!("DynamoDB refused the item: {reason}"),
                 }),
             }
         }
-        if refused.len() > 1 && refused.len() == batch.rows.len() {
+        if refused.len() > 1 && refused.len() == batch.len() {
             // Not one row's data: the table takes none of these items (its key schema, say).
             return Err(ProcessError::Permanent(format!(
                 "DynamoDB table {} refused every item of a batch of {} rows (lines {} to {}): {reason}; check \
@@ -1241,57 +1298,20 @@ impl Loader {
                 self.writer.table,
                 refused.len(),
                 batch.rows[0].line,
-                batch.rows[batch.rows.len() - 1].line,
+                batch.rows[batch.len() - 1].line,
             )));
         }
         Ok(refused)
     }
 }
 
-/// Build the put requests of rows again from the spooled input (a refused batch, rare), with their
-/// `OrderId`s.
-fn reread(
-    input: &Path,
-    limits: ScanLimits,
-    src: &Source,
-    rows: &[RowAt],
-) -> Result<Vec<(String, WriteRequest)>, FileError> {
-    let (_, header) = Records::open(input, limits, None)?;
-    let mut order = Order {
-        fields: Default::default(),
-    };
-    let mut rec = csv::ByteRecord::new();
-    let mut scratch = Vec::new();
-    let mut out = Vec::with_capacity(rows.len());
-    for at in rows {
-        let mut rdr = reader_at(input, at.offset, limits.max_line_bytes, None)?;
-        if !rdr.read_byte_record(&mut rec).map_err(csv_error)? {
-            return Err(FileError::Io(io::Error::other(format!(
-                "no row at byte {} (line {}) any more",
-                at.offset, at.line
-            ))));
-        }
-        strip_cr(&mut rec, &mut scratch);
-        validate_into(&rec, &header, &mut order).map_err(|reason| {
-            FileError::Io(io::Error::other(format!(
-                "line {} no longer passes validation: {reason}",
-                at.line
-            )))
-        })?;
-        let cid = src.confirmation_id(order.order_id());
-        out.push((
-            order.order_id().to_string(),
-            put_request(&order, &cid, src)?,
-        ));
-    }
-    Ok(out)
-}
-
-fn put_request(order: &Order, cid: &Uuid, src: &Source) -> Result<WriteRequest, FileError> {
+fn put_request(item: HashMap<String, AttributeValue>) -> Result<WriteRequest, ProcessError> {
     let put = PutRequest::builder()
-        .set_item(Some(order.to_item(cid, src)))
+        .set_item(Some(item))
         .build()
-        .map_err(|e| FileError::Io(io::Error::other(e)))?;
+        .map_err(|e| {
+            ProcessError::Transient(format!("cannot build a DynamoDB put request: {e}"))
+        })?;
     Ok(WriteRequest::builder().put_request(put).build())
 }
 
@@ -1353,12 +1373,8 @@ fn write_reports(
     rejects
         .write_record(["Line", "OrderId", "Reason"])
         .map_err(io_of)?;
-    let new_batch = || Batch {
-        requests: Vec::with_capacity(BATCH_SIZE),
-        rows: Vec::with_capacity(BATCH_SIZE),
-    };
-    let mut batch = new_batch();
-    let mut name_buf = Vec::with_capacity(256);
+    let mut batch = Batch::new();
+    let ids = ConfirmationIds::new(src);
     let outcome = scan(
         &files.input,
         limits,
@@ -1370,20 +1386,19 @@ fn write_reports(
                 .map_err(io_of)
         },
         |at, order| {
-            let cid = src.confirmation_id_with(order.order_id(), &mut name_buf);
+            let cid = ids.of(order.order_id());
             let mut buf = Uuid::encode_buffer();
             output
                 .write_record([order.order_id(), cid.hyphenated().encode_lower(&mut buf)])
                 .map_err(io_of)?;
-            batch.requests.push(put_request(order, &cid, src)?);
-            batch.rows.push(at);
-            if batch.requests.len() == BATCH_SIZE {
-                send(std::mem::replace(&mut batch, new_batch()))?;
+            batch.push(at, order, cid);
+            if batch.len() == BATCH_SIZE {
+                send(std::mem::replace(&mut batch, Batch::new()))?;
             }
             Ok(())
         },
     )?;
-    if !batch.requests.is_empty() {
+    if batch.len() > 0 {
         send(batch)?;
     }
     output.flush()?;
@@ -1695,6 +1710,24 @@ mod tests {
         );
         assert_ne!(a.confirmation_id("1"), a.confirmation_id("2"));
         assert_ne!(a.confirmation_id("1"), b.confirmation_id("1"));
+        // The state carried over from the object's part of the name, whatever its length against
+        // SHA-1's 64-byte blocks, gives the one-shot UUID.
+        for n in [0, 1, 20, 40, 41, 42, 60, 64, 100, 200] {
+            let src = Source {
+                bucket: "b".repeat(n),
+                key: "é".repeat(n / 2),
+                etag: "\"0123456789abcdef\"".into(),
+            };
+            let ids = ConfirmationIds::new(&src);
+            for id in ["", "1", &"9".repeat(n)] {
+                let name = format!("{}\n{}\n{}\n{id}", src.bucket, src.key, src.etag);
+                assert_eq!(
+                    ids.of(id),
+                    Uuid::new_v5(&CONFIRMATION_NAMESPACE, name.as_bytes()),
+                    "{n} {id}"
+                );
+            }
+        }
     }
 
     /// Every value DynamoDB would refuse is a rejected row with its reason, never a failed batch.
@@ -1878,51 +1911,48 @@ mod tests {
         }
     }
 
-    /// Rows are found again at the offsets scan reports (a refused batch is rebuilt from them).
+    /// A packed batch gives back every row's fields, empty ones too, and builds the very items
+    /// `to_item` builds from the rows themselves (a refused batch is written again from it).
     #[test]
-    fn rows_are_read_again_at_their_offsets() {
-        for end in ["\n", "\r\n", "\r"] {
-            rows_are_read_again_with_line_ends(end);
-        }
-    }
-
-    fn rows_are_read_again_with_line_ends(end: &str) {
-        let text = format!(
-            "{HEADER}{end}{}{end}{end}{}{end}\"{}{end}{}{end}",
-            row("1"),
-            row("2"),
-            "y".repeat(400_000),
-            row("3")
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("in.csv");
-        std::fs::write(&p, &text).unwrap();
-        let limits = ScanLimits {
-            max_line_bytes: 64 * 1024,
-            item_overhead: 0,
-        };
-        let mut at = Vec::new();
-        scan(
-            &p,
-            limits,
-            None,
-            None,
-            |_, _, _| Ok(()),
-            |a, _| {
-                at.push(a);
-                Ok(())
-            },
-        )
-        .unwrap();
-        assert_eq!(at.iter().map(|a| a.line).collect::<Vec<_>>(), [2, 4, 6]);
+    fn packed_batches_build_the_rows_items() {
         let src = Source {
             bucket: "b".into(),
             key: "k".into(),
             etag: "e".into(),
         };
-        let again = reread(&p, limits, &src, &at).unwrap_or_else(|e| panic!("{end:?}: {e}"));
-        let ids: Vec<&str> = again.iter().map(|(id, _)| id.as_str()).collect();
-        assert_eq!(ids, ["1", "2", "3"]);
+        let mut orders = Vec::new();
+        for i in 0..BATCH_SIZE {
+            let mut fields: [String; 13] = Default::default();
+            for (f, field) in fields.iter_mut().enumerate() {
+                // Some fields empty, some multi-byte.
+                *field = if (i + f) % 5 == 0 {
+                    String::new()
+                } else {
+                    format!("{i}é{f}")
+                };
+            }
+            orders.push(Order { fields });
+        }
+        let mut batch = Batch::new();
+        for (i, o) in orders.iter().enumerate() {
+            let cid = src.confirmation_id(o.order_id());
+            batch.push(RowAt { line: i as u64 + 2 }, o, cid);
+        }
+        assert_eq!(batch.len(), BATCH_SIZE);
+        let requests = batch.requests(&src).unwrap();
+        for (r, o) in orders.iter().enumerate() {
+            for (f, field) in o.fields.iter().enumerate() {
+                assert_eq!(batch.field(r, f), field, "row {r} field {f}");
+            }
+            assert_eq!(batch.order_id(r), o.order_id());
+            let expect = o.to_item(&src.confirmation_id(o.order_id()), &src);
+            assert_eq!(
+                requests[r].put_request().unwrap().item(),
+                &expect,
+                "row {r}"
+            );
+            assert_eq!(batch.request(r, &src).unwrap(), requests[r]);
+        }
     }
 
     /// A long run of rejected rows (nothing is sent, so the writer channel cannot stop the reader)
