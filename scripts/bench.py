@@ -2,7 +2,7 @@
 """offload-agent benchmarks against moto on 127.0.0.1; prints a Markdown table.
 
 Environment: BENCH_DRY_ROWS (1000000), BENCH_E2E_ROWS (50000), BENCH_LATENCY_FILES (100),
-BENCH_BIG_MB (2048), BENCH_PROCESSOR_FILES (30), BENCH_SCRAPE_FILES (2000), BENCH_FLOOR_RUNS (3);
+BENCH_BIG_MB (2048), BENCH_PROCESSOR_FILES (30), BENCH_SCRAPE_FILES (2000), BENCH_FLOOR_RUNS (5);
 BENCH_FLEET_FILES (300); BENCH_ONLY, a comma-separated list of sections to run (idle, dry, e2e,
 dynamodb, latency, big, processors, scrape, fleet; default all). Arguments: the moto endpoint, the agent binary, the dynalite endpoint
 and the ddb-floor program (examples/ddb-floor.rs: the bare SDK writing the same pre-built items). The idle section fails the run when an idle daemon costs more than BENCH_IDLE_MAX_TICKS (30) CPU
@@ -29,7 +29,7 @@ LAT_FILES = int(os.environ.get("BENCH_LATENCY_FILES", "100"))
 BIG_MB = int(os.environ.get("BENCH_BIG_MB", "2048"))
 PROC_FILES = int(os.environ.get("BENCH_PROCESSOR_FILES", "30"))
 SCRAPE_FILES = int(os.environ.get("BENCH_SCRAPE_FILES", "2000"))
-FLOOR_RUNS = int(os.environ.get("BENCH_FLOOR_RUNS", "3"))
+FLOOR_RUNS = int(os.environ.get("BENCH_FLOOR_RUNS", "5"))
 FLEET_FILES = int(os.environ.get("BENCH_FLEET_FILES", "300"))
 IN_FLIGHT = 8
 IDLE_MAX_TICKS = int(os.environ.get("BENCH_IDLE_MAX_TICKS", "30"))
