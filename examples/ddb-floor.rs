@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use aws_config::BehaviorVersion;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
-use offload_agent::processors::orders_csv::{scan, ScanLimits, Source, BATCH_SIZE};
+use offload_agent::processors::orders_csv::{
+    scan, ConfirmationIds, Items, ScanLimits, Source, BATCH_SIZE,
+};
 use tokio::task::JoinSet;
 
 type Item = HashMap<String, AttributeValue>;
@@ -37,6 +39,8 @@ fn items(csv: &Path) -> anyhow::Result<Vec<Item>> {
         max_line_bytes: 1 << 20,
         item_overhead: src.item_overhead(),
     };
+    // Built once, as `orders-csv` does per file.
+    let (ids, items) = (ConfirmationIds::new(&src), Items::new(&src));
     let mut out = Vec::new();
     scan(
         csv,
@@ -45,7 +49,8 @@ fn items(csv: &Path) -> anyhow::Result<Vec<Item>> {
         None,
         |_, _, _| Ok(()),
         |_, order| {
-            out.push(order.to_item(&src.confirmation_id(order.order_id()), &src));
+            let cid = ids.of(order.order_id()).to_string();
+            out.push(items.build(|i| &order.fields[i], &cid));
             Ok(())
         },
     )

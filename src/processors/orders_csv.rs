@@ -95,7 +95,6 @@ impl Source {
 /// [`Source::confirmation_id`] for the rows of one object: the SHA-1 state after the namespace and the
 /// object's part of the name is computed once, so that a row hashes only its `OrderId` (one SHA-1
 /// block instead of two for a typical bucket, key and ETag).
-#[derive(Clone)]
 pub struct ConfirmationIds(sha1_smol::Sha1);
 
 impl ConfirmationIds {
@@ -141,7 +140,8 @@ impl Order {
 
     /// The DynamoDB item: strings as S, `UnitSold` and money as N, plus ids and the source.
     pub fn to_item(&self, cid: &Uuid, src: &Source) -> HashMap<String, AttributeValue> {
-        Items::new(src).build(|i| &self.fields[i], cid)
+        let mut buf = Uuid::encode_buffer();
+        Items::new(src).build(|i| &self.fields[i], cid.hyphenated().encode_lower(&mut buf))
     }
 }
 
@@ -195,11 +195,12 @@ impl Items {
         Items { template, slots }
     }
 
-    /// The item of a valid row whose field `i` (in [`COLUMNS`] order) is `field(i)`.
+    /// The item of a valid row whose field `i` (in [`COLUMNS`] order) is `field(i)`, with its
+    /// `ConfirmationId` as text.
     pub fn build<'a>(
         &self,
         field: impl Fn(usize) -> &'a str,
-        cid: &Uuid,
+        cid: &str,
     ) -> HashMap<String, AttributeValue> {
         let mut item = self.template.clone();
         // A clone has its template's layout, so it iterates in the same order; each name is checked
@@ -232,7 +233,7 @@ impl Items {
 fn value_of<'a>(
     slot: Slot,
     field: &impl Fn(usize) -> &'a str,
-    cid: &Uuid,
+    cid: &str,
 ) -> Option<AttributeValue> {
     match slot {
         Slot::Column(i) => {
@@ -243,12 +244,7 @@ fn value_of<'a>(
                 AttributeValue::S(v)
             })
         }
-        Slot::ConfirmationId => {
-            let mut buf = Uuid::encode_buffer();
-            Some(AttributeValue::S(
-                cid.hyphenated().encode_lower(&mut buf).to_owned(),
-            ))
-        }
+        Slot::ConfirmationId => Some(AttributeValue::S(cid.to_owned())),
         Slot::Source => None,
     }
 }
@@ -1191,19 +1187,21 @@ pub struct RowAt {
 /// DynamoDB refuses the batch (the items themselves are moved into the request).
 struct Batch {
     rows: Vec<RowAt>,
-    cids: Vec<Uuid>,
-    /// Every field of every row; field `i` of row `r` ends at `ends[r * COLUMNS.len() + i]`.
+    /// Every field of every row, then its `ConfirmationId` (as written to the output); field `i` of
+    /// row `r` ends at `ends[r * PACKED + i]`.
     text: String,
     ends: Vec<usize>,
 }
+
+/// The fields packed per row: the columns and the `ConfirmationId`.
+const PACKED: usize = COLUMNS.len() + 1;
 
 impl Batch {
     fn new() -> Batch {
         Batch {
             rows: Vec::with_capacity(BATCH_SIZE),
-            cids: Vec::with_capacity(BATCH_SIZE),
             text: String::with_capacity(BATCH_SIZE * 128),
-            ends: Vec::with_capacity(BATCH_SIZE * COLUMNS.len()),
+            ends: Vec::with_capacity(BATCH_SIZE * PACKED),
         }
     }
 
@@ -1211,17 +1209,16 @@ impl Batch {
         self.rows.len()
     }
 
-    fn push(&mut self, at: RowAt, order: &Order, cid: Uuid) {
-        for f in &order.fields {
+    fn push(&mut self, at: RowAt, order: &Order, cid: &str) {
+        for f in order.fields.iter().map(String::as_str).chain([cid]) {
             self.text.push_str(f);
             self.ends.push(self.text.len());
         }
         self.rows.push(at);
-        self.cids.push(cid);
     }
 
     fn field(&self, row: usize, i: usize) -> &str {
-        let at = row * COLUMNS.len() + i;
+        let at = row * PACKED + i;
         let start = if at == 0 { 0 } else { self.ends[at - 1] };
         &self.text[start..self.ends[at]]
     }
@@ -1231,7 +1228,7 @@ impl Batch {
     }
 
     fn request(&self, row: usize, items: &Items) -> Result<WriteRequest, ProcessError> {
-        put_request(items.build(|i| self.field(row, i), &self.cids[row]))
+        put_request(items.build(|i| self.field(row, i), self.field(row, COLUMNS.len())))
     }
 
     fn requests(&self, items: &Items) -> Result<Vec<WriteRequest>, ProcessError> {
@@ -1465,10 +1462,10 @@ fn write_reports(
                 .map_err(io_of)
         },
         |at, order| {
-            let cid = ids.of(order.order_id());
             let mut buf = Uuid::encode_buffer();
+            let cid = ids.of(order.order_id()).hyphenated().encode_lower(&mut buf);
             output
-                .write_record([order.order_id(), cid.hyphenated().encode_lower(&mut buf)])
+                .write_record([order.order_id(), cid])
                 .map_err(io_of)?;
             batch.push(at, order, cid);
             if batch.len() == BATCH_SIZE {
@@ -2014,8 +2011,8 @@ mod tests {
         }
         let mut batch = Batch::new();
         for (i, o) in orders.iter().enumerate() {
-            let cid = src.confirmation_id(o.order_id());
-            batch.push(RowAt { line: i as u64 + 2 }, o, cid);
+            let cid = src.confirmation_id(o.order_id()).to_string();
+            batch.push(RowAt { line: i as u64 + 2 }, o, &cid);
         }
         assert_eq!(batch.len(), BATCH_SIZE);
         let items = Items::new(&src);
@@ -2060,7 +2057,11 @@ mod tests {
             // Should a clone ever iterate in another order, the values go in by name.
             let mut shuffled = items.clone();
             shuffled.slots.reverse();
-            assert_eq!(shuffled.build(|i| &o.fields[i], &cid), expect, "row {r}");
+            assert_eq!(
+                shuffled.build(|i| &o.fields[i], &cid.to_string()),
+                expect,
+                "row {r}"
+            );
         }
     }
 
