@@ -371,6 +371,7 @@ impl crate::admin::Facts for DaemonFacts {
                 "reason": s.reason,
                 "version": meta.as_ref().and_then(|m| m.version.clone()),
                 "restarts": s.restarts,
+                "adoptions": s.adoptions,
                 "last_exit_code": s.last_exit_code,
             })),
             "worker": {

@@ -74,9 +74,7 @@ async fn adopts_a_matching_container_and_recreates_on_config_change() {
     );
 
     rig.start();
-    let s = rig
-        .wait("adopted", T, |s| s.reason.contains("adopted"))
-        .await;
+    let s = rig.wait("adopted", T, |s| s.adoptions == 1).await;
     assert_eq!(s.container_id.as_deref(), Some(first.as_str()));
     rig.wait("answering", T, |s| s.metadata.is_some()).await;
     assert_eq!(rig.starts(), 1, "the agent was not restarted");
@@ -354,7 +352,7 @@ async fn waits_for_docker_then_reconnects_and_readopts_after_a_restart() {
     engine.restart().await;
     let s = rig
         .wait("re-adopted", Duration::from_secs(60), |s| {
-            s.reason.contains("adopted") && s.metadata.is_some()
+            s.adoptions == 1 && s.metadata.is_some()
         })
         .await;
     assert_eq!(s.container_id.as_deref(), Some(first.as_str()));

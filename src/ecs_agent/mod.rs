@@ -87,6 +87,10 @@ pub struct Status {
     pub image_id: Option<String>,
     /// Times the supervisor started the agent after an exit or health failure.
     pub restarts: u64,
+    /// Times the supervisor took over an agent container it found running (at its own start, or
+    /// when Docker came back with the container still up). Counts up, unlike `reason`, which the
+    /// next introspection overwrites.
+    pub adoptions: u64,
     pub last_exit_code: Option<i64>,
     /// The delay before the latest restart.
     pub last_backoff: Option<Duration>,
@@ -103,6 +107,7 @@ impl Default for Status {
             container_id: None,
             image_id: None,
             restarts: 0,
+            adoptions: 0,
             last_exit_code: None,
             last_backoff: None,
             metadata: None,
@@ -541,6 +546,9 @@ impl Supervisor {
                 }
                 s.container_id = Some(id.clone());
                 s.image_id = Some(image_id.clone());
+                if adopted {
+                    s.adoptions += 1;
+                }
             });
             self.set(
                 State::Running,
