@@ -206,6 +206,11 @@ pub const UNIT_TIMEOUT_STOP: Duration = Duration::from_secs(60);
 /// How often the status line is refreshed (and the watchdog fed, if it wants it less often).
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
+/// How long after READY, and after each reload, the pages only start-up ran are unmapped
+/// ([`crate::pages`]): by then the first long poll, the pre-flight checks and the first status
+/// have run, so what faults back in is what the daemon keeps using.
+const RELEASE_STARTUP_PAGES_AFTER: Duration = Duration::from_secs(30);
+
 /// The one-line summary systemd shows (`STATUS=`), from the same counters the log uses.
 fn status_line(
     stats: &Metrics,
@@ -589,6 +594,7 @@ pub async fn run(
         tokio::time::interval(watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_refresh = settings.params_delay().map(|d| Instant::now() + d);
+    let mut release_pages_at = Some(Instant::now() + RELEASE_STARTUP_PAGES_AFTER);
 
     loop {
         tokio::select! {
@@ -604,6 +610,7 @@ pub async fn run(
                         tokio::spawn(async move { objects.preflight(&cfg).await });
                     }
                     next_refresh = settings.params_delay().map(|d| Instant::now() + d);
+                    release_pages_at = Some(Instant::now() + RELEASE_STARTUP_PAGES_AFTER);
                     notify(&[NotifyState::Ready]);
                 }
                 Some(Control::Stop) | None => break,
@@ -615,6 +622,14 @@ pub async fn run(
                     stats.config_reload(ok);
                 }
                 next_refresh = settings.params_delay().map(|d| Instant::now() + d);
+                release_pages_at = Some(Instant::now() + RELEASE_STARTUP_PAGES_AFTER);
+            }
+            _ = tokio::time::sleep_until(release_pages_at.unwrap_or_else(Instant::now)), if release_pages_at.is_some() => {
+                release_pages_at = None;
+                match crate::pages::release_startup_pages() {
+                    Ok(r) => tracing::debug!(mappings = r.mappings, resident_kib = r.kib, "unmapped the pages of start-up code; what runs next maps back from the page cache"),
+                    Err(e) => tracing::debug!(error = %e, "could not unmap the pages of start-up code; they stay mapped"),
+                }
             }
             _ = tick.tick() => {
                 turned.store(started.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);

@@ -215,3 +215,39 @@ async fn status_without_a_daemon_and_remote_binds_need_consent() {
     let agent = w.start_cmd(cmd);
     wait_ready(port, 200, &agent).await;
 }
+
+fn rss_file_kb(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("RssFile:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("RssFile in /proc/PID/status")
+}
+
+/// An idle daemon unmaps the pages of its binary that only start-up ran, 30 s after READY (the
+/// debug log says how much), its mapped-file memory drops, and it keeps working: a file sent after
+/// the release is processed, and the admin endpoint answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_daemon_unmaps_its_start_up_code_and_keeps_working() {
+    let (w, port) = world_on_port("pages").await;
+    let agent = w.start();
+    wait_ready(port, 200, &agent).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = rss_file_kb(agent.pid());
+    agent
+        .wait_log("unmapped the pages of start-up code", WAIT)
+        .await;
+    let released = rss_file_kb(agent.pid());
+    eprintln!("RssFile {started} kB 3 s after READY, {released} kB after the release");
+    assert!(
+        released * 3 < started * 2,
+        "RssFile {started} kB before the release, {released} kB after; log:\n{}",
+        agent.log_text()
+    );
+    w.put("input/after.csv", orders_csv(0, 10)).await;
+    w.wait_for("output/after.csv", WAIT, &agent).await;
+    w.wait_queue_empty(WAIT, &agent).await;
+    assert_eq!(get(port, "/healthz").await.0, 200);
+    assert_eq!(w.items().await.len(), 10);
+}
