@@ -185,3 +185,41 @@ ensure_systemd_image() {
   log "importing $tarball as $SYSTEMD_IMAGE"
   docker import "$tarball" "$SYSTEMD_IMAGE" >/dev/null
 }
+
+# A persistent CARGO_TARGET_DIR grows with every run: each change of the sources links new test
+# executables beside the old ones, and each clone path leaves incremental state behind (43 GB over a
+# few weeks here). Keep the newest executable of each name in every profile's deps/ and drop
+# incremental state older than two days; compiled dependencies stay (they are what the cache is for).
+prune_target_dir() {
+  local dir="$1"
+  [ -d "$dir" ] || return 0
+  python3 - "$dir" <<'PY'
+import glob, os, re, shutil, sys, time
+root, freed = sys.argv[1], 0
+# root/PROFILE and, for --target builds (the fuzz targets), root/TRIPLE/PROFILE.
+for profile in glob.glob(os.path.join(root, "*")) + glob.glob(os.path.join(root, "*", "*")):
+    deps = os.path.join(profile, "deps")
+    if os.path.isdir(deps):
+        newest = {}
+        for name in os.listdir(deps):
+            path = os.path.join(deps, name)
+            m = re.fullmatch(r"([a-z0-9_]+)-[0-9a-f]{16}", name)
+            if m and os.path.isfile(path) and os.access(path, os.X_OK):
+                newest.setdefault(m.group(1), []).append(path)
+        for paths in newest.values():
+            paths.sort(key=os.path.getmtime)
+            for old in paths[:-1]:
+                freed += os.path.getsize(old)
+                os.remove(old)
+    inc = os.path.join(profile, "incremental")
+    if os.path.isdir(inc):
+        for name in os.listdir(inc):
+            path = os.path.join(inc, name)
+            if time.time() - os.path.getmtime(path) > 2 * 86400:
+                freed += sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+                shutil.rmtree(path, ignore_errors=True)
+if freed:
+    print(f"\033[1m==> pruned {freed / 1e9:.1f} GB of stale test executables and incremental state from {root}\033[0m",
+          file=sys.stderr)
+PY
+}
