@@ -177,7 +177,7 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
     b.ok("install -d -m 0750 /etc/offload-agent/conf.d");
     b.write(
         "/etc/offload-agent/conf.d/60-test.toml",
-        "[agent]\nshutdown_grace = \"5s\"\n[queue]\nvisibility_timeout = \"10s\"\nwait_time = \"1s\"\nretry_base = \"1s\"\n",
+        "[agent]\nshutdown_grace = \"5s\"\nlog_level = \"info,offload_agent::daemon=debug\"\n[queue]\nvisibility_timeout = \"10s\"\nwait_time = \"1s\"\nretry_base = \"1s\"\n",
     );
     let provision = format!(
         "OFFLOAD_REGION=us-east-1 OFFLOAD_QUEUE={q} OFFLOAD_DLQ={dlq} OFFLOAD_BUCKET={b} OFFLOAD_TABLE={t} \
@@ -281,6 +281,12 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
     });
     let journal = b.sh("journalctl --no-pager -o cat").1;
     assert!(journal.contains("Watchdog timeout"), "{journal}");
+    // The sandbox (SystemCallFilter, MemoryDenyWriteExecute) lets the daemon unmap its start-up
+    // code (30 s after READY; any of this test's daemons will do).
+    b.wait("start-up pages unmapped", Duration::from_secs(45), || {
+        b.journal().contains("unmapped the pages of start-up code")
+    });
+    assert!(!b.journal().contains("could not unmap"), "{}", b.journal());
     b.ok("rm /etc/systemd/system/offload-agent.service.d/watchdog.conf && systemctl daemon-reload");
 
     // 5. A broken configuration fails the unit once, naming the key and the file; no restart loop.
