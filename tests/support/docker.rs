@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::query_parameters::{
-    CreateImageOptionsBuilder, RemoveImageOptionsBuilder, TagImageOptionsBuilder,
+    CreateImageOptionsBuilder, ListImagesOptionsBuilder, RemoveImageOptionsBuilder,
+    TagImageOptionsBuilder,
 };
 use bollard::Docker;
 use futures::StreamExt;
@@ -185,11 +186,51 @@ pub async fn save(d: &Docker, name: &str, path: &Path) {
 
 static BASE: OnceCell<String> = OnceCell::const_new();
 
+/// The process id a test tag of `offload-test-ecs-agent` carries: `base-PID` here, `NAME-PID-N-NANOS`
+/// from [`super::unique`]; its first all-digit part.
+fn tag_pid(tag: &str) -> Option<u32> {
+    tag.split('-')
+        .find(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|p| p.parse().ok())
+}
+
+/// Remove the `offload-test-ecs-agent` tags of test processes that are gone. The shared image is a
+/// static, which has no destructor, and a test that panics leaves its tag: each process sweeps up
+/// after the earlier ones.
+async fn sweep_stale_tags(d: &Docker) {
+    let filters = std::collections::HashMap::from([("reference", vec!["offload-test-ecs-agent"])]);
+    let Ok(images) = d
+        .list_images(Some(
+            ListImagesOptionsBuilder::default()
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+    else {
+        return;
+    };
+    for tag in images.iter().flat_map(|i| i.repo_tags.iter()) {
+        let Some((_, t)) = tag.split_once(':') else {
+            continue;
+        };
+        if tag_pid(t).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = d
+                .remove_image(
+                    tag,
+                    None::<bollard::query_parameters::RemoveImageOptions>,
+                    None,
+                )
+                .await;
+        }
+    }
+}
+
 /// A per-test image name pointing at the shared stand-in image (built once per test process).
 pub async fn test_image(d: &Docker, name: &str) -> String {
     let base = BASE
         .get_or_init(|| async {
             let d = docker().await;
+            sweep_stale_tags(&d).await;
             import_image(
                 &d,
                 "offload-test-ecs-agent",
