@@ -64,24 +64,21 @@ pub fn release_startup_pages() -> std::io::Result<Released> {
 }
 
 /// The mappings in `smaps` of the file (`dev`, `ino`) that are private, not writable, resident and
-/// hold no private page.
+/// hold no private page. A mapping whose `Anonymous:` line is missing is kept: no count, no release.
 fn releasable(smaps: &str, dev: u64, ino: u64) -> Vec<Mapping> {
+    // The mapping being read while it is a candidate, with its `Anonymous:` count once seen.
+    let mut cur: Option<(Mapping, Option<u64>)> = None;
     let mut out = Vec::new();
-    // The mapping being read: Some while it is still a candidate.
-    let mut cur: Option<Mapping> = None;
-    let mut anonymous = 0u64;
-    fn finish(cur: &mut Option<Mapping>, anonymous: u64, out: &mut Vec<Mapping>) {
-        if let Some(m) = cur.take() {
-            if anonymous == 0 && m.rss_kb > 0 {
+    let mut keep = |cur: Option<(Mapping, Option<u64>)>| {
+        if let Some((m, Some(0))) = cur {
+            if m.rss_kb > 0 {
                 out.push(m);
             }
         }
-    }
+    };
     for line in smaps.lines() {
-        if let Some(head) = mapping_header(line) {
-            finish(&mut cur, anonymous, &mut out);
-            anonymous = 0;
-            let (range, perms, dev_s, ino_s) = head;
+        if let Some((range, perms, dev_s, ino_s)) = mapping_header(line) {
+            keep(cur.take());
             // Readable, not writable, private: "r--p" or "r-xp".
             let p = perms.as_bytes();
             let candidate = p.len() == 4
@@ -90,26 +87,28 @@ fn releasable(smaps: &str, dev: u64, ino: u64) -> Vec<Mapping> {
                 && p[3] == b'p'
                 && ino_s.parse::<u64>().ok() == Some(ino)
                 && parse_dev(dev_s) == Some(dev);
-            cur = candidate.then(|| {
-                let (a, b) = range.split_once('-').unwrap_or(("", ""));
-                Mapping {
-                    start: usize::from_str_radix(a, 16).unwrap_or(0),
-                    end: usize::from_str_radix(b, 16).unwrap_or(0),
+            let (a, b) = range.split_once('-').unwrap_or(("", ""));
+            let (start, end) = (
+                usize::from_str_radix(a, 16).unwrap_or(0),
+                usize::from_str_radix(b, 16).unwrap_or(0),
+            );
+            if candidate && start < end {
+                let m = Mapping {
+                    start,
+                    end,
                     rss_kb: 0,
-                }
-            });
-            if cur.as_ref().is_some_and(|m| m.start >= m.end) {
-                cur = None;
+                };
+                cur = Some((m, None));
             }
-        } else if let Some(m) = cur.as_mut() {
+        } else if let Some((m, anonymous)) = cur.as_mut() {
             if let Some(v) = field_kb(line, "Rss:") {
                 m.rss_kb = v;
             } else if let Some(v) = field_kb(line, "Anonymous:") {
-                anonymous = v;
+                *anonymous = Some(v);
             }
         }
     }
-    finish(&mut cur, anonymous, &mut out);
+    keep(cur.take());
     out
 }
 
@@ -175,6 +174,9 @@ Anonymous:             0 kB
 Size:               1492 kB
 Rss:                 900 kB
 Anonymous:             0 kB
+55d0a19ca000-55d0a19cb000 r--p 01991000 fd:01 4242                       /usr/bin/offload-agent
+Size:                  4 kB
+Rss:                   4 kB
 7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
 Size:                132 kB
 Rss:                 128 kB
@@ -199,7 +201,8 @@ Anonymous:           128 kB
                     rss_kb: 12400
                 },
             ],
-            "RELRO (written), rw-p, non-resident, other files and other devices are left alone"
+            "RELRO (written), rw-p, non-resident, without an Anonymous count, other files and other \
+             devices are left alone"
         );
         assert!(releasable(SMAPS, dev, 1).is_empty());
     }
