@@ -6,8 +6,9 @@
 //! about 12 MB of its 17 MB text mapped, while its idle loop (long polls, timers, the admin
 //! endpoint) runs about half of that. [`release_startup_pages`] unmaps the binary's never-written
 //! pages with `madvise(MADV_DONTNEED)`; the code that runs next faults back in from the page cache
-//! without I/O. The released pages stay in the page cache as clean, unmapped pages — the first the
-//! kernel reclaims under pressure, where mapped executable pages are kept back from reclaim.
+//! without I/O. The released pages stay in the page cache as clean, unmapped pages, which the
+//! kernel can reclaim without touching any page table (the classic LRU also gives mapped,
+//! referenced executable pages an extra round on the active list).
 //!
 //! Only mappings of this executable with no private (written) page are released: dropping a
 //! written page of a private mapping would throw the change away (the relocated pointers of RELRO,
