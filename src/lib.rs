@@ -16,7 +16,8 @@
 //! - [`ecs_agent`]: supervision of the Amazon ECS container agent through Docker (bollard).
 //! - [`provision`]: idempotent creation of the bucket, queues, notification and table.
 //! - [`iam_policy`]: the least-privilege IAM policy a configuration needs.
-//! - [`pages`]: unmapping the pages of this binary that only start-up ran, once the daemon is idle.
+//! - [`pages`]: unmapping the pages of this binary that only start-up ran, once the daemon is idle;
+//!   memory figures from `/proc`.
 //! - [`host`]: the host's service manager (`systemctl`), called without blocking the runtime.
 //! - [`registration`]: `register` / `deregister` with SSM hybrid activation and ECS Anywhere.
 

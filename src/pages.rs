@@ -26,7 +26,7 @@ struct Mapping {
 }
 
 /// What a release did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Released {
     /// Mappings of the executable released.
     pub mappings: usize,
@@ -137,9 +137,20 @@ fn parse_dev(s: &str) -> Option<u64> {
     Some(libc::makedev(ma, mi))
 }
 
+/// `NAME:   123 kB` (a line of `/proc/PID/status` or `smaps`) -> 123, for `name` = "NAME:".
 fn field_kb(line: &str, name: &str) -> Option<u64> {
     let rest = line.strip_prefix(name)?;
     rest.trim().strip_suffix("kB")?.trim().parse().ok()
+}
+
+/// A `kB` field of `/proc/PID/status` (`pid` None: this process), e.g. `"VmHWM:"` or `"RssFile:"`.
+pub fn status_kb(pid: Option<u32>, name: &str) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_owned(),
+    };
+    let status = std::fs::read_to_string(path).ok()?;
+    status.lines().find_map(|l| field_kb(l, name))
 }
 
 #[cfg(test)]
@@ -212,12 +223,7 @@ Anonymous:           128 kB
     /// code keeps running (this test's own code is among the pages released).
     #[test]
     fn releases_this_binary_and_keeps_running() {
-        fn rss_file_kb() -> u64 {
-            let s = std::fs::read_to_string("/proc/self/status").unwrap();
-            s.lines()
-                .find_map(|l| field_kb(l, "RssFile:"))
-                .expect("RssFile in /proc/self/status")
-        }
+        let rss_file_kb = || status_kb(None, "RssFile:").expect("RssFile in /proc/self/status");
         let before = rss_file_kb();
         let r = release_startup_pages().unwrap();
         assert!(r.mappings >= 1, "{r:?}");

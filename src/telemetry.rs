@@ -115,8 +115,5 @@ where
 
 /// This process's peak resident set size in bytes (Linux `VmHWM`), for summaries and benchmarks.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    crate::pages::status_kb(None, "VmHWM:").map(|kb| kb * 1024)
 }

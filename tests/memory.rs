@@ -70,11 +70,7 @@ async fn a_300_mb_file_is_processed_with_peak_rss_far_below_its_size() {
 const RSS_BOUND: u64 = 64 << 20;
 
 fn vm_hwm(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+    offload_agent::pages::status_kb(Some(pid as u32), "VmHWM:")
         .map(|kb| kb * 1024)
         .expect("VmHWM in /proc/<pid>/status")
 }

@@ -217,11 +217,7 @@ async fn status_without_a_daemon_and_remote_binds_need_consent() {
 }
 
 fn rss_file_kb(pid: i32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("RssFile:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok())
+    offload_agent::pages::status_kb(Some(pid as u32), "RssFile:")
         .expect("RssFile in /proc/PID/status")
 }
 
