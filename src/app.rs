@@ -13,11 +13,11 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{parse_s3_url, Cli, Command, ConfigCommand};
 use crate::config::{self, Config, ConfigError};
 use crate::error::ProcessError;
+use crate::event::ObjectRef;
 use crate::processors::container::Owner;
 use crate::processors::orders_csv::{self, FileError, ScanLimits};
+use crate::spool::Spool;
 use crate::telemetry::{self, LogHandle};
-use crate::worker::event::ObjectRef;
-use crate::worker::spool::Spool;
 use crate::worker::ObjectProcessor;
 
 /// Exit codes (documented in `--help`).
@@ -225,7 +225,7 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
 
 /// The spool must be the daemon's own directory: refuse a shared one as a configuration error.
 fn check_spool(cfg: &Config, path: &Path) -> Result<(), Failure> {
-    crate::worker::spool::check_dir(&cfg.spool.dir).map_err(|reason| {
+    crate::spool::check_dir(&cfg.spool.dir).map_err(|reason| {
         Failure::Config(ConfigError {
             problems: vec![format!("spool.dir (in {}): {reason}", path.display())],
         })

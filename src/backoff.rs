@@ -32,7 +32,11 @@ impl Backoff {
 
     /// A jittered delay in `[step/2, step]` for attempt `n`.
     pub fn jittered(base: Duration, max: Duration, n: u32) -> Duration {
-        let step = Self::step(base, max, n);
+        Self::jitter(Self::step(base, max, n))
+    }
+
+    /// A delay drawn from `[step/2, step]`.
+    pub fn jitter(step: Duration) -> Duration {
         let half = step / 2;
         let extra = rand::thread_rng().gen_range(0..=half.as_millis().max(1) as u64);
         half + Duration::from_millis(extra).min(step - half)
@@ -43,6 +47,17 @@ impl Backoff {
         let d = Self::jittered(self.base, self.max, self.attempt);
         self.attempt = self.attempt.saturating_add(1);
         d
+    }
+
+    /// How many steps, counting the first (`base`), until a step reaches `max` (at most 64).
+    pub fn steps_to_cap(base: Duration, max: Duration) -> u32 {
+        let mut n = 1;
+        let mut d = base;
+        while d < max && n < 64 {
+            d = d.saturating_mul(2);
+            n += 1;
+        }
+        n
     }
 
     pub fn attempts(&self) -> u32 {
@@ -74,5 +89,16 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= base);
+    }
+
+    #[test]
+    fn steps_to_cap_counts_the_doublings_until_the_cap() {
+        let s = Duration::from_secs;
+        assert_eq!(Backoff::steps_to_cap(s(10), s(10)), 1);
+        assert_eq!(Backoff::steps_to_cap(s(10), s(15 * 60)), 8); // 10 s .. 1280 s
+        assert_eq!(Backoff::steps_to_cap(s(1), s(1)), 1);
+        assert_eq!(Backoff::steps_to_cap(Duration::ZERO, s(1)), 64);
+        assert!(Backoff::step(s(10), s(900), 7) >= s(900));
+        assert!(Backoff::step(s(10), s(900), 6) < s(900));
     }
 }

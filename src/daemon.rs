@@ -22,9 +22,9 @@ use crate::error::describe;
 use crate::metrics::{FileOutcome, Metrics};
 use crate::params::ParameterLayer;
 use crate::processors::container::Owner;
+use crate::spool::Spool;
 use crate::telemetry::LogHandle;
-use crate::worker::spool::Spool;
-use crate::worker::{pool, ObjectProcessor, Worker};
+use crate::worker::{receive, ObjectProcessor, Worker};
 use sd_notify::NotifyState;
 use tokio::time::Instant;
 
@@ -309,7 +309,7 @@ async fn serve(
         max_receives,
         key_locks: Default::default(),
     });
-    pool::run(worker, stop, abort).await;
+    receive::run(worker, stop, abort).await;
 }
 
 /// What the admin endpoint reports about this daemon.

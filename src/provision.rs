@@ -112,13 +112,7 @@ pub async fn provision(cfg: &Config, clients: &Clients) -> Result<Vec<Step>> {
         .attributes(QueueAttributeName::Policy, policy);
     // Enough receives for a transient failure's retries to reach queue.retry_max (the agent gives up by
     // itself on the last one, with a reason), and never fewer than queue.max_receive_count.
-    let max_receives = cfg
-        .queue
-        .max_receive_count
-        .max(crate::worker::receives_to_reach(
-            cfg.queue.retry_base,
-            cfg.queue.retry_max,
-        ));
+    let max_receives = cfg.queue.redrive_receives();
     if let Some(dlq_arn) = &dlq_arn {
         let redrive = serde_json::json!({
             "deadLetterTargetArn": dlq_arn,

@@ -1,8 +1,8 @@
 //! Any file as an orders CSV, scanned with a 4 KiB record limit: the accounting of
-//! `tests/support/scan_check.rs` (the property tests' own) holds.
+//! `tests/it/support/scan_check.rs` (the property tests' own) holds.
 #![no_main]
 
-#[path = "../../tests/support/scan_check.rs"]
+#[path = "../../tests/it/support/scan_check.rs"]
 mod scan_check;
 
 use libfuzzer_sys::fuzz_target;

@@ -5,6 +5,7 @@
 
 pub mod firewall;
 pub mod introspection;
+pub mod policy;
 pub mod spec;
 
 use std::fmt;
@@ -14,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use bollard::errors::Error as DockerError;
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ImportImageOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
-    WaitContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures::StreamExt;
@@ -25,8 +25,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{Config, EcsAgentConfig};
+use crate::docker::{self, is_not_found};
+use crate::error::chain;
 use crate::host::Systemctl;
 use introspection::Metadata;
+use policy::{Health, History, Next, Outcome, Silence};
 use spec::{ContainerSpec, CONFIG_HASH_LABEL};
 
 /// Where the supervisor is in the agent's life.
@@ -116,55 +119,49 @@ impl Default for Status {
     }
 }
 
-/// Exit codes of the ECS agent.
-pub const EXIT_TERMINAL: i64 = 5;
-pub const EXIT_UPGRADE: i64 = 42;
-
-/// How one watch of a running agent ended.
-#[derive(Debug)]
-enum Outcome {
-    Exited(i64),
-    DockerLost(String),
-    Unhealthy(String),
-    ConfigChanged,
-    Shutdown,
-}
+pub use policy::{EXIT_CLEAN, EXIT_TERMINAL, EXIT_UPGRADE};
 
 pub struct Supervisor {
     config: watch::Receiver<Arc<Config>>,
     status: watch::Sender<Status>,
     shutdown: CancellationToken,
     restart_backoff: Backoff,
-    /// Exit-42 upgrades since the agent was last healthy for `healthy_reset_after`: a second one
-    /// (an agent that keeps asking) waits for the restart backoff instead of looping hot.
-    upgrades_since_healthy: u32,
+    /// What the decisions remember between watches.
+    history: History,
+    /// Waits between attempts to reach Docker, and between attempts to set the agent up (image,
+    /// container); each reset by a success.
+    docker_backoff: Backoff,
+    setup_backoff: Backoff,
     firewall: firewall::Firewall,
 }
 
-pub fn is_not_found(e: &DockerError) -> bool {
-    matches!(
-        e,
-        DockerError::DockerResponseServerError {
-            status_code: 404,
-            ..
-        }
-    )
+/// Waits between attempts to reach Docker.
+const DOCKER_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const DOCKER_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Waits between attempts to get the image and the container in place.
+const SETUP_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const SETUP_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How often an active ecs.service is looked at again.
+const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
+/// How long one introspection request may take.
+const INTROSPECTION_TIMEOUT: Duration = Duration::from_secs(2);
+/// Seconds Docker gives the agent between SIGTERM and SIGKILL when the supervisor stops it.
+const STOP_GRACE_SECS: i32 = 10;
+/// How long shutdown waits for that stop (`ecs_agent.stop_agent_on_exit`).
+const STOP_ON_EXIT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How an attempt to get the agent running ended.
+enum Start {
+    Running(Running),
+    Again,
+    Stop,
 }
 
-/// Connect to the Docker engine at `socket` and agree on an API version with it.
-pub async fn connect(socket: &str) -> Result<Docker, String> {
-    let docker = Docker::connect_with_unix(socket, 120, bollard::API_DEFAULT_VERSION)
-        .map_err(|e| format!("cannot use the Docker socket {socket}: {e}"))?;
-    // Debian's docker.io speaks API 1.41; bollard defaults to a newer one.
-    let docker = docker
-        .negotiate_version()
-        .await
-        .map_err(|e| format!("Docker at {socket} does not answer: {e}"))?;
-    docker
-        .ping()
-        .await
-        .map_err(|e| format!("Docker at {socket} does not answer: {e}"))?;
-    Ok(docker)
+/// A started (or adopted) agent container being watched.
+struct Running {
+    docker: Docker,
+    id: String,
+    name: String,
 }
 
 /// A path from the agent's files, read relative to `host_root` when absolute.
@@ -185,7 +182,9 @@ impl Supervisor {
                 status,
                 shutdown,
                 restart_backoff: Backoff::new(cfg.restart_backoff_min, cfg.restart_backoff_max),
-                upgrades_since_healthy: 0,
+                history: History::default(),
+                docker_backoff: Backoff::new(DOCKER_BACKOFF_MIN, DOCKER_BACKOFF_MAX),
+                setup_backoff: Backoff::new(SETUP_BACKOFF_MIN, SETUP_BACKOFF_MAX),
                 firewall: firewall::Firewall::default(),
             },
             rx,
@@ -236,24 +235,9 @@ impl Supervisor {
     }
 
     async fn connect(&self, cfg: &EcsAgentConfig) -> Result<Docker, String> {
-        connect(&cfg.docker_socket).await
-    }
-
-    /// Load an image tarball (`docker load`), streamed from disk.
-    async fn load_tarball(&self, docker: &Docker, path: &Path) -> Result<(), String> {
-        let file = tokio::fs::File::open(path)
+        docker::connect(&cfg.docker_socket)
             .await
-            .map_err(|e| format!("cannot open image tarball {}: {e}", path.display()))?;
-        let stream = tokio_util::io::ReaderStream::new(file);
-        let mut progress = docker.import_image_stream(
-            ImportImageOptionsBuilder::default().quiet(true).build(),
-            stream,
-            None,
-        );
-        while let Some(r) = progress.next().await {
-            r.map_err(|e| format!("docker load {} failed: {e}", path.display()))?;
-        }
-        Ok(())
+            .map_err(|e| chain(&e))
     }
 
     /// The image's id: present, else loaded from the tarball, else pulled (if allowed).
@@ -269,7 +253,9 @@ impl Supervisor {
                 State::LoadingImage,
                 format!("loading {} from {}", cfg.image, cfg.image_tarball.display()),
             );
-            self.load_tarball(docker, &cfg.image_tarball).await?;
+            docker::load_tarball(docker, &cfg.image_tarball)
+                .await
+                .map_err(|e| chain(&e))?;
             tarball_note = format!(
                 "{} was loaded but does not contain it",
                 cfg.image_tarball.display()
@@ -411,10 +397,7 @@ impl Supervisor {
         );
         let mut tick = tokio::time::interval(cfg.health_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let watching_since = Instant::now();
-        let mut last_ok: Option<Instant> = None;
-        let mut healthy_since: Option<Instant> = None;
-        let mut reset_done = false;
+        let mut health = Health::new(Instant::now());
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Outcome::Shutdown,
@@ -429,15 +412,11 @@ impl Supervisor {
                     None => Outcome::DockerLost("Docker closed the wait request".into()),
                 },
                 _ = tick.tick() => {
-                    match introspection::fetch(&cfg.introspection_url, Duration::from_secs(2)).await {
+                    match introspection::fetch(&cfg.introspection_url, INTROSPECTION_TIMEOUT).await {
                         Ok(m) => {
-                            let now = Instant::now();
-                            last_ok = Some(now);
-                            let since = *healthy_since.get_or_insert(now);
-                            if !reset_done && since.elapsed() >= cfg.healthy_reset_after {
+                            if health.on_answer(Instant::now(), cfg) {
                                 self.restart_backoff.reset();
-                                self.upgrades_since_healthy = 0;
-                                reset_done = true;
+                                self.history = History::default();
                                 tracing::debug!("agent healthy long enough: restart backoff reset");
                             }
                             let (state, reason) = match &m.container_instance_arn {
@@ -447,26 +426,11 @@ impl Supervisor {
                             self.status.send_modify(|s| s.metadata = Some(m.clone()));
                             self.set(state, reason);
                         }
-                        Err(e) => {
-                            healthy_since = None;
-                            if let Some(ok) = last_ok {
-                                if ok.elapsed() >= cfg.unhealthy_after {
-                                    return Outcome::Unhealthy(format!(
-                                        "introspection has not answered for {:?}: {e}",
-                                        ok.elapsed()
-                                    ));
-                                }
-                            }
-                            if last_ok.is_none() {
-                                if watching_since.elapsed() >= cfg.start_timeout {
-                                    return Outcome::Unhealthy(format!(
-                                        "introspection has not answered since the agent started {:?} ago (ecs_agent.start_timeout): {e}",
-                                        watching_since.elapsed()
-                                    ));
-                                }
-                                self.set(State::Running, "running; introspection not answering yet");
-                            }
-                        }
+                        Err(e) => match health.on_silence(Instant::now(), cfg, &e.to_string()) {
+                            Silence::Unhealthy(why) => return Outcome::Unhealthy(why),
+                            Silence::Starting => self.set(State::Running, "running; introspection not answering yet"),
+                            Silence::Tolerated => {}
+                        },
                     }
                 }
             }
@@ -475,201 +439,228 @@ impl Supervisor {
 
     /// Run until shutdown. Never returns an error: every problem is a state with a reason, retried.
     pub async fn run(mut self) {
-        let mut docker_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-        let mut config_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        loop {
-            if self.shutdown.is_cancelled() {
-                break;
-            }
+        while !self.shutdown.is_cancelled() {
             let cfg = self.cfg();
-            if !cfg.enabled {
-                self.set(State::Disabled, "ecs_agent.enabled = false");
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => break,
-                    r = self.config.changed() => if r.is_err() { break } else { continue },
-                }
-            }
-            let systemctl = Systemctl::new(self.config.borrow().host.systemctl.clone());
-            // amazon-ecs-init's service manages the same container: two supervisors would fight.
-            if systemctl.is_active("ecs.service").await {
-                self.set(
-                    State::Conflict,
-                    "ecs.service (amazon-ecs-init) is active and manages the agent too: run `systemctl disable --now ecs` to switch over to offload-agent",
-                );
-                self.pause(Duration::from_secs(60)).await;
-                continue;
-            }
-            let docker = match self.connect(&cfg).await {
-                Ok(d) => {
-                    docker_backoff.reset();
-                    d
-                }
-                Err(e) => {
-                    let d = docker_backoff.next_delay();
-                    self.retry_in(State::WaitingForDocker, e, d).await;
-                    continue;
-                }
+            let agent = match self.start(&cfg).await {
+                Start::Running(agent) => agent,
+                Start::Again => continue,
+                Start::Stop => break,
             };
-            let image_id = match self.ensure_image(&docker, &cfg).await {
-                Ok(id) => id,
-                Err(e) => {
-                    let d = config_backoff.next_delay();
-                    self.retry_in(State::ImageUnavailable, e, d).await;
-                    continue;
-                }
-            };
-            let host = self.config.borrow().host.clone();
-            let spec = match ContainerSpec::build(&cfg, &host, &image_id) {
-                Ok(s) => s,
-                Err(e) => {
-                    let d = config_backoff.next_delay();
-                    self.retry_in(State::BackingOff, e, d).await;
-                    continue;
-                }
-            };
-            let (id, adopted) = match self.ensure_container(&docker, &spec).await {
-                Ok(x) => x,
-                Err(e) => {
-                    if self.connect(&cfg).await.is_err() {
-                        continue; // Docker went away meanwhile: wait for it
-                    }
-                    let d = config_backoff.next_delay();
-                    self.retry_in(State::BackingOff, e, d).await;
-                    continue;
-                }
-            };
-            config_backoff.reset();
-            self.status.send_modify(|s| {
-                // What introspection said belongs to the container that said it.
-                if s.container_id.as_deref() != Some(id.as_str()) {
+            let outcome = self.watch(&agent.docker, &agent.id, &cfg).await;
+            if let Outcome::Exited(code) = outcome {
+                self.status.send_modify(|s| {
+                    s.last_exit_code = Some(code);
+                    // What introspection said ends with the agent that said it.
                     s.metadata = None;
-                }
-                s.container_id = Some(id.clone());
-                s.image_id = Some(image_id.clone());
-                if adopted {
-                    s.adoptions += 1;
-                }
-            });
-            self.set(
-                State::Running,
-                if adopted {
-                    format!(
-                        "adopted the running container {} ({})",
-                        spec.name,
-                        &id[..12.min(id.len())]
-                    )
-                } else {
-                    format!(
-                        "started container {} ({})",
-                        spec.name,
-                        &id[..12.min(id.len())]
-                    )
-                },
-            );
-            if cfg.task_iam_roles {
-                let fw = self.firewall.clone();
-                match tokio::task::spawn_blocking(move || fw.ensure()).await {
-                    Ok(Ok(0)) => {}
-                    Ok(Ok(n)) => tracing::info!(added = n, "task IAM role network rules in place"),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "cannot set up the network rules for task IAM roles; tasks cannot get role credentials")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "network rule task failed"),
-                }
+                });
             }
-
-            let outcome = self.watch(&docker, &id, &cfg).await;
-            match outcome {
-                Outcome::Shutdown => {
-                    if cfg.stop_agent_on_exit {
-                        tracing::info!(container = %spec.name, "stopping the ECS agent (ecs_agent.stop_agent_on_exit)");
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(15),
-                            docker.stop_container(
-                                &id,
-                                Some(StopContainerOptionsBuilder::default().t(10).build()),
-                            ),
-                        )
-                        .await;
-                    }
-                    break;
-                }
-                Outcome::ConfigChanged => {
-                    tracing::info!("configuration reloaded: checking the agent's container");
-                }
-                Outcome::DockerLost(e) => {
-                    self.set(State::WaitingForDocker, e);
-                }
-                Outcome::Unhealthy(e) => {
-                    tracing::warn!(reason = %e, "the ECS agent stopped answering: restarting it");
-                    let _ = docker
-                        .stop_container(
-                            &id,
-                            Some(StopContainerOptionsBuilder::default().t(10).build()),
-                        )
-                        .await;
-                    // An agent that hangs again at once must not be restarted in a hot loop either.
-                    self.back_off(format!("restarting the unresponsive ECS agent ({e})"))
-                        .await;
-                }
-                Outcome::Exited(code) => {
-                    self.status.send_modify(|s| {
-                        s.last_exit_code = Some(code);
-                        s.metadata = None;
-                    });
-                    if code == 0 {
-                        // A clean exit is a stop on purpose (`docker stop ecs-agent`): as under
-                        // ecs-init's unit, it stays stopped until the operator asks again.
-                        self.set(
-                            State::Stopped,
-                            "the ECS agent exited 0 (stopped on purpose, e.g. `docker stop`): not restarting until SIGHUP or a configuration change",
-                        );
-                        if !self.wait_for_reload().await {
-                            break;
-                        }
-                        tracing::info!("configuration reloaded: starting the ECS agent again");
-                        continue;
-                    }
-                    if code == EXIT_TERMINAL {
-                        let lines = self.last_log_lines(&docker, &id).await;
-                        for l in &lines {
-                            tracing::error!(agent_log = %l, "ECS agent output before its terminal exit");
-                        }
-                        self.status
-                            .send_modify(|s| s.last_log_lines = lines.clone());
-                        self.set(
-                            State::Terminal,
-                            "the ECS agent exited 5 (terminal error; see its log lines): not restarting until the configuration changes or SIGHUP",
-                        );
-                        if !self.wait_for_reload().await {
-                            break;
-                        }
-                        tracing::info!("configuration reloaded: retrying the ECS agent after its terminal exit");
-                        continue;
-                    }
-                    if code == EXIT_UPGRADE {
-                        let loaded = self.upgrade(&docker, &cfg).await;
-                        let again = self.upgrades_since_healthy > 0;
-                        self.upgrades_since_healthy += 1;
-                        if loaded && !again {
-                            // The agent's own update: restart at once with the new image.
-                            self.status.send_modify(|s| s.restarts += 1);
-                            continue;
-                        }
-                        let why = if loaded {
-                            "asked for an upgrade (exit 42) again before it was healthy"
-                        } else {
-                            "asked for an upgrade (exit 42) that could not be loaded"
-                        };
-                        self.back_off(format!("the ECS agent {why}")).await;
-                        continue;
-                    }
-                    self.back_off(format!("the ECS agent exited with status {code}"))
-                        .await;
-                }
+            if !self.act(policy::next(outcome), &agent, &cfg).await {
+                break;
             }
         }
         self.set(State::Stopped, "offload-agent is stopping");
+    }
+
+    /// Get the agent running: Docker answering, no ecs-init beside us, the image present, the
+    /// container adopted or created. `Again` when a step failed (its state and reason are set, and
+    /// the wait before the next attempt is done) or, disabled, after a reload.
+    async fn start(&mut self, cfg: &EcsAgentConfig) -> Start {
+        if !cfg.enabled {
+            self.set(State::Disabled, "ecs_agent.enabled = false");
+            return if self.wait_for_reload().await {
+                Start::Again
+            } else {
+                Start::Stop
+            };
+        }
+        let systemctl = Systemctl::new(self.config.borrow().host.systemctl.clone());
+        // amazon-ecs-init's service manages the same container: two supervisors would fight.
+        if systemctl.is_active("ecs.service").await {
+            self.set(
+                State::Conflict,
+                "ecs.service (amazon-ecs-init) is active and manages the agent too: run `systemctl disable --now ecs` to switch over to offload-agent",
+            );
+            self.pause(CONFLICT_RECHECK).await;
+            return Start::Again;
+        }
+        let docker = match self.connect(cfg).await {
+            Ok(d) => {
+                self.docker_backoff.reset();
+                d
+            }
+            Err(e) => {
+                let d = self.docker_backoff.next_delay();
+                self.retry_in(State::WaitingForDocker, e, d).await;
+                return Start::Again;
+            }
+        };
+        let image_id = match self.ensure_image(&docker, cfg).await {
+            Ok(id) => id,
+            Err(e) => {
+                let d = self.setup_backoff.next_delay();
+                self.retry_in(State::ImageUnavailable, e, d).await;
+                return Start::Again;
+            }
+        };
+        let host = self.config.borrow().host.clone();
+        let spec = match ContainerSpec::build(cfg, &host, &image_id) {
+            Ok(s) => s,
+            Err(e) => {
+                let d = self.setup_backoff.next_delay();
+                self.retry_in(State::BackingOff, e, d).await;
+                return Start::Again;
+            }
+        };
+        let (id, adopted) = match self.ensure_container(&docker, &spec).await {
+            Ok(x) => x,
+            Err(e) => {
+                if self.connect(cfg).await.is_err() {
+                    return Start::Again; // Docker went away meanwhile: wait for it
+                }
+                let d = self.setup_backoff.next_delay();
+                self.retry_in(State::BackingOff, e, d).await;
+                return Start::Again;
+            }
+        };
+        self.setup_backoff.reset();
+        self.started(&id, &image_id, &spec.name, adopted);
+        if cfg.task_iam_roles {
+            self.ensure_firewall().await;
+        }
+        Start::Running(Running {
+            docker,
+            id,
+            name: spec.name,
+        })
+    }
+
+    /// Record a started or adopted container in the status.
+    fn started(&self, id: &str, image_id: &str, name: &str, adopted: bool) {
+        self.status.send_modify(|s| {
+            // What introspection said belongs to the container that said it.
+            if s.container_id.as_deref() != Some(id) {
+                s.metadata = None;
+            }
+            s.container_id = Some(id.to_string());
+            s.image_id = Some(image_id.to_string());
+            if adopted {
+                s.adoptions += 1;
+            }
+        });
+        let short = &id[..12.min(id.len())];
+        self.set(
+            State::Running,
+            if adopted {
+                format!("adopted the running container {name} ({short})")
+            } else {
+                format!("started container {name} ({short})")
+            },
+        );
+    }
+
+    async fn ensure_firewall(&self) {
+        let fw = self.firewall.clone();
+        match tokio::task::spawn_blocking(move || fw.ensure()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(added = n, "task IAM role network rules in place"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot set up the network rules for task IAM roles; tasks cannot get role credentials")
+            }
+            Err(e) => tracing::warn!(error = %e, "network rule task failed"),
+        }
+    }
+
+    /// Do what the policy decided after a watch; false when the supervisor should stop.
+    async fn act(&mut self, next: Next, agent: &Running, cfg: &EcsAgentConfig) -> bool {
+        match next {
+            Next::Stop => {
+                if cfg.stop_agent_on_exit {
+                    tracing::info!(container = %agent.name, "stopping the ECS agent (ecs_agent.stop_agent_on_exit)");
+                    let _ = tokio::time::timeout(
+                        STOP_ON_EXIT_TIMEOUT,
+                        agent.docker.stop_container(
+                            &agent.id,
+                            Some(
+                                StopContainerOptionsBuilder::default()
+                                    .t(STOP_GRACE_SECS)
+                                    .build(),
+                            ),
+                        ),
+                    )
+                    .await;
+                }
+                false
+            }
+            Next::Recheck => {
+                tracing::info!("configuration reloaded: checking the agent's container");
+                true
+            }
+            Next::WaitForDocker(why) => {
+                self.set(State::WaitingForDocker, why);
+                true
+            }
+            Next::RestartUnhealthy(why) => {
+                tracing::warn!(reason = %why, "the ECS agent stopped answering: restarting it");
+                let _ = agent
+                    .docker
+                    .stop_container(
+                        &agent.id,
+                        Some(
+                            StopContainerOptionsBuilder::default()
+                                .t(STOP_GRACE_SECS)
+                                .build(),
+                        ),
+                    )
+                    .await;
+                self.back_off(format!("restarting the unresponsive ECS agent ({why})"))
+                    .await;
+                true
+            }
+            Next::StayStopped => {
+                self.set(
+                    State::Stopped,
+                    "the ECS agent exited 0 (stopped on purpose, e.g. `docker stop`): not restarting until SIGHUP or a configuration change",
+                );
+                let reloaded = self.wait_for_reload().await;
+                if reloaded {
+                    tracing::info!("configuration reloaded: starting the ECS agent again");
+                }
+                reloaded
+            }
+            Next::Terminal => {
+                let lines = self.last_log_lines(&agent.docker, &agent.id).await;
+                for l in &lines {
+                    tracing::error!(agent_log = %l, "ECS agent output before its terminal exit");
+                }
+                self.status
+                    .send_modify(|s| s.last_log_lines = lines.clone());
+                self.set(
+                    State::Terminal,
+                    "the ECS agent exited 5 (terminal error; see its log lines): not restarting until the configuration changes or SIGHUP",
+                );
+                let reloaded = self.wait_for_reload().await;
+                if reloaded {
+                    tracing::info!(
+                        "configuration reloaded: retrying the ECS agent after its terminal exit"
+                    );
+                }
+                reloaded
+            }
+            Next::Upgrade => {
+                let loaded = self.upgrade(&agent.docker, cfg).await;
+                let then = policy::after_upgrade(loaded, &mut self.history);
+                Box::pin(self.act(then, agent, cfg)).await
+            }
+            Next::RestartNow => {
+                // The agent's own update: restart at once with the new image.
+                self.status.send_modify(|s| s.restarts += 1);
+                true
+            }
+            Next::RestartAfterBackoff(why) => {
+                self.back_off(why).await;
+                true
+            }
+        }
     }
 
     /// Wait for a reload (SIGHUP or a configuration change); false on shutdown.
@@ -707,13 +698,13 @@ impl Supervisor {
             State::LoadingImage,
             format!("exit 42: loading {}", tarball.display()),
         );
-        match self.load_tarball(docker, &tarball).await {
+        match docker::load_tarball(docker, &tarball).await {
             Ok(()) => {
                 tracing::info!(tarball = %tarball.display(), "desired agent image loaded");
                 true
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot load the desired agent image; restarting the current one");
+                tracing::error!(error = %chain(&e), "cannot load the desired agent image; restarting the current one");
                 false
             }
         }

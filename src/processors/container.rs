@@ -20,7 +20,8 @@ use tracing::Instrument;
 use super::external::{self, Exit, OutputLog, Stream};
 use super::{Context, Job, Outcome, ProcessFuture, Processor};
 use crate::config::ContainerSpec;
-use crate::error::ProcessError;
+use crate::docker;
+use crate::error::{chain, ProcessError};
 
 /// Set on every processor container; its value is the pipeline's name.
 pub const PIPELINE_LABEL: &str = "offload-agent.pipeline";
@@ -69,11 +70,12 @@ impl Engine {
 
     pub async fn get(&self) -> Result<&Docker, ProcessError> {
         self.docker
-            .get_or_try_init(|| crate::ecs_agent::connect(&self.socket))
+            .get_or_try_init(|| docker::connect(&self.socket))
             .await
             .map_err(|e| {
                 ProcessError::Unavailable(format!(
-                    "{e} (container processors need Docker: start it, or fix ecs_agent.docker_socket)"
+                    "{} (container processors need Docker: start it, or fix ecs_agent.docker_socket)",
+                    chain(&e)
                 ))
             })
     }
@@ -123,7 +125,7 @@ impl Engine {
         let docker = self.get().await?;
         match docker.inspect_image(&spec.image).await {
             Ok(_) => return Ok(()),
-            Err(e) if crate::ecs_agent::is_not_found(&e) => {}
+            Err(e) if docker::is_not_found(&e) => {}
             Err(e) => {
                 return Err(ProcessError::Transient(format!(
                     "cannot inspect image {}: {e}",
@@ -170,7 +172,7 @@ async fn remove(docker: &Docker, id: &str) -> Result<(), DockerError> {
         )
         .await
     {
-        Err(e) if crate::ecs_agent::is_not_found(&e) => Ok(()),
+        Err(e) if docker::is_not_found(&e) => Ok(()),
         other => other,
     }
 }

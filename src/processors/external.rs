@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::{Job, Output};
 use crate::error::ProcessError;
-use crate::worker::objects::MAX_KEY_BYTES;
+use crate::limits::S3_MAX_KEY_BYTES;
 
 /// Lines of a processor's output kept for the log and the error report when it fails.
 pub const TAIL_LINES: usize = 20;
@@ -266,9 +266,9 @@ pub fn collect_outputs(dir: &Path, key_prefix: &str) -> Result<Vec<Output>, Proc
     let mut outputs = Vec::with_capacity(found.len());
     for (path, rel) in found {
         let key = format!("{key_prefix}{rel}");
-        if key.len() > MAX_KEY_BYTES {
+        if key.len() > S3_MAX_KEY_BYTES {
             refused.push(format!(
-                "{rel}: its key would be longer than S3's {MAX_KEY_BYTES} bytes"
+                "{rel}: its key would be longer than S3's {S3_MAX_KEY_BYTES} bytes"
             ));
             continue;
         }
@@ -468,7 +468,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let long = "k".repeat(MAX_KEY_BYTES);
+        let long = "k".repeat(S3_MAX_KEY_BYTES);
         assert!(collect_outputs(d.path(), &long).is_err());
     }
 }

@@ -1,7 +1,7 @@
 //! File processors behind one interface. A processor gets one spooled object (its file, its S3 reference
 //! and a private directory to work in) and returns what to store: output files with their keys, keys an
 //! earlier version may have left that are now wrong, and row counts where it has rows. Downloading,
-//! storing and settling the SQS message are not its business (`worker::object` and `worker` do them).
+//! storing and settling the SQS message are not its business (`worker::run` and `worker::settle` do them).
 //!
 //! - `orders-csv` (built in): CSV orders into DynamoDB, an output and a rejects report back to S3;
 //! - `container`: the user's image, run by the host's Docker engine once per file, under limits;
@@ -27,9 +27,9 @@ use tokio_util::sync::CancellationToken;
 use crate::aws::Clients;
 use crate::config::{Config, Pipeline, ProcessorKind};
 use crate::error::ProcessError;
+use crate::event::ObjectRef;
 use crate::metrics::Metrics;
-use crate::worker::event::ObjectRef;
-use crate::worker::spool::SpoolFiles;
+use crate::spool::SpoolFiles;
 
 /// One object to process.
 pub struct Job<'a> {
@@ -61,9 +61,19 @@ pub struct Outcome {
     /// does not (deleted, best effort, before the outputs are stored).
     pub stale: Vec<String>,
     /// Row accounting, for processors that have rows (`orders-csv`).
-    pub rows: Option<orders_csv::ScanOutcome>,
+    pub rows: Option<RowCounts>,
+    /// The key of the output that lists rejected rows, when one is stored.
+    pub rejects: Option<String>,
     /// One line for the log and `process`'s summary (e.g. "exit 0 after 1.2 s").
     pub summary: String,
+}
+
+/// How the rows of one file ended, for processors that read rows: every row is written or rejected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowCounts {
+    pub rows: u64,
+    pub written: u64,
+    pub rejected: u64,
 }
 
 pub type ProcessFuture<'a> =

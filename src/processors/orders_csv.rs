@@ -25,10 +25,13 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::batch_writer::{writer_client, BatchWriter, WriteError};
-use super::{Context, Job, Outcome, Output, ProcessFuture, Processor};
+use super::{Context, Job, Outcome, Output, ProcessFuture, Processor, RowCounts};
 use crate::config::{Config, Pipeline};
 use crate::error::ProcessError;
-use crate::worker::objects::MAX_KEY_BYTES as MAX_S3_KEY_BYTES;
+use crate::limits::{
+    DYNAMODB_MAX_BATCH_WRITE, DYNAMODB_MAX_ITEM_BYTES, DYNAMODB_MAX_PARTITION_KEY_BYTES,
+    S3_MAX_KEY_BYTES,
+};
 
 /// The columns an orders file must have, in the order items and reports name them.
 pub const COLUMNS: [&str; 13] = [
@@ -52,17 +55,12 @@ const SHIP_DATE: usize = 7;
 const UNIT_SOLD: usize = 8;
 const MONEY: [usize; 4] = [9, 10, 11, 12];
 
-/// DynamoDB's item limit (400 KB, counted as attribute names plus values); rows whose item would not
-/// fit are rejected before they are sent.
-pub const MAX_ITEM_BYTES: usize = 400 * 1024;
-/// DynamoDB's limit on a partition key value (OrderId), in UTF-8 bytes.
-pub const MAX_KEY_BYTES: usize = 2048;
 /// DynamoDB numbers: at most 38 significant digits, magnitude from 1E-130 to below 1E+126.
 const MAX_NUMBER_DIGITS: usize = 38;
 const MAX_INTEGER_DIGITS: usize = 126;
 const MAX_FRACTION_LEADING_ZEROS: usize = 129;
-/// DynamoDB's `BatchWriteItem` takes at most 25 requests.
-pub const BATCH_SIZE: usize = 25;
+/// Rows per `BatchWriteItem`: as many as DynamoDB takes.
+pub const BATCH_SIZE: usize = DYNAMODB_MAX_BATCH_WRITE;
 /// Namespace of the UUIDv5 `ConfirmationId`s (fixed forever: changing it changes every id).
 pub const CONFIRMATION_NAMESPACE: Uuid = Uuid::from_u128(0x8c1f_3e2a_4b7d_5e60_9a1b_6f72_6465_7273);
 
@@ -588,7 +586,7 @@ pub fn validate_into(rec: &csv::ByteRecord, h: &Header, order: &mut Order) -> Re
             rec.len()
         ));
     }
-    if rec.as_slice().len() > MAX_ITEM_BYTES {
+    if rec.as_slice().len() > DYNAMODB_MAX_ITEM_BYTES {
         return Err(format!(
             "row is {} bytes, larger than a DynamoDB item may be (400 KB)",
             rec.as_slice().len()
@@ -613,9 +611,9 @@ pub fn validate_into(rec: &csv::ByteRecord, h: &Header, order: &mut Order) -> Re
         field.clear();
         let parsed = match c {
             ORDER_ID if text.is_empty() => return Err("OrderId is empty".into()),
-            ORDER_ID if text.len() > MAX_KEY_BYTES => {
+            ORDER_ID if text.len() > DYNAMODB_MAX_PARTITION_KEY_BYTES => {
                 return Err(format!(
-                    "OrderId is {} bytes, longer than a DynamoDB key may be ({MAX_KEY_BYTES})",
+                    "OrderId is {} bytes, longer than a DynamoDB key may be ({DYNAMODB_MAX_PARTITION_KEY_BYTES})",
                     text.len()
                 ))
             }
@@ -644,9 +642,9 @@ pub fn validate_into(rec: &csv::ByteRecord, h: &Header, order: &mut Order) -> Re
         parsed?;
     }
     let size = item_size(order, h.item_overhead);
-    if size > MAX_ITEM_BYTES {
+    if size > DYNAMODB_MAX_ITEM_BYTES {
         return Err(format!(
-            "the item would be {size} bytes, larger than DynamoDB allows ({MAX_ITEM_BYTES})"
+            "the item would be {size} bytes, larger than DynamoDB allows ({DYNAMODB_MAX_ITEM_BYTES})"
         ));
     }
     Ok(())
@@ -1514,9 +1512,9 @@ impl OrdersCsv {
     async fn run(&self, job: &Job<'_>) -> Result<Outcome, ProcessError> {
         let output = job.pipeline.output_key(&job.object.key);
         let rkey = rejects_key(&output);
-        if rkey.len() > MAX_S3_KEY_BYTES {
+        if rkey.len() > S3_MAX_KEY_BYTES {
             return Err(ProcessError::Permanent(format!(
-                "the output key for {:?} would be longer than S3's {MAX_S3_KEY_BYTES} bytes; shorten the key or output_prefix",
+                "the output key for {:?} would be longer than S3's {S3_MAX_KEY_BYTES} bytes; shorten the key or output_prefix",
                 job.object.key
             )));
         }
@@ -1552,6 +1550,7 @@ impl OrdersCsv {
             ..Outcome::default()
         };
         if rows.rejected > 0 {
+            outcome.rejects = Some(rkey.clone());
             outcome.outputs.push(Output {
                 path: files.rejects,
                 key: rkey,
@@ -1567,7 +1566,11 @@ impl OrdersCsv {
             key: output,
             content_type: "text/csv",
         });
-        outcome.rows = Some(rows);
+        outcome.rows = Some(RowCounts {
+            rows: rows.rows,
+            written: rows.written,
+            rejected: rows.rejected,
+        });
         Ok(outcome)
     }
 }
@@ -1814,8 +1817,8 @@ mod tests {
         let max_int = format!("9{}", "0".repeat(125)); // 9E+125: fits
         let tiny = format!("0.{}1", "0".repeat(130)); // 1E-131
         let smallest = format!("0.{}1", "0".repeat(129)); // 1E-130: fits
-        let long_id = "x".repeat(MAX_KEY_BYTES + 1);
-        let wide = "w".repeat(MAX_ITEM_BYTES - 100); // the row fits, its item does not
+        let long_id = "x".repeat(DYNAMODB_MAX_PARTITION_KEY_BYTES + 1);
+        let wide = "w".repeat(DYNAMODB_MAX_ITEM_BYTES - 100); // the row fits, its item does not
         let text = format!(
             "{h}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n",
             row("1").replace("205.70", &big_int),

@@ -255,7 +255,7 @@ async fn ensure_docker(
     deadline: Instant,
 ) -> Result<(), Error> {
     let socket = &cfg.ecs_agent.docker_socket;
-    if ecs_agent::connect(socket).await.is_ok() {
+    if crate::docker::connect(socket).await.is_ok() {
         step("docker", format!("answering on {socket}"));
         return Ok(());
     }
@@ -270,14 +270,15 @@ async fn ensure_docker(
         .await
         .map_err(Error::Failed)?;
     loop {
-        match ecs_agent::connect(socket).await {
+        match crate::docker::connect(socket).await {
             Ok(_) => {
                 step("docker", format!("started {unit}; answering on {socket}"));
                 return Ok(());
             }
             Err(e) if Instant::now() >= deadline => {
                 return Err(Error::Unavailable(format!(
-                    "{e} (started {unit}): check `systemctl status {unit}`"
+                    "{} (started {unit}): check `systemctl status {unit}`",
+                    crate::error::chain(&e)
                 )))
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
@@ -460,7 +461,7 @@ pub async fn deregister(cfg: Config, keep_ssm: bool) -> Result<(), Error> {
     }
 
     // 2. The agent's container and the host changes made for it.
-    match ecs_agent::connect(&cfg.ecs_agent.docker_socket).await {
+    match crate::docker::connect(&cfg.ecs_agent.docker_socket).await {
         Ok(docker) => {
             let name = &cfg.ecs_agent.container_name;
             let _ = docker

@@ -3,12 +3,10 @@
 //! ([`World::account`]): the table holds exactly the expected ids with unchanged ConfirmationIds, every
 //! output lists its rows, the main and dead-letter queues are empty, and the daemon is alive.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::proxy::{FaultProxy, Faults};
-use support::*;
+use crate::support::proxy::{FaultProxy, Faults};
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -440,9 +438,10 @@ async fn wait_ecs(port: u16, what: &str, agent: &Agent, ok: impl Fn(&serde_json:
 /// stopped; the worker does not notice — every file uploaded before, during and after is accounted for.
 #[tokio::test(flavor = "multi_thread")]
 async fn docker_restarted_under_the_ecs_agent_leaves_the_worker_untouched() {
-    let mut engine = support::docker::PrivateDocker::start().await;
+    let mut engine = crate::support::docker::PrivateDocker::start().await;
     let rig =
-        support::docker::Rig::prepare_on("fault-restart", false, Some(&engine.socket())).await;
+        crate::support::docker::Rig::prepare_on("fault-restart", false, Some(&engine.socket()))
+            .await;
     let port = free_port();
     let w = World::with(
         "dockerrestart",

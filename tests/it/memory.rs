@@ -5,9 +5,7 @@
 //! children would count the test's own memory: a child spawned with a shared address space inherits
 //! the parent's high-water mark across `exec`.)
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 /// ~300 MB of orders whose rows carry a wide extra column (ignored by the processor), so the file is
 /// large while the number of DynamoDB writes stays small enough for the emulator.

@@ -3,15 +3,13 @@
 //! (`tests/fixtures/processor.sh`, the same script the image runs) for each file. Needs moto and dockerd
 //! (`scripts/test` starts both).
 
-mod support;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::support::docker::{busybox_rootfs, docker, image_id, import_rootfs};
+use crate::support::*;
 use bollard::query_parameters::ListContainersOptionsBuilder;
 use sha2::{Digest, Sha256};
-use support::docker::{busybox_rootfs, docker, image_id, import_rootfs};
-use support::*;
 use tokio::sync::OnceCell;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -438,11 +436,11 @@ processor = {{ container = {{ image = "{late}" }} }}
     );
     let d = docker().await;
     let (repo, tag) = late.split_once(':').unwrap();
-    support::docker::tag(&d, &image().await, repo, tag).await;
+    crate::support::docker::tag(&d, &image().await, repo, tag).await;
     let a = w.wait_for("lateout/a.txt/count.txt", WAIT, &agent).await;
     let b = w.wait_for("lateout/b.txt/count.txt", WAIT, &agent).await;
     assert_eq!((text(a), text(b)), ("1\n".to_string(), "2\n".to_string()));
     agent.wait_log("pipeline can run again", WAIT).await;
     assert!(w.drain_dlq().await.is_empty());
-    support::docker::untag(&d, &late).await;
+    crate::support::docker::untag(&d, &late).await;
 }

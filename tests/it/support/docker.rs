@@ -1,7 +1,6 @@
 //! Docker harness for the ECS agent supervisor: a real engine (started by `scripts/test`), a stand-in
 //! agent image imported from a busybox-static root filesystem (no registry is reachable), and one
 //! supervisor per test with its own container name, port and host directory.
-#![allow(dead_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -256,11 +255,6 @@ pub struct Rig {
     pub status: watch::Receiver<Status>,
     pub shutdown: CancellationToken,
     pub task: Option<tokio::task::JoinHandle<()>>,
-}
-
-pub struct RigOptions {
-    pub task_iam_roles: bool,
-    pub tarball: bool,
 }
 
 impl Rig {

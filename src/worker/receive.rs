@@ -13,9 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::Worker;
 use crate::backoff::Backoff;
 use crate::error::{classify, code, describe, ErrorClass};
-
-/// SQS returns at most this many messages per `ReceiveMessage`.
-const SQS_MAX_BATCH: usize = 10;
+use crate::limits::SQS_MAX_RECEIVE_BATCH;
 
 /// Apply a new `queue.max_in_flight`: more slots at once; fewer as running files finish (the
 /// surplus permits are taken and forgotten in the background).
@@ -77,7 +75,7 @@ pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: Cancellati
             _ = stop.cancelled() => break,
         };
         let mut permits = vec![first];
-        while permits.len() < SQS_MAX_BATCH {
+        while permits.len() < SQS_MAX_RECEIVE_BATCH {
             match slots.clone().try_acquire_owned() {
                 Ok(p) => permits.push(p),
                 Err(_) => break,

@@ -4,13 +4,11 @@
 //! (`scripts/package`), and the test drives the service as an operator would, with `systemctl` and
 //! `journalctl`.
 
-mod support;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{orders_csv, unique, Options, World};
+use crate::support::{orders_csv, unique, Options, World};
 
 const IMAGE: &str = "offload-test-systemd:bookworm";
 const SETUP: &str =

@@ -1,11 +1,9 @@
 //! End-to-end scenarios of the file-event worker: the real `offload-agent` binary against moto on
 //! 127.0.0.1 (S3 notifications to SQS, DynamoDB), each test with its own bucket, queues and table.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -720,7 +718,7 @@ async fn the_newest_upload_of_a_key_wins() {
 async fn a_multipart_upload_cut_short_is_aborted() {
     let w = World::new("multipart").await;
     let path = w.dir.path().join("big.out");
-    let size = offload_agent::worker::objects::MULTIPART_PART_SIZE as usize * 3;
+    let size = offload_agent::transfer::MULTIPART_PART_SIZE as usize * 3;
     std::fs::write(&path, vec![b'x'; size]).unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
     let upload = {
@@ -731,7 +729,7 @@ async fn a_multipart_upload_cut_short_is_aborted() {
             cancel.clone(),
         );
         tokio::spawn(async move {
-            offload_agent::worker::objects::upload(
+            offload_agent::transfer::upload(
                 &s3,
                 &bucket,
                 "output/big.csv",

@@ -9,13 +9,11 @@ use tokio::io::AsyncWriteExt;
 
 use tokio_util::sync::CancellationToken;
 
-use super::event::ObjectRef;
 use crate::error::{classify, describe, ErrorClass, ProcessError};
+use crate::event::ObjectRef;
 
 /// Objects up to this size are stored with one `PutObject`; larger ones in parts of this size.
 pub const MULTIPART_PART_SIZE: u64 = 16 * 1024 * 1024;
-/// S3 refuses longer keys.
-pub const MAX_KEY_BYTES: usize = 1024;
 
 /// What a download learnt about the object.
 #[derive(Debug, Clone)]

@@ -11,13 +11,13 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::event::ObjectRef;
-use super::objects;
-use super::spool::Spool;
 use crate::config::{Config, Pipeline, ProcessorKind};
 use crate::error::ProcessError;
-use crate::processors::orders_csv::ScanOutcome;
-use crate::processors::{self, Context, Job, Outcome};
+use crate::event::ObjectRef;
+use crate::limits::S3_MAX_KEY_BYTES;
+use crate::processors::{self, Context, Job, Outcome, RowCounts};
+use crate::spool::Spool;
+use crate::transfer;
 
 /// What processing one object produced.
 #[derive(Debug, Clone)]
@@ -29,8 +29,10 @@ pub struct FileReport {
     pub bytes: u64,
     /// Keys stored in the output bucket, in the order they were stored.
     pub outputs: Vec<String>,
-    /// Row accounting (orders-csv).
-    pub rows: Option<ScanOutcome>,
+    /// Row accounting, from processors that read rows.
+    pub rows: Option<RowCounts>,
+    /// The key of the stored report of rejected rows, if there is one.
+    pub rejects: Option<String>,
     pub summary: String,
     pub elapsed: Duration,
 }
@@ -66,11 +68,11 @@ impl ObjectProcessor {
         let _slot = self.limits.acquire(pipeline, cancel).await?;
         let started = Instant::now();
         let output = pipeline.output_key(&obj.key);
-        if output.len() > objects::MAX_KEY_BYTES {
+        if output.len() > S3_MAX_KEY_BYTES {
             return Err(ProcessError::Permanent(format!(
                 "the output key for {:?} would be longer than S3's {} bytes; shorten the key or output_prefix",
                 obj.key,
-                objects::MAX_KEY_BYTES
+                S3_MAX_KEY_BYTES
             )));
         }
         let files = self.spool.files_for(&obj.bucket, &obj.key).map_err(|e| {
@@ -80,7 +82,7 @@ impl ObjectProcessor {
             ))
         })?;
         let downloaded = tokio::select! {
-            r = objects::download(&self.ctx.clients.s3, obj, &files.input) => r?,
+            r = transfer::download(&self.ctx.clients.s3, obj, &files.input) => r?,
             _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
         };
         tracing::debug!(bytes = downloaded.bytes, etag = %downloaded.etag, peak_rss = crate::telemetry::peak_rss_bytes(), "downloaded to spool");
@@ -106,6 +108,7 @@ impl ObjectProcessor {
             bytes: downloaded.bytes,
             outputs: stored,
             rows: outcome.rows,
+            rejects: outcome.rejects,
             summary: outcome.summary,
             elapsed: started.elapsed(),
         })
@@ -129,7 +132,7 @@ impl ObjectProcessor {
             if cancel.is_cancelled() {
                 return Err(ProcessError::Cancelled);
             }
-            objects::upload(s3, bucket, &o.key, &o.path, o.content_type, cancel).await?;
+            transfer::upload(s3, bucket, &o.key, &o.path, o.content_type, cancel).await?;
             let size = std::fs::metadata(&o.path).map_or(0, |m| m.len());
             self.ctx.metrics.uploaded(size);
             stored.push(o.key.clone());
@@ -212,7 +215,7 @@ impl ObjectProcessor {
             "failed_at": failed_at,
         });
         let bytes = serde_json::to_vec_pretty(&body).unwrap_or_default();
-        objects::put_small(
+        transfer::put_small(
             &self.ctx.clients.s3,
             pipeline.output_bucket(),
             &key,
@@ -245,7 +248,7 @@ fn program_runnable(path: &std::path::Path) -> Result<(), String> {
 /// A key derived from `key` that S3 accepts, for reports: the key itself when it fits, else its hash.
 fn report_key(prefix: &str, key: &str, suffix: &str) -> String {
     let direct = format!("{prefix}{key}{suffix}");
-    if direct.len() <= objects::MAX_KEY_BYTES {
+    if direct.len() <= S3_MAX_KEY_BYTES {
         return direct;
     }
     let digest = hex::encode(Sha256::digest(key.as_bytes()));
@@ -295,7 +298,7 @@ mod tests {
         );
         let long = "k".repeat(1020);
         let r = report_key("out/errors/", &long, ".json");
-        assert!(r.len() <= objects::MAX_KEY_BYTES);
+        assert!(r.len() <= S3_MAX_KEY_BYTES);
         assert!(r.starts_with("out/errors/sha256-"));
     }
 

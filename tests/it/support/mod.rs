@@ -1,9 +1,9 @@
 //! Test harness: a real moto server on 127.0.0.1 (started by `scripts/test`), the real binary, and
 //! uniquely named AWS resources per test so that tests run in parallel.
-#![allow(dead_code)]
 
 pub mod docker;
 pub mod proxy;
+pub mod scan_check;
 pub mod ssm_stub;
 
 use std::collections::HashMap;

@@ -1,12 +1,10 @@
 //! The admin endpoint and `offload-agent status` against a daemon on the AWS emulator: the counters
 //! equal what happened, readiness follows the queue, and a non-loopback address needs consent.
 
-mod support;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -18,6 +18,13 @@ pub struct ObjectRef {
     pub version_id: Option<String>,
 }
 
+impl ObjectRef {
+    /// `s3://bucket/key`, for logs, metrics and reasons.
+    pub fn url(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.key)
+    }
+}
+
 /// What a message body turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {

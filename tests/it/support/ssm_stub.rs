@@ -2,7 +2,6 @@
 //! `DescribeInstanceInformation` nor `DeregisterManagedInstance`): an HTTP server speaking the SSM JSON
 //! protocol on 127.0.0.1 that reports one managed instance online until it is deregistered, and records
 //! each call with the access key id that signed it.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};

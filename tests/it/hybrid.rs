@@ -4,24 +4,22 @@
 //! are served by a local stub (`support::ssm_stub`); the ECS agent is the supervisor tests' stand-in
 //! image on the real Docker engine.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::ssm_stub::SsmStub;
-use support::{orders_csv, unique, venv_bin, Options, PrivateMoto, World};
+use crate::support::ssm_stub::SsmStub;
+use crate::support::{orders_csv, unique, venv_bin, Options, PrivateMoto, World};
 
 fn write_exec(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// Run `tests/support/moto_helper.py ENDPOINT ARGS…` with the virtualenv's Python (boto3); its stdout.
+/// Run `tests/it/support/moto_helper.py ENDPOINT ARGS…` with the virtualenv's Python (boto3); its stdout.
 fn moto_helper(endpoint: &str, args: &[&str]) -> String {
-    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/moto_helper.py");
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/moto_helper.py");
     let out = Command::new(venv_bin("python"))
         .arg(&helper)
         .arg(endpoint)
@@ -163,10 +161,10 @@ const HOST_SECRET: &str = "host-secret-key-9d2c";
 
 impl Host {
     async fn new(test: &str) -> Host {
-        let endpoint = support::moto_endpoint();
-        let d = support::docker::docker().await;
+        let endpoint = crate::support::moto_endpoint();
+        let d = crate::support::docker::docker().await;
         let id = unique(test);
-        let image = support::docker::test_image(&d, &id).await;
+        let image = crate::support::docker::test_image(&d, &id).await;
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -361,7 +359,7 @@ output_prefix = "out/"
     }
 
     async fn agent_container(&self) -> bool {
-        let d = support::docker::docker().await;
+        let d = crate::support::docker::docker().await;
         d.inspect_container(&self.container, None).await.is_ok()
     }
 }

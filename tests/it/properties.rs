@@ -3,12 +3,9 @@
 //! Neither may panic; every event is an event or a reason; every row is written or rejected with a
 //! reason, and written + rejected = rows.
 
-#[path = "support/scan_check.rs"]
-mod scan_check;
-
-use offload_agent::worker::event::{decode_key, parse, Event};
+use crate::support::scan_check::check_scan;
+use offload_agent::event::{decode_key, parse, Event};
 use proptest::prelude::*;
-use scan_check::check_scan;
 use serde_json::json;
 
 const HEADER: &str = "Region,Country,ItemType,SalesChannel,OrderPriority,OrderDate,OrderId,ShipDate,UnitSold,UnitPrice,TotalRevenue,TotalCost,TotalProfit";

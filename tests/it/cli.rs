@@ -1,11 +1,9 @@
 //! The command line as an operator meets it: exit codes, configuration errors, `config check`,
 //! `process` on one S3 object and `process --dry-run` on a local file.
 
-mod support;
-
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_offload-agent"));

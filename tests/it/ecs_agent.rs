@@ -1,13 +1,11 @@
 //! The ECS agent supervisor against a real Docker engine, with a stand-in agent image built from a
-//! busybox-static root filesystem (see tests/support/docker.rs): each scenario drives the library's
+//! busybox-static root filesystem (see tests/it/support/docker.rs): each scenario drives the library's
 //! `Supervisor::run` and checks what Docker and the status report.
-
-mod support;
 
 use std::time::Duration;
 
+use crate::support::docker::*;
 use offload_agent::ecs_agent::State;
-use support::docker::*;
 
 const T: Duration = Duration::from_secs(30);
 
