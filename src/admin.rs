@@ -29,8 +29,8 @@ pub trait Facts: Send + Sync {
     fn alive(&self) -> Result<(), String>;
     /// `Err(why)` when the daemon cannot take work now (queue not reachable, workers not accepting).
     fn ready(&self) -> Result<(), String>;
-    /// The JSON document of `/status`.
-    fn status(&self) -> serde_json::Value;
+    /// The document of `/status`.
+    fn status(&self) -> crate::status::StatusDoc;
     fn metrics(&self) -> &Metrics;
 }
 
@@ -190,8 +190,8 @@ mod tests {
                 Err("queue q not found".into())
             }
         }
-        fn status(&self) -> serde_json::Value {
-            serde_json::json!({"worker": {"in_flight": 0}})
+        fn status(&self) -> crate::status::StatusDoc {
+            crate::status::example()
         }
         fn metrics(&self) -> &Metrics {
             &self.metrics
@@ -222,7 +222,7 @@ mod tests {
         let (code, body) = get(addr, "/status", t).await.unwrap();
         assert_eq!(code, 200);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["worker"]["in_flight"], 0);
+        assert_eq!(v["worker"]["in_flight"], 1);
         assert_eq!(get(addr, "/nope", t).await.unwrap().0, 404);
         stop.cancel();
         server.await.unwrap();

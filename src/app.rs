@@ -546,7 +546,7 @@ async fn status(
                 "offload-agent is not running (nothing answers at {addr}: {e}); see `systemctl status offload-agent`"
             ))
         })?;
-    let doc: serde_json::Value = serde_json::from_str(&body).map_err(|e| {
+    let doc: crate::status::StatusDoc = serde_json::from_str(&body).map_err(|e| {
         Failure::Runtime(anyhow::anyhow!(
             "{addr} answered {code} with something that is not offload-agent's status: {e}"
         ))
@@ -554,117 +554,12 @@ async fn status(
     if json {
         println!("{body}");
     } else {
-        print!("{}", render_status(&doc));
+        print!("{}", doc.render());
     }
-    match &doc["ready"] {
-        serde_json::Value::Bool(true) => Ok(()),
-        why => Err(Failure::Runtime(anyhow::anyhow!(
-            "the daemon is not ready: {}",
-            why.as_str().unwrap_or("unknown reason")
+    match doc.ready.problem() {
+        None => Ok(()),
+        Some(why) => Err(Failure::Runtime(anyhow::anyhow!(
+            "the daemon is not ready: {why}"
         ))),
     }
-}
-
-/// The human summary of a `/status` document.
-pub fn render_status(d: &serde_json::Value) -> String {
-    use std::fmt::Write;
-    let s = |v: &serde_json::Value| match v {
-        serde_json::Value::Null => "-".to_string(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let mut o = String::new();
-    let ready = match &d["ready"] {
-        serde_json::Value::Bool(true) => "ready".to_string(),
-        why => format!("NOT READY: {}", s(why)),
-    };
-    let _ = writeln!(
-        o,
-        "offload-agent {} (pid {}), up {} s, {ready}",
-        s(&d["version"]),
-        s(&d["pid"]),
-        s(&d["uptime_s"])
-    );
-    let r = &d["registration"];
-    let _ = writeln!(
-        o,
-        "registration: managed instance {}, cluster {}, container instance {}",
-        s(&r["managed_instance_id"]),
-        s(&r["cluster"]),
-        s(&r["container_instance_arn"])
-    );
-    let e = &d["ecs_agent"];
-    if e.is_null() {
-        let _ = writeln!(
-            o,
-            "ECS agent:    not supervised (ecs_agent.enabled = false)"
-        );
-    } else {
-        let _ = writeln!(
-            o,
-            "ECS agent:    {} (version {}), {} restarts, last exit code {}{}",
-            s(&e["state"]),
-            s(&e["version"]),
-            s(&e["restarts"]),
-            s(&e["last_exit_code"]),
-            e["reason"]
-                .as_str()
-                .filter(|r| !r.is_empty())
-                .map(|r| format!(": {r}"))
-                .unwrap_or_default()
-        );
-    }
-    let w = &d["worker"];
-    let _ = writeln!(
-        o,
-        "worker:       {} in flight, {} free slots, {} files done, {} failed, {} rows/s over the last minute",
-        s(&w["in_flight"]),
-        s(&w["free_slots"]),
-        s(&w["files_done"]),
-        s(&w["files_failed"]),
-        s(&w["rows_per_second_1m"])
-    );
-    if let Some(p) = w["queue_problem"].as_str() {
-        let _ = writeln!(o, "queue:        {p}");
-    }
-    for p in w["pipelines"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            o,
-            "  pipeline {}: {} ok, {} with rejected rows, {} failed for good, {} retried, {} superseded; rows {} written, {} rejected",
-            s(&p["pipeline"]),
-            s(&p["ok"]),
-            s(&p["rejected"]),
-            s(&p["permanent_error"]),
-            s(&p["transient_retry"]),
-            s(&p["superseded"]),
-            s(&p["rows_written"]),
-            s(&p["rows_rejected"])
-        );
-    }
-    for p in w["unavailable_pipelines"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            o,
-            "  pipeline {} UNAVAILABLE: {}",
-            s(&p["pipeline"]),
-            s(&p["reason"])
-        );
-    }
-    let errors = d["recent_errors"].as_array().cloned().unwrap_or_default();
-    if errors.is_empty() {
-        let _ = writeln!(o, "last errors:  none");
-    } else {
-        let _ = writeln!(o, "last errors ({}, newest last):", errors.len());
-        for e in errors.iter().rev().take(5).rev() {
-            let reason = s(&e["reason"]);
-            let first = reason.lines().next().unwrap_or("");
-            let _ = writeln!(
-                o,
-                "  {} {} [{}]: {first}",
-                s(&e["time"]),
-                s(&e["file"]),
-                s(&e["pipeline"])
-            );
-        }
-    }
-    o
 }

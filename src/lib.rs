@@ -43,6 +43,7 @@ pub mod processors;
 pub mod provision;
 pub mod registration;
 pub mod spool;
+pub mod status;
 pub mod telemetry;
 pub mod transfer;
 pub mod worker;

@@ -127,7 +127,7 @@ fn duration_histogram() -> Histogram {
 }
 
 /// One failure, for `/status` and `offload-agent status`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RecentError {
     pub time: String,
     pub pipeline: String,
@@ -662,7 +662,7 @@ impl Metrics {
 }
 
 /// One pipeline's counts, for `/status`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PipelineCounts {
     pub pipeline: String,
     pub ok: u64,

@@ -1,0 +1,262 @@
+//! The `/status` document: one type, written by the daemon's admin endpoint and read back by
+//! `offload-agent status`, so that the two ends cannot disagree on a field's name or shape.
+
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::{PipelineCounts, RecentError};
+
+/// What `GET /status` answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusDoc {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_s: u64,
+    /// `true`, or why the daemon cannot take work now.
+    pub ready: Readiness,
+    pub registration: Registration,
+    /// Absent (null) when the supervisor is off (`ecs_agent.enabled = false`).
+    pub ecs_agent: Option<EcsAgent>,
+    pub worker: WorkerStatus,
+    pub recent_errors: Vec<RecentError>,
+}
+
+/// `true` when ready; otherwise the reason, as text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Readiness {
+    Ready(bool),
+    NotReady(String),
+}
+
+impl Readiness {
+    pub fn of(r: Result<(), String>) -> Readiness {
+        match r {
+            Ok(()) => Readiness::Ready(true),
+            Err(why) => Readiness::NotReady(why),
+        }
+    }
+
+    /// The reason the daemon is not ready, if it is not.
+    pub fn problem(&self) -> Option<&str> {
+        match self {
+            Readiness::Ready(true) => None,
+            Readiness::Ready(false) => Some("unknown reason"),
+            Readiness::NotReady(why) => Some(why),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Registration {
+    pub managed_instance_id: Option<String>,
+    pub cluster: Option<String>,
+    pub container_instance_arn: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EcsAgent {
+    pub state: String,
+    pub reason: String,
+    pub version: Option<String>,
+    pub restarts: u64,
+    pub adoptions: u64,
+    pub last_exit_code: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub in_flight: u64,
+    pub free_slots: u64,
+    pub files_done: u64,
+    pub files_failed: u64,
+    pub rows_per_second_1m: f64,
+    pub queue_problem: Option<String>,
+    pub pipelines: Vec<PipelineCounts>,
+    pub unavailable_pipelines: Vec<Unavailable>,
+}
+
+/// A pipeline that cannot run on this host now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unavailable {
+    pub pipeline: String,
+    pub reason: String,
+}
+
+fn or_dash<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".to_string(), T::to_string)
+}
+
+impl StatusDoc {
+    /// The human summary `offload-agent status` prints.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let ready = match self.ready.problem() {
+            None => "ready".to_string(),
+            Some(why) => format!("NOT READY: {why}"),
+        };
+        let _ = writeln!(
+            o,
+            "offload-agent {} (pid {}), up {} s, {ready}",
+            self.version, self.pid, self.uptime_s
+        );
+        let r = &self.registration;
+        let _ = writeln!(
+            o,
+            "registration: managed instance {}, cluster {}, container instance {}",
+            or_dash(&r.managed_instance_id),
+            or_dash(&r.cluster),
+            or_dash(&r.container_instance_arn)
+        );
+        match &self.ecs_agent {
+            None => {
+                let _ = writeln!(
+                    o,
+                    "ECS agent:    not supervised (ecs_agent.enabled = false)"
+                );
+            }
+            Some(e) => {
+                let reason = if e.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", e.reason)
+                };
+                let _ = writeln!(
+                    o,
+                    "ECS agent:    {} (version {}), {} restarts, last exit code {}{reason}",
+                    e.state,
+                    or_dash(&e.version),
+                    e.restarts,
+                    or_dash(&e.last_exit_code),
+                );
+            }
+        }
+        let w = &self.worker;
+        let _ = writeln!(
+            o,
+            "worker:       {} in flight, {} free slots, {} files done, {} failed, {} rows/s over the last minute",
+            w.in_flight, w.free_slots, w.files_done, w.files_failed, serde_json::json!(w.rows_per_second_1m)
+        );
+        if let Some(p) = &w.queue_problem {
+            let _ = writeln!(o, "queue:        {p}");
+        }
+        for p in &w.pipelines {
+            let _ = writeln!(
+                o,
+                "  pipeline {}: {} ok, {} with rejected rows, {} failed for good, {} retried, {} superseded; rows {} written, {} rejected",
+                p.pipeline,
+                p.ok,
+                p.rejected,
+                p.permanent_error,
+                p.transient_retry,
+                p.superseded,
+                p.rows_written,
+                p.rows_rejected
+            );
+        }
+        for p in &w.unavailable_pipelines {
+            let _ = writeln!(o, "  pipeline {} UNAVAILABLE: {}", p.pipeline, p.reason);
+        }
+        let errors = &self.recent_errors;
+        if errors.is_empty() {
+            let _ = writeln!(o, "last errors:  none");
+        } else {
+            let _ = writeln!(o, "last errors ({}, newest last):", errors.len());
+            for e in errors.iter().skip(errors.len().saturating_sub(5)) {
+                let first = e.reason.lines().next().unwrap_or("");
+                let _ = writeln!(o, "  {} {} [{}]: {first}", e.time, e.file, e.pipeline);
+            }
+        }
+        o
+    }
+}
+
+/// A document with every part filled in, for tests.
+#[cfg(test)]
+pub(crate) fn example() -> StatusDoc {
+    tests::doc()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn doc() -> StatusDoc {
+        StatusDoc {
+            version: "1.2.3".into(),
+            pid: 42,
+            uptime_s: 7,
+            ready: Readiness::of(Err("the queue has not been reached yet".into())),
+            registration: Registration {
+                managed_instance_id: Some("mi-0123".into()),
+                ..Default::default()
+            },
+            ecs_agent: None,
+            worker: WorkerStatus {
+                in_flight: 1,
+                free_slots: 7,
+                files_done: 3,
+                files_failed: 0,
+                rows_per_second_1m: 12.5,
+                queue_problem: None,
+                pipelines: vec![],
+                unavailable_pipelines: vec![Unavailable {
+                    pipeline: "thumbs".into(),
+                    reason: "image x is not present".into(),
+                }],
+            },
+            recent_errors: (0..7)
+                .map(|i| RecentError {
+                    time: format!("t{i}"),
+                    pipeline: "p".into(),
+                    file: format!("s3://b/{i}"),
+                    reason: format!("reason {i}\nmore"),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_document_reads_back_as_written_and_keeps_its_json_shape() {
+        let d = doc();
+        let text = serde_json::to_string(&d).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["ready"], "the queue has not been reached yet");
+        assert!(v["ecs_agent"].is_null());
+        assert!(v["registration"]["cluster"].is_null());
+        assert_eq!(
+            v["worker"]["unavailable_pipelines"][0]["pipeline"],
+            "thumbs"
+        );
+        assert_eq!(serde_json::from_str::<StatusDoc>(&text).unwrap(), d);
+        let ready = StatusDoc {
+            ready: Readiness::of(Ok(())),
+            ..d
+        };
+        let v = serde_json::to_value(&ready).unwrap();
+        assert_eq!(v["ready"], true);
+        assert_eq!(
+            serde_json::from_value::<StatusDoc>(v)
+                .unwrap()
+                .ready
+                .problem(),
+            None
+        );
+    }
+
+    #[test]
+    fn the_summary_names_what_is_wrong_and_the_newest_errors() {
+        let text = doc().render();
+        assert!(text.starts_with(
+            "offload-agent 1.2.3 (pid 42), up 7 s, NOT READY: the queue has not been reached yet\n"
+        ));
+        assert!(text.contains("managed instance mi-0123, cluster -, container instance -"));
+        assert!(text.contains("not supervised"));
+        assert!(text.contains("12.5 rows/s"));
+        assert!(text.contains("pipeline thumbs UNAVAILABLE: image x is not present"));
+        assert!(text.contains("last errors (7, newest last):"));
+        assert!(!text.contains("s3://b/1 "), "only the newest five");
+        assert!(text.contains("  t6 s3://b/6 [p]: reason 6\n"));
+    }
+}
