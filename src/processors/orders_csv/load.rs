@@ -1,0 +1,337 @@
+//! Loading a scanned file into DynamoDB: rows packed into batches for the write tasks, refused rows
+//! re-read and reported, the output and rejects files written.
+
+use super::*;
+
+/// What loading one file needs.
+#[derive(Clone)]
+pub struct Loader {
+    pub writer: BatchWriter,
+    pub write_concurrency: usize,
+    pub limits: ScanLimits,
+}
+
+/// The spool files of one load: the input, and the output and rejects reports it produces.
+#[derive(Debug, Clone)]
+pub struct LoadFiles {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub rejects: PathBuf,
+}
+
+/// Where a row is in the input: its line, for reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowAt {
+    pub line: u64,
+}
+
+/// Up to 25 valid rows on their way from the reader to a write task, packed: their fields one after
+/// another in one string. The write task builds the items from it, so that the ~33 allocations of an
+/// item are made on the thread that frees them (the SDK drops a request where it serializes it; made
+/// on the reader and freed on a worker, they cost twice as much), and builds them again from it if
+/// DynamoDB refuses the batch (the items themselves are moved into the request).
+pub(super) struct Batch {
+    rows: Vec<RowAt>,
+    /// Every field of every row, then its `ConfirmationId` (as written to the output); field `i` of
+    /// row `r` ends at `ends[r * PACKED + i]`.
+    text: String,
+    ends: Vec<usize>,
+}
+
+/// The fields packed per row: the columns and the `ConfirmationId`.
+pub(super) const PACKED: usize = COLUMNS.len() + 1;
+
+impl Batch {
+    pub(super) fn new() -> Batch {
+        Batch {
+            rows: Vec::with_capacity(BATCH_SIZE),
+            text: String::with_capacity(BATCH_SIZE * 128),
+            ends: Vec::with_capacity(BATCH_SIZE * PACKED),
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub(super) fn push(&mut self, at: RowAt, order: &Order, cid: &str) {
+        for f in order.fields.iter().map(String::as_str).chain([cid]) {
+            self.text.push_str(f);
+            self.ends.push(self.text.len());
+        }
+        self.rows.push(at);
+    }
+
+    pub(super) fn field(&self, row: usize, i: usize) -> &str {
+        let at = row * PACKED + i;
+        let start = if at == 0 { 0 } else { self.ends[at - 1] };
+        &self.text[start..self.ends[at]]
+    }
+
+    pub(super) fn order_id(&self, row: usize) -> &str {
+        self.field(row, ORDER_ID)
+    }
+
+    pub(super) fn request(&self, row: usize, items: &Items) -> Result<WriteRequest, ProcessError> {
+        put_request(items.build(|i| self.field(row, i), self.field(row, COLUMNS.len())))
+    }
+
+    pub(super) fn requests(&self, items: &Items) -> Result<Vec<WriteRequest>, ProcessError> {
+        (0..self.len()).map(|r| self.request(r, items)).collect()
+    }
+}
+
+/// A row DynamoDB refused although it passed validation (a secondary index key it does not take, a
+/// limit it counts differently): rejected after the fact.
+#[derive(Debug, Clone)]
+pub(super) struct Refused {
+    at: RowAt,
+    id: String,
+    reason: String,
+}
+
+impl Loader {
+    /// Validate and write every row of `files.input`; fill `files.output` and `files.rejects`. Returns
+    /// once every write was acknowledged (or with the first error that stopped it).
+    pub async fn load(
+        &self,
+        files: &LoadFiles,
+        src: &Source,
+        cancel: &CancellationToken,
+        progress: Option<Arc<AtomicU64>>,
+    ) -> Result<ScanOutcome, ProcessError> {
+        let (tx, mut rx) = mpsc::channel::<Batch>(self.write_concurrency * 2);
+        let files2 = files.clone();
+        let src2 = src.clone();
+        let limits = self.limits;
+        let stop = cancel.clone();
+        let reader = tokio::task::spawn_blocking(move || {
+            write_reports(&files2, limits, &src2, progress, &stop, |batch| {
+                tx.blocking_send(batch).map_err(|_| FileError::Stopped)
+            })
+        });
+        let items = Arc::new(Items::new(src));
+
+        let mut writes: JoinSet<Result<Vec<Refused>, ProcessError>> = JoinSet::new();
+        let mut refused = Vec::new();
+        let mut failure: Option<ProcessError> = None;
+        let mut channel_open = true;
+        while channel_open || !writes.is_empty() {
+            tokio::select! {
+                _ = cancel.cancelled() => { failure = Some(ProcessError::Cancelled); break; }
+                batch = rx.recv(), if channel_open && writes.len() < self.write_concurrency => {
+                    match batch {
+                        Some(batch) => {
+                            let this = self.clone();
+                            let cancel = cancel.clone();
+                            let items = items.clone();
+                            writes.spawn(async move { this.write_batch(batch, &items, &cancel).await });
+                        }
+                        None => channel_open = false,
+                    }
+                }
+                Some(done) = writes.join_next(), if !writes.is_empty() => {
+                    match done {
+                        Ok(Ok(rows)) => refused.extend(rows),
+                        Ok(Err(e)) => { failure = Some(e); break; }
+                        Err(join) => {
+                            failure = Some(ProcessError::Transient(format!("a write task failed: {join}")));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        writes.abort_all();
+        drop(rx); // unblocks the reader if it is waiting to send
+        let scanned = reader
+            .await
+            .map_err(|e| ProcessError::Transient(format!("the reader task failed: {e}")))?;
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        let mut outcome = match scanned {
+            Ok(outcome) => outcome,
+            Err(FileError::Invalid(reason)) => return Err(ProcessError::Permanent(reason)),
+            Err(FileError::Io(e)) => {
+                return Err(ProcessError::Transient(format!("spool I/O failed: {e}")))
+            }
+            Err(FileError::Stopped) => {
+                return Err(ProcessError::Transient(
+                    "row writing stopped unexpectedly".into(),
+                ))
+            }
+        };
+        if !refused.is_empty() {
+            let n = refused.len() as u64;
+            let files = files.clone();
+            tokio::task::spawn_blocking(move || amend_reports(&files, refused))
+                .await
+                .map_err(|e| ProcessError::Transient(format!("the report task failed: {e}")))?
+                .map_err(|e| ProcessError::Transient(format!("spool I/O failed: {e}")))?;
+            outcome.written -= n;
+            outcome.rejected += n;
+        }
+        Ok(outcome)
+    }
+
+    /// One batch. If DynamoDB refuses its data, its rows are written one at a time: the ones it
+    /// refuses again are returned, to be rejected; the rest are written.
+    async fn write_batch(
+        &self,
+        batch: Batch,
+        items: &Items,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Refused>, ProcessError> {
+        let reason = match self.writer.write(batch.requests(items)?, cancel).await {
+            Ok(()) => return Ok(Vec::new()),
+            Err(WriteError::Failed(e)) => return Err(e),
+            Err(WriteError::Refused(reason)) => reason,
+        };
+        tracing::info!(
+            table = %self.writer.table,
+            rows = batch.len(),
+            first_line = batch.rows.first().map(|r| r.line),
+            %reason,
+            "DynamoDB refused a batch; writing its rows one at a time to find the refused ones"
+        );
+        let mut refused = Vec::new();
+        for (r, at) in batch.rows.iter().enumerate() {
+            match self
+                .writer
+                .write(vec![batch.request(r, items)?], cancel)
+                .await
+            {
+                Ok(()) => {}
+                Err(WriteError::Failed(e)) => return Err(e),
+                Err(WriteError::Refused(reason)) => refused.push(Refused {
+                    at: *at,
+                    id: batch.order_id(r).to_owned(),
+                    reason: format!("DynamoDB refused the item: {reason}"),
+                }),
+            }
+        }
+        if refused.len() > 1 && refused.len() == batch.len() {
+            // Not one row's data: the table takes none of these items (its key schema, say).
+            return Err(ProcessError::Permanent(format!(
+                "DynamoDB table {} refused every item of a batch of {} rows (lines {} to {}): {reason}; check \
+                 the table's key schema (partition key OrderId, a string) and its indexes",
+                self.writer.table,
+                refused.len(),
+                batch.rows[0].line,
+                batch.rows[batch.len() - 1].line,
+            )));
+        }
+        Ok(refused)
+    }
+}
+
+pub(super) fn put_request(
+    item: HashMap<String, AttributeValue>,
+) -> Result<WriteRequest, ProcessError> {
+    let put = PutRequest::builder()
+        .set_item(Some(item))
+        .build()
+        .map_err(|e| {
+            ProcessError::Transient(format!("cannot build a DynamoDB put request: {e}"))
+        })?;
+    Ok(WriteRequest::builder().put_request(put).build())
+}
+
+/// Move rows DynamoDB refused from the output to the rejects report (appended, with their lines).
+pub(super) fn amend_reports(files: &LoadFiles, refused: Vec<Refused>) -> io::Result<()> {
+    let gone: HashSet<&str> = refused.iter().map(|r| r.id.as_str()).collect();
+    let kept = files.output.with_extension("amended");
+    {
+        let mut rdr = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_path(&files.output)
+            .map_err(io_err)?;
+        let mut w = csv::Writer::from_writer(io::BufWriter::new(File::create(&kept)?));
+        let mut rec = csv::StringRecord::new();
+        let mut first = true;
+        while rdr.read_record(&mut rec).map_err(io_err)? {
+            if first || !gone.contains(&rec[0]) {
+                w.write_record(&rec).map_err(io_err)?;
+            }
+            first = false;
+        }
+        w.flush()?;
+    }
+    std::fs::rename(&kept, &files.output)?;
+    let mut w = csv::Writer::from_writer(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&files.rejects)?,
+    );
+    for r in &refused {
+        w.write_record([r.at.line.to_string().as_str(), &r.id, &r.reason])
+            .map_err(io_err)?;
+    }
+    w.flush()
+}
+
+pub(super) fn io_err(e: csv::Error) -> io::Error {
+    match io_of(e) {
+        FileError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+/// The blocking half of a load: scan the input, write the output and rejects files, and hand batches of
+/// write requests to `send`.
+pub(super) fn write_reports(
+    files: &LoadFiles,
+    limits: ScanLimits,
+    src: &Source,
+    progress: Option<Arc<AtomicU64>>,
+    cancel: &CancellationToken,
+    mut send: impl FnMut(Batch) -> Result<(), FileError>,
+) -> Result<ScanOutcome, FileError> {
+    let mut output = csv::Writer::from_writer(io::BufWriter::new(File::create(&files.output)?));
+    output
+        .write_record(["OrderId", "ConfirmationId"])
+        .map_err(io_of)?;
+    let mut rejects = csv::Writer::from_writer(io::BufWriter::new(File::create(&files.rejects)?));
+    rejects
+        .write_record(["Line", "OrderId", "Reason"])
+        .map_err(io_of)?;
+    let mut batch = Batch::new();
+    let ids = ConfirmationIds::new(src);
+    let outcome = scan(
+        &files.input,
+        limits,
+        progress,
+        Some(cancel),
+        |line, id, reason| {
+            rejects
+                .write_record([line.to_string().as_str(), id, reason])
+                .map_err(io_of)
+        },
+        |at, order| {
+            let mut buf = Uuid::encode_buffer();
+            let cid = ids.of(order.order_id()).hyphenated().encode_lower(&mut buf);
+            output
+                .write_record([order.order_id(), cid])
+                .map_err(io_of)?;
+            batch.push(at, order, cid);
+            if batch.len() == BATCH_SIZE {
+                send(std::mem::replace(&mut batch, Batch::new()))?;
+            }
+            Ok(())
+        },
+    )?;
+    if batch.len() > 0 {
+        send(batch)?;
+    }
+    output.flush()?;
+    rejects.flush()?;
+    Ok(outcome)
+}
+
+pub(super) fn io_of(e: csv::Error) -> FileError {
+    match e.into_kind() {
+        csv::ErrorKind::Io(io) => FileError::Io(io),
+        other => FileError::Io(io::Error::other(format!("{other:?}"))),
+    }
+}

@@ -1,0 +1,221 @@
+//! Dates and numbers as DynamoDB takes them: ISO dates from the spreadsheet forms, and numbers within
+//! DynamoDB's range and precision written out as plain decimals (exponents included).
+
+use super::*;
+
+pub(super) fn days_in_month(y: u32, m: u32) -> u32 {
+    match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        _ => 0,
+    }
+}
+
+pub(super) fn digits(s: &str, min: usize, max: usize) -> Option<u32> {
+    if s.len() < min || s.len() > max || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+pub(super) fn push_padded(out: &mut String, mut n: u32, width: usize) {
+    let mut buf = [b'0'; 4];
+    for slot in buf[..width].iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.extend(buf[..width].iter().map(|&b| b as char));
+}
+
+/// `M/D/YYYY` (the classic walkthrough's format) or ISO `YYYY-MM-DD`, appended to `out` as ISO.
+pub fn parse_date_into(s: &str, out: &mut String) -> bool {
+    let parsed = if let Some((a, rest)) = s.split_once('/') {
+        rest.split_once('/')
+            .and_then(|(b, c)| Some((digits(c, 4, 4)?, digits(a, 1, 2)?, digits(b, 1, 2)?)))
+    } else {
+        let mut it = s.splitn(3, '-');
+        match (it.next(), it.next(), it.next()) {
+            (Some(a), Some(b), Some(c)) => {
+                (|| Some((digits(a, 4, 4)?, digits(b, 2, 2)?, digits(c, 2, 2)?)))()
+            }
+            _ => None,
+        }
+    };
+    let Some((y, m, d)) = parsed else {
+        return false;
+    };
+    if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
+        return false;
+    }
+    push_padded(out, y, 4);
+    out.push('-');
+    push_padded(out, m, 2);
+    out.push('-');
+    push_padded(out, d, 2);
+    true
+}
+
+/// [`parse_date_into`] returning a new string.
+pub fn parse_date(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(10);
+    parse_date_into(s, &mut out).then_some(out)
+}
+
+/// Why a field is not a number DynamoDB accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberError {
+    NotANumber,
+    /// More than 38 significant digits.
+    TooPrecise,
+    /// Outside 1E-130 .. 9.99…E+125 in magnitude.
+    OutOfRange,
+}
+
+/// A decimal that DynamoDB accepts as a number (at most 38 significant digits, magnitude from 1E-130
+/// to below 1E+126), appended to `out`: a plain decimal as it is, with any leading `+` dropped; one in
+/// exponent notation (`1.2E+05`, as spreadsheets export large values) as the plain decimal it stands for
+/// (`120000`), so that every number in the table is written one way.
+pub fn parse_number_into(s: &str, integer: bool, out: &mut String) -> Result<(), NumberError> {
+    match parse_plain_into(s, integer, out) {
+        Err(NumberError::NotANumber) => match s.bytes().position(|b| b == b'e' || b == b'E') {
+            Some(e) => parse_exponent_into(&s[..e], &s[e + 1..], integer, out),
+            None => Err(NumberError::NotANumber),
+        },
+        plain => plain,
+    }
+}
+
+/// A plain decimal (no exponent), appended to `out` as it is when DynamoDB accepts it.
+pub(super) fn parse_plain_into(
+    s: &str,
+    integer: bool,
+    out: &mut String,
+) -> Result<(), NumberError> {
+    let body = s.strip_prefix('+').unwrap_or(s);
+    let unsigned = body.strip_prefix('-').unwrap_or(body);
+    if integer && unsigned.len() != body.len() {
+        return Err(NumberError::NotANumber); // a count of units is never negative
+    }
+    let (int, frac) = match unsigned.split_once('.') {
+        Some((i, f)) if !integer => (i, f),
+        Some(_) => return Err(NumberError::NotANumber),
+        None => (unsigned, ""),
+    };
+    if (int.is_empty() && frac.is_empty())
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(NumberError::NotANumber);
+    }
+    // Significant digits: from the first non-zero digit to the last non-zero one, across the point.
+    let total = int.len() + frac.len();
+    let leading = int
+        .bytes()
+        .chain(frac.bytes())
+        .take_while(|&b| b == b'0')
+        .count();
+    let trailing = frac
+        .bytes()
+        .rev()
+        .chain(int.bytes().rev())
+        .take_while(|&b| b == b'0')
+        .count();
+    let nonzero = leading < total;
+    if nonzero && total - leading - trailing > MAX_NUMBER_DIGITS {
+        return Err(NumberError::TooPrecise);
+    }
+    let int_digits = int.trim_start_matches('0').len();
+    let frac_zeros = frac.bytes().take_while(|&b| b == b'0').count();
+    if int_digits > MAX_INTEGER_DIGITS
+        || (nonzero && int_digits == 0 && frac_zeros > MAX_FRACTION_LEADING_ZEROS)
+    {
+        return Err(NumberError::OutOfRange);
+    }
+    out.push_str(body);
+    Ok(())
+}
+
+/// `mantissa`E`exponent` written out as the plain decimal it stands for, then judged as one.
+pub(super) fn parse_exponent_into(
+    mantissa: &str,
+    exponent: &str,
+    integer: bool,
+    out: &mut String,
+) -> Result<(), NumberError> {
+    let mantissa = mantissa.strip_prefix('+').unwrap_or(mantissa);
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mantissa),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = || int.bytes().chain(frac.bytes());
+    let exp_digits = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
+    if (int.is_empty() && frac.is_empty())
+        || !digits().all(|b| b.is_ascii_digit())
+        || exp_digits.is_empty()
+        || !exp_digits.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(NumberError::NotANumber);
+    }
+    let total = int.len() + frac.len();
+    let leading = digits().take_while(|&b| b == b'0').count();
+    if leading == total {
+        // Zero, whatever its exponent, written unsigned (a count of units still may not be negative).
+        let zero = if integer && !sign.is_empty() {
+            "-0"
+        } else {
+            "0"
+        };
+        return parse_plain_into(zero, integer, out);
+    }
+    let trailing = digits().rev().take_while(|&b| b == b'0').count();
+    let significant = total - leading - trailing;
+    if significant > MAX_NUMBER_DIGITS {
+        return Err(NumberError::TooPrecise);
+    }
+    // Bounded before it is written out: a longer exponent is out of range whatever the mantissa.
+    let exp: i64 = match exp_digits.trim_start_matches('0') {
+        e if e.len() > 9 => return Err(NumberError::OutOfRange),
+        e => e.parse().unwrap_or(0),
+    };
+    let exp = if exponent.starts_with('-') { -exp } else { exp };
+    // Digits of the significant part before the point (negative: zeros after the point first).
+    let before = int.len() as i64 - leading as i64 + exp;
+    if before > MAX_INTEGER_DIGITS as i64 || -before > MAX_FRACTION_LEADING_ZEROS as i64 {
+        return Err(NumberError::OutOfRange);
+    }
+    let mut plain = String::with_capacity(significant + before.unsigned_abs() as usize + 3);
+    plain.push_str(sign);
+    let mut sig = digits().skip(leading).take(significant).map(char::from);
+    if before <= 0 {
+        plain.push_str("0.");
+        plain.extend(std::iter::repeat('0').take((-before) as usize));
+        plain.extend(sig);
+    } else {
+        plain.extend(sig.by_ref().take(before as usize));
+        plain.extend(std::iter::repeat('0').take((before as usize).saturating_sub(significant)));
+        if before < significant as i64 {
+            plain.push('.');
+            plain.extend(sig);
+        }
+    }
+    parse_plain_into(&plain, integer, out)
+}
+
+/// [`parse_number_into`] returning a new string.
+pub fn parse_number(s: &str, integer: bool) -> Option<String> {
+    let mut out = String::new();
+    parse_number_into(s, integer, &mut out).ok().map(|_| out)
+}
+
+/// DynamoDB's size of a number: about one byte per two significant digits, plus one.
+pub(super) fn number_size(n: &str) -> usize {
+    let digits = n
+        .bytes()
+        .filter(u8::is_ascii_digit)
+        .skip_while(|&b| b == b'0')
+        .count();
+    digits.div_ceil(2) + 1
+}
