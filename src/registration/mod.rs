@@ -103,8 +103,61 @@ pub async fn register(mut cfg: Config, a: RegisterArgs) -> Result<(), Error> {
     let systemctl = Systemctl::new(cfg.host.systemctl.clone());
 
     // 1. The SSM agent: keep an existing registration unless asked not to.
+    let instance = register_ssm(&cfg, &a, &region, &systemctl).await?;
+    let file = ssm::wait_for_credentials(&cfg.host, deadline())
+        .await
+        .map_err(Error::Unavailable)?;
+    step(
+        "ssm",
+        format!("rotating credentials published in {}", file.display()),
+    );
+    // From here on every AWS call uses the host's own credentials (the file just published).
+    let clients = crate::aws::clients(&cfg)
+        .await
+        .map_err(|e| Error::Input(e.to_string()))?;
+    ssm::wait_online(&clients.ssm, &instance, deadline())
+        .await
+        .map_err(Error::Unavailable)?;
+    step("ssm", format!("{instance} is online in Systems Manager"));
+
+    // 2. Docker.
+    ensure_docker(&cfg, &systemctl, deadline()).await?;
+
+    // 3. The ECS agent's configuration: our keys once each, the user's lines untouched.
+    write_ecs_config(&cfg, &a.cluster, &region)?;
+
+    // 4. The agent registers itself with ECS once it runs with that configuration.
+    let arn = start_agent(&cfg, &systemctl, deadline()).await?;
+    step("ecs", format!("the ECS agent registered as {arn}"));
+    confirm_active(&clients.ecs, &a.cluster, &arn, deadline()).await?;
+    step(
+        "ecs",
+        "the container instance is ACTIVE with its agent connected",
+    );
+
+    let saved = Saved {
+        managed_instance_id: instance.clone(),
+        region,
+        cluster: a.cluster.clone(),
+        container_instance_arn: arn.clone(),
+    };
+    save_state(&cfg, &saved)?;
+    println!();
+    println!("managed instance:   {instance}");
+    println!("cluster:            {}", a.cluster);
+    println!("container instance: {arn}");
+    Ok(())
+}
+
+/// The SSM agent registered with the activation (or its registration kept); the managed instance id.
+async fn register_ssm(
+    cfg: &Config,
+    a: &RegisterArgs,
+    region: &str,
+    systemctl: &Systemctl,
+) -> Result<String, Error> {
     let existing = ssm::registration(&cfg.host).map_err(Error::Failed)?;
-    let instance = match existing {
+    match existing {
         Some(r) if !a.reregister => {
             step(
                 "ssm",
@@ -113,7 +166,7 @@ pub async fn register(mut cfg: Config, a: RegisterArgs) -> Result<(), Error> {
                     r.managed_instance_id
                 ),
             );
-            r.managed_instance_id
+            Ok(r.managed_instance_id)
         }
         _ => {
             if a.activation_code.trim().is_empty() {
@@ -137,7 +190,7 @@ pub async fn register(mut cfg: Config, a: RegisterArgs) -> Result<(), Error> {
                 &ssm::Activation {
                     id: a.activation_id.clone(),
                     code: a.activation_code.clone(),
-                    region: region.clone(),
+                    region: region.to_string(),
                 },
             )
             .await
@@ -165,79 +218,44 @@ pub async fn register(mut cfg: Config, a: RegisterArgs) -> Result<(), Error> {
                     r.managed_instance_id
                 ),
             );
-            r.managed_instance_id
+            Ok(r.managed_instance_id)
         }
-    };
-    let file = ssm::wait_for_credentials(&cfg.host, deadline())
-        .await
-        .map_err(Error::Unavailable)?;
-    step(
-        "ssm",
-        format!("rotating credentials published in {}", file.display()),
-    );
-    // From here on every AWS call uses the host's own credentials (the file just published).
-    let clients = crate::aws::clients(&cfg)
-        .await
-        .map_err(|e| Error::Input(e.to_string()))?;
-    ssm::wait_online(&clients.ssm, &instance, deadline())
-        .await
-        .map_err(Error::Unavailable)?;
-    step("ssm", format!("{instance} is online in Systems Manager"));
+    }
+}
 
-    // 2. Docker.
-    ensure_docker(&cfg, &systemctl, deadline()).await?;
-
-    // 3. The ECS agent's configuration: our keys once each, the user's lines untouched.
-    let changed = env_file::apply(&etc_config(&cfg), &[(ETC_KEYS[0], a.cluster.as_str())], &[])
-        .map_err(Error::Failed)?;
+/// The ECS agent's configuration files: the cluster in /etc/ecs/ecs.config, the region, ECS_EXTERNAL
+/// and the backend (when an ECS endpoint is configured) in /var/lib/ecs/ecs.config.
+fn write_ecs_config(cfg: &Config, cluster: &str, region: &str) -> Result<(), Error> {
+    let changed =
+        env_file::apply(&etc_config(cfg), &[(ETC_KEYS[0], cluster)], &[]).map_err(Error::Failed)?;
     step(
         "ecs",
         format!(
             "{}: ECS_CLUSTER={} ({})",
-            etc_config(&cfg).display(),
-            a.cluster,
+            etc_config(cfg).display(),
+            cluster,
             if changed { "written" } else { "already so" }
         ),
     );
-    let mut var: Vec<(&str, &str)> = vec![(VAR_KEYS[0], region.as_str()), (VAR_KEYS[1], "true")];
+    let mut var: Vec<(&str, &str)> = vec![(VAR_KEYS[0], region), (VAR_KEYS[1], "true")];
     let backend = cfg.aws.endpoint_for("ecs").map(String::from);
     let mut remove = Vec::new();
     match &backend {
         Some(url) => var.push((VAR_KEYS[2], url.as_str())),
         None => remove.push(VAR_KEYS[2]),
     }
-    let changed = env_file::apply(&var_config(&cfg), &var, &remove).map_err(Error::Failed)?;
+    let changed = env_file::apply(&var_config(cfg), &var, &remove).map_err(Error::Failed)?;
     let shown: Vec<String> = var.iter().map(|(k, v)| format!("{k}={v}")).collect();
     step(
         "ecs",
         format!(
             "{}: {} ({})",
-            var_config(&cfg).display(),
+            var_config(cfg).display(),
             shown.join(" "),
             if changed { "written" } else { "already so" }
         ),
     );
 
-    // 4. The agent registers itself with ECS once it runs with that configuration.
-    let arn = start_agent(&cfg, &systemctl, deadline()).await?;
-    step("ecs", format!("the ECS agent registered as {arn}"));
-    confirm_active(&clients.ecs, &a.cluster, &arn, deadline()).await?;
-    step(
-        "ecs",
-        "the container instance is ACTIVE with its agent connected",
-    );
-
-    let saved = Saved {
-        managed_instance_id: instance.clone(),
-        region,
-        cluster: a.cluster.clone(),
-        container_instance_arn: arn.clone(),
-    };
-    save_state(&cfg, &saved)?;
-    println!();
-    println!("managed instance:   {instance}");
-    println!("cluster:            {}", a.cluster);
-    println!("container instance: {arn}");
     Ok(())
 }
 
@@ -421,15 +439,33 @@ pub async fn deregister(cfg: Config, keep_ssm: bool) -> Result<(), Error> {
         .map_err(|e| Error::Input(e.to_string()))?;
 
     // 1. ECS: the agent knows its own ARN; the saved state is the fallback.
+    deregister_ecs(&cfg, &clients, saved.as_ref()).await?;
+    // 2. The agent's container and the host changes made for it.
+    remove_agent(&cfg).await?;
+    // 3. SSM, with the host's own credentials (which stop working right after).
+    if keep_ssm {
+        step("ssm", "kept (--keep-ssm)");
+    } else {
+        deregister_ssm(&cfg, &clients, &systemctl).await?;
+    }
+    // 4. Our keys out of the ECS config files; the agent's saved state cleared.
+    remove_ecs_config(&cfg)?;
+    let _ = std::fs::remove_file(state_path(&cfg));
+    Ok(())
+}
+
+/// Deregister the container instance (as the agent reports it, else as `register` saved it).
+async fn deregister_ecs(
+    cfg: &Config,
+    clients: &crate::aws::Clients,
+    saved: Option<&Saved>,
+) -> Result<(), Error> {
     let live = introspection::fetch(&cfg.ecs_agent.introspection_url, Duration::from_secs(2))
         .await
         .ok()
         .and_then(|m| Some((m.cluster?, m.container_instance_arn?)));
-    let target = live.or_else(|| {
-        saved
-            .as_ref()
-            .map(|s| (s.cluster.clone(), s.container_instance_arn.clone()))
-    });
+    let target =
+        live.or_else(|| saved.map(|s| (s.cluster.clone(), s.container_instance_arn.clone())));
     match target {
         Some((cluster, arn)) => {
             match clients
@@ -460,7 +496,11 @@ pub async fn deregister(cfg: Config, keep_ssm: bool) -> Result<(), Error> {
         None => step("ecs", "no container instance known (agent not answering, nothing saved): nothing to deregister"),
     }
 
-    // 2. The agent's container and the host changes made for it.
+    Ok(())
+}
+
+/// Stop and remove the agent's container, and the task IAM role network rules.
+async fn remove_agent(cfg: &Config) -> Result<(), Error> {
     match crate::docker::connect(&cfg.ecs_agent.docker_socket).await {
         Ok(docker) => {
             let name = &cfg.ecs_agent.container_name;
@@ -498,38 +538,45 @@ pub async fn deregister(cfg: Config, keep_ssm: bool) -> Result<(), Error> {
         }
     }
 
-    // 3. SSM, with the host's own credentials (which stop working right after).
-    if keep_ssm {
-        step("ssm", "kept (--keep-ssm)");
-    } else {
-        match ssm::registration(&cfg.host).map_err(Error::Failed)? {
-            Some(r) => {
-                let id = &r.managed_instance_id;
-                match ssm::deregister(&clients.ssm, id)
-                    .await
-                    .map_err(Error::Failed)?
-                {
-                    true => step("ssm", format!("deregistered managed instance {id}")),
-                    false => step("ssm", format!("{id} was already deregistered")),
-                }
-                let unit = &cfg.host.ssm_service;
-                let _ = systemctl.run(&["disable", "--now", unit]).await;
-                let path = cfg.host.ssm_registration();
-                std::fs::remove_file(&path)
-                    .map_err(|e| Error::Failed(format!("cannot remove {}: {e}", path.display())))?;
-                step(
-                    "ssm",
-                    format!("{unit} stopped and disabled; {} removed", path.display()),
-                );
-            }
-            None => step("ssm", "not registered"),
-        }
-    }
+    Ok(())
+}
 
-    // 4. Our keys out of the ECS config files; the agent's saved state cleared.
+/// Deregister the managed instance and disable the SSM agent.
+async fn deregister_ssm(
+    cfg: &Config,
+    clients: &crate::aws::Clients,
+    systemctl: &Systemctl,
+) -> Result<(), Error> {
+    match ssm::registration(&cfg.host).map_err(Error::Failed)? {
+        Some(r) => {
+            let id = &r.managed_instance_id;
+            match ssm::deregister(&clients.ssm, id)
+                .await
+                .map_err(Error::Failed)?
+            {
+                true => step("ssm", format!("deregistered managed instance {id}")),
+                false => step("ssm", format!("{id} was already deregistered")),
+            }
+            let unit = &cfg.host.ssm_service;
+            let _ = systemctl.run(&["disable", "--now", unit]).await;
+            let path = cfg.host.ssm_registration();
+            std::fs::remove_file(&path)
+                .map_err(|e| Error::Failed(format!("cannot remove {}: {e}", path.display())))?;
+            step(
+                "ssm",
+                format!("{unit} stopped and disabled; {} removed", path.display()),
+            );
+        }
+        None => step("ssm", "not registered"),
+    }
+    Ok(())
+}
+
+/// Our keys out of the ECS configuration files, and the agent's saved state cleared.
+fn remove_ecs_config(cfg: &Config) -> Result<(), Error> {
     for (path, keys) in [
-        (etc_config(&cfg), &ETC_KEYS[..]),
-        (var_config(&cfg), &VAR_KEYS[..]),
+        (etc_config(cfg), &ETC_KEYS[..]),
+        (var_config(cfg), &VAR_KEYS[..]),
     ] {
         let changed = env_file::apply(&path, &[], keys).map_err(Error::Failed)?;
         step(
@@ -563,6 +610,5 @@ pub async fn deregister(cfg: Config, keep_ssm: bool) -> Result<(), Error> {
             data.display()
         ),
     );
-    let _ = std::fs::remove_file(state_path(&cfg));
     Ok(())
 }
