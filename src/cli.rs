@@ -13,7 +13,8 @@ CONFIGURATION:
     conf.d/*.toml beside it in name order, then environment variables
     OFFLOAD_AGENT_<SECTION>__<KEY> (for example OFFLOAD_AGENT_AWS__ENDPOINT_URL=http://127.0.0.1:5000).
     With ssm.parameters_path set, Parameter Store sits between the files and the environment.
-    config/agent.toml in the source tree documents every key with its default. AWS credentials:
+    /etc/offload-agent/agent.toml as installed (config/agent.toml in the source tree) documents
+    every key with its default. AWS credentials:
     on an SSM hybrid host, the SSM agent's rotating credentials file (followed as it is rewritten);
     with aws.credentials_file, that file; otherwise the SDK's default chain.
 
@@ -43,7 +44,13 @@ EXAMPLES:
         --activation-code-file /root/activation-code
     offload-agent iam-policy --account 123456789012
     offload-agent status
-    curl -s http://127.0.0.1:9464/metrics";
+    curl -s http://127.0.0.1:9464/metrics
+
+DOCUMENTATION:
+    /usr/share/doc/offload-agent/: README.md, then one page per concern: install.md (the unit,
+    journald), configuration.md, operations.md (commands, exit codes, endpoint, metrics, status),
+    files.md (what happens to a file), processors.md (bring your own), hybrid.md (register,
+    rotating credentials, Parameter Store), ecs-agent.md (the supervisor).";
 
 /// offload-agent: process S3 file events on your own hosts.
 ///

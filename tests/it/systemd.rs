@@ -348,6 +348,8 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
     println!("systemd-analyze security: {score}");
 
     b.ok("test -s /usr/share/man/man1/offload-agent.1.gz && test -s /usr/share/bash-completion/completions/offload-agent");
+    // The operator's documentation, which the man pages point at.
+    b.ok("test -s /usr/share/doc/offload-agent/README.md && test -s /usr/share/doc/offload-agent/operations.md && test -s /usr/share/doc/offload-agent/hybrid.md");
 
     // Purge removes the service, its state and its configuration.
     b.ok("DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq offload-agent");
@@ -364,6 +366,7 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
         "/usr/lib/systemd/system/offload-agent.service",
         "/etc/offload-agent/agent.toml",
         "/usr/share/man/man1/offload-agent.1",
+        "/usr/share/doc/offload-agent/operations.md",
         "/usr/lib/tmpfiles.d/offload-agent.conf",
         "systemctl enable offload-agent.service",
         "offload-agent config check",
