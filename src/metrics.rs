@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -18,7 +20,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 /// How a file ended, as counted in `offload_files_total{outcome}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FileOutcome {
     /// Processed, every row written (or a processor without rows succeeded).
     Ok,
@@ -53,7 +55,7 @@ impl FileOutcome {
 }
 
 /// How a message was settled, as counted in `offload_messages_total{outcome}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MessageOutcome {
     Received,
     Deleted,
@@ -82,10 +84,78 @@ impl MessageOutcome {
     }
 }
 
+/// A label value spelled as the enum's `as_str`.
+macro_rules! label_value {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                encoder.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+
+/// Why an event was acknowledged without processing, as counted in `offload_events_skipped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Skipped {
+    /// No pipeline matches the object.
+    Unmatched,
+    /// `s3:TestEvent`, sent when a notification is configured.
+    Test,
+    /// A notification that announces no created object.
+    Other,
+}
+
+impl Skipped {
+    fn as_str(self) -> &'static str {
+        match self {
+            Skipped::Unmatched => "unmatched",
+            Skipped::Test => "test",
+            Skipped::Other => "other",
+        }
+    }
+}
+
+/// What `offload_registered` reports on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Registered {
+    /// An SSM managed instance.
+    Ssm,
+    /// An ECS container instance.
+    Ecs,
+}
+
+impl Registered {
+    fn as_str(self) -> &'static str {
+        match self {
+            Registered::Ssm => "ssm",
+            Registered::Ecs => "ecs",
+        }
+    }
+}
+
+/// How a configuration reload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Reload {
+    Ok,
+    Failed,
+}
+
+impl Reload {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reload::Ok => "ok",
+            Reload::Failed => "failed",
+        }
+    }
+}
+
+label_value!(FileOutcome, MessageOutcome, Skipped, Registered, Reload);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FileLabels {
     pipeline: String,
-    outcome: String,
+    outcome: FileOutcome,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,15 +164,26 @@ struct PipelineLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabels {
-    outcome: String,
+struct MessageLabels {
+    outcome: MessageOutcome,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabels {
-    kind: String,
+struct SkippedLabels {
+    kind: Skipped,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegisteredLabels {
+    kind: Registered,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    outcome: Reload,
+}
+
+/// An ECS agent supervisor state, as its `Display` spells it (a fixed set).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: String,
@@ -168,29 +249,185 @@ impl QueueHealth {
     }
 }
 
-pub struct Metrics {
-    registry: Registry,
+/// Register a metric of the default kind under `name`, and return it.
+fn registered<M: Default + Clone + prometheus_client::registry::Metric>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+) -> M {
+    let m = M::default();
+    r.register(name, help, m.clone());
+    m
+}
+
+/// Files and rows, by pipeline: the worker's series.
+struct FileSeries {
     files: Family<FileLabels, Counter>,
     rows_written: Family<PipelineLabels, Counter>,
     rows_rejected: Family<PipelineLabels, Counter>,
-    file_seconds: Family<PipelineLabels, Histogram, fn() -> Histogram>,
+    seconds: Family<PipelineLabels, Histogram, fn() -> Histogram>,
     bytes_downloaded: Counter,
     bytes_uploaded: Counter,
     in_flight: Gauge,
     free_slots: Gauge,
-    messages: Family<OutcomeLabels, Counter>,
-    events_skipped: Family<KindLabels, Counter>,
-    sqs_receives: Counter,
-    sqs_empty_receives: Counter,
-    sqs_errors: Counter,
-    dynamodb_throttles: Counter,
-    dynamodb_unprocessed_retries: Counter,
+}
+
+impl FileSeries {
+    fn register(r: &mut Registry) -> Self {
+        let seconds = Family::new_with_constructor(duration_histogram as fn() -> Histogram);
+        r.register(
+            "file_processing_seconds",
+            "Time from the start of a file's download to its last output stored, by pipeline",
+            seconds.clone(),
+        );
+        FileSeries {
+            files: registered(r, "files", "Files processed, by pipeline and outcome"),
+            rows_written: registered(r, "rows_written", "Rows written to DynamoDB, by pipeline"),
+            rows_rejected: registered(
+                r,
+                "rows_rejected",
+                "Rows rejected (in a rejects report), by pipeline",
+            ),
+            seconds,
+            bytes_downloaded: registered(r, "downloaded_bytes", "Bytes of objects downloaded"),
+            bytes_uploaded: registered(
+                r,
+                "uploaded_bytes",
+                "Bytes of outputs and reports uploaded",
+            ),
+            in_flight: registered(r, "files_in_flight", "Files being processed now"),
+            free_slots: registered(
+                r,
+                "worker_slots_free",
+                "Worker slots free (queue.max_in_flight minus busy)",
+            ),
+        }
+    }
+}
+
+/// Messages and the queue: the receiver's and settlement's series.
+struct QueueSeries {
+    messages: Family<MessageLabels, Counter>,
+    events_skipped: Family<SkippedLabels, Counter>,
+    receives: Counter,
+    empty_receives: Counter,
+    errors: Counter,
+    reachable: Gauge,
+}
+
+impl QueueSeries {
+    fn register(r: &mut Registry) -> Self {
+        let q = QueueSeries {
+            messages: registered(r, "messages", "SQS messages, by what happened to them"),
+            events_skipped: registered(
+                r,
+                "events_skipped",
+                "Events acknowledged without processing: unmatched (no pipeline), test (s3:TestEvent), other (no created object)",
+            ),
+            receives: registered(r, "sqs_receives", "ReceiveMessage calls that returned messages"),
+            empty_receives: registered(
+                r,
+                "sqs_empty_receives",
+                "ReceiveMessage calls that returned none",
+            ),
+            errors: registered(r, "sqs_errors", "ReceiveMessage calls that failed"),
+            reachable: registered(
+                r,
+                "queue_reachable",
+                "Whether the queue was reachable at the last receive",
+            ),
+        };
+        for outcome in MessageOutcome::ALL {
+            let _ = q.messages.get_or_create(&MessageLabels { outcome });
+        }
+        q
+    }
+}
+
+/// DynamoDB writes.
+struct DynamoDbSeries {
+    throttles: Counter,
+    unprocessed_retries: Counter,
+}
+
+impl DynamoDbSeries {
+    fn register(r: &mut Registry) -> Self {
+        DynamoDbSeries {
+            throttles: registered(
+                r,
+                "dynamodb_throttles",
+                "BatchWriteItem calls throttled (retried)",
+            ),
+            unprocessed_retries: registered(
+                r,
+                "dynamodb_unprocessed_retries",
+                "BatchWriteItem calls retried for UnprocessedItems",
+            ),
+        }
+    }
+}
+
+/// The host: the ECS agent, registration, configuration and credentials.
+struct HostSeries {
     ecs_agent_state: Family<StateLabels, Gauge>,
     ecs_agent_restarts: Family<ExitLabels, Counter>,
-    registered: Family<KindLabels, Gauge>,
-    config_reloads: Family<OutcomeLabels, Counter>,
+    registered: Family<RegisteredLabels, Gauge>,
+    config_reloads: Family<ReloadLabels, Counter>,
     credentials_reloads: Counter,
-    queue_reachable: Gauge,
+}
+
+impl HostSeries {
+    fn register(r: &mut Registry) -> Self {
+        let h = HostSeries {
+            ecs_agent_state: registered(
+                r,
+                "ecs_agent_state",
+                "The ECS agent supervisor's state (1 for the current one)",
+            ),
+            ecs_agent_restarts: registered(
+                r,
+                "ecs_agent_restarts",
+                "ECS agent restarts by the supervisor, by the exit code before them",
+            ),
+            registered: registered(
+                r,
+                "registered",
+                "Whether this host is registered: kind ssm (managed instance) or ecs (container instance)",
+            ),
+            config_reloads: registered(
+                r,
+                "config_reloads",
+                "Configuration reloads (SIGHUP, Parameter Store), by outcome",
+            ),
+            credentials_reloads: registered(
+                r,
+                "credentials_reloads",
+                "Times rotated credentials were read again",
+            ),
+        };
+        for outcome in [Reload::Ok, Reload::Failed] {
+            let _ = h.config_reloads.get_or_create(&ReloadLabels { outcome });
+        }
+        r.register(
+            "build",
+            "Build of the running daemon",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                git_sha: option_env!("OFFLOAD_GIT_SHA")
+                    .unwrap_or("unknown")
+                    .to_string(),
+            }),
+        );
+        h
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    worker: FileSeries,
+    sqs: QueueSeries,
+    dynamodb: DynamoDbSeries,
+    host: HostSeries,
     /// Whether the queue can be reached, with the reason when not (for the status line and `/readyz`).
     pub queue: QueueHealth,
     pipelines: Mutex<BTreeSet<String>>,
@@ -210,29 +447,13 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut m = Metrics {
-            registry: Registry::with_prefix("offload"),
-            files: Family::default(),
-            rows_written: Family::default(),
-            rows_rejected: Family::default(),
-            file_seconds: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
-            bytes_downloaded: Counter::default(),
-            bytes_uploaded: Counter::default(),
-            in_flight: Gauge::default(),
-            free_slots: Gauge::default(),
-            messages: Family::default(),
-            events_skipped: Family::default(),
-            sqs_receives: Counter::default(),
-            sqs_empty_receives: Counter::default(),
-            sqs_errors: Counter::default(),
-            dynamodb_throttles: Counter::default(),
-            dynamodb_unprocessed_retries: Counter::default(),
-            ecs_agent_state: Family::default(),
-            ecs_agent_restarts: Family::default(),
-            registered: Family::default(),
-            config_reloads: Family::default(),
-            credentials_reloads: Counter::default(),
-            queue_reachable: Gauge::default(),
+        let mut registry = Registry::with_prefix("offload");
+        Metrics {
+            worker: FileSeries::register(&mut registry),
+            sqs: QueueSeries::register(&mut registry),
+            dynamodb: DynamoDbSeries::register(&mut registry),
+            host: HostSeries::register(&mut registry),
+            registry,
             queue: QueueHealth::default(),
             pipelines: Mutex::new(BTreeSet::new()),
             recent: Mutex::new(VecDeque::new()),
@@ -240,130 +461,7 @@ impl Metrics {
             queue_seen: std::sync::atomic::AtomicBool::new(false),
             rows_window: Mutex::new(VecDeque::new()),
             started: Instant::now(),
-        };
-        let r = &mut m.registry;
-        r.register(
-            "files",
-            "Files processed, by pipeline and outcome",
-            m.files.clone(),
-        );
-        r.register(
-            "rows_written",
-            "Rows written to DynamoDB, by pipeline",
-            m.rows_written.clone(),
-        );
-        r.register(
-            "rows_rejected",
-            "Rows rejected (in a rejects report), by pipeline",
-            m.rows_rejected.clone(),
-        );
-        r.register(
-            "file_processing_seconds",
-            "Time from the start of a file's download to its last output stored, by pipeline",
-            m.file_seconds.clone(),
-        );
-        r.register(
-            "downloaded_bytes",
-            "Bytes of objects downloaded",
-            m.bytes_downloaded.clone(),
-        );
-        r.register(
-            "uploaded_bytes",
-            "Bytes of outputs and reports uploaded",
-            m.bytes_uploaded.clone(),
-        );
-        r.register(
-            "files_in_flight",
-            "Files being processed now",
-            m.in_flight.clone(),
-        );
-        r.register(
-            "worker_slots_free",
-            "Worker slots free (queue.max_in_flight minus busy)",
-            m.free_slots.clone(),
-        );
-        r.register(
-            "messages",
-            "SQS messages, by what happened to them",
-            m.messages.clone(),
-        );
-        r.register(
-            "events_skipped",
-            "Events acknowledged without processing: unmatched (no pipeline), test (s3:TestEvent), other (no created object)",
-            m.events_skipped.clone(),
-        );
-        r.register(
-            "sqs_receives",
-            "ReceiveMessage calls that returned messages",
-            m.sqs_receives.clone(),
-        );
-        r.register(
-            "sqs_empty_receives",
-            "ReceiveMessage calls that returned none",
-            m.sqs_empty_receives.clone(),
-        );
-        r.register(
-            "sqs_errors",
-            "ReceiveMessage calls that failed",
-            m.sqs_errors.clone(),
-        );
-        r.register(
-            "dynamodb_throttles",
-            "BatchWriteItem calls throttled (retried)",
-            m.dynamodb_throttles.clone(),
-        );
-        r.register(
-            "dynamodb_unprocessed_retries",
-            "BatchWriteItem calls retried for UnprocessedItems",
-            m.dynamodb_unprocessed_retries.clone(),
-        );
-        r.register(
-            "ecs_agent_state",
-            "The ECS agent supervisor's state (1 for the current one)",
-            m.ecs_agent_state.clone(),
-        );
-        r.register(
-            "ecs_agent_restarts",
-            "ECS agent restarts by the supervisor, by the exit code before them",
-            m.ecs_agent_restarts.clone(),
-        );
-        r.register("registered", "Whether this host is registered: kind ssm (managed instance) or ecs (container instance)", m.registered.clone());
-        r.register(
-            "config_reloads",
-            "Configuration reloads (SIGHUP, Parameter Store), by outcome",
-            m.config_reloads.clone(),
-        );
-        r.register(
-            "credentials_reloads",
-            "Times rotated credentials were read again",
-            m.credentials_reloads.clone(),
-        );
-        r.register(
-            "queue_reachable",
-            "Whether the queue was reachable at the last receive",
-            m.queue_reachable.clone(),
-        );
-        r.register(
-            "build",
-            "Build of the running daemon",
-            Info::new(BuildLabels {
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                git_sha: option_env!("OFFLOAD_GIT_SHA")
-                    .unwrap_or("unknown")
-                    .to_string(),
-            }),
-        );
-        for o in MessageOutcome::ALL {
-            let _ = m.messages.get_or_create(&OutcomeLabels {
-                outcome: o.as_str().into(),
-            });
         }
-        for o in ["ok", "failed"] {
-            let _ = m
-                .config_reloads
-                .get_or_create(&OutcomeLabels { outcome: o.into() });
-        }
-        m
     }
 
     /// Announce a pipeline so that its series exist (at zero) before its first file.
@@ -371,25 +469,26 @@ impl Metrics {
         let mut p = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         if p.insert(name.to_string()) {
             for o in FileOutcome::ALL {
-                let _ = self.files.get_or_create(&FileLabels {
+                let _ = self.worker.files.get_or_create(&FileLabels {
                     pipeline: name.into(),
-                    outcome: o.as_str().into(),
+                    outcome: o,
                 });
             }
             let l = PipelineLabels {
                 pipeline: name.into(),
             };
-            let _ = self.rows_written.get_or_create(&l);
-            let _ = self.rows_rejected.get_or_create(&l);
+            let _ = self.worker.rows_written.get_or_create(&l);
+            let _ = self.worker.rows_rejected.get_or_create(&l);
         }
     }
 
     pub fn file(&self, pipeline: &str, outcome: FileOutcome) {
         self.pipeline(pipeline);
-        self.files
+        self.worker
+            .files
             .get_or_create(&FileLabels {
                 pipeline: pipeline.into(),
-                outcome: outcome.as_str().into(),
+                outcome,
             })
             .inc();
     }
@@ -398,10 +497,10 @@ impl Metrics {
         let l = PipelineLabels {
             pipeline: pipeline.into(),
         };
-        self.file_seconds.get_or_create(&l).observe(seconds);
-        self.rows_written.get_or_create(&l).inc_by(written);
-        self.rows_rejected.get_or_create(&l).inc_by(rejected);
-        self.bytes_downloaded.inc_by(bytes);
+        self.worker.seconds.get_or_create(&l).observe(seconds);
+        self.worker.rows_written.get_or_create(&l).inc_by(written);
+        self.worker.rows_rejected.get_or_create(&l).inc_by(rejected);
+        self.worker.bytes_downloaded.inc_by(bytes);
         self.file(
             pipeline,
             if rejected > 0 {
@@ -413,28 +512,27 @@ impl Metrics {
     }
 
     pub fn uploaded(&self, bytes: u64) {
-        self.bytes_uploaded.inc_by(bytes);
+        self.worker.bytes_uploaded.inc_by(bytes);
     }
 
     pub fn message(&self, outcome: MessageOutcome) {
-        self.messages
-            .get_or_create(&OutcomeLabels {
-                outcome: outcome.as_str().into(),
-            })
+        self.sqs
+            .messages
+            .get_or_create(&MessageLabels { outcome })
             .inc();
     }
 
-    /// `kind`: "unmatched", "test" or "other".
-    pub fn event_skipped(&self, kind: &'static str) {
-        self.events_skipped
-            .get_or_create(&KindLabels { kind: kind.into() })
+    pub fn event_skipped(&self, kind: Skipped) {
+        self.sqs
+            .events_skipped
+            .get_or_create(&SkippedLabels { kind })
             .inc();
     }
 
     /// The queue was found (its URL resolved or configured).
     pub fn queue_found(&self) {
         self.queue_seen.store(true, Ordering::Relaxed);
-        self.queue_reachable.set(1);
+        self.sqs.reachable.set(1);
         self.queue.ok();
     }
 
@@ -450,10 +548,11 @@ impl Metrics {
     }
 
     fn file_count(&self, pipeline: &str, outcome: FileOutcome) -> u64 {
-        self.files
+        self.worker
+            .files
             .get(&FileLabels {
                 pipeline: pipeline.into(),
-                outcome: outcome.as_str().into(),
+                outcome,
             })
             .map_or(0, |c| c.get())
     }
@@ -469,7 +568,7 @@ impl Metrics {
     fn rows_written_total(&self) -> u64 {
         self.pipeline_names()
             .iter()
-            .map(|p| Self::row_count(&self.rows_written, p))
+            .map(|p| Self::row_count(&self.worker.rows_written, p))
             .sum()
     }
 
@@ -502,52 +601,51 @@ impl Metrics {
 
     pub fn receive(&self, messages: usize) {
         if messages == 0 {
-            self.sqs_empty_receives.inc();
+            self.sqs.empty_receives.inc();
         } else {
-            self.sqs_receives.inc();
+            self.sqs.receives.inc();
         }
         self.queue_found();
     }
 
     pub fn receive_failed(&self, what: String) {
-        self.sqs_errors.inc();
-        self.queue_reachable.set(0);
+        self.sqs.errors.inc();
+        self.sqs.reachable.set(0);
         self.queue.fail(what);
     }
 
     /// The queue cannot be resolved (before any receive).
     pub fn queue_missing(&self, what: String) {
-        self.queue_reachable.set(0);
+        self.sqs.reachable.set(0);
         self.queue.fail(what);
     }
 
     pub fn dynamodb_throttled(&self) {
-        self.dynamodb_throttles.inc();
+        self.dynamodb.throttles.inc();
     }
 
     pub fn dynamodb_unprocessed(&self) {
-        self.dynamodb_unprocessed_retries.inc();
+        self.dynamodb.unprocessed_retries.inc();
     }
 
     pub fn slots(&self, in_flight: usize, free: usize) {
-        self.in_flight.set(in_flight as i64);
-        self.free_slots.set(free as i64);
+        self.worker.in_flight.set(in_flight as i64);
+        self.worker.free_slots.set(free as i64);
     }
 
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.get().max(0) as u64
+        self.worker.in_flight.get().max(0) as u64
     }
 
     pub fn free_slots(&self) -> u64 {
-        self.free_slots.get().max(0) as u64
+        self.worker.free_slots.get().max(0) as u64
     }
 
     pub fn config_reload(&self, ok: bool) {
-        let outcome = if ok { "ok" } else { "failed" };
-        self.config_reloads
-            .get_or_create(&OutcomeLabels {
-                outcome: outcome.into(),
-            })
+        let outcome = if ok { Reload::Ok } else { Reload::Failed };
+        self.host
+            .config_reloads
+            .get_or_create(&ReloadLabels { outcome })
             .inc();
     }
 
@@ -555,14 +653,15 @@ impl Metrics {
     pub fn credentials_reloaded_total(&self, total: u64) {
         let seen = self.credentials_seen.swap(total, Ordering::Relaxed);
         if total > seen {
-            self.credentials_reloads.inc_by(total - seen);
+            self.host.credentials_reloads.inc_by(total - seen);
         }
     }
 
     /// The supervisor's state now (one gauge per state, 1 for the current one).
     pub fn ecs_agent(&self, state: &str, all: &[String]) {
         for s in all {
-            self.ecs_agent_state
+            self.host
+                .ecs_agent_state
                 .get_or_create(&StateLabels { state: s.clone() })
                 .set(i64::from(s == state));
         }
@@ -570,15 +669,16 @@ impl Metrics {
 
     pub fn ecs_agent_restarted(&self, by: u64, exit_code: Option<i64>) {
         let code = exit_code.map_or_else(|| "none".to_string(), |c| c.to_string());
-        self.ecs_agent_restarts
+        self.host
+            .ecs_agent_restarts
             .get_or_create(&ExitLabels { exit_code: code })
             .inc_by(by);
     }
 
-    /// `kind`: "ssm" or "ecs".
-    pub fn registered(&self, kind: &'static str, yes: bool) {
-        self.registered
-            .get_or_create(&KindLabels { kind: kind.into() })
+    pub fn registered(&self, kind: Registered, yes: bool) {
+        self.host
+            .registered
+            .get_or_create(&RegisteredLabels { kind })
             .set(i64::from(yes));
     }
 
@@ -600,18 +700,17 @@ impl Metrics {
                 permanent_error: self.file_count(&p, FileOutcome::PermanentError),
                 transient_retry: self.file_count(&p, FileOutcome::TransientRetry),
                 superseded: self.file_count(&p, FileOutcome::Superseded),
-                rows_written: Self::row_count(&self.rows_written, &p),
-                rows_rejected: Self::row_count(&self.rows_rejected, &p),
+                rows_written: Self::row_count(&self.worker.rows_written, &p),
+                rows_rejected: Self::row_count(&self.worker.rows_rejected, &p),
                 pipeline: p,
             })
             .collect()
     }
 
     pub fn messages_total(&self, outcome: MessageOutcome) -> u64 {
-        self.messages
-            .get(&OutcomeLabels {
-                outcome: outcome.as_str().into(),
-            })
+        self.sqs
+            .messages
+            .get(&MessageLabels { outcome })
             .map_or(0, |c| c.get())
     }
 

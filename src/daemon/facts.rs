@@ -159,7 +159,7 @@ pub(super) async fn follow_ecs_status(
                 .metadata
                 .as_ref()
                 .and_then(|m| m.container_instance_arn.as_ref());
-            metrics.registered("ecs", arn.is_some());
+            metrics.registered(crate::metrics::Registered::Ecs, arn.is_some());
         }
         if rx.changed().await.is_err() {
             return;

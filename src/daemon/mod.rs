@@ -371,7 +371,8 @@ impl Daemon {
                 .ok()
                 .and_then(Result::ok)
                 .flatten();
-        self.stats.registered("ssm", reg.is_some());
+        self.stats
+            .registered(crate::metrics::Registered::Ssm, reg.is_some());
         *self
             .managed_instance
             .lock()

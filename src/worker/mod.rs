@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::config::{Config, Pipeline};
 use crate::error::ProcessError;
 use crate::event::{self, Event, ObjectRef};
-use crate::metrics::{FileOutcome, MessageOutcome, Metrics};
+use crate::metrics::{FileOutcome, MessageOutcome, Metrics, Skipped};
 pub use run::{FileReport, ObjectProcessor};
 use settle::{FileEnd, Heartbeat, Receipt, Settlement, Verdict};
 
@@ -101,7 +101,7 @@ impl Worker {
                 Settlement::DeadLetter(e.to_string())
             }
             Ok(Event::Test { bucket }) => {
-                self.stats.event_skipped("test");
+                self.stats.event_skipped(Skipped::Test);
                 tracing::info!(
                     bucket = bucket.as_deref().unwrap_or(""),
                     "s3:TestEvent received (S3 checks the notification target); acknowledged"
@@ -109,7 +109,7 @@ impl Worker {
                 Settlement::Delete
             }
             Ok(Event::Nothing { ignored }) => {
-                self.stats.event_skipped("other");
+                self.stats.event_skipped(Skipped::Other);
                 tracing::info!(
                     ignored,
                     "notification announces no created object; acknowledged"
@@ -156,7 +156,7 @@ impl Worker {
         abort: &CancellationToken,
     ) -> FileEnd {
         let Some(pipeline) = cfg.route(&obj.bucket, &obj.key) else {
-            self.stats.event_skipped("unmatched");
+            self.stats.event_skipped(Skipped::Unmatched);
             tracing::info!(bucket = %obj.bucket, key = %obj.key, "no pipeline matches this object; acknowledged without processing");
             return FileEnd::Done;
         };
