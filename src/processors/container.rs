@@ -294,39 +294,7 @@ impl<'a> Container<'a> {
             .clone()
             .with_timeout(spec.timeout + Duration::from_secs(120));
         let log = Arc::new(Mutex::new(OutputLog::default()));
-        let pump = {
-            let (long, id, log) = (long.clone(), id.clone(), log.clone());
-            tokio::spawn(
-                async move {
-                    let mut s = long.logs(
-                        &id,
-                        Some(
-                            LogsOptionsBuilder::default()
-                                .follow(true)
-                                .stdout(true)
-                                .stderr(true)
-                                .build(),
-                        ),
-                    );
-                    while let Some(Ok(chunk)) = s.next().await {
-                        let (stream, bytes) = match chunk {
-                            bollard::container::LogOutput::StdErr { message } => {
-                                (Stream::Stderr, message)
-                            }
-                            bollard::container::LogOutput::StdOut { message }
-                            | bollard::container::LogOutput::Console { message } => {
-                                (Stream::Stdout, message)
-                            }
-                            bollard::container::LogOutput::StdIn { .. } => continue,
-                        };
-                        log.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .feed(stream, &bytes);
-                    }
-                }
-                .in_current_span(),
-            )
-        };
+        let pump = tokio::spawn(pump_logs(long.clone(), id.clone(), log.clone()).in_current_span());
         let mut waiter = long.wait_container(
             &id,
             Some(
@@ -373,19 +341,8 @@ impl<'a> Container<'a> {
             .await
             .map_err(|e| ProcessError::Transient(format!("cannot remove the {what} {id}: {e}")))?;
         created.removed = true;
-        let exit = if timed_out {
-            Exit::TimedOut(spec.timeout)
-        } else {
-            match state {
-                Some(s) if s.oom_killed == Some(true) => Exit::OutOfMemory,
-                Some(s) => Exit::Code(s.exit_code.unwrap_or(-1)),
-                None => {
-                    return Err(ProcessError::Transient(format!(
-                        "cannot learn how the {what} ended"
-                    )))
-                }
-            }
-        };
+        let exit = exit_of(timed_out, spec.timeout, state)
+            .ok_or_else(|| ProcessError::Transient(format!("cannot learn how the {what} ended")))?;
         external::finish(
             job,
             &what,
@@ -395,6 +352,46 @@ impl<'a> Container<'a> {
             &output_dir,
             started.elapsed(),
         )
+    }
+}
+
+/// Feed the container's stdout and stderr into `log` until it ends.
+async fn pump_logs(docker: Docker, id: String, log: Arc<Mutex<OutputLog>>) {
+    let mut s = docker.logs(
+        &id,
+        Some(
+            LogsOptionsBuilder::default()
+                .follow(true)
+                .stdout(true)
+                .stderr(true)
+                .build(),
+        ),
+    );
+    while let Some(Ok(chunk)) = s.next().await {
+        let (stream, bytes) = match chunk {
+            bollard::container::LogOutput::StdErr { message } => (Stream::Stderr, message),
+            bollard::container::LogOutput::StdOut { message }
+            | bollard::container::LogOutput::Console { message } => (Stream::Stdout, message),
+            bollard::container::LogOutput::StdIn { .. } => continue,
+        };
+        log.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .feed(stream, &bytes);
+    }
+}
+
+/// How the container ended, from its state after it stopped (None: Docker did not say).
+fn exit_of(
+    timed_out: bool,
+    timeout: Duration,
+    state: Option<bollard::models::ContainerState>,
+) -> Option<Exit> {
+    if timed_out {
+        return Some(Exit::TimedOut(timeout));
+    }
+    match state? {
+        s if s.oom_killed == Some(true) => Some(Exit::OutOfMemory),
+        s => Some(Exit::Code(s.exit_code.unwrap_or(-1))),
     }
 }
 
