@@ -149,8 +149,46 @@ pub(super) fn read_pipeline(
     let bucket = r.required_string("bucket", "the S3 bucket whose events this pipeline takes");
     let prefix = r.string("prefix", "");
     let suffix = r.string("suffix", "");
+    let processor = read_processor_value(&mut r, i, origin);
+    let table = r.opt_string("table");
+    let output_bucket = r.opt_string("output_bucket");
+    let output_prefix = r.required_string(
+        "output_prefix",
+        "where outputs, rejects and error reports are written",
+    );
+    let max_in_flight = r
+        .take("max_in_flight")
+        .is_some()
+        .then(|| r.uint("max_in_flight", 1, 1, 1024) as usize);
+    check_table(&mut r, processor.as_ref(), table.as_deref());
+    let p = Pipeline {
+        name,
+        bucket,
+        prefix,
+        suffix,
+        processor: processor.clone().unwrap_or(ProcessorKind::OrdersCsv),
+        table,
+        output_bucket,
+        output_prefix,
+        max_in_flight,
+    };
+    if !p.output_prefix.is_empty() && p.would_feed_itself() {
+        let v = r.table.get("output_prefix").cloned();
+        let msg = format!(
+            "\"{}\" lies under the pipeline's own input prefix \"{}\" in bucket {}: every output would \
+             trigger the pipeline again (an endless loop); choose an output_prefix outside the input prefix",
+            p.output_prefix, p.prefix, p.bucket
+        );
+        r.problem("output_prefix", v.as_ref(), msg);
+    }
+    r.finish();
+    processor.map(|_| p)
+}
+
+/// `processor = "orders-csv"` or a table of one external kind.
+fn read_processor_value(r: &mut Reader<'_>, i: usize, origin: &str) -> Option<ProcessorKind> {
     let processor_v = r.take("processor");
-    let processor = match processor_v.as_ref().map(|v| &v.kind) {
+    match processor_v.as_ref().map(|v| &v.kind) {
         Some(ValueKind::String(s)) if s == "orders-csv" => Some(ProcessorKind::OrdersCsv),
         Some(ValueKind::String(s)) => {
             let msg = format!(
@@ -182,59 +220,24 @@ pub(super) fn read_pipeline(
             );
             None
         }
-    };
-    let table = r.opt_string("table");
-    let output_bucket = r.opt_string("output_bucket");
-    let output_prefix = r.required_string(
-        "output_prefix",
-        "where outputs, rejects and error reports are written",
-    );
-    let max_in_flight = r
-        .take("max_in_flight")
-        .is_some()
-        .then(|| r.uint("max_in_flight", 1, 1, 1024) as usize);
-    match (&processor, &table) {
+    }
+}
+
+/// `table` is required by orders-csv, and only by it.
+fn check_table(r: &mut Reader<'_>, processor: Option<&ProcessorKind>, table: Option<&str>) {
+    match (processor, table) {
         (Some(ProcessorKind::OrdersCsv), None) => r.problem(
             "table",
             None,
             "missing; required by orders-csv (the DynamoDB table orders are written to)",
         ),
-        (Some(ProcessorKind::OrdersCsv), Some(t)) if t.is_empty() => {
-            let v = r.table.get("table").cloned();
-            r.problem("table", v.as_ref(), "must not be empty")
-        }
-        (Some(ProcessorKind::Container(_) | ProcessorKind::Command(_)), Some(_)) => {
-            let v = r.table.get("table").cloned();
-            r.problem(
-                "table",
-                v.as_ref(),
-                "only orders-csv writes to a table; remove it (container and command processors write files)",
-            )
-        }
+        (Some(ProcessorKind::OrdersCsv), Some("")) => r.invalid("table", "must not be empty"),
+        (Some(ProcessorKind::Container(_) | ProcessorKind::Command(_)), Some(_)) => r.invalid(
+            "table",
+            "only orders-csv writes to a table; remove it (container and command processors write files)",
+        ),
         _ => {}
     }
-    let p = Pipeline {
-        name,
-        bucket,
-        prefix,
-        suffix,
-        processor: processor.clone().unwrap_or(ProcessorKind::OrdersCsv),
-        table,
-        output_bucket,
-        output_prefix,
-        max_in_flight,
-    };
-    if !p.output_prefix.is_empty() && p.would_feed_itself() {
-        let v = r.table.get("output_prefix").cloned();
-        let msg = format!(
-            "\"{}\" lies under the pipeline's own input prefix \"{}\" in bucket {}: every output would \
-             trigger the pipeline again (an endless loop); choose an output_prefix outside the input prefix",
-            p.output_prefix, p.prefix, p.bucket
-        );
-        r.problem("output_prefix", v.as_ref(), msg);
-    }
-    r.finish();
-    processor.map(|_| p)
 }
 
 /// `{ container = { ... } }` or `{ command = { ... } }`.
@@ -275,64 +278,8 @@ fn read_processor(
     );
     let permanent_exit_codes = r.int_list("permanent_exit_codes", 1, 255);
     let kind = match kind.as_str() {
-        "container" => {
-            let image = r.required_string("image", "the image to run, e.g. \"acme/resize:1.4\"");
-            let args = r.take("args").is_some().then(|| r.string_list("args"));
-            let memory = r.opt_string("memory");
-            if let Some(m) = &memory {
-                if parse_size(m).map_or(true, |b| b < MIN_CONTAINER_MEMORY) {
-                    let v = r.table.get("memory").cloned();
-                    r.problem(
-                        "memory",
-                        v.as_ref(),
-                        format!("\"{m}\" is not a memory size of at least 6m; write e.g. \"512m\" or \"2g\""),
-                    );
-                }
-            }
-            let cpus = r.float("cpus", 0.01, 1024.0);
-            let network = r.string("network", DEFAULT_CONTAINER_NETWORK);
-            let read_only = r.boolean("read_only", false);
-            let pull = r.boolean("pull", false);
-            let pids_limit = r.uint("pids_limit", DEFAULT_PIDS_LIMIT, 16, 1 << 22);
-            let user = r.opt_string("user");
-            ProcessorKind::Container(ContainerSpec {
-                image,
-                args,
-                memory,
-                cpus,
-                timeout,
-                network,
-                read_only,
-                user,
-                pull,
-                pids_limit,
-                permanent_exit_codes,
-            })
-        }
-        "command" => {
-            let program = PathBuf::from(r.required_string(
-                "program",
-                "the absolute path of the program to run for each file",
-            ));
-            if !program.as_os_str().is_empty() && !program.is_absolute() {
-                let v = r.table.get("program").cloned();
-                r.problem(
-                    "program",
-                    v.as_ref(),
-                    format!(
-                        "\"{}\" must be an absolute path (no shell or PATH lookup is used)",
-                        program.display()
-                    ),
-                );
-            }
-            let args = r.string_list("args");
-            ProcessorKind::Command(CommandSpec {
-                program,
-                args,
-                timeout,
-                permanent_exit_codes,
-            })
-        }
+        "container" => ContainerSpec::read(&mut r, timeout, permanent_exit_codes),
+        "command" => CommandSpec::read(&mut r, timeout, permanent_exit_codes),
         other => {
             r.problem(
                 "",
@@ -348,20 +295,11 @@ fn read_processor(
         ProcessorKind::OrdersCsv => &[],
     };
     for a in args {
-        let mut rest = a.as_str();
-        while let Some(open) = rest.find('{') {
-            let tail = &rest[open..];
-            let close = tail.find('}').map(|c| c + 1).unwrap_or(tail.len());
-            let word = &tail[..close];
-            if !ARG_PLACEHOLDERS.contains(&word) {
-                let v = r.table.get("args").cloned();
-                r.problem(
-                    "args",
-                    v.as_ref(),
-                    format!("unknown placeholder {word:?} in {a:?}; the placeholders are {{input}} and {{output_dir}}"),
-                );
-            }
-            rest = &tail[close..];
+        if let Some(word) = unknown_placeholder(a) {
+            r.invalid(
+                "args",
+                format!("unknown placeholder {word:?} in {a:?}; the placeholders are {{input}} and {{output_dir}}"),
+            );
         }
     }
     r.finish();
@@ -417,4 +355,78 @@ pub(super) fn read_pipelines(
     }
 
     pipelines
+}
+
+/// The first `{...}` in `arg` that is not one of [`ARG_PLACEHOLDERS`].
+fn unknown_placeholder(arg: &str) -> Option<&str> {
+    let mut rest = arg;
+    while let Some(open) = rest.find('{') {
+        let tail = &rest[open..];
+        let close = tail.find('}').map(|c| c + 1).unwrap_or(tail.len());
+        let word = &tail[..close];
+        if !ARG_PLACEHOLDERS.contains(&word) {
+            return Some(word);
+        }
+        rest = &tail[close..];
+    }
+    None
+}
+
+impl ContainerSpec {
+    fn read(
+        r: &mut Reader<'_>,
+        timeout: Duration,
+        permanent_exit_codes: Vec<i64>,
+    ) -> ProcessorKind {
+        let image = r.required_string("image", "the image to run, e.g. \"acme/resize:1.4\"");
+        let args = r.take("args").is_some().then(|| r.string_list("args"));
+        let memory = r.opt_string("memory");
+        if let Some(m) = &memory {
+            if parse_size(m).map_or(true, |b| b < MIN_CONTAINER_MEMORY) {
+                r.invalid(
+                    "memory",
+                    format!("\"{m}\" is not a memory size of at least 6m; write e.g. \"512m\" or \"2g\""),
+                );
+            }
+        }
+        ProcessorKind::Container(ContainerSpec {
+            image,
+            args,
+            memory,
+            cpus: r.float("cpus", 0.01, 1024.0),
+            timeout,
+            network: r.string("network", DEFAULT_CONTAINER_NETWORK),
+            read_only: r.boolean("read_only", false),
+            user: r.opt_string("user"),
+            pull: r.boolean("pull", false),
+            pids_limit: r.uint("pids_limit", DEFAULT_PIDS_LIMIT, 16, 1 << 22),
+            permanent_exit_codes,
+        })
+    }
+}
+
+impl CommandSpec {
+    fn read(
+        r: &mut Reader<'_>,
+        timeout: Duration,
+        permanent_exit_codes: Vec<i64>,
+    ) -> ProcessorKind {
+        let program = PathBuf::from(r.required_string(
+            "program",
+            "the absolute path of the program to run for each file",
+        ));
+        if !program.as_os_str().is_empty() && !program.is_absolute() {
+            let msg = format!(
+                "\"{}\" must be an absolute path (no shell or PATH lookup is used)",
+                program.display()
+            );
+            r.invalid("program", msg);
+        }
+        ProcessorKind::Command(CommandSpec {
+            program,
+            args: r.string_list("args"),
+            timeout,
+            permanent_exit_codes,
+        })
+    }
 }
