@@ -61,86 +61,12 @@ pub async fn provision(cfg: &Config, clients: &Clients) -> Result<Vec<Step>> {
         None => None,
     };
 
-    let queue_url = match (&cfg.queue.url, &cfg.queue.name) {
-        (Some(url), _) => {
-            clients
-                .sqs
-                .get_queue_attributes()
-                .queue_url(url)
-                .attribute_names(QueueAttributeName::QueueArn)
-                .send()
-                .await
-                .map_err(|e| anyhow::anyhow!("queue.url {url} is not usable ({}); provision creates queues by queue.name only", describe(&e)))?;
-            steps.push(step("exists", format!("queue {url}")));
-            url.clone()
-        }
-        (None, Some(name)) => {
-            let vis = cfg.queue.visibility_timeout.as_secs().to_string();
-            let (url, s) = ensure_queue(
-                clients,
-                name,
-                &[(QueueAttributeName::VisibilityTimeout, vis)],
-            )
-            .await?;
-            steps.push(s);
-            url
-        }
-        (None, None) => bail!("queue.name or queue.url is required"),
-    };
+    let (queue_url, s) = ensure_main_queue(cfg, clients).await?;
+    steps.push(s);
     let arn = queue_arn(clients, &queue_url).await?;
-
-    // The policy lets every configured bucket send events; the redrive policy moves a message that
-    // keeps failing to the dead-letter queue.
-    let statements: Vec<_> = buckets
-        .iter()
-        .map(|b| {
-            serde_json::json!({
-                "Sid": format!("offload-agent-{b}"),
-                "Effect": "Allow",
-                "Principal": {"Service": "s3.amazonaws.com"},
-                "Action": "sqs:SendMessage",
-                "Resource": arn,
-                "Condition": {"ArnLike": {"aws:SourceArn": format!("arn:aws:s3:::{b}")}}
-            })
-        })
-        .collect();
-    let policy = serde_json::json!({"Version": "2012-10-17", "Statement": statements}).to_string();
-    let mut set = clients
-        .sqs
-        .set_queue_attributes()
-        .queue_url(&queue_url)
-        .attributes(QueueAttributeName::Policy, policy);
-    // Enough receives for a transient failure's retries to reach queue.retry_max (the agent gives up by
-    // itself on the last one, with a reason), and never fewer than queue.max_receive_count.
-    let max_receives = cfg.queue.redrive_receives();
-    if let Some(dlq_arn) = &dlq_arn {
-        let redrive = serde_json::json!({
-            "deadLetterTargetArn": dlq_arn,
-            "maxReceiveCount": max_receives.to_string()
-        })
-        .to_string();
-        set = set.attributes(QueueAttributeName::RedrivePolicy, redrive);
-    }
-    set.send().await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot set the policy of queue {queue_url}: {}",
-            describe(&e)
-        )
-    })?;
-    steps.push(step(
-        "set",
-        format!(
-            "queue policy (S3 may send from {}){}",
-            buckets.iter().cloned().collect::<Vec<_>>().join(", "),
-            if dlq_arn.is_some() {
-                format!(
-                    " and redrive to the dead-letter queue after {max_receives} receives (enough for retries to reach queue.retry_max)"
-                )
-            } else {
-                String::new()
-            }
-        ),
-    ));
+    steps.push(
+        set_queue_policy(cfg, clients, &buckets, &queue_url, &arn, dlq_arn.as_deref()).await?,
+    );
 
     for b in cfg
         .pipelines
@@ -160,6 +86,98 @@ pub async fn provision(cfg: &Config, clients: &Clients) -> Result<Vec<Step>> {
         steps.push(ensure_table(clients, t).await?);
     }
     Ok(steps)
+}
+
+/// The main queue: created by name (with the configured visibility timeout), or checked by URL.
+async fn ensure_main_queue(cfg: &Config, clients: &Clients) -> Result<(String, Step)> {
+    match (&cfg.queue.url, &cfg.queue.name) {
+        (Some(url), _) => {
+            clients
+                .sqs
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(QueueAttributeName::QueueArn)
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("queue.url {url} is not usable ({}); provision creates queues by queue.name only", describe(&e)))?;
+            Ok((url.clone(), step("exists", format!("queue {url}"))))
+        }
+        (None, Some(name)) => {
+            let vis = cfg.queue.visibility_timeout.as_secs().to_string();
+            let (url, s) = ensure_queue(
+                clients,
+                name,
+                &[(QueueAttributeName::VisibilityTimeout, vis)],
+            )
+            .await?;
+            Ok((url, s))
+        }
+        (None, None) => bail!("queue.name or queue.url is required"),
+    }
+}
+
+/// The queue's policy (every configured bucket may send events) and, with a dead-letter queue, its
+/// redrive policy.
+async fn set_queue_policy(
+    cfg: &Config,
+    clients: &Clients,
+    buckets: &BTreeSet<String>,
+    queue_url: &str,
+    arn: &str,
+    dlq_arn: Option<&str>,
+) -> Result<Step> {
+    // The policy lets every configured bucket send events; the redrive policy moves a message that
+    // keeps failing to the dead-letter queue.
+    let statements: Vec<_> = buckets
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "Sid": format!("offload-agent-{b}"),
+                "Effect": "Allow",
+                "Principal": {"Service": "s3.amazonaws.com"},
+                "Action": "sqs:SendMessage",
+                "Resource": arn,
+                "Condition": {"ArnLike": {"aws:SourceArn": format!("arn:aws:s3:::{b}")}}
+            })
+        })
+        .collect();
+    let policy = serde_json::json!({"Version": "2012-10-17", "Statement": statements}).to_string();
+    let mut set = clients
+        .sqs
+        .set_queue_attributes()
+        .queue_url(queue_url)
+        .attributes(QueueAttributeName::Policy, policy);
+    // Enough receives for a transient failure's retries to reach queue.retry_max (the agent gives up by
+    // itself on the last one, with a reason), and never fewer than queue.max_receive_count.
+    let max_receives = cfg.queue.redrive_receives();
+    if let Some(dlq_arn) = dlq_arn {
+        let redrive = serde_json::json!({
+            "deadLetterTargetArn": dlq_arn,
+            "maxReceiveCount": max_receives.to_string()
+        })
+        .to_string();
+        set = set.attributes(QueueAttributeName::RedrivePolicy, redrive);
+    }
+    set.send().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot set the policy of queue {queue_url}: {}",
+            describe(&e)
+        )
+    })?;
+    Ok(step(
+        "set",
+        format!(
+            "queue policy (S3 may send from {}){}",
+            buckets.iter().cloned().collect::<Vec<_>>().join(", "),
+            if dlq_arn.is_some() {
+                format!(
+                    " and redrive to the dead-letter queue after {max_receives} receives (enough for retries to reach queue.retry_max)"
+                )
+            } else {
+                String::new()
+            }
+        ),
+    ))
 }
 
 async fn ensure_bucket(clients: &Clients, bucket: &str) -> Result<Step> {
@@ -241,30 +259,74 @@ fn filter_value(qc: &QueueConfiguration, name: FilterRuleName) -> String {
         .to_string()
 }
 
-async fn ensure_notification(
-    cfg: &Config,
-    clients: &Clients,
-    bucket: &str,
-    queue_arn: &str,
-) -> Result<Step> {
-    let current = match clients
+type NotificationOutput =
+    aws_sdk_s3::operation::get_bucket_notification_configuration::GetBucketNotificationConfigurationOutput;
+
+/// The bucket's notification configuration as it is now.
+async fn current_notification(clients: &Clients, bucket: &str) -> Result<NotificationOutput> {
+    match clients
         .s3
         .get_bucket_notification_configuration()
         .bucket(bucket)
         .send()
         .await
     {
-        Ok(c) => c,
+        Ok(c) => Ok(c),
         // moto answers an empty configuration with an empty element named after the operation
         // (`<GetBucketNotificationResponse/>`), which the SDK cannot parse; it means "nothing set".
-        Err(e) if empty_notification_quirk(&e) => {
-            aws_sdk_s3::operation::get_bucket_notification_configuration::GetBucketNotificationConfigurationOutput::builder().build()
-        }
+        Err(e) if empty_notification_quirk(&e) => Ok(NotificationOutput::builder().build()),
         Err(e) => bail!(
             "cannot read the notification configuration of bucket {bucket}: {}",
             describe(&e)
         ),
-    };
+    }
+}
+
+/// One of our queue notifications: ObjectCreated events under `prefix` ending in `suffix`.
+fn queue_notification(
+    id: &str,
+    arn: &str,
+    prefix: &str,
+    suffix: &str,
+) -> Result<QueueConfiguration> {
+    let mut rules = Vec::new();
+    if !prefix.is_empty() {
+        rules.push(
+            FilterRule::builder()
+                .name(FilterRuleName::Prefix)
+                .value(prefix)
+                .build(),
+        );
+    }
+    if !suffix.is_empty() {
+        rules.push(
+            FilterRule::builder()
+                .name(FilterRuleName::Suffix)
+                .value(suffix)
+                .build(),
+        );
+    }
+    let mut qc = QueueConfiguration::builder()
+        .id(id)
+        .queue_arn(arn)
+        .events(Event::from("s3:ObjectCreated:*"));
+    if !rules.is_empty() {
+        qc = qc.filter(
+            NotificationConfigurationFilter::builder()
+                .key(S3KeyFilter::builder().set_filter_rules(Some(rules)).build())
+                .build(),
+        );
+    }
+    qc.build().context("building a queue notification")
+}
+
+async fn ensure_notification(
+    cfg: &Config,
+    clients: &Clients,
+    bucket: &str,
+    queue_arn: &str,
+) -> Result<Step> {
+    let current = current_notification(clients, bucket).await?;
     let existing = current.queue_configurations();
     let ours_now: BTreeSet<(String, String, String, String)> = existing
         .iter()
@@ -301,35 +363,7 @@ async fn ensure_notification(
         .cloned()
         .collect();
     for (id, arn, prefix, suffix) in &wanted {
-        let mut rules = Vec::new();
-        if !prefix.is_empty() {
-            rules.push(
-                FilterRule::builder()
-                    .name(FilterRuleName::Prefix)
-                    .value(prefix)
-                    .build(),
-            );
-        }
-        if !suffix.is_empty() {
-            rules.push(
-                FilterRule::builder()
-                    .name(FilterRuleName::Suffix)
-                    .value(suffix)
-                    .build(),
-            );
-        }
-        let mut qc = QueueConfiguration::builder()
-            .id(id)
-            .queue_arn(arn)
-            .events(Event::from("s3:ObjectCreated:*"));
-        if !rules.is_empty() {
-            qc = qc.filter(
-                NotificationConfigurationFilter::builder()
-                    .key(S3KeyFilter::builder().set_filter_rules(Some(rules)).build())
-                    .build(),
-            );
-        }
-        queues.push(qc.build().context("building a queue notification")?);
+        queues.push(queue_notification(id, arn, prefix, suffix)?);
     }
     let conf = NotificationConfiguration::builder()
         .set_queue_configurations(Some(queues))
