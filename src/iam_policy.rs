@@ -1,5 +1,7 @@
 //! `offload-agent iam-policy`: the least-privilege policy the host's role needs for a configuration.
 
+use std::collections::BTreeSet;
+
 use serde_json::{json, Value};
 
 use crate::config::Config;
@@ -19,98 +21,35 @@ fn queue_name(q: &str) -> &str {
     q.rsplit('/').next().unwrap_or(q)
 }
 
+/// Where the ARNs point: partition, region and account (`*` where not known).
+struct Arns<'a> {
+    part: &'a str,
+    region: &'a str,
+    account: &'a str,
+}
+
+impl Arns<'_> {
+    fn queue(&self, q: &str) -> String {
+        let Arns {
+            part,
+            region,
+            account,
+        } = self;
+        format!("arn:{part}:sqs:{region}:{account}:{}", queue_name(q))
+    }
+}
+
 /// The policy document. `account` defaults to any account (`*`).
 pub fn policy(cfg: &Config, account: Option<&str>) -> Value {
     let region = cfg.aws.region.as_deref().unwrap_or("*");
-    let part = partition(region);
-    let account = account.unwrap_or("*");
-    let queue_arn = |q: &str| format!("arn:{part}:sqs:{region}:{account}:{}", queue_name(q));
-    let mut statements = Vec::new();
-
-    let main = cfg
-        .queue
-        .url
-        .as_deref()
-        .or(cfg.queue.name.as_deref())
-        .unwrap_or("*");
-    statements.push(json!({
-        "Sid": "ReceiveFileEvents",
-        "Effect": "Allow",
-        "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
-                   "sqs:GetQueueUrl", "sqs:GetQueueAttributes"],
-        "Resource": [queue_arn(main)],
-    }));
-    if let Some(dlq) = &cfg.queue.dead_letter_queue {
-        statements.push(json!({
-            "Sid": "DeadLetter",
-            "Effect": "Allow",
-            "Action": ["sqs:SendMessage", "sqs:GetQueueUrl", "sqs:GetQueueAttributes"],
-            "Resource": [queue_arn(dlq)],
-        }));
-    }
-
-    let mut read = Vec::new();
-    let mut write = Vec::new();
-    let mut tables = Vec::new();
-    for p in &cfg.pipelines {
-        read.push(format!("arn:{part}:s3:::{}/{}*", p.bucket, p.prefix));
-        write.push(format!(
-            "arn:{part}:s3:::{}/{}*",
-            p.output_bucket(),
-            p.output_prefix
-        ));
-        if let Some(table) = &p.table {
-            tables.push(format!(
-                "arn:{part}:dynamodb:{region}:{account}:table/{table}"
-            ));
-        }
-    }
-    read.sort();
-    read.dedup();
-    write.sort();
-    write.dedup();
-    tables.sort();
-    tables.dedup();
-    statements.push(json!({
-        "Sid": "ReadInputs",
-        "Effect": "Allow",
-        "Action": ["s3:GetObject", "s3:GetObjectVersion"],
-        "Resource": read,
-    }));
-    statements.push(json!({
-        "Sid": "WriteOutputsAndReports",
-        "Effect": "Allow",
-        // DeleteObject: a stale rejects report of an earlier version; Abort: interrupted multipart.
-        "Action": ["s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
-        "Resource": write,
-    }));
-    if !tables.is_empty() {
-        statements.push(json!({
-            "Sid": "WriteOrders",
-            "Effect": "Allow",
-            "Action": ["dynamodb:BatchWriteItem", "dynamodb:PutItem", "dynamodb:DescribeTable"],
-            "Resource": tables,
-        }));
-    }
-    if let Some(path) = &cfg.ssm.parameters_path {
-        let path = path.trim_end_matches('/');
-        statements.push(json!({
-            "Sid": "ConfigurationFromParameterStore",
-            "Effect": "Allow",
-            "Action": ["ssm:GetParametersByPath", "ssm:GetParameters", "ssm:GetParameter"],
-            "Resource": [
-                format!("arn:{part}:ssm:{region}:{account}:parameter{path}"),
-                format!("arn:{part}:ssm:{region}:{account}:parameter{path}/*"),
-            ],
-        }));
-        statements.push(json!({
-            "Sid": "DecryptSecureStrings",
-            "Effect": "Allow",
-            "Action": ["kms:Decrypt"],
-            "Resource": [format!("arn:{part}:kms:{region}:{account}:key/*")],
-            "Condition": {"StringEquals": {"kms:ViaService": format!("ssm.{region}.amazonaws.com")}},
-        }));
-    }
+    let arns = Arns {
+        part: partition(region),
+        region,
+        account: account.unwrap_or("*"),
+    };
+    let mut statements = queue_statements(cfg, &arns);
+    statements.extend(file_statements(cfg, &arns));
+    statements.extend(parameter_statements(cfg, &arns));
     if cfg.ecs_agent.enabled {
         // The ECS agent's own calls on an ECS Anywhere host (as in AmazonEC2ContainerServiceforEC2Role),
         // plus the checks `register` and `deregister` make with the host's credentials.
@@ -134,6 +73,112 @@ pub fn policy(cfg: &Config, account: Option<&str>) -> Value {
         "Resource": "*",
     }));
     json!({"Version": "2012-10-17", "Statement": statements})
+}
+
+/// Receiving from the main queue, and sending to the dead-letter queue.
+fn queue_statements(cfg: &Config, arns: &Arns<'_>) -> Vec<Value> {
+    let main = cfg
+        .queue
+        .url
+        .as_deref()
+        .or(cfg.queue.name.as_deref())
+        .unwrap_or("*");
+    let mut statements = vec![json!({
+        "Sid": "ReceiveFileEvents",
+        "Effect": "Allow",
+        "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
+                   "sqs:GetQueueUrl", "sqs:GetQueueAttributes"],
+        "Resource": [arns.queue(main)],
+    })];
+    if let Some(dlq) = &cfg.queue.dead_letter_queue {
+        statements.push(json!({
+            "Sid": "DeadLetter",
+            "Effect": "Allow",
+            "Action": ["sqs:SendMessage", "sqs:GetQueueUrl", "sqs:GetQueueAttributes"],
+            "Resource": [arns.queue(dlq)],
+        }));
+    }
+    statements
+}
+
+/// The pipelines' inputs, outputs and tables.
+fn file_statements(cfg: &Config, arns: &Arns<'_>) -> Vec<Value> {
+    let Arns {
+        part,
+        region,
+        account,
+    } = arns;
+    let mut read = BTreeSet::new();
+    let mut write = BTreeSet::new();
+    let mut tables = BTreeSet::new();
+    for p in &cfg.pipelines {
+        read.insert(format!("arn:{part}:s3:::{}/{}*", p.bucket, p.prefix));
+        write.insert(format!(
+            "arn:{part}:s3:::{}/{}*",
+            p.output_bucket(),
+            p.output_prefix
+        ));
+        if let Some(table) = &p.table {
+            tables.insert(format!(
+                "arn:{part}:dynamodb:{region}:{account}:table/{table}"
+            ));
+        }
+    }
+    let mut statements = vec![
+        json!({
+            "Sid": "ReadInputs",
+            "Effect": "Allow",
+            "Action": ["s3:GetObject", "s3:GetObjectVersion"],
+            "Resource": read,
+        }),
+        json!({
+            "Sid": "WriteOutputsAndReports",
+            "Effect": "Allow",
+            // DeleteObject: a stale rejects report of an earlier version; Abort: interrupted multipart.
+            "Action": ["s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
+            "Resource": write,
+        }),
+    ];
+    if !tables.is_empty() {
+        statements.push(json!({
+            "Sid": "WriteOrders",
+            "Effect": "Allow",
+            "Action": ["dynamodb:BatchWriteItem", "dynamodb:PutItem", "dynamodb:DescribeTable"],
+            "Resource": tables,
+        }));
+    }
+    statements
+}
+
+/// Reading configuration from Parameter Store, SecureStrings included.
+fn parameter_statements(cfg: &Config, arns: &Arns<'_>) -> Vec<Value> {
+    let Some(path) = &cfg.ssm.parameters_path else {
+        return Vec::new();
+    };
+    let Arns {
+        part,
+        region,
+        account,
+    } = arns;
+    let path = path.trim_end_matches('/');
+    vec![
+        json!({
+            "Sid": "ConfigurationFromParameterStore",
+            "Effect": "Allow",
+            "Action": ["ssm:GetParametersByPath", "ssm:GetParameters", "ssm:GetParameter"],
+            "Resource": [
+                format!("arn:{part}:ssm:{region}:{account}:parameter{path}"),
+                format!("arn:{part}:ssm:{region}:{account}:parameter{path}/*"),
+            ],
+        }),
+        json!({
+            "Sid": "DecryptSecureStrings",
+            "Effect": "Allow",
+            "Action": ["kms:Decrypt"],
+            "Resource": [format!("arn:{part}:kms:{region}:{account}:key/*")],
+            "Condition": {"StringEquals": {"kms:ViaService": format!("ssm.{region}.amazonaws.com")}},
+        }),
+    ]
 }
 
 #[cfg(test)]
