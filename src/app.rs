@@ -130,33 +130,8 @@ fn load(path: &Path) -> Result<Config, Failure> {
 async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
     match cli.command {
         Command::Config(ConfigCommand::Check(args)) => config_check(&args.config).await,
-        Command::Run(args) => {
-            let cfg = load(&args.config)?;
-            check_spool(&cfg, &args.config)?;
-            log.set_level(&cfg.agent.log_level);
-            let control = crate::daemon::signals()?;
-            match crate::daemon::run(args.config.clone(), cfg, env_map(), log, control).await {
-                Ok(()) => Ok(()),
-                // No region is a configuration problem: exit 78 so that systemd does not restart.
-                Err(e) if e.downcast_ref::<crate::aws::AwsSetupError>().is_some() => {
-                    Err(Failure::Config(ConfigError {
-                        problems: vec![format!("aws.region (in {}): {e}", args.config.display())],
-                    }))
-                }
-                Err(e) => Err(Failure::Runtime(e)),
-            }
-        }
-        Command::Provision(args) => {
-            let cfg = load(&args.config)?;
-            let clients = crate::aws::clients(&cfg)
-                .await
-                .map_err(|e| Failure::Runtime(e.into()))?;
-            let steps = crate::provision::provision(&cfg, &clients).await?;
-            for s in steps {
-                println!("{s}");
-            }
-            Ok(())
-        }
+        Command::Run(args) => run(args, log).await,
+        Command::Provision(args) => provision(&args.config).await,
         Command::Register {
             config,
             region,
@@ -166,25 +141,15 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
             reregister,
             timeout,
         } => {
-            let cfg = load(&config.config)?;
-            let code = match activation_code_file {
-                Some(path) => std::fs::read_to_string(&path).map_err(|e| {
-                    Failure::Usage(format!(
-                        "cannot read the activation code from {}: {e}",
-                        path.display()
-                    ))
-                })?,
-                None => std::env::var("OFFLOAD_AGENT_ACTIVATION_CODE").unwrap_or_default(),
-            };
             let args = crate::registration::RegisterArgs {
                 region,
                 cluster,
                 activation_id,
-                activation_code: code.trim().to_string(),
+                activation_code: activation_code(activation_code_file.as_deref())?,
                 reregister,
                 timeout,
             };
-            crate::registration::register(cfg, args)
+            crate::registration::register(load(&config.config)?, args)
                 .await
                 .map_err(registration_failure)
         }
@@ -221,6 +186,51 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// `run`: the daemon, until a stop signal.
+async fn run(args: crate::cli::ConfigArg, log: LogHandle) -> Result<(), Failure> {
+    let cfg = load(&args.config)?;
+    check_spool(&cfg, &args.config)?;
+    log.set_level(&cfg.agent.log_level);
+    let control = crate::daemon::signals()?;
+    match crate::daemon::run(args.config.clone(), cfg, env_map(), log, control).await {
+        Ok(()) => Ok(()),
+        // No region is a configuration problem: exit 78 so that systemd does not restart.
+        Err(e) if e.downcast_ref::<crate::aws::AwsSetupError>().is_some() => {
+            Err(Failure::Config(ConfigError {
+                problems: vec![format!("aws.region (in {}): {e}", args.config.display())],
+            }))
+        }
+        Err(e) => Err(Failure::Runtime(e)),
+    }
+}
+
+/// `provision`: each resource the configuration names, created or found.
+async fn provision(config: &Path) -> Result<(), Failure> {
+    let cfg = load(config)?;
+    let clients = crate::aws::clients(&cfg)
+        .await
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    let steps = crate::provision::provision(&cfg, &clients).await?;
+    for s in steps {
+        println!("{s}");
+    }
+    Ok(())
+}
+
+/// The activation code from its file, or else from `OFFLOAD_AGENT_ACTIVATION_CODE`; trimmed.
+fn activation_code(file: Option<&Path>) -> Result<String, Failure> {
+    let code = match file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            Failure::Usage(format!(
+                "cannot read the activation code from {}: {e}",
+                path.display()
+            ))
+        })?,
+        None => std::env::var("OFFLOAD_AGENT_ACTIVATION_CODE").unwrap_or_default(),
+    };
+    Ok(code.trim().to_string())
 }
 
 /// The spool must be the daemon's own directory: refuse a shared one as a configuration error.
@@ -448,19 +458,7 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
         etag: None,
         version_id: None,
     };
-    let size = objects
-        .ctx
-        .clients
-        .s3
-        .head_object()
-        .bucket(&bucket)
-        .key(&key)
-        .send()
-        .await
-        .ok()
-        .and_then(|h| h.content_length())
-        .unwrap_or(0)
-        .max(0) as u64;
+    let size = object_size(&objects.ctx.clients.s3, &bucket, &key).await;
     let progress = Progress::start(size, force_progress);
     let cancel = CancellationToken::new();
     let ctrl_c = {
@@ -480,39 +478,64 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
     }
     match result {
         Ok(r) => {
-            let out_bucket = pipeline.output_bucket();
-            println!("pipeline:  {}", r.pipeline);
-            println!(
-                "input:     s3://{}/{} (etag {}, {} bytes)",
-                r.bucket, r.key, r.etag, r.bytes
-            );
-            println!("processor: {}", pipeline.processor);
-            println!("result:    {}", r.summary);
-            for key in &r.outputs {
-                println!("output:    s3://{out_bucket}/{key}");
-            }
-            println!("elapsed:   {:.2}s", r.elapsed.as_secs_f64());
-            if let Some(peak) = crate::telemetry::peak_rss_bytes() {
-                println!("peak RSS:  {peak} bytes");
-            }
+            print_report(&pipeline, &r);
             Ok(())
         }
-        Err(ProcessError::Permanent(reason)) => Err(Failure::Data(format!(
-            "s3://{bucket}/{key} cannot be processed: {reason}"
-        ))),
-        Err(ProcessError::Transient(reason)) => Err(Failure::Runtime(anyhow::anyhow!(
-            "s3://{bucket}/{key} failed (retrying may help): {reason}"
-        ))),
-        Err(ProcessError::Unavailable(reason)) => Err(Failure::Unavailable(format!(
+        Err(e) => Err(process_failure(&pipeline, &obj.url(), e)),
+    }
+}
+
+/// The object's size, for the progress bar (0 when it cannot be learnt).
+async fn object_size(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> u64 {
+    s3.head_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .ok()
+        .and_then(|h| h.content_length())
+        .unwrap_or(0)
+        .max(0) as u64
+}
+
+/// What `process` prints about a file it processed.
+fn print_report(pipeline: &crate::config::Pipeline, r: &crate::worker::FileReport) {
+    let out_bucket = pipeline.output_bucket();
+    println!("pipeline:  {}", r.pipeline);
+    println!(
+        "input:     s3://{}/{} (etag {}, {} bytes)",
+        r.bucket, r.key, r.etag, r.bytes
+    );
+    println!("processor: {}", pipeline.processor);
+    println!("result:    {}", r.summary);
+    for key in &r.outputs {
+        println!("output:    s3://{out_bucket}/{key}");
+    }
+    println!("elapsed:   {:.2}s", r.elapsed.as_secs_f64());
+    if let Some(peak) = crate::telemetry::peak_rss_bytes() {
+        println!("peak RSS:  {peak} bytes");
+    }
+}
+
+/// `process`'s failure, by what the operator can do about it.
+fn process_failure(pipeline: &crate::config::Pipeline, url: &str, e: ProcessError) -> Failure {
+    match e {
+        ProcessError::Permanent(reason) => {
+            Failure::Data(format!("{url} cannot be processed: {reason}"))
+        }
+        ProcessError::Transient(reason) => Failure::Runtime(anyhow::anyhow!(
+            "{url} failed (retrying may help): {reason}"
+        )),
+        ProcessError::Unavailable(reason) => Failure::Unavailable(format!(
             "pipeline {} cannot run on this host: {reason}",
             pipeline.name
-        ))),
-        Err(ProcessError::Superseded(reason)) => Err(Failure::Runtime(anyhow::anyhow!(
+        )),
+        ProcessError::Superseded(reason) => Failure::Runtime(anyhow::anyhow!(
             "{reason}; run again to process the current version"
-        ))),
-        Err(ProcessError::Cancelled) => Err(Failure::Runtime(anyhow::anyhow!(
+        )),
+        ProcessError::Cancelled => Failure::Runtime(anyhow::anyhow!(
             "interrupted; rows written so far are rewritten identically by the next run"
-        ))),
+        )),
     }
 }
 
