@@ -143,14 +143,12 @@ pub async fn upload(
         .await
         .map_err(|e| ProcessError::Transient(format!("{what}: spool file: {e}")))?
         .len();
-    let body = |offset: u64, len: u64| async move {
-        ByteStream::read_from()
-            .path(path)
-            .offset(offset)
-            .length(Length::Exact(len))
-            .build()
-            .await
-            .map_err(|e| ProcessError::Transient(format!("cannot read spool file: {e}")))
+    let target = Target {
+        s3,
+        bucket,
+        key,
+        path,
+        what: &what,
     };
     if size <= MULTIPART_PART_SIZE {
         let put = s3
@@ -158,7 +156,7 @@ pub async fn upload(
             .bucket(bucket)
             .key(key)
             .content_type(content_type)
-            .body(body(0, size).await?)
+            .body(target.body(0, size).await?)
             .send();
         // Dropping a single PUT leaves nothing behind.
         tokio::select! {
@@ -176,24 +174,75 @@ pub async fn upload(
         .await
         .map_err(|e| upload_error(e, &what))?;
     let upload_id = created.upload_id().unwrap_or_default().to_string();
-    let result: Result<Vec<CompletedPart>, ProcessError> = async {
+    let completed = match target.parts(&upload_id, size, cancel).await {
+        Ok(parts) => s3
+            .complete_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(&upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| upload_error(e, &what)),
+        Err(e) => Err(e),
+    };
+    if completed.is_err() {
+        abort(s3, bucket, key, &upload_id).await;
+    }
+    completed.map(|_| ())
+}
+
+/// Where one upload goes, and from which spool file.
+struct Target<'a> {
+    s3: &'a aws_sdk_s3::Client,
+    bucket: &'a str,
+    key: &'a str,
+    path: &'a Path,
+    /// "cannot store s3://bucket/key", the start of every error.
+    what: &'a str,
+}
+
+impl Target<'_> {
+    /// `len` bytes of the spool file from `offset`, streamed.
+    async fn body(&self, offset: u64, len: u64) -> Result<ByteStream, ProcessError> {
+        ByteStream::read_from()
+            .path(self.path)
+            .offset(offset)
+            .length(Length::Exact(len))
+            .build()
+            .await
+            .map_err(|e| ProcessError::Transient(format!("cannot read spool file: {e}")))
+    }
+
+    /// Upload every part of a multipart upload, in order; cancelled, the caller aborts it like any
+    /// failed part.
+    async fn parts(
+        &self,
+        upload_id: &str,
+        size: u64,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<CompletedPart>, ProcessError> {
         let mut parts = Vec::new();
         let mut offset = 0;
         let mut number = 1;
         while offset < size {
             let len = MULTIPART_PART_SIZE.min(size - offset);
-            let part = s3
+            let part = self
+                .s3
                 .upload_part()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(&upload_id)
+                .bucket(self.bucket)
+                .key(self.key)
+                .upload_id(upload_id)
                 .part_number(number)
                 .content_length(len as i64)
-                .body(body(offset, len).await?)
+                .body(self.body(offset, len).await?)
                 .send();
             let out = tokio::select! {
-                r = part => r.map_err(|e| upload_error(e, &what))?,
-                // Aborted below, like any failed part.
+                r = part => r.map_err(|e| upload_error(e, self.what))?,
                 _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
             };
             parts.push(
@@ -207,31 +256,6 @@ pub async fn upload(
         }
         Ok(parts)
     }
-    .await;
-    let completed = match result {
-        Ok(parts) => {
-            s3.complete_multipart_upload()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(&upload_id)
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(parts))
-                        .build(),
-                )
-                .send()
-                .await
-        }
-        Err(e) => {
-            abort(s3, bucket, key, &upload_id).await;
-            return Err(e);
-        }
-    };
-    if let Err(e) = completed {
-        abort(s3, bucket, key, &upload_id).await;
-        return Err(upload_error(e, &what));
-    }
-    Ok(())
 }
 
 /// Best effort: an unfinished upload costs storage until a lifecycle rule removes it.
