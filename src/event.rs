@@ -112,76 +112,84 @@ fn parse_value(v: &Value, depth: u8) -> Result<Event, NotAnEvent> {
     }
 
     if let Some(records) = obj.get("Records") {
-        let records = records
-            .as_array()
-            .ok_or_else(|| NotAnEvent("Records is not an array".into()))?;
-        let mut objects = Vec::new();
-        let mut ignored = 0;
-        for (i, r) in records.iter().enumerate() {
-            let source = r.get("eventSource").and_then(Value::as_str).unwrap_or("");
-            let name = r.get("eventName").and_then(Value::as_str).unwrap_or("");
-            if source != "aws:s3" || !name.starts_with("ObjectCreated:") {
-                ignored += 1;
-                continue;
-            }
-            let s3 = r
-                .get("s3")
-                .ok_or_else(|| NotAnEvent(format!("Records[{i}] has no s3 field")))?;
-            let bucket = s3
-                .pointer("/bucket/name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| NotAnEvent(format!("Records[{i}].s3.bucket.name is missing")))?;
-            let raw_key = s3
-                .pointer("/object/key")
-                .and_then(Value::as_str)
-                .ok_or_else(|| NotAnEvent(format!("Records[{i}].s3.object.key is missing")))?;
-            objects.push(object_ref(
-                bucket,
-                raw_key,
-                &s3["object"],
-                "eTag",
-                "versionId",
-            )?);
-        }
-        return Ok(if objects.is_empty() {
-            Event::Nothing { ignored }
-        } else {
-            Event::Objects { objects, ignored }
-        });
+        return parse_records(records);
     }
-
     // EventBridge, delivered to SQS by a rule.
     if obj.get("source").and_then(Value::as_str) == Some("aws.s3") {
-        let detail_type = obj.get("detail-type").and_then(Value::as_str).unwrap_or("");
-        if detail_type != "Object Created" {
-            return Ok(Event::Nothing { ignored: 1 });
-        }
-        let detail = obj
-            .get("detail")
-            .ok_or_else(|| NotAnEvent("EventBridge event without detail".into()))?;
-        let bucket = detail
-            .pointer("/bucket/name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| NotAnEvent("EventBridge detail.bucket.name is missing".into()))?;
-        let raw_key = detail
-            .pointer("/object/key")
-            .and_then(Value::as_str)
-            .ok_or_else(|| NotAnEvent("EventBridge detail.object.key is missing".into()))?;
-        return Ok(Event::Objects {
-            objects: vec![object_ref(
-                bucket,
-                raw_key,
-                &detail["object"],
-                "etag",
-                "version-id",
-            )?],
-            ignored: 0,
-        });
+        return parse_eventbridge(obj);
     }
-
     Err(NotAnEvent(
         "JSON object with neither Records, Event nor an EventBridge source".into(),
     ))
+}
+
+/// A classic S3 notification's `Records`: the created objects, and how many records were not.
+fn parse_records(records: &Value) -> Result<Event, NotAnEvent> {
+    let records = records
+        .as_array()
+        .ok_or_else(|| NotAnEvent("Records is not an array".into()))?;
+    let mut objects = Vec::new();
+    let mut ignored = 0;
+    for (i, r) in records.iter().enumerate() {
+        let source = r.get("eventSource").and_then(Value::as_str).unwrap_or("");
+        let name = r.get("eventName").and_then(Value::as_str).unwrap_or("");
+        if source != "aws:s3" || !name.starts_with("ObjectCreated:") {
+            ignored += 1;
+            continue;
+        }
+        let s3 = r
+            .get("s3")
+            .ok_or_else(|| NotAnEvent(format!("Records[{i}] has no s3 field")))?;
+        let bucket = s3
+            .pointer("/bucket/name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| NotAnEvent(format!("Records[{i}].s3.bucket.name is missing")))?;
+        let raw_key = s3
+            .pointer("/object/key")
+            .and_then(Value::as_str)
+            .ok_or_else(|| NotAnEvent(format!("Records[{i}].s3.object.key is missing")))?;
+        objects.push(object_ref(
+            bucket,
+            raw_key,
+            &s3["object"],
+            "eTag",
+            "versionId",
+        )?);
+    }
+    Ok(if objects.is_empty() {
+        Event::Nothing { ignored }
+    } else {
+        Event::Objects { objects, ignored }
+    })
+}
+
+/// An EventBridge "Object Created" event.
+fn parse_eventbridge(obj: &serde_json::Map<String, Value>) -> Result<Event, NotAnEvent> {
+    let detail_type = obj.get("detail-type").and_then(Value::as_str).unwrap_or("");
+    if detail_type != "Object Created" {
+        return Ok(Event::Nothing { ignored: 1 });
+    }
+    let detail = obj
+        .get("detail")
+        .ok_or_else(|| NotAnEvent("EventBridge event without detail".into()))?;
+    let bucket = detail
+        .pointer("/bucket/name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| NotAnEvent("EventBridge detail.bucket.name is missing".into()))?;
+    let raw_key = detail
+        .pointer("/object/key")
+        .and_then(Value::as_str)
+        .ok_or_else(|| NotAnEvent("EventBridge detail.object.key is missing".into()))?;
+    Ok(Event::Objects {
+        objects: vec![object_ref(
+            bucket,
+            raw_key,
+            &detail["object"],
+            "etag",
+            "version-id",
+        )?],
+        ignored: 0,
+    })
 }
 
 #[cfg(test)]
