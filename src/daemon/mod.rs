@@ -190,14 +190,7 @@ impl Daemon {
 
         // The ECS agent's supervisor runs whatever the queue's state, and the worker pool whatever
         // the supervisor's.
-        let (supervisor, ecs_status) = if cfg.ecs_agent.enabled {
-            let (sup, status) = Supervisor::new(config_rx.clone(), stop.clone());
-            tokio::spawn(follow_ecs_status(status.clone(), stats.clone()));
-            (Some(tokio::spawn(sup.run())), Some(status))
-        } else {
-            tracing::info!("ECS agent supervision is off (ecs_agent.enabled = false)");
-            (None, None)
-        };
+        let (supervisor, ecs_status) = start_supervisor(&cfg, config_rx.clone(), &stop, &stats);
         let credentials = clients.credentials.clone();
         let ssm = clients.ssm.clone();
         let objects = Arc::new(ObjectProcessor::new(
@@ -205,15 +198,7 @@ impl Daemon {
             spool,
         ));
         // Containers a killed predecessor left running go first; then every pipeline is checked once.
-        tokio::spawn({
-            let (objects, cfg) = (objects.clone(), cfg.clone());
-            async move {
-                if let Err(e) = objects.ctx.docker.remove_orphans().await {
-                    tracing::warn!(error = %e, "cannot look for processor containers left by an earlier run");
-                }
-                objects.preflight(&cfg).await;
-            }
-        });
+        tokio::spawn(clean_and_check(objects.clone(), cfg.clone()));
         let pool = tokio::spawn(queues::serve(
             objects.clone(),
             cfg.clone(),
@@ -433,6 +418,33 @@ impl Daemon {
         self.beater.abort();
         tracing::info!(stats = %self.stats.summary(), "stopped");
     }
+}
+
+/// The ECS agent's supervisor and its status, when `ecs_agent.enabled`.
+fn start_supervisor(
+    cfg: &Config,
+    config: watch::Receiver<Arc<Config>>,
+    stop: &CancellationToken,
+    stats: &Arc<Metrics>,
+) -> (
+    Option<JoinHandle<()>>,
+    Option<watch::Receiver<crate::ecs_agent::Status>>,
+) {
+    if !cfg.ecs_agent.enabled {
+        tracing::info!("ECS agent supervision is off (ecs_agent.enabled = false)");
+        return (None, None);
+    }
+    let (sup, status) = Supervisor::new(config, stop.clone());
+    tokio::spawn(follow_ecs_status(status.clone(), stats.clone()));
+    (Some(tokio::spawn(sup.run())), Some(status))
+}
+
+/// Remove the processor containers a killed predecessor left, then check every pipeline once.
+async fn clean_and_check(objects: Arc<ObjectProcessor>, cfg: Config) {
+    if let Err(e) = objects.ctx.docker.remove_orphans().await {
+        tracing::warn!(error = %e, "cannot look for processor containers left by an earlier run");
+    }
+    objects.preflight(&cfg).await;
 }
 
 /// The spool, opened and cleaned of what an earlier run left.

@@ -616,36 +616,8 @@ impl Supervisor {
                     .await;
                 true
             }
-            Next::StayStopped => {
-                self.set(
-                    State::Stopped,
-                    "the ECS agent exited 0 (stopped on purpose, e.g. `docker stop`): not restarting until SIGHUP or a configuration change",
-                );
-                let reloaded = self.wait_for_reload().await;
-                if reloaded {
-                    tracing::info!("configuration reloaded: starting the ECS agent again");
-                }
-                reloaded
-            }
-            Next::Terminal => {
-                let lines = self.last_log_lines(&agent.docker, &agent.id).await;
-                for l in &lines {
-                    tracing::error!(agent_log = %l, "ECS agent output before its terminal exit");
-                }
-                self.status
-                    .send_modify(|s| s.last_log_lines = lines.clone());
-                self.set(
-                    State::Terminal,
-                    "the ECS agent exited 5 (terminal error; see its log lines): not restarting until the configuration changes or SIGHUP",
-                );
-                let reloaded = self.wait_for_reload().await;
-                if reloaded {
-                    tracing::info!(
-                        "configuration reloaded: retrying the ECS agent after its terminal exit"
-                    );
-                }
-                reloaded
-            }
+            Next::StayStopped => self.stay_stopped().await,
+            Next::Terminal => self.terminal(agent).await,
             Next::Upgrade => {
                 let loaded = self.upgrade(&agent.docker, cfg).await;
                 let then = policy::after_upgrade(loaded, &mut self.history);
@@ -661,6 +633,40 @@ impl Supervisor {
                 true
             }
         }
+    }
+
+    /// Exit 0: stopped on purpose, stays stopped until a reload; false on shutdown.
+    async fn stay_stopped(&mut self) -> bool {
+        self.set(
+            State::Stopped,
+            "the ECS agent exited 0 (stopped on purpose, e.g. `docker stop`): not restarting until SIGHUP or a configuration change",
+        );
+        let reloaded = self.wait_for_reload().await;
+        if reloaded {
+            tracing::info!("configuration reloaded: starting the ECS agent again");
+        }
+        reloaded
+    }
+
+    /// Exit 5: the agent's last log lines kept, stays stopped until a reload; false on shutdown.
+    async fn terminal(&mut self, agent: &Running) -> bool {
+        let lines = self.last_log_lines(&agent.docker, &agent.id).await;
+        for l in &lines {
+            tracing::error!(agent_log = %l, "ECS agent output before its terminal exit");
+        }
+        self.status
+            .send_modify(|s| s.last_log_lines = lines.clone());
+        self.set(
+            State::Terminal,
+            "the ECS agent exited 5 (terminal error; see its log lines): not restarting until the configuration changes or SIGHUP",
+        );
+        let reloaded = self.wait_for_reload().await;
+        if reloaded {
+            tracing::info!(
+                "configuration reloaded: retrying the ECS agent after its terminal exit"
+            );
+        }
+        reloaded
     }
 
     /// Wait for a reload (SIGHUP or a configuration change); false on shutdown.
