@@ -9,6 +9,21 @@ use tokio::process::Command;
 /// How long one `systemctl` call may take (a stuck unit start must not hang `register`).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// A `systemctl` call that failed, with the command line.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot run {command}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} did not finish within {CALL_TIMEOUT:?}")]
+    Timeout { command: String },
+    #[error("`{command}` failed (see `journalctl -xe`)")]
+    Failed { command: String },
+}
+
 #[derive(Debug, Clone)]
 pub struct Systemctl {
     program: String,
@@ -22,7 +37,7 @@ impl Systemctl {
     }
 
     /// Run `systemctl ARGS`; Ok(true) when it exited 0. Err when it could not be run at all.
-    pub async fn run(&self, args: &[&str]) -> Result<bool, String> {
+    pub async fn run(&self, args: &[&str]) -> Result<bool, Error> {
         let child = Command::new(&self.program)
             .args(args)
             .stdin(Stdio::null())
@@ -32,29 +47,28 @@ impl Systemctl {
             .output();
         match tokio::time::timeout(CALL_TIMEOUT, child).await {
             Ok(Ok(out)) => Ok(out.status.success()),
-            Ok(Err(e)) => Err(format!(
-                "cannot run {} {}: {e}",
-                self.program,
-                args.join(" ")
-            )),
-            Err(_) => Err(format!(
-                "{} {} did not finish within {CALL_TIMEOUT:?}",
-                self.program,
-                args.join(" ")
-            )),
+            Ok(Err(source)) => Err(Error::Spawn {
+                command: self.command(args),
+                source,
+            }),
+            Err(_) => Err(Error::Timeout {
+                command: self.command(args),
+            }),
         }
     }
 
     /// Run and require success, naming the command on failure.
-    pub async fn must(&self, args: &[&str]) -> Result<(), String> {
+    pub async fn must(&self, args: &[&str]) -> Result<(), Error> {
         match self.run(args).await? {
             true => Ok(()),
-            false => Err(format!(
-                "`{} {}` failed (see `journalctl -xe`)",
-                self.program,
-                args.join(" ")
-            )),
+            false => Err(Error::Failed {
+                command: self.command(args),
+            }),
         }
+    }
+
+    fn command(&self, args: &[&str]) -> String {
+        format!("{} {}", self.program, args.join(" "))
     }
 
     /// Whether a unit is active. A missing systemctl counts as "not active".

@@ -8,6 +8,8 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
+use super::Error;
+
 /// Mode of a file this creates: env files can hold registry credentials (`ECS_ENGINE_AUTH_DATA`).
 const NEW_FILE_MODE: u32 = 0o600;
 
@@ -58,7 +60,7 @@ pub fn edit(text: &str, set: &[(&str, &str)], remove: &[&str]) -> String {
 
 /// Apply [`edit`] to a file; returns whether it changed. A missing file is created (mode 0600) when
 /// there is something to set, and left missing otherwise.
-pub fn apply(path: &Path, set: &[(&str, &str)], remove: &[&str]) -> Result<bool, String> {
+pub fn apply(path: &Path, set: &[(&str, &str)], remove: &[&str]) -> Result<bool, Error> {
     let (old, meta) = match std::fs::read_to_string(path) {
         Ok(t) => (t, std::fs::metadata(path).ok()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -67,14 +69,14 @@ pub fn apply(path: &Path, set: &[(&str, &str)], remove: &[&str]) -> Result<bool,
             }
             (String::new(), None)
         }
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(e) => return Err(Error::file("read", path)(e)),
     };
     let new = edit(&old, set, remove);
     if new == old {
         return Ok(false);
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(Error::file("create", dir))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -97,7 +99,7 @@ pub fn apply(path: &Path, set: &[(&str, &str)], remove: &[&str]) -> Result<bool,
     };
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        format!("cannot write {}: {e}", path.display())
+        Error::file("write", path)(e)
     })?;
     Ok(true)
 }

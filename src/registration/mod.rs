@@ -39,6 +39,40 @@ pub enum Error {
     /// Anything else (exit 1).
     #[error("{0}")]
     Failed(String),
+    /// `systemctl` could not be run or failed (exit 1).
+    #[error(transparent)]
+    Host(#[from] crate::host::Error),
+    /// A file of the host's could not be read, written or removed (exit 1).
+    #[error("cannot {action} {}", path.display())]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file the SSM agent writes does not hold what it should (exit 1).
+    #[error("{} is not the SSM agent's {what}", path.display())]
+    Malformed {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// A failed file operation on `path`, for `map_err`.
+    pub(crate) fn file(
+        action: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.to_path_buf();
+        move |source| Error::File {
+            action,
+            path,
+            source,
+        }
+    }
 }
 
 /// `register`'s inputs.
@@ -104,9 +138,7 @@ pub async fn register(mut cfg: Config, a: RegisterArgs) -> Result<(), Error> {
 
     // 1. The SSM agent: keep an existing registration unless asked not to.
     let instance = register_ssm(&cfg, &a, &region, &systemctl).await?;
-    let file = ssm::wait_for_credentials(&cfg.host, deadline())
-        .await
-        .map_err(Error::Unavailable)?;
+    let file = ssm::wait_for_credentials(&cfg.host, deadline()).await?;
     step(
         "ssm",
         format!("rotating credentials published in {}", file.display()),
@@ -115,9 +147,7 @@ pub async fn register(mut cfg: Config, a: RegisterArgs) -> Result<(), Error> {
     let clients = crate::aws::clients(&cfg)
         .await
         .map_err(|e| Error::Input(e.to_string()))?;
-    ssm::wait_online(&clients.ssm, &instance, deadline())
-        .await
-        .map_err(Error::Unavailable)?;
+    ssm::wait_online(&clients.ssm, &instance, deadline()).await?;
     step("ssm", format!("{instance} is online in Systems Manager"));
 
     // 2. Docker.
@@ -156,7 +186,7 @@ async fn register_ssm(
     region: &str,
     systemctl: &Systemctl,
 ) -> Result<String, Error> {
-    let existing = ssm::registration(&cfg.host).map_err(Error::Failed)?;
+    let existing = ssm::registration(&cfg.host)?;
     match existing {
         Some(r) if !a.reregister => {
             step(
@@ -193,24 +223,15 @@ async fn register_ssm(
                     region: region.to_string(),
                 },
             )
-            .await
-            .map_err(Error::Failed)?;
-            systemctl
-                .must(&["enable", unit])
-                .await
-                .map_err(Error::Failed)?;
-            systemctl
-                .must(&["start", unit])
-                .await
-                .map_err(Error::Failed)?;
-            let r = ssm::registration(&cfg.host)
-                .map_err(Error::Failed)?
-                .ok_or_else(|| {
-                    Error::Failed(format!(
-                        "the SSM agent registered but {} is missing",
-                        cfg.host.ssm_registration().display()
-                    ))
-                })?;
+            .await?;
+            systemctl.must(&["enable", unit]).await?;
+            systemctl.must(&["start", unit]).await?;
+            let r = ssm::registration(&cfg.host)?.ok_or_else(|| {
+                Error::Failed(format!(
+                    "the SSM agent registered but {} is missing",
+                    cfg.host.ssm_registration().display()
+                ))
+            })?;
             step(
                 "ssm",
                 format!(
@@ -226,8 +247,7 @@ async fn register_ssm(
 /// The ECS agent's configuration files: the cluster in /etc/ecs/ecs.config, the region, ECS_EXTERNAL
 /// and the backend (when an ECS endpoint is configured) in /var/lib/ecs/ecs.config.
 fn write_ecs_config(cfg: &Config, cluster: &str, region: &str) -> Result<(), Error> {
-    let changed =
-        env_file::apply(&etc_config(cfg), &[(ETC_KEYS[0], cluster)], &[]).map_err(Error::Failed)?;
+    let changed = env_file::apply(&etc_config(cfg), &[(ETC_KEYS[0], cluster)], &[])?;
     step(
         "ecs",
         format!(
@@ -244,7 +264,7 @@ fn write_ecs_config(cfg: &Config, cluster: &str, region: &str) -> Result<(), Err
         Some(url) => var.push((VAR_KEYS[2], url.as_str())),
         None => remove.push(VAR_KEYS[2]),
     }
-    let changed = env_file::apply(&var_config(cfg), &var, &remove).map_err(Error::Failed)?;
+    let changed = env_file::apply(&var_config(cfg), &var, &remove)?;
     let shown: Vec<String> = var.iter().map(|(k, v)| format!("{k}={v}")).collect();
     step(
         "ecs",
@@ -263,7 +283,7 @@ fn save_state(cfg: &Config, saved: &Saved) -> Result<(), Error> {
     let path = state_path(cfg);
     std::fs::create_dir_all(&cfg.host.state_dir)
         .and_then(|_| std::fs::write(&path, serde_json::to_vec_pretty(saved).unwrap_or_default()))
-        .map_err(|e| Error::Failed(format!("cannot write {}: {e}", path.display())))
+        .map_err(Error::file("write", &path))
 }
 
 /// Docker must answer; when it is installed but stopped, start it through systemd.
@@ -283,10 +303,7 @@ async fn ensure_docker(
             "Docker does not answer on {socket} and {unit}.service is not installed: install Docker (Debian: apt-get install docker.io)"
         )));
     }
-    systemctl
-        .must(&["start", unit])
-        .await
-        .map_err(Error::Failed)?;
+    systemctl.must(&["start", unit]).await?;
     loop {
         match crate::docker::connect(socket).await {
             Ok(_) => {
@@ -319,10 +336,7 @@ async fn start_agent(
         );
     }
     if cfg.ecs_agent.enabled && systemctl.is_active(SERVICE_UNIT).await {
-        systemctl
-            .must(&["reload", SERVICE_UNIT])
-            .await
-            .map_err(Error::Failed)?;
+        systemctl.must(&["reload", SERVICE_UNIT]).await?;
         step(
             "ecs",
             format!("asked the running {SERVICE_UNIT} to restart the agent"),
@@ -547,21 +561,17 @@ async fn deregister_ssm(
     clients: &crate::aws::Clients,
     systemctl: &Systemctl,
 ) -> Result<(), Error> {
-    match ssm::registration(&cfg.host).map_err(Error::Failed)? {
+    match ssm::registration(&cfg.host)? {
         Some(r) => {
             let id = &r.managed_instance_id;
-            match ssm::deregister(&clients.ssm, id)
-                .await
-                .map_err(Error::Failed)?
-            {
+            match ssm::deregister(&clients.ssm, id).await? {
                 true => step("ssm", format!("deregistered managed instance {id}")),
                 false => step("ssm", format!("{id} was already deregistered")),
             }
             let unit = &cfg.host.ssm_service;
             let _ = systemctl.run(&["disable", "--now", unit]).await;
             let path = cfg.host.ssm_registration();
-            std::fs::remove_file(&path)
-                .map_err(|e| Error::Failed(format!("cannot remove {}: {e}", path.display())))?;
+            std::fs::remove_file(&path).map_err(Error::file("remove", &path))?;
             step(
                 "ssm",
                 format!("{unit} stopped and disabled; {} removed", path.display()),
@@ -578,7 +588,7 @@ fn remove_ecs_config(cfg: &Config) -> Result<(), Error> {
         (etc_config(cfg), &ETC_KEYS[..]),
         (var_config(cfg), &VAR_KEYS[..]),
     ] {
-        let changed = env_file::apply(&path, &[], keys).map_err(Error::Failed)?;
+        let changed = env_file::apply(&path, &[], keys)?;
         step(
             "ecs",
             format!(
@@ -599,7 +609,7 @@ fn remove_ecs_config(cfg: &Config) -> Result<(), Error> {
             } else {
                 std::fs::remove_file(&p)
             };
-            r.map_err(|err| Error::Failed(format!("cannot remove {}: {err}", p.display())))?;
+            r.map_err(Error::file("remove", &p))?;
             cleared += 1;
         }
     }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ssm::types::{InstanceInformationStringFilter, PingStatus};
 
+use super::Error;
 use crate::config::HostConfig;
 use crate::credentials::IdentityConfig;
 use crate::error::describe;
@@ -20,20 +21,23 @@ pub struct Registration {
 }
 
 /// The host's managed instance, if the SSM agent registered it.
-pub fn registration(host: &HostConfig) -> Result<Option<Registration>, String> {
+pub fn registration(host: &HostConfig) -> Result<Option<Registration>, Error> {
     let path = host.ssm_registration();
     match std::fs::read_to_string(&path) {
         Ok(text) if text.trim().is_empty() => Ok(None),
         Ok(text) => serde_json::from_str::<Registration>(&text)
             .map(Some)
-            .map_err(|e| {
-                format!(
-                    "{} is not the SSM agent's registration file: {e}",
-                    path.display()
-                )
+            .map_err(|source| Error::Malformed {
+                what: "registration file",
+                path,
+                source,
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        Err(source) => Err(Error::File {
+            action: "read",
+            path,
+            source,
+        }),
     }
 }
 
@@ -56,13 +60,13 @@ impl std::fmt::Debug for Activation {
 
 /// Run `amazon-ssm-agent -register` (non-interactive: `-y` answers its overwrite prompt). Its output
 /// is returned with the activation code blanked out, should it echo it.
-pub async fn run_register(binary: &Path, a: &Activation) -> Result<(), String> {
+pub async fn run_register(binary: &Path, a: &Activation) -> Result<(), Error> {
     if !binary.exists() {
-        return Err(format!(
+        return Err(Error::Failed(format!(
             "the SSM agent is not installed ({} does not exist): install the amazon-ssm-agent package for \
              this distribution (AWS publishes .deb and .rpm packages), or set host.ssm_agent to its path",
             binary.display()
-        ));
+        )));
     }
     let out = tokio::process::Command::new(binary)
         .args([
@@ -81,12 +85,16 @@ pub async fn run_register(binary: &Path, a: &Activation) -> Result<(), String> {
     let out = tokio::time::timeout(Duration::from_secs(120), out)
         .await
         .map_err(|_| {
-            format!(
+            Error::Failed(format!(
                 "{} -register did not finish within 2 minutes",
                 binary.display()
-            )
+            ))
         })?
-        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+        .map_err(|source| Error::File {
+            action: "run",
+            path: binary.to_path_buf(),
+            source,
+        })?;
     if out.status.success() {
         return Ok(());
     }
@@ -98,16 +106,16 @@ pub async fn run_register(binary: &Path, a: &Activation) -> Result<(), String> {
     .replace(&a.code, "<activation code>");
     let tail: Vec<&str> = text.lines().rev().take(10).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
-    Err(format!(
+    Err(Error::Failed(format!(
         "{} -register failed ({}): {}\ncheck the activation id, code and region (an activation expires, and allows a fixed number of registrations)",
         binary.display(),
         out.status,
         tail.join(" | ")
-    ))
+    )))
 }
 
 /// Wait until `identity_config.json` and the credentials file it names exist and hold a profile.
-pub async fn wait_for_credentials(host: &HostConfig, deadline: Instant) -> Result<PathBuf, String> {
+pub async fn wait_for_credentials(host: &HostConfig, deadline: Instant) -> Result<PathBuf, Error> {
     let identity = host.identity_config();
     let mut last;
     loop {
@@ -131,10 +139,10 @@ pub async fn wait_for_credentials(host: &HostConfig, deadline: Instant) -> Resul
             Err(e) => last = e,
         }
         if Instant::now() >= deadline {
-            return Err(format!(
+            return Err(Error::Unavailable(format!(
                 "the SSM agent has not published credentials yet ({last}): check `systemctl status {}` and /var/log/amazon/ssm/amazon-ssm-agent.log",
                 host.ssm_service
-            ));
+            )));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -145,7 +153,7 @@ pub async fn wait_online(
     ssm: &aws_sdk_ssm::Client,
     instance: &str,
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let mut last;
     loop {
         let r = ssm
@@ -155,7 +163,7 @@ pub async fn wait_online(
                     .key("InstanceIds")
                     .values(instance)
                     .build()
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| Error::Failed(e.to_string()))?,
             )
             .send()
             .await;
@@ -174,17 +182,17 @@ pub async fn wait_online(
             Err(e) => last = describe(&e),
         }
         if Instant::now() >= deadline {
-            return Err(format!(
+            return Err(Error::Unavailable(format!(
                 "Systems Manager does not report {instance} online ({last}): check that the host reaches \
                  ssm.<region>.amazonaws.com on 443, and the SSM agent's log /var/log/amazon/ssm/amazon-ssm-agent.log"
-            ));
+            )));
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
 /// Deregister the managed instance; an instance that is already gone counts as done.
-pub async fn deregister(ssm: &aws_sdk_ssm::Client, instance: &str) -> Result<bool, String> {
+pub async fn deregister(ssm: &aws_sdk_ssm::Client, instance: &str) -> Result<bool, Error> {
     match ssm
         .deregister_managed_instance()
         .instance_id(instance)
@@ -193,9 +201,9 @@ pub async fn deregister(ssm: &aws_sdk_ssm::Client, instance: &str) -> Result<boo
     {
         Ok(_) => Ok(true),
         Err(e) if crate::error::code(&e) == Some("InvalidInstanceId") => Ok(false),
-        Err(e) => Err(format!(
+        Err(e) => Err(Error::Failed(format!(
             "cannot deregister the managed instance {instance}: {}",
             describe(&e)
-        )),
+        ))),
     }
 }
