@@ -248,7 +248,8 @@ fn registration_failure(e: crate::registration::Error) -> Failure {
         Error::Input(s) => Failure::Config(ConfigError { problems: vec![s] }),
         Error::Unavailable(s) => Failure::Unavailable(s),
         Error::Failed(s) => Failure::Runtime(anyhow::anyhow!(s)),
-        e @ (Error::Host(_) | Error::File { .. } | Error::Malformed { .. }) => {
+        e
+        @ (Error::Host(_) | Error::File { .. } | Error::Malformed { .. } | Error::Firewall(_)) => {
             Failure::Runtime(anyhow::Error::new(e))
         }
     }

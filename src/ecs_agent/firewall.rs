@@ -101,42 +101,64 @@ impl Default for Firewall {
     }
 }
 
+/// What went wrong with the task IAM role rules, naming the command or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot run {program}: install iptables, or set ecs_agent.task_iam_roles = false")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {stderr}")]
+    Failed { command: String, stderr: String },
+    #[error("{program} refused to add a rule to {table}/{chain}")]
+    Refused {
+        program: String,
+        table: String,
+        chain: String,
+    },
+    #[error("cannot write {ROUTE_LOCALNET}")]
+    RouteLocalnet {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 impl Firewall {
-    fn run(&self, args: &[&str]) -> Result<bool, String> {
+    fn run(&self, args: &[&str]) -> Result<bool, Error> {
         let out = Command::new(&self.iptables)
             .arg("-w")
             .args(args)
             .output()
-            .map_err(|e| {
-                format!(
-                    "cannot run {} ({e}): install iptables, or set ecs_agent.task_iam_roles = false",
-                    self.iptables
-                )
-            })?;
+            .map_err(|source| self.spawn_error(source))?;
         match out.status.code() {
             Some(0) => Ok(true),
             // 1: the rule does not exist (for -C / -D).
             Some(1) => Ok(false),
-            _ => Err(format!(
-                "{} {} failed: {}",
-                self.iptables,
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )),
+            _ => Err(Error::Failed {
+                command: format!("{} {}", self.iptables, args.join(" ")),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            }),
         }
     }
 
-    fn exists(&self, table: &str, chain: &str, rule: &[&str]) -> Result<bool, String> {
+    fn spawn_error(&self, source: std::io::Error) -> Error {
+        Error::Spawn {
+            program: self.iptables.clone(),
+            source,
+        }
+    }
+
+    fn exists(&self, table: &str, chain: &str, rule: &[&str]) -> Result<bool, Error> {
         let mut args = vec!["-t", table, "-C", chain];
         args.extend_from_slice(rule);
         self.run(&args)
     }
 
     /// Add whatever is missing; returns how many rules were added.
-    pub fn ensure(&self) -> Result<usize, String> {
-        if let Err(e) = std::fs::write(ROUTE_LOCALNET, "1") {
-            return Err(format!("cannot enable {ROUTE_LOCALNET}: {e}"));
-        }
+    pub fn ensure(&self) -> Result<usize, Error> {
+        std::fs::write(ROUTE_LOCALNET, "1").map_err(|source| Error::RouteLocalnet { source })?;
         let mut added = 0;
         for (table, chain, rule) in rules() {
             if self.exists(table, chain, &rule)? {
@@ -147,10 +169,11 @@ impl Firewall {
             let mut args = vec!["-t", table, op, chain];
             args.extend_from_slice(&rule);
             if !self.run(&args)? {
-                return Err(format!(
-                    "{} refused to add a rule to {table}/{chain}",
-                    self.iptables
-                ));
+                return Err(Error::Refused {
+                    program: self.iptables.clone(),
+                    table: table.to_string(),
+                    chain: chain.to_string(),
+                });
             }
             added += 1;
         }
@@ -159,7 +182,7 @@ impl Firewall {
 
     /// Delete every copy of every rule (also duplicates that ecs-init left); returns how many. When any
     /// was removed, `route_localnet` (which only they needed) is switched off again.
-    pub fn cleanup(&self) -> Result<usize, String> {
+    pub fn cleanup(&self) -> Result<usize, Error> {
         let mut removed = 0;
         for (table, chain, rule) in rules() {
             for _ in 0..100 {
@@ -173,19 +196,19 @@ impl Firewall {
         }
         if removed > 0 {
             std::fs::write(ROUTE_LOCALNET, "0")
-                .map_err(|e| format!("cannot switch {ROUTE_LOCALNET} off: {e}"))?;
+                .map_err(|source| Error::RouteLocalnet { source })?;
         }
         Ok(removed)
     }
 
     /// How many copies of each rule exist (for status and tests).
-    pub fn count(&self) -> Result<Vec<usize>, String> {
+    pub fn count(&self) -> Result<Vec<usize>, Error> {
         let mut counts = Vec::new();
         for ((table, chain, _), marker) in rules().into_iter().zip(MARKERS) {
             let out = Command::new(&self.iptables)
                 .args(["-w", "-t", table, "-S", chain])
                 .output()
-                .map_err(|e| format!("cannot run {}: {e}", self.iptables))?;
+                .map_err(|source| self.spawn_error(source))?;
             let listing = String::from_utf8_lossy(&out.stdout);
             counts.push(listing.lines().filter(|l| l.contains(marker)).count());
         }

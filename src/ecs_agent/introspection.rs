@@ -17,11 +17,31 @@ pub struct Metadata {
 
 const MAX_RESPONSE: usize = 64 * 1024;
 
+/// Why the agent's introspection endpoint gave no metadata; each names the URL.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{url}: only http:// URLs are supported")]
+    NotHttp { url: String },
+    #[error("{url}: {error}")]
+    Io { url: String, error: std::io::Error },
+    #[error("{url}: no answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("{url}: malformed HTTP response")]
+    Malformed { url: String },
+    #[error("{url}: HTTP status {status}")]
+    Status { url: String, status: String },
+    #[error("{url}: not JSON ({error})")]
+    NotJson {
+        url: String,
+        error: serde_json::Error,
+    },
+}
+
 /// `http://host:port/path` → (host:port, path).
-fn split_url(url: &str) -> Result<(String, String), String> {
+fn split_url(url: &str) -> Result<(String, String), Error> {
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
+        .ok_or_else(|| Error::NotHttp { url: url.into() })?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -34,13 +54,15 @@ fn split_url(url: &str) -> Result<(String, String), String> {
     Ok((authority, path.to_string()))
 }
 
-/// Ask the agent; any failure (refused, timeout, non-200, bad JSON) is an error string.
-pub async fn fetch(url: &str, timeout: Duration) -> Result<Metadata, String> {
+/// Ask the agent; any failure (refused, timeout, non-200, bad JSON) is an error naming the URL.
+pub async fn fetch(url: &str, timeout: Duration) -> Result<Metadata, Error> {
     let (authority, path) = split_url(url)?;
+    let io = |error| Error::Io {
+        url: url.into(),
+        error,
+    };
     let work = async {
-        let mut stream = TcpStream::connect(&authority)
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
+        let mut stream = TcpStream::connect(&authority).await.map_err(io)?;
         let host = authority.split(':').next().unwrap_or("");
         stream
             .write_all(
@@ -48,28 +70,37 @@ pub async fn fetch(url: &str, timeout: Duration) -> Result<Metadata, String> {
                     .as_bytes(),
             )
             .await
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(io)?;
         let mut buf = Vec::new();
         (&mut stream)
             .take(MAX_RESPONSE as u64)
             .read_to_end(&mut buf)
             .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        Ok::<_, String>(buf)
+            .map_err(io)?;
+        Ok::<_, Error>(buf)
     };
     let buf = tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| format!("{url}: no answer within {timeout:?}"))??;
+        .map_err(|_| Error::Timeout {
+            url: url.into(),
+            timeout,
+        })??;
     let text = String::from_utf8_lossy(&buf);
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("{url}: malformed HTTP response"))?;
+        .ok_or_else(|| Error::Malformed { url: url.into() })?;
     let status = head.split_whitespace().nth(1).unwrap_or("");
     if status != "200" {
-        return Err(format!("{url}: HTTP status {status}"));
+        return Err(Error::Status {
+            url: url.into(),
+            status: status.into(),
+        });
     }
     let v: serde_json::Value =
-        serde_json::from_str(body.trim()).map_err(|e| format!("{url}: not JSON ({e})"))?;
+        serde_json::from_str(body.trim()).map_err(|error| Error::NotJson {
+            url: url.into(),
+            error,
+        })?;
     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
     Ok(Metadata {
         cluster: s("Cluster"),

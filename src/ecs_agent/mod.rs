@@ -121,6 +121,57 @@ impl Default for Status {
 
 pub use policy::{EXIT_CLEAN, EXIT_TERMINAL, EXIT_UPGRADE};
 
+/// Why the agent could not be set up this time (retried with backoff; shown as the state's reason).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Docker(#[from] docker::Error),
+    #[error("cannot {action} {name}")]
+    Call {
+        action: &'static str,
+        name: String,
+        #[source]
+        source: DockerError,
+    },
+    #[error("image {image} is not present and {} does not exist: copy the ECS agent image tarball there, or set ecs_agent.allow_pull = true", tarball.display())]
+    NoImage { image: String, tarball: PathBuf },
+    #[error("image {image} is not present, {} does not exist, and pulling failed", tarball.display())]
+    Pull {
+        image: String,
+        tarball: PathBuf,
+        #[source]
+        source: DockerError,
+    },
+    #[error("image {image}: {note}")]
+    StillMissing {
+        image: String,
+        note: String,
+        #[source]
+        source: DockerError,
+    },
+    #[error("image {image} has no id")]
+    NoId { image: String },
+    #[error("cannot {action} {}", path.display())]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    EnvFile(#[from] spec::EnvFileError),
+}
+
+/// A Docker call that failed, for `map_err`.
+fn call(action: &'static str, name: &str) -> impl FnOnce(DockerError) -> SetupError {
+    let name = name.to_string();
+    move |source| SetupError::Call {
+        action,
+        name,
+        source,
+    }
+}
+
 pub struct Supervisor {
     config: watch::Receiver<Arc<Config>>,
     status: watch::Sender<Status>,
@@ -229,23 +280,33 @@ impl Supervisor {
     }
 
     /// Report a problem, then wait `d` before the next attempt.
-    async fn retry_in(&mut self, state: State, reason: String, d: Duration) {
-        self.set(state, format!("{reason}; retrying in {d:?}"));
+    async fn retry_in(
+        &mut self,
+        state: State,
+        reason: &(dyn std::error::Error + Sync),
+        d: Duration,
+    ) {
+        self.set(state, format!("{}; retrying in {d:?}", chain(reason)));
         self.pause(d).await;
     }
 
-    async fn connect(&self, cfg: &EcsAgentConfig) -> Result<Docker, String> {
-        docker::connect(&cfg.docker_socket)
-            .await
-            .map_err(|e| chain(&e))
+    async fn connect(&self, cfg: &EcsAgentConfig) -> Result<Docker, docker::Error> {
+        docker::connect(&cfg.docker_socket).await
     }
 
     /// The image's id: present, else loaded from the tarball, else pulled (if allowed).
-    async fn ensure_image(&self, docker: &Docker, cfg: &EcsAgentConfig) -> Result<String, String> {
+    async fn ensure_image(
+        &self,
+        docker: &Docker,
+        cfg: &EcsAgentConfig,
+    ) -> Result<String, SetupError> {
+        let no_id = || SetupError::NoId {
+            image: cfg.image.clone(),
+        };
         match docker.inspect_image(&cfg.image).await {
-            Ok(i) => return i.id.ok_or_else(|| "image without id".to_string()),
+            Ok(i) => return i.id.ok_or_else(no_id),
             Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(format!("cannot inspect image {}: {e}", cfg.image)),
+            Err(e) => return Err(call("inspect image", &cfg.image)(e)),
         }
         let tarball_note;
         if cfg.image_tarball.exists() {
@@ -253,9 +314,7 @@ impl Supervisor {
                 State::LoadingImage,
                 format!("loading {} from {}", cfg.image, cfg.image_tarball.display()),
             );
-            docker::load_tarball(docker, &cfg.image_tarball)
-                .await
-                .map_err(|e| chain(&e))?;
+            docker::load_tarball(docker, &cfg.image_tarball).await?;
             tarball_note = format!(
                 "{} was loaded but does not contain it",
                 cfg.image_tarball.display()
@@ -277,25 +336,28 @@ impl Supervisor {
                 None,
             );
             while let Some(r) = pull.next().await {
-                if let Err(e) = r {
-                    return Err(format!(
-                        "image {} is not present, {} does not exist, and pulling failed: {e}",
-                        cfg.image,
-                        cfg.image_tarball.display()
-                    ));
+                if let Err(source) = r {
+                    return Err(SetupError::Pull {
+                        image: cfg.image.clone(),
+                        tarball: cfg.image_tarball.clone(),
+                        source,
+                    });
                 }
             }
             tarball_note = "pulling did not produce it".into();
         } else {
-            return Err(format!(
-                "image {} is not present and {} does not exist: copy the ECS agent image tarball there, or set ecs_agent.allow_pull = true",
-                cfg.image,
-                cfg.image_tarball.display()
-            ));
+            return Err(SetupError::NoImage {
+                image: cfg.image.clone(),
+                tarball: cfg.image_tarball.clone(),
+            });
         }
         match docker.inspect_image(&cfg.image).await {
-            Ok(i) => i.id.ok_or_else(|| "image without id".to_string()),
-            Err(e) => Err(format!("image {}: {tarball_note} ({e})", cfg.image)),
+            Ok(i) => i.id.ok_or_else(no_id),
+            Err(source) => Err(SetupError::StillMissing {
+                image: cfg.image.clone(),
+                note: tarball_note,
+                source,
+            }),
         }
     }
 
@@ -305,7 +367,7 @@ impl Supervisor {
         &self,
         docker: &Docker,
         spec: &ContainerSpec,
-    ) -> Result<(String, bool), String> {
+    ) -> Result<(String, bool), SetupError> {
         let want = spec.hash();
         match docker.inspect_container(&spec.name, None).await {
             Ok(c) => {
@@ -334,10 +396,10 @@ impl Supervisor {
                         Some(RemoveContainerOptionsBuilder::default().force(true).build()),
                     )
                     .await
-                    .map_err(|e| format!("cannot remove the old container {}: {e}", spec.name))?;
+                    .map_err(call("remove the old container", &spec.name))?;
             }
             Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(format!("cannot inspect container {}: {e}", spec.name)),
+            Err(e) => return Err(call("inspect container", &spec.name)(e)),
         }
         self.set(State::Starting, format!("creating container {}", spec.name));
         let created = docker
@@ -350,11 +412,11 @@ impl Supervisor {
                 spec.create_body(),
             )
             .await
-            .map_err(|e| format!("cannot create container {}: {e}", spec.name))?;
+            .map_err(call("create container", &spec.name))?;
         docker
             .start_container(&created.id, None)
             .await
-            .map_err(|e| format!("cannot start container {}: {e}", spec.name))?;
+            .map_err(call("start container", &spec.name))?;
         Ok((created.id, false))
     }
 
@@ -490,7 +552,7 @@ impl Supervisor {
             }
             Err(e) => {
                 let d = self.docker_backoff.next_delay();
-                self.retry_in(State::WaitingForDocker, e, d).await;
+                self.retry_in(State::WaitingForDocker, &e, d).await;
                 return Start::Again;
             }
         };
@@ -498,7 +560,7 @@ impl Supervisor {
             Ok(id) => id,
             Err(e) => {
                 let d = self.setup_backoff.next_delay();
-                self.retry_in(State::ImageUnavailable, e, d).await;
+                self.retry_in(State::ImageUnavailable, &e, d).await;
                 return Start::Again;
             }
         };
@@ -507,7 +569,7 @@ impl Supervisor {
             Ok(s) => s,
             Err(e) => {
                 let d = self.setup_backoff.next_delay();
-                self.retry_in(State::BackingOff, e, d).await;
+                self.retry_in(State::BackingOff, &e, d).await;
                 return Start::Again;
             }
         };
@@ -518,7 +580,7 @@ impl Supervisor {
                     return Start::Again; // Docker went away meanwhile: wait for it
                 }
                 let d = self.setup_backoff.next_delay();
-                self.retry_in(State::BackingOff, e, d).await;
+                self.retry_in(State::BackingOff, &e, d).await;
                 return Start::Again;
             }
         };
@@ -719,6 +781,6 @@ impl Supervisor {
 
 /// Undo what the supervisor set up on the host: the task IAM role network rules (a future
 /// `deregister` builds on this). Returns how many rules were removed.
-pub fn cleanup() -> Result<usize, String> {
+pub fn cleanup() -> Result<usize, firewall::Error> {
     firewall::Firewall::default().cleanup()
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
 use sha2::{Digest, Sha256};
 
+use super::SetupError;
 use crate::config::{EcsAgentConfig, HostConfig as HostPaths};
 
 /// Label holding the hash of everything the container was created from.
@@ -146,7 +147,7 @@ impl ContainerSpec {
         cfg: &EcsAgentConfig,
         host: &HostPaths,
         image_id: &str,
-    ) -> Result<ContainerSpec, String> {
+    ) -> Result<ContainerSpec, SetupError> {
         let mut env: BTreeMap<String, String> = DEFAULT_ENV
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -155,12 +156,18 @@ impl ContainerSpec {
             let path = host_path(cfg, rel);
             match std::fs::read_to_string(&path) {
                 Ok(text) => {
-                    for (k, v) in parse_env_file(&text, &path).map_err(|e| e.to_string())? {
+                    for (k, v) in parse_env_file(&text, &path)? {
                         env.insert(k, v);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+                Err(source) => {
+                    return Err(SetupError::File {
+                        action: "read",
+                        path,
+                        source,
+                    })
+                }
             }
         }
         for (k, v) in FORCED_ENV {
@@ -195,8 +202,11 @@ impl ContainerSpec {
         for (rel, inside, ro, required) in BINDS {
             let host = host_path(cfg, rel);
             if *required {
-                std::fs::create_dir_all(&host)
-                    .map_err(|e| format!("cannot create {}: {e}", host.display()))?;
+                std::fs::create_dir_all(&host).map_err(|source| SetupError::File {
+                    action: "create",
+                    path: host.clone(),
+                    source,
+                })?;
             } else if !host.exists() {
                 continue;
             }

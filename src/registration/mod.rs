@@ -39,6 +39,9 @@ pub enum Error {
     /// Anything else (exit 1).
     #[error("{0}")]
     Failed(String),
+    /// The task IAM role rules could not be removed (exit 1).
+    #[error(transparent)]
+    Firewall(#[from] crate::ecs_agent::firewall::Error),
     /// `systemctl` could not be run or failed (exit 1).
     #[error(transparent)]
     Host(#[from] crate::host::Error),
@@ -547,7 +550,7 @@ async fn remove_agent(cfg: &Config) -> Result<(), Error> {
     if cfg.ecs_agent.task_iam_roles {
         match tokio::task::spawn_blocking(ecs_agent::cleanup).await {
             Ok(Ok(n)) => step("host", format!("removed {n} task IAM role network rule(s)")),
-            Ok(Err(e)) => return Err(Error::Failed(e)),
+            Ok(Err(e)) => return Err(e.into()),
             Err(e) => return Err(Error::Failed(e.to_string())),
         }
     }
