@@ -63,11 +63,60 @@ pub struct IdentityConfig {
     pub credentials_retrieved_at: Option<String>,
 }
 
+/// Why credentials could not be read, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not valid", path.display())]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{} names no ShareFile", path.display())]
+    NoShareFile { path: PathBuf },
+    #[error("no credentials file configured")]
+    NotConfigured,
+    #[error("{}: {problem}", path.display())]
+    Profile {
+        path: PathBuf,
+        problem: ProfileProblem,
+    },
+}
+
+/// What is wrong with a shared credentials file's profile. Never quotes a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProfileProblem {
+    #[error("the file is empty (being rewritten?)")]
+    Empty,
+    #[error("a section header is cut short")]
+    CutShort,
+    #[error("a line of profile [{0}] is not key = value")]
+    NotKeyValue(String),
+    #[error("no profile [{0}]")]
+    Missing(String),
+    #[error("profile [{0}] lacks aws_access_key_id or aws_secret_access_key (half written?)")]
+    Incomplete(String),
+}
+
+fn read_file(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl IdentityConfig {
-    pub fn read(path: &Path) -> Result<IdentityConfig, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("{} is not valid: {e}", path.display()))
+    pub fn read(path: &Path) -> Result<IdentityConfig, Error> {
+        serde_json::from_str(&read_file(path)?).map_err(|source| Error::Invalid {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     fn expires_at(&self) -> Option<SystemTime> {
@@ -120,9 +169,9 @@ impl fmt::Debug for Keys {
 }
 
 /// Parse one profile out of a shared credentials file (INI). Errors never quote values.
-pub fn parse_profile(text: &str, profile: &str) -> Result<Keys, String> {
+pub fn parse_profile(text: &str, profile: &str) -> Result<Keys, ProfileProblem> {
     if text.trim().is_empty() {
-        return Err("the file is empty (being rewritten?)".into());
+        return Err(ProfileProblem::Empty);
     }
     let mut in_profile = false;
     let mut seen = false;
@@ -134,7 +183,7 @@ pub fn parse_profile(text: &str, profile: &str) -> Result<Keys, String> {
         }
         if let Some(name) = line.strip_prefix('[') {
             let Some(name) = name.strip_suffix(']') else {
-                return Err("a section header is cut short".into());
+                return Err(ProfileProblem::CutShort);
             };
             let name = name.trim();
             let name = name.strip_prefix("profile ").unwrap_or(name).trim();
@@ -146,7 +195,7 @@ pub fn parse_profile(text: &str, profile: &str) -> Result<Keys, String> {
             continue;
         }
         let Some((k, v)) = line.split_once('=') else {
-            return Err(format!("a line of profile [{profile}] is not key = value"));
+            return Err(ProfileProblem::NotKeyValue(profile.to_string()));
         };
         let v = v.trim().to_string();
         match k.trim().to_ascii_lowercase().as_str() {
@@ -157,7 +206,7 @@ pub fn parse_profile(text: &str, profile: &str) -> Result<Keys, String> {
         }
     }
     if !seen {
-        return Err(format!("no profile [{profile}]"));
+        return Err(ProfileProblem::Missing(profile.to_string()));
     }
     match (id, secret) {
         (Some(a), Some(s)) if !a.is_empty() && !s.is_empty() => Ok(Keys {
@@ -165,9 +214,7 @@ pub fn parse_profile(text: &str, profile: &str) -> Result<Keys, String> {
             secret_access_key: s,
             session_token: token.filter(|t| !t.is_empty()),
         }),
-        _ => Err(format!(
-            "profile [{profile}] lacks aws_access_key_id or aws_secret_access_key (half written?)"
-        )),
+        _ => Err(ProfileProblem::Incomplete(profile.to_string())),
     }
 }
 
@@ -227,7 +274,7 @@ impl RotatingCredentials {
     }
 
     /// The file and profile to read now, with what identity_config.json says about expiry.
-    fn locate(&self) -> Result<(PathBuf, String, IdentityConfig), String> {
+    fn locate(&self) -> Result<(PathBuf, String, IdentityConfig), Error> {
         match &self.source.identity_config {
             Some(path) => {
                 let id = IdentityConfig::read(path)?;
@@ -235,7 +282,7 @@ impl RotatingCredentials {
                     self.source
                         .file
                         .clone()
-                        .ok_or_else(|| format!("{} names no ShareFile", path.display()))?
+                        .ok_or_else(|| Error::NoShareFile { path: path.clone() })?
                 } else {
                     PathBuf::from(&id.share_file)
                 };
@@ -252,18 +299,19 @@ impl RotatingCredentials {
                     self.source.profile.clone(),
                     IdentityConfig::default(),
                 )),
-                None => Err("no credentials file configured".into()),
+                None => Err(Error::NotConfigured),
             },
         }
     }
 
-    fn read(&self) -> Result<(Held, Option<(u64, SystemTime)>), String> {
+    fn read(&self) -> Result<(Held, Option<(u64, SystemTime)>), Error> {
         let (file, profile, id) = self.locate()?;
         let stamp = stamp_of(&file);
-        let text = std::fs::read_to_string(&file)
-            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-        let keys =
-            parse_profile(&text, &profile).map_err(|e| format!("{}: {e}", file.display()))?;
+        let text = read_file(&file)?;
+        let keys = parse_profile(&text, &profile).map_err(|problem| Error::Profile {
+            path: file.clone(),
+            problem,
+        })?;
         Ok((
             Held {
                 keys,
@@ -315,6 +363,7 @@ impl RotatingCredentials {
                     Err(e) => {
                         // Retry at the next check: forget the stamp so that any state re-reads.
                         st.stamp = None;
+                        let e = crate::error::chain(&e);
                         if st.failing.as_deref() != Some(e.as_str()) {
                             if st.held.is_some() {
                                 tracing::warn!(reason = %e, "cannot re-read the AWS credentials; keeping the last good ones and retrying");
@@ -398,7 +447,9 @@ mod tests {
         assert_eq!(b.session_token.as_deref(), Some("tok"));
         assert_eq!(parse_profile(FILE_B, "other").unwrap().access_key_id, "X");
         assert!(parse_profile("", "default").is_err());
-        let half = parse_profile("[default]\naws_access_key_id = AKIAA\n", "default").unwrap_err();
+        let half = parse_profile("[default]\naws_access_key_id = AKIAA\n", "default")
+            .unwrap_err()
+            .to_string();
         assert!(
             half.contains("half written") && !half.contains("AKIAA"),
             "{half}"

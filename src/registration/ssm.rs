@@ -127,16 +127,16 @@ pub async fn wait_for_credentials(host: &HostConfig, deadline: Instant) -> Resul
                 } else {
                     id.share_profile.clone()
                 };
-                match std::fs::read_to_string(&file)
-                    .map_err(|e| e.to_string())
-                    .and_then(|t| crate::credentials::parse_profile(&t, &profile).map(|_| ()))
-                {
-                    Ok(()) => return Ok(file),
+                match std::fs::read_to_string(&file) {
+                    Ok(t) => match crate::credentials::parse_profile(&t, &profile) {
+                        Ok(_) => return Ok(file),
+                        Err(e) => last = format!("{}: {e}", file.display()),
+                    },
                     Err(e) => last = format!("{}: {e}", file.display()),
                 }
             }
             Ok(_) => last = format!("{} names no ShareFile yet", identity.display()),
-            Err(e) => last = e,
+            Err(e) => last = crate::error::chain(&e),
         }
         if Instant::now() >= deadline {
             return Err(Error::Unavailable(format!(
