@@ -114,6 +114,7 @@ impl<'a> Command<'a> {
             &output_dir,
             started.elapsed(),
         )
+        .await
     }
 }
 

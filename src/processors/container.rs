@@ -352,6 +352,7 @@ impl<'a> Container<'a> {
             &output_dir,
             started.elapsed(),
         )
+        .await
     }
 }
 

@@ -219,7 +219,7 @@ pub fn judge(
 
 /// The end of an external processor's run, the same for both kinds: judge the exit with the output's
 /// tail (the processor is gone by now), then collect what it left in `output_dir`.
-pub fn finish(
+pub async fn finish(
     job: &Job<'_>,
     what: &str,
     exit: &Exit,
@@ -231,7 +231,11 @@ pub fn finish(
     let mut log = std::mem::take(&mut *log.lock().unwrap_or_else(|p| p.into_inner()));
     log.finish();
     judge(exit, permanent, what, &log)?;
-    let outputs = collect_outputs(output_dir, &output_key_prefix(job))?;
+    // A directory walk: off the runtime's worker threads.
+    let (dir, prefix) = (output_dir.to_path_buf(), output_key_prefix(job));
+    let outputs = tokio::task::spawn_blocking(move || collect_outputs(&dir, &prefix))
+        .await
+        .map_err(|e| ProcessError::Transient(format!("collecting the outputs failed: {e}")))??;
     Ok(super::Outcome {
         summary: format!(
             "{what} exited 0 after {:.2} s, {} output file{}",

@@ -92,6 +92,9 @@ pub struct Context {
     pub region: String,
     /// The Docker engine, connected on first use.
     pub docker: container::Engine,
+    /// The DynamoDB client rows are written with, for the `dynamodb.write_max_attempts` it was built
+    /// with: built once, and again only when a reload changes that setting, never per file.
+    writer: std::sync::Mutex<Option<(u32, aws_sdk_dynamodb::Client)>>,
 }
 
 impl Context {
@@ -106,6 +109,24 @@ impl Context {
             metrics,
             region: cfg.aws.region.clone().unwrap_or_default(),
             docker: container::Engine::new(&cfg.ecs_agent.docker_socket, owner, &cfg.spool.dir),
+            writer: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The DynamoDB writer client for `max_attempts` (a clone shares its connections).
+    pub fn dynamodb_writer(&self, max_attempts: u32) -> aws_sdk_dynamodb::Client {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        match &*w {
+            Some((attempts, client)) if *attempts == max_attempts => client.clone(),
+            _ => {
+                let client = batch_writer::writer_client(
+                    &self.clients.dynamodb,
+                    max_attempts,
+                    self.metrics.clone(),
+                );
+                *w = Some((max_attempts, client.clone()));
+                client
+            }
         }
     }
 }

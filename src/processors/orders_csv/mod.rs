@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::batch_writer::{writer_client, BatchWriter, WriteError};
+use super::batch_writer::{BatchWriter, WriteError};
 use super::{Context, Job, Outcome, Output, ProcessFuture, Processor, RowCounts};
 use crate::config::{Config, Pipeline};
 use crate::error::ProcessError;
@@ -57,7 +57,7 @@ impl OrdersCsv {
         let attempts = cfg.dynamodb.write_max_attempts;
         OrdersCsv {
             writer: BatchWriter {
-                ddb: writer_client(&ctx.clients.dynamodb, attempts, ctx.metrics.clone()),
+                ddb: ctx.dynamodb_writer(attempts),
                 metrics: ctx.metrics.clone(),
                 table: pipeline.table.clone().unwrap_or_default(),
                 max_attempts: attempts,
