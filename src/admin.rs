@@ -24,7 +24,7 @@ const MAX_CONNECTIONS: usize = 32;
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// What the endpoint reports; the daemon fills it.
-pub trait Facts: Send + Sync {
+pub(crate) trait Facts: Send + Sync {
     /// `Err(why)` when the main loop has not turned lately.
     fn alive(&self) -> Result<(), String>;
     /// `Err(why)` when the daemon cannot take work now (queue not reachable, workers not accepting).
@@ -35,14 +35,14 @@ pub trait Facts: Send + Sync {
 }
 
 /// Bind `addr`, naming it in the error.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr).await.map_err(|e| {
         format!("cannot listen on {addr} for the admin endpoint: {e} (change admin.listen, or set admin.enabled = false)")
     })
 }
 
 /// Serve until `stop`.
-pub async fn serve(listener: TcpListener, facts: Arc<dyn Facts>, stop: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, facts: Arc<dyn Facts>, stop: CancellationToken) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -89,7 +89,7 @@ fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<B
 }
 
 /// The response to one request.
-pub fn respond<B>(facts: &dyn Facts, req: &Request<B>) -> Response<Full<Bytes>> {
+pub(crate) fn respond<B>(facts: &dyn Facts, req: &Request<B>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = text(

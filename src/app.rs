@@ -34,7 +34,7 @@ pub mod exit {
 
 /// A failed command: what to print and which code to exit with.
 #[derive(Debug)]
-pub enum Failure {
+pub(crate) enum Failure {
     Config(ConfigError),
     Usage(String),
     Data(String),
@@ -46,7 +46,7 @@ pub enum Failure {
 }
 
 impl Failure {
-    pub fn code(&self) -> u8 {
+    pub(crate) fn code(&self) -> u8 {
         match self {
             Failure::Config(_) => exit::CONFIG,
             Failure::Usage(_) => exit::USAGE,

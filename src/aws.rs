@@ -9,7 +9,7 @@
 //! as the SSM agent rewrites it; otherwise the SDK's default chain.
 //!
 //! Retries: the SDK's standard mode (3 attempts; DynamoDB writes their own count, see
-//! `processors::batch_writer`). Each retry is logged at info by [`LogRetries`] with the service, the
+//! `processors::batch_writer`). Each retry is logged at info by `LogRetries` with the service, the
 //! operation, the attempt and what failed the attempt before: the SDK's own retries are otherwise silent.
 //! The number is bounded by the standard mode's retry token bucket (500 tokens, 5 per retry, 10 per
 //! retried timeout, refilled by successes), so a sustained outage fails calls fast instead of filling

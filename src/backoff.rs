@@ -8,14 +8,14 @@ use rand::Rng;
 /// Exponential backoff: `base * 2^n`, capped at `max`, with "equal jitter" (a delay is drawn from the
 /// upper half of the current step) so that many agents retrying at once spread out.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     base: Duration,
     max: Duration,
     attempt: u32,
 }
 
 impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Self {
+    pub(crate) fn new(base: Duration, max: Duration) -> Self {
         Backoff {
             base,
             max: max.max(base),
@@ -24,33 +24,33 @@ impl Backoff {
     }
 
     /// The step for attempt `n` (0-based) without jitter.
-    pub fn step(base: Duration, max: Duration, n: u32) -> Duration {
+    pub(crate) fn step(base: Duration, max: Duration, n: u32) -> Duration {
         let factor = 1u64.checked_shl(n.min(32)).unwrap_or(u64::MAX);
         let d = base.saturating_mul(factor.min(u32::MAX as u64) as u32);
         d.min(max)
     }
 
     /// A jittered delay in `[step/2, step]` for attempt `n`.
-    pub fn jittered(base: Duration, max: Duration, n: u32) -> Duration {
+    pub(crate) fn jittered(base: Duration, max: Duration, n: u32) -> Duration {
         Self::jitter(Self::step(base, max, n))
     }
 
     /// A delay drawn from `[step/2, step]`.
-    pub fn jitter(step: Duration) -> Duration {
+    pub(crate) fn jitter(step: Duration) -> Duration {
         let half = step / 2;
         let extra = rand::thread_rng().gen_range(0..=half.as_millis().max(1) as u64);
         half + Duration::from_millis(extra).min(step - half)
     }
 
     /// The next delay; each call doubles the step until `max`.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = Self::jittered(self.base, self.max, self.attempt);
         self.attempt = self.attempt.saturating_add(1);
         d
     }
 
     /// How many steps, counting the first (`base`), until a step reaches `max` (at most 64).
-    pub fn steps_to_cap(base: Duration, max: Duration) -> u32 {
+    pub(crate) fn steps_to_cap(base: Duration, max: Duration) -> u32 {
         let mut n = 1;
         let mut d = base;
         while d < max && n < 64 {
@@ -60,11 +60,11 @@ impl Backoff {
         n
     }
 
-    pub fn attempts(&self) -> u32 {
+    pub(crate) fn attempts(&self) -> u32 {
         self.attempt
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 }

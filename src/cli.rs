@@ -64,21 +64,21 @@ DOCUMENTATION:
 pub struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
 
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Debug, clap::Args)]
-pub struct ConfigArg {
+pub(crate) struct ConfigArg {
     /// Configuration file; conf.d/*.toml beside it is read too.
     #[arg(long, short = 'c', value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
-    pub config: PathBuf,
+    pub(crate) config: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the daemon: receive events from the queue and process files until SIGTERM or SIGINT.
     ///
     /// Tells systemd when it is ready (Type=notify) and when it stops. Stale spool files from an
@@ -202,7 +202,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum ConfigCommand {
+pub(crate) enum ConfigCommand {
     /// Validate the configuration and print the effective result (files, Parameter Store when
     /// ssm.parameters_path is set, environment; defaults filled in; SecureString values redacted) and
     /// where each value came from. Exits 78 listing every problem if it is invalid.
@@ -210,7 +210,7 @@ pub enum ConfigCommand {
 }
 
 /// Split `s3://bucket/key`.
-pub fn parse_s3_url(s: &str) -> Option<(String, String)> {
+pub(crate) fn parse_s3_url(s: &str) -> Option<(String, String)> {
     let rest = s.strip_prefix("s3://")?;
     let (bucket, key) = rest.split_once('/')?;
     if bucket.is_empty() || key.is_empty() {

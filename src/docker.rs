@@ -14,7 +14,7 @@ const REQUEST_TIMEOUT_SECS: u64 = 120;
 
 /// A failure to reach or use the engine, with the socket or file it concerns.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error("cannot use the Docker socket {socket}")]
     Socket {
         socket: String,
@@ -42,7 +42,7 @@ pub enum Error {
 }
 
 /// Connect to the Docker engine at `socket` and agree on an API version with it.
-pub async fn connect(socket: &str) -> Result<Docker, Error> {
+pub(crate) async fn connect(socket: &str) -> Result<Docker, Error> {
     let docker =
         Docker::connect_with_unix(socket, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
             .map_err(|source| Error::Socket {
@@ -60,7 +60,7 @@ pub async fn connect(socket: &str) -> Result<Docker, Error> {
 }
 
 /// Whether the engine answered 404 (no such container or image).
-pub fn is_not_found(e: &DockerError) -> bool {
+pub(crate) fn is_not_found(e: &DockerError) -> bool {
     matches!(
         e,
         DockerError::DockerResponseServerError {
@@ -71,7 +71,7 @@ pub fn is_not_found(e: &DockerError) -> bool {
 }
 
 /// Load an image tarball (`docker load`), streamed from disk.
-pub async fn load_tarball(docker: &Docker, path: &Path) -> Result<(), Error> {
+pub(crate) async fn load_tarball(docker: &Docker, path: &Path) -> Result<(), Error> {
     let file = tokio::fs::File::open(path)
         .await
         .map_err(|source| Error::OpenTarball {

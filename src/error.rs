@@ -33,7 +33,7 @@ pub enum ProcessError {
 
 /// How an AWS call failed, from the caller's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
+pub(crate) enum ErrorClass {
     /// Try again later.
     Transient,
     /// This request will never succeed as it is (validation, missing object).
@@ -79,7 +79,7 @@ const FATAL_CODES: &[&str] = &[
 ];
 
 /// Classify an SDK error by its kind, error code and HTTP status.
-pub fn classify<E>(err: &SdkError<E, HttpResponse>) -> ErrorClass
+pub(crate) fn classify<E>(err: &SdkError<E, HttpResponse>) -> ErrorClass
 where
     E: ProvideErrorMetadata,
 {
@@ -104,7 +104,7 @@ where
 }
 
 /// The service's error code, if it sent one.
-pub fn code<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Option<&str> {
+pub(crate) fn code<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Option<&str> {
     match err {
         SdkError::ServiceError(se) => se.err().code(),
         _ => None,
@@ -114,7 +114,7 @@ pub fn code<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Option<
 /// An SDK error on one line: the service's code and message with the HTTP status, or else the chain of
 /// causes (the SDK's own `Display` says only "service error", and `DisplayErrorContext` appends a
 /// multi-kilobyte `Debug` dump).
-pub fn describe<E>(err: &SdkError<E, HttpResponse>) -> String
+pub(crate) fn describe<E>(err: &SdkError<E, HttpResponse>) -> String
 where
     E: StdError + ProvideErrorMetadata + 'static,
 {
@@ -131,7 +131,7 @@ where
 }
 
 /// An error and its sources, each once, joined by ": " (no Debug forms).
-pub fn chain(err: &dyn StdError) -> String {
+pub(crate) fn chain(err: &dyn StdError) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {

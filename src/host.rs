@@ -11,7 +11,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A `systemctl` call that failed, with the command line.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error("cannot run {command}")]
     Spawn {
         command: String,
@@ -25,19 +25,19 @@ pub enum Error {
 }
 
 #[derive(Debug, Clone)]
-pub struct Systemctl {
+pub(crate) struct Systemctl {
     program: String,
 }
 
 impl Systemctl {
-    pub fn new(program: impl Into<String>) -> Self {
+    pub(crate) fn new(program: impl Into<String>) -> Self {
         Systemctl {
             program: program.into(),
         }
     }
 
     /// Run `systemctl ARGS`; Ok(true) when it exited 0. Err when it could not be run at all.
-    pub async fn run(&self, args: &[&str]) -> Result<bool, Error> {
+    pub(crate) async fn run(&self, args: &[&str]) -> Result<bool, Error> {
         let child = Command::new(&self.program)
             .args(args)
             .stdin(Stdio::null())
@@ -58,7 +58,7 @@ impl Systemctl {
     }
 
     /// Run and require success, naming the command on failure.
-    pub async fn must(&self, args: &[&str]) -> Result<(), Error> {
+    pub(crate) async fn must(&self, args: &[&str]) -> Result<(), Error> {
         match self.run(args).await? {
             true => Ok(()),
             false => Err(Error::Failed {
@@ -72,14 +72,14 @@ impl Systemctl {
     }
 
     /// Whether a unit is active. A missing systemctl counts as "not active".
-    pub async fn is_active(&self, unit: &str) -> bool {
+    pub(crate) async fn is_active(&self, unit: &str) -> bool {
         self.run(&["is-active", "--quiet", unit])
             .await
             .unwrap_or(false)
     }
 
     /// Whether a unit is installed (systemd knows its unit file).
-    pub async fn exists(&self, unit: &str) -> bool {
+    pub(crate) async fn exists(&self, unit: &str) -> bool {
         // `cat` fails for units that do not exist, and works for every installed one.
         self.run(&["cat", unit]).await.unwrap_or(false)
     }

@@ -40,7 +40,7 @@ impl Arns<'_> {
 }
 
 /// The policy document. `account` defaults to any account (`*`).
-pub fn policy(cfg: &Config, account: Option<&str>) -> Value {
+pub(crate) fn policy(cfg: &Config, account: Option<&str>) -> Value {
     let region = cfg.aws.region.as_deref().unwrap_or("*");
     let arns = Arns {
         part: partition(region),

@@ -1,49 +1,79 @@
 //! offload-agent: process S3 file events on your own hosts.
 //!
-//! Module map:
-//! - [`cli`]: command-line definitions (clap); `--help` documents commands and exit codes.
-//! - [`app`]: what each subcommand does, and the mapping of outcomes to exit codes.
-//! - [`config`]: typed configuration, layering (file, conf.d, environment), complete validation.
-//! - [`telemetry`]: logging to journald under systemd, text or JSON otherwise; run-time level changes.
-//! - [`daemon`]: the task tree of `run`: signals, sd_notify, two-phase shutdown, reload.
-//! - [`aws`]: SDK clients with region, endpoints, timeouts and retries, built in one place.
-//! - [`credentials`]: credentials that follow the SSM agent's in-place rotation of the shared file.
-//! - [`params`]: configuration from SSM Parameter Store, as a layer between the files and the environment.
-//! - [`error`]: failure classes (transient, permanent, cancelled) and AWS error classification.
-//! - [`backoff`]: exponential backoff with jitter, shared by every retry loop.
-//! - [`worker`]: receiver, worker pool, event parsing, routing, spool, message settlement.
-//! - [`processors`]: file processors (`orders-csv`).
-//! - [`ecs_agent`]: supervision of the Amazon ECS container agent through Docker (bollard).
-//! - [`provision`]: idempotent creation of the bucket, queues, notification and table.
-//! - [`iam_policy`]: the least-privilege IAM policy a configuration needs.
-//! - [`pages`]: unmapping the pages of this binary that only start-up ran, once the daemon is idle;
-//!   memory figures from `/proc`.
-//! - [`host`]: the host's service manager (`systemctl`), called without blocking the runtime.
-//! - [`registration`]: `register` / `deregister` with SSM hybrid activation and ECS Anywhere.
+//! The module map, in the order a file travels, then the daemon around it and the host's side.
+//! Modules lower in a group use the ones above them, never the other way round.
+//!
+//! **Leaves** (depend on nothing of the agent's but `error`):
+//! - `limits`: the AWS services' limits (12 h visibility, 1,024-byte S3 keys, 2,048-byte DynamoDB
+//!   keys, ...), each named once.
+//! - `error`: failure classes (transient, permanent, unavailable, cancelled) and AWS error
+//!   classification.
+//! - `backoff`: exponential backoff with jitter, shared by every retry loop.
+//! - `event`: SQS message bodies into the S3 objects they announce.
+//! - `spool`: the private local files an object is streamed into.
+//! - `transfer`: S3 transfers (streamed downloads, multipart uploads, reports).
+//! - `docker`: the Docker engine (connect with version negotiation, not-found, image tarballs).
+//!
+//! **The file's path**:
+//! - `processors`: the `Processor` interface and the processors (`orders_csv`, `container`,
+//!   `command`); each gets a spooled object and returns what to store.
+//! - `worker`: `receive` (long polls for as many messages as there are free workers) → `run` (one
+//!   object through its pipeline: spool, processor, outputs) → `settle` (a pure decision, then
+//!   delete, release, retry later or dead-letter).
+//!
+//! **The daemon**:
+//! - `cli` (clap definitions; `--help` documents commands and exit codes) and `app` (what each
+//!   subcommand does, and the mapping of outcomes to exit codes).
+//! - `config`: typed configuration by section, each with its defaults; layering (file, conf.d,
+//!   Parameter Store, environment); complete validation.
+//! - `params`: configuration from SSM Parameter Store, as a layer between the files and the
+//!   environment.
+//! - `aws` (SDK clients with region, endpoints, timeouts and retries, built in one place) and
+//!   `credentials` (credentials that follow the SSM agent's in-place rotation of the shared file).
+//! - `daemon`: the task tree of `run`: settings and reload, the queues, signals, sd_notify, the
+//!   watchdog, two-phase shutdown.
+//! - `metrics` (the one registry every report reads), `status` (the `/status` document), `admin`
+//!   (the loopback HTTP endpoint: /healthz /readyz /metrics /status) and `telemetry` (journald under
+//!   systemd, text or JSON otherwise; run-time level changes).
+//! - `pages`: unmapping the pages of this binary that only start-up ran, once the daemon is idle.
+//!
+//! **The host**:
+//! - `ecs_agent`: supervision of the Amazon ECS container agent through Docker; `policy` judges its
+//!   exit codes and health, the supervisor acts.
+//! - `registration`: `register` / `deregister` with SSM hybrid activation and ECS Anywhere.
+//! - `host`: the host's service manager (`systemctl`), called without blocking the runtime.
+//! - `provision` (idempotent creation of the bucket, queues, notification and table) and
+//!   `iam_policy` (the least-privilege IAM policy a configuration needs).
+//!
+//! What tests, benchmarks and fuzz targets use is `pub`; everything else is `pub(crate)`.
+
+pub(crate) mod backoff;
+pub mod error;
+pub mod event;
+pub(crate) mod limits;
+
+pub(crate) mod docker;
+pub(crate) mod spool;
+pub mod transfer;
+
+pub mod processors;
+pub(crate) mod worker;
 
 pub mod admin;
 pub mod app;
 pub mod aws;
-pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod credentials;
-pub mod daemon;
-pub mod docker;
-pub mod ecs_agent;
-pub mod error;
-pub mod event;
-pub mod host;
-pub mod iam_policy;
-pub mod limits;
-pub mod metrics;
+pub(crate) mod daemon;
+pub(crate) mod metrics;
 pub mod pages;
-pub mod params;
-pub mod processors;
-pub mod provision;
-pub mod registration;
-pub mod spool;
-pub mod status;
+pub(crate) mod params;
+pub(crate) mod status;
 pub mod telemetry;
-pub mod transfer;
-pub mod worker;
+
+pub mod ecs_agent;
+pub(crate) mod host;
+pub(crate) mod iam_policy;
+pub(crate) mod provision;
+pub(crate) mod registration;

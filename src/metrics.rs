@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 
 /// How a file ended, as counted in `offload_files_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FileOutcome {
+pub(crate) enum FileOutcome {
     /// Processed, every row written (or a processor without rows succeeded).
     Ok,
     /// Processed, some rows rejected (listed in the rejects report).
@@ -35,7 +35,7 @@ pub enum FileOutcome {
 }
 
 impl FileOutcome {
-    pub const ALL: [FileOutcome; 5] = [
+    pub(crate) const ALL: [FileOutcome; 5] = [
         FileOutcome::Ok,
         FileOutcome::Rejected,
         FileOutcome::PermanentError,
@@ -43,7 +43,7 @@ impl FileOutcome {
         FileOutcome::Superseded,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FileOutcome::Ok => "ok",
             FileOutcome::Rejected => "rejected",
@@ -56,7 +56,7 @@ impl FileOutcome {
 
 /// How a message was settled, as counted in `offload_messages_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MessageOutcome {
+pub(crate) enum MessageOutcome {
     Received,
     Deleted,
     DeadLettered,
@@ -65,7 +65,7 @@ pub enum MessageOutcome {
 }
 
 impl MessageOutcome {
-    pub const ALL: [MessageOutcome; 5] = [
+    pub(crate) const ALL: [MessageOutcome; 5] = [
         MessageOutcome::Received,
         MessageOutcome::Deleted,
         MessageOutcome::DeadLettered,
@@ -97,7 +97,7 @@ macro_rules! label_value {
 
 /// Why an event was acknowledged without processing, as counted in `offload_events_skipped_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Skipped {
+pub(crate) enum Skipped {
     /// No pipeline matches the object.
     Unmatched,
     /// `s3:TestEvent`, sent when a notification is configured.
@@ -118,7 +118,7 @@ impl Skipped {
 
 /// What `offload_registered` reports on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Registered {
+pub(crate) enum Registered {
     /// An SSM managed instance.
     Ssm,
     /// An ECS container instance.
@@ -209,37 +209,37 @@ fn duration_histogram() -> Histogram {
 
 /// One failure, for `/status` and `offload-agent status`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RecentError {
-    pub time: String,
-    pub pipeline: String,
-    pub file: String,
-    pub reason: String,
+pub(crate) struct RecentError {
+    pub(crate) time: String,
+    pub(crate) pipeline: String,
+    pub(crate) file: String,
+    pub(crate) reason: String,
 }
 
 /// Errors kept for `/status`.
-pub const RECENT_ERRORS: usize = 20;
+pub(crate) const RECENT_ERRORS: usize = 20;
 
 /// Since when, and why, the queue cannot be found or received from (`None`: it can).
 #[derive(Debug, Default)]
-pub struct QueueHealth(Mutex<Option<(Instant, String)>>);
+pub(crate) struct QueueHealth(Mutex<Option<(Instant, String)>>);
 
 impl QueueHealth {
     /// Record a failure; the episode keeps its start.
-    pub fn fail(&self, what: String) {
+    pub(crate) fn fail(&self, what: String) {
         if let Ok(mut g) = self.0.lock() {
             let since = g.as_ref().map(|(t, _)| *t).unwrap_or_else(Instant::now);
             *g = Some((since, what));
         }
     }
 
-    pub fn ok(&self) {
+    pub(crate) fn ok(&self) {
         if let Ok(mut g) = self.0.lock() {
             *g = None;
         }
     }
 
     /// "queue unreachable for 40 s (why)", while there is a problem.
-    pub fn describe(&self) -> Option<String> {
+    pub(crate) fn describe(&self) -> Option<String> {
         let g = self.0.lock().ok()?;
         let (since, what) = g.as_ref()?;
         Some(format!(
@@ -422,21 +422,20 @@ impl HostSeries {
     }
 }
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     worker: FileSeries,
     sqs: QueueSeries,
     dynamodb: DynamoDbSeries,
     host: HostSeries,
     /// Whether the queue can be reached, with the reason when not (for the status line and `/readyz`).
-    pub queue: QueueHealth,
+    pub(crate) queue: QueueHealth,
     pipelines: Mutex<BTreeSet<String>>,
     recent: Mutex<VecDeque<RecentError>>,
     credentials_seen: AtomicU64,
     queue_seen: std::sync::atomic::AtomicBool,
     /// (when, rows written so far), a minute of them, for the rate in `/status`.
     rows_window: Mutex<VecDeque<(Instant, u64)>>,
-    pub started: Instant,
 }
 
 impl Default for Metrics {
@@ -446,7 +445,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let mut registry = Registry::with_prefix("offload");
         Metrics {
             worker: FileSeries::register(&mut registry),
@@ -460,12 +459,11 @@ impl Metrics {
             credentials_seen: AtomicU64::new(0),
             queue_seen: std::sync::atomic::AtomicBool::new(false),
             rows_window: Mutex::new(VecDeque::new()),
-            started: Instant::now(),
         }
     }
 
     /// Announce a pipeline so that its series exist (at zero) before its first file.
-    pub fn pipeline(&self, name: &str) {
+    pub(crate) fn pipeline(&self, name: &str) {
         let mut p = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         if p.insert(name.to_string()) {
             for o in FileOutcome::ALL {
@@ -482,7 +480,7 @@ impl Metrics {
         }
     }
 
-    pub fn file(&self, pipeline: &str, outcome: FileOutcome) {
+    pub(crate) fn file(&self, pipeline: &str, outcome: FileOutcome) {
         self.pipeline(pipeline);
         self.worker
             .files
@@ -493,7 +491,14 @@ impl Metrics {
             .inc();
     }
 
-    pub fn file_done(&self, pipeline: &str, seconds: f64, written: u64, rejected: u64, bytes: u64) {
+    pub(crate) fn file_done(
+        &self,
+        pipeline: &str,
+        seconds: f64,
+        written: u64,
+        rejected: u64,
+        bytes: u64,
+    ) {
         let l = PipelineLabels {
             pipeline: pipeline.into(),
         };
@@ -511,18 +516,18 @@ impl Metrics {
         );
     }
 
-    pub fn uploaded(&self, bytes: u64) {
+    pub(crate) fn uploaded(&self, bytes: u64) {
         self.worker.bytes_uploaded.inc_by(bytes);
     }
 
-    pub fn message(&self, outcome: MessageOutcome) {
+    pub(crate) fn message(&self, outcome: MessageOutcome) {
         self.sqs
             .messages
             .get_or_create(&MessageLabels { outcome })
             .inc();
     }
 
-    pub fn event_skipped(&self, kind: Skipped) {
+    pub(crate) fn event_skipped(&self, kind: Skipped) {
         self.sqs
             .events_skipped
             .get_or_create(&SkippedLabels { kind })
@@ -530,14 +535,14 @@ impl Metrics {
     }
 
     /// The queue was found (its URL resolved or configured).
-    pub fn queue_found(&self) {
+    pub(crate) fn queue_found(&self) {
         self.queue_seen.store(true, Ordering::Relaxed);
         self.sqs.reachable.set(1);
         self.queue.ok();
     }
 
     /// Whether the queue was ever found or received from.
-    pub fn queue_seen(&self) -> bool {
+    pub(crate) fn queue_seen(&self) -> bool {
         self.queue_seen.load(Ordering::Relaxed)
     }
 
@@ -573,7 +578,7 @@ impl Metrics {
     }
 
     /// Remember the rows written so far (the daemon calls it every few seconds).
-    pub fn sample_rows(&self) {
+    pub(crate) fn sample_rows(&self) {
         let now = Instant::now();
         let total = self.rows_written_total();
         let mut w = self.rows_window.lock().unwrap_or_else(|e| e.into_inner());
@@ -587,7 +592,7 @@ impl Metrics {
     }
 
     /// Rows written per second over the last minute (or since start, if shorter).
-    pub fn rows_per_second(&self) -> f64 {
+    pub(crate) fn rows_per_second(&self) -> f64 {
         self.sample_rows();
         let w = self.rows_window.lock().unwrap_or_else(|e| e.into_inner());
         match (w.front(), w.back()) {
@@ -599,7 +604,7 @@ impl Metrics {
         }
     }
 
-    pub fn receive(&self, messages: usize) {
+    pub(crate) fn receive(&self, messages: usize) {
         if messages == 0 {
             self.sqs.empty_receives.inc();
         } else {
@@ -608,40 +613,40 @@ impl Metrics {
         self.queue_found();
     }
 
-    pub fn receive_failed(&self, what: String) {
+    pub(crate) fn receive_failed(&self, what: String) {
         self.sqs.errors.inc();
         self.sqs.reachable.set(0);
         self.queue.fail(what);
     }
 
     /// The queue cannot be resolved (before any receive).
-    pub fn queue_missing(&self, what: String) {
+    pub(crate) fn queue_missing(&self, what: String) {
         self.sqs.reachable.set(0);
         self.queue.fail(what);
     }
 
-    pub fn dynamodb_throttled(&self) {
+    pub(crate) fn dynamodb_throttled(&self) {
         self.dynamodb.throttles.inc();
     }
 
-    pub fn dynamodb_unprocessed(&self) {
+    pub(crate) fn dynamodb_unprocessed(&self) {
         self.dynamodb.unprocessed_retries.inc();
     }
 
-    pub fn slots(&self, in_flight: usize, free: usize) {
+    pub(crate) fn slots(&self, in_flight: usize, free: usize) {
         self.worker.in_flight.set(in_flight as i64);
         self.worker.free_slots.set(free as i64);
     }
 
-    pub fn in_flight(&self) -> u64 {
+    pub(crate) fn in_flight(&self) -> u64 {
         self.worker.in_flight.get().max(0) as u64
     }
 
-    pub fn free_slots(&self) -> u64 {
+    pub(crate) fn free_slots(&self) -> u64 {
         self.worker.free_slots.get().max(0) as u64
     }
 
-    pub fn config_reload(&self, ok: bool) {
+    pub(crate) fn config_reload(&self, ok: bool) {
         let outcome = if ok { Reload::Ok } else { Reload::Failed };
         self.host
             .config_reloads
@@ -650,7 +655,7 @@ impl Metrics {
     }
 
     /// Bring the credentials counter up to `total` reads (the provider counts them itself).
-    pub fn credentials_reloaded_total(&self, total: u64) {
+    pub(crate) fn credentials_reloaded_total(&self, total: u64) {
         let seen = self.credentials_seen.swap(total, Ordering::Relaxed);
         if total > seen {
             self.host.credentials_reloads.inc_by(total - seen);
@@ -658,7 +663,7 @@ impl Metrics {
     }
 
     /// The supervisor's state now (one gauge per state, 1 for the current one).
-    pub fn ecs_agent(&self, state: &str, all: &[String]) {
+    pub(crate) fn ecs_agent(&self, state: &str, all: &[String]) {
         for s in all {
             self.host
                 .ecs_agent_state
@@ -667,7 +672,7 @@ impl Metrics {
         }
     }
 
-    pub fn ecs_agent_restarted(&self, by: u64, exit_code: Option<i64>) {
+    pub(crate) fn ecs_agent_restarted(&self, by: u64, exit_code: Option<i64>) {
         let code = exit_code.map_or_else(|| "none".to_string(), |c| c.to_string());
         self.host
             .ecs_agent_restarts
@@ -675,7 +680,7 @@ impl Metrics {
             .inc_by(by);
     }
 
-    pub fn registered(&self, kind: Registered, yes: bool) {
+    pub(crate) fn registered(&self, kind: Registered, yes: bool) {
         self.host
             .registered
             .get_or_create(&RegisteredLabels { kind })
@@ -683,7 +688,7 @@ impl Metrics {
     }
 
     /// Files of `outcomes`, summed over pipelines.
-    pub fn files_total(&self, outcomes: &[FileOutcome]) -> u64 {
+    pub(crate) fn files_total(&self, outcomes: &[FileOutcome]) -> u64 {
         self.pipeline_names()
             .iter()
             .flat_map(|p| outcomes.iter().map(move |o| self.file_count(p, *o)))
@@ -691,7 +696,7 @@ impl Metrics {
     }
 
     /// Per pipeline: outcome -> count, rows written, rows rejected.
-    pub fn by_pipeline(&self) -> Vec<PipelineCounts> {
+    pub(crate) fn by_pipeline(&self) -> Vec<PipelineCounts> {
         self.pipeline_names()
             .into_iter()
             .map(|p| PipelineCounts {
@@ -707,14 +712,14 @@ impl Metrics {
             .collect()
     }
 
-    pub fn messages_total(&self, outcome: MessageOutcome) -> u64 {
+    pub(crate) fn messages_total(&self, outcome: MessageOutcome) -> u64 {
         self.sqs
             .messages
             .get(&MessageLabels { outcome })
             .map_or(0, |c| c.get())
     }
 
-    pub fn error(&self, pipeline: &str, file: &str, reason: &str) {
+    pub(crate) fn error(&self, pipeline: &str, file: &str, reason: &str) {
         let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if r.len() == RECENT_ERRORS {
             r.pop_front();
@@ -727,7 +732,7 @@ impl Metrics {
         });
     }
 
-    pub fn recent_errors(&self) -> Vec<RecentError> {
+    pub(crate) fn recent_errors(&self) -> Vec<RecentError> {
         self.recent
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -737,7 +742,7 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition of every metric.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -745,7 +750,7 @@ impl Metrics {
     }
 
     /// A one-line summary for the log.
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         use MessageOutcome::*;
         format!(
             "messages received={} deleted={} dead-lettered={} retried={} released={}; files processed={} failed={}",
@@ -762,15 +767,15 @@ impl Metrics {
 
 /// One pipeline's counts, for `/status`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct PipelineCounts {
-    pub pipeline: String,
-    pub ok: u64,
-    pub rejected: u64,
-    pub permanent_error: u64,
-    pub transient_retry: u64,
-    pub superseded: u64,
-    pub rows_written: u64,
-    pub rows_rejected: u64,
+pub(crate) struct PipelineCounts {
+    pub(crate) pipeline: String,
+    pub(crate) ok: u64,
+    pub(crate) rejected: u64,
+    pub(crate) permanent_error: u64,
+    pub(crate) transient_retry: u64,
+    pub(crate) superseded: u64,
+    pub(crate) rows_written: u64,
+    pub(crate) rows_rejected: u64,
 }
 
 #[cfg(test)]

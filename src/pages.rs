@@ -4,7 +4,7 @@
 //! certificates, the first requests) runs code spread across the whole text segment, and the
 //! kernel maps 64 KiB around every page it faults in (fault-around): a daemon a few seconds old has
 //! about 12 MB of its 17 MB text mapped, while its idle loop (long polls, timers, the admin
-//! endpoint) runs about half of that. [`release_startup_pages`] unmaps the binary's never-written
+//! endpoint) runs about half of that. `release_startup_pages` unmaps the binary's never-written
 //! pages with `madvise(MADV_DONTNEED)`; the code that runs next faults back in from the page cache
 //! without I/O. The released pages stay in the page cache as clean, unmapped pages, which the
 //! kernel can reclaim without touching any page table (the classic LRU also gives mapped,
@@ -27,16 +27,16 @@ struct Mapping {
 
 /// What a release did.
 #[derive(Debug, Default)]
-pub struct Released {
+pub(crate) struct Released {
     /// Mappings of the executable released.
-    pub mappings: usize,
+    pub(crate) mappings: usize,
     /// Their resident size before the release.
-    pub kib: u64,
+    pub(crate) kib: u64,
 }
 
 /// Unmap the resident, never-written pages of this executable (see the module doc). Errors name
 /// the file or call that failed; none of them is harmful (the pages simply stay mapped).
-pub fn release_startup_pages() -> std::io::Result<Released> {
+pub(crate) fn release_startup_pages() -> std::io::Result<Released> {
     let exe = std::fs::metadata("/proc/self/exe")?;
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let mut done = Released::default();

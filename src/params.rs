@@ -14,16 +14,16 @@ use config::{Map, Source, Value, ValueKind};
 use crate::error::describe;
 
 /// The parameter that holds the pipelines document.
-pub const PIPELINES_PARAMETER: &str = "pipelines";
+pub(crate) const PIPELINES_PARAMETER: &str = "pipelines";
 
 /// One parameter as read from Parameter Store.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Parameter {
+pub(crate) struct Parameter {
     /// Its full name, `/offload-agent/prod/queue/max_in_flight`.
-    pub name: String,
-    pub value: String,
+    pub(crate) name: String,
+    pub(crate) value: String,
     /// A SecureString: its value is never printed.
-    pub secure: bool,
+    pub(crate) secure: bool,
 }
 
 impl std::fmt::Debug for Parameter {
@@ -37,9 +37,9 @@ impl std::fmt::Debug for Parameter {
 
 /// The parameters under one path, as a configuration layer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ParameterLayer {
-    pub path: String,
-    pub parameters: Vec<Parameter>,
+pub(crate) struct ParameterLayer {
+    pub(crate) path: String,
+    pub(crate) parameters: Vec<Parameter>,
 }
 
 impl ParameterLayer {
@@ -57,7 +57,7 @@ impl ParameterLayer {
     }
 
     /// The configuration keys whose values come from SecureString parameters (redacted in output).
-    pub fn secure_keys(&self) -> BTreeSet<String> {
+    pub(crate) fn secure_keys(&self) -> BTreeSet<String> {
         self.parameters
             .iter()
             .filter(|p| p.secure)
@@ -145,7 +145,7 @@ impl Source for ParameterLayer {
 }
 
 /// Read every parameter under `path` (recursive, decrypted), following pagination.
-pub async fn fetch(ssm: &aws_sdk_ssm::Client, path: &str) -> Result<ParameterLayer, String> {
+pub(crate) async fn fetch(ssm: &aws_sdk_ssm::Client, path: &str) -> Result<ParameterLayer, String> {
     let mut parameters = Vec::new();
     let mut token = None;
     loop {

@@ -22,9 +22,9 @@ const NOTIFICATION_ID_PREFIX: &str = "offload-agent-";
 
 /// One line of the report: what was done to what.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Step {
-    pub action: &'static str,
-    pub what: String,
+pub(crate) struct Step {
+    pub(crate) action: &'static str,
+    pub(crate) what: String,
 }
 
 impl std::fmt::Display for Step {
@@ -40,7 +40,7 @@ fn step(action: &'static str, what: impl Into<String>) -> Step {
     }
 }
 
-pub async fn provision(cfg: &Config, clients: &Clients) -> Result<Vec<Step>> {
+pub(crate) async fn provision(cfg: &Config, clients: &Clients) -> Result<Vec<Step>> {
     let mut steps = Vec::new();
 
     let mut buckets = BTreeSet::new();

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug)]
-pub struct Spool {
+pub(crate) struct Spool {
     dir: PathBuf,
     seq: AtomicU64,
 }
@@ -19,15 +19,15 @@ pub struct Spool {
 /// name, and whatever the processor produces. Removed with everything in it when dropped, whatever
 /// happened.
 #[derive(Debug)]
-pub struct SpoolFiles {
-    pub dir: PathBuf,
+pub(crate) struct SpoolFiles {
+    pub(crate) dir: PathBuf,
     /// The downloaded object: `<dir>/input/<the key's last segment>`.
-    pub input: PathBuf,
+    pub(crate) input: PathBuf,
 }
 
 impl SpoolFiles {
     /// A path for a processor's own file or directory inside this object's directory.
-    pub fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 }
@@ -45,7 +45,7 @@ const OLD_SUFFIXES: [&str; 3] = ["in", "out", "rej"];
 
 /// The input's file name inside the object's directory: the key's last segment when it is a plain
 /// name of sensible length, else "input". Processors see it (a container at `/input/<name>`).
-pub fn input_name(key: &str) -> String {
+pub(crate) fn input_name(key: &str) -> String {
     let last = key.rsplit('/').next().unwrap_or("");
     let plain = !last.is_empty()
         && last != "."
@@ -68,7 +68,7 @@ const SHARED_DIRS: [&str; 12] = [
 /// Whether `dir` can be the agent's own spool: not a shared system directory, and, if it exists, a
 /// directory owned by this user that no one else may write to (world- or group-writable directories,
 /// such as `/tmp`, are shared). The reason is returned for a configuration error.
-pub fn check_dir(dir: &Path) -> Result<(), String> {
+pub(crate) fn check_dir(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     if !dir.is_absolute() {
         return Err(format!("\"{}\" must be an absolute path", dir.display()));
@@ -108,7 +108,7 @@ pub fn check_dir(dir: &Path) -> Result<(), String> {
 
 impl Spool {
     /// Create the directory (mode 0700: spooled files may hold customer data).
-    pub fn open(dir: &Path) -> io::Result<Spool> {
+    pub(crate) fn open(dir: &Path) -> io::Result<Spool> {
         std::fs::create_dir_all(dir)?;
         #[cfg(unix)]
         {
@@ -121,13 +121,13 @@ impl Spool {
         })
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// Remove what a crashed or killed predecessor left behind (the daemon alone owns the spool; their
     /// messages come back through SQS). Returns how many entries were removed.
-    pub fn clean_stale(&self) -> io::Result<usize> {
+    pub(crate) fn clean_stale(&self) -> io::Result<usize> {
         let mut n = 0;
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
@@ -146,7 +146,7 @@ impl Spool {
     }
 
     /// A new private directory for one object (never shared: two deliveries of one key get two).
-    pub fn files_for(&self, bucket: &str, key: &str) -> io::Result<SpoolFiles> {
+    pub(crate) fn files_for(&self, bucket: &str, key: &str) -> io::Result<SpoolFiles> {
         let mut h = Sha256::new();
         h.update(bucket.as_bytes());
         h.update([0]);

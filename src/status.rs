@@ -9,29 +9,29 @@ use crate::metrics::{PipelineCounts, RecentError};
 
 /// What `GET /status` answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatusDoc {
-    pub version: String,
-    pub pid: u32,
-    pub uptime_s: u64,
+pub(crate) struct StatusDoc {
+    pub(crate) version: String,
+    pub(crate) pid: u32,
+    pub(crate) uptime_s: u64,
     /// `true`, or why the daemon cannot take work now.
-    pub ready: Readiness,
-    pub registration: Registration,
+    pub(crate) ready: Readiness,
+    pub(crate) registration: Registration,
     /// Absent (null) when the supervisor is off (`ecs_agent.enabled = false`).
-    pub ecs_agent: Option<EcsAgent>,
-    pub worker: WorkerStatus,
-    pub recent_errors: Vec<RecentError>,
+    pub(crate) ecs_agent: Option<EcsAgent>,
+    pub(crate) worker: WorkerStatus,
+    pub(crate) recent_errors: Vec<RecentError>,
 }
 
 /// `true` when ready; otherwise the reason, as text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
-pub enum Readiness {
+pub(crate) enum Readiness {
     Ready(bool),
     NotReady(String),
 }
 
 impl Readiness {
-    pub fn of(r: Result<(), String>) -> Readiness {
+    pub(crate) fn of(r: Result<(), String>) -> Readiness {
         match r {
             Ok(()) => Readiness::Ready(true),
             Err(why) => Readiness::NotReady(why),
@@ -39,7 +39,7 @@ impl Readiness {
     }
 
     /// The reason the daemon is not ready, if it is not.
-    pub fn problem(&self) -> Option<&str> {
+    pub(crate) fn problem(&self) -> Option<&str> {
         match self {
             Readiness::Ready(true) => None,
             Readiness::Ready(false) => Some("unknown reason"),
@@ -49,39 +49,39 @@ impl Readiness {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Registration {
-    pub managed_instance_id: Option<String>,
-    pub cluster: Option<String>,
-    pub container_instance_arn: Option<String>,
+pub(crate) struct Registration {
+    pub(crate) managed_instance_id: Option<String>,
+    pub(crate) cluster: Option<String>,
+    pub(crate) container_instance_arn: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EcsAgent {
-    pub state: String,
-    pub reason: String,
-    pub version: Option<String>,
-    pub restarts: u64,
-    pub adoptions: u64,
-    pub last_exit_code: Option<i64>,
+pub(crate) struct EcsAgent {
+    pub(crate) state: String,
+    pub(crate) reason: String,
+    pub(crate) version: Option<String>,
+    pub(crate) restarts: u64,
+    pub(crate) adoptions: u64,
+    pub(crate) last_exit_code: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkerStatus {
-    pub in_flight: u64,
-    pub free_slots: u64,
-    pub files_done: u64,
-    pub files_failed: u64,
-    pub rows_per_second_1m: f64,
-    pub queue_problem: Option<String>,
-    pub pipelines: Vec<PipelineCounts>,
-    pub unavailable_pipelines: Vec<Unavailable>,
+pub(crate) struct WorkerStatus {
+    pub(crate) in_flight: u64,
+    pub(crate) free_slots: u64,
+    pub(crate) files_done: u64,
+    pub(crate) files_failed: u64,
+    pub(crate) rows_per_second_1m: f64,
+    pub(crate) queue_problem: Option<String>,
+    pub(crate) pipelines: Vec<PipelineCounts>,
+    pub(crate) unavailable_pipelines: Vec<Unavailable>,
 }
 
 /// A pipeline that cannot run on this host now.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Unavailable {
-    pub pipeline: String,
-    pub reason: String,
+pub(crate) struct Unavailable {
+    pub(crate) pipeline: String,
+    pub(crate) reason: String,
 }
 
 fn or_dash<T: ToString>(v: &Option<T>) -> String {
@@ -90,7 +90,7 @@ fn or_dash<T: ToString>(v: &Option<T>) -> String {
 
 impl StatusDoc {
     /// The human summary `offload-agent status` prints.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut o = String::new();
         let ready = match self.ready.problem() {
             None => "ready".to_string(),

@@ -25,14 +25,14 @@ type Base = tracing_subscriber::layer::Layered<reload::Layer<EnvFilter, Registry
 
 /// Changes the log filter of the running process.
 #[derive(Clone)]
-pub struct LogHandle {
+pub(crate) struct LogHandle {
     handle: Option<reload::Handle<EnvFilter, Registry>>,
     env_override: bool,
 }
 
 impl LogHandle {
     /// Apply `agent.log_level` unless `RUST_LOG` overrides it.
-    pub fn set_level(&self, level: &str) {
+    pub(crate) fn set_level(&self, level: &str) {
         if self.env_override {
             return;
         }
@@ -42,18 +42,10 @@ impl LogHandle {
             }
         }
     }
-
-    /// A handle that changes nothing (tests, or when logging could not be set up).
-    pub fn inert() -> Self {
-        LogHandle {
-            handle: None,
-            env_override: true,
-        }
-    }
 }
 
 /// Install the global subscriber. Call once, early.
-pub fn init(format: LogFormat, level: &str) -> LogHandle {
+pub(crate) fn init(format: LogFormat, level: &str) -> LogHandle {
     let env = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty());
     let filter = EnvFilter::try_new(env.as_deref().unwrap_or(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -114,6 +106,6 @@ where
 }
 
 /// This process's peak resident set size in bytes (Linux `VmHWM`), for summaries and benchmarks.
-pub fn peak_rss_bytes() -> Option<u64> {
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
     crate::pages::status_kb(None, "VmHWM:").map(|kb| kb * 1024)
 }

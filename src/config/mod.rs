@@ -1,7 +1,7 @@
 //! Typed configuration: layering (file, `conf.d/*.toml`, environment), complete validation.
 //!
 //! The configuration is read once into a tree of `config::Value`s (which remember the file each value
-//! came from), then walked by a [`Reader`] that records *every* problem it meets — unknown keys, missing
+//! came from), then walked by a `Reader` that records *every* problem it meets — unknown keys, missing
 //! keys, wrong types, bad durations, pipelines that would feed themselves — so that the operator sees all
 //! of them at once, each naming the key and the file. `config/agent.toml` documents every key.
 
@@ -214,7 +214,7 @@ pub struct Loaded {
 }
 
 /// Load with every layer: the file, `conf.d`, the Parameter Store layer (when given), the environment.
-pub fn load_with(
+pub(crate) fn load_with(
     path: &Path,
     params: Option<&crate::params::ParameterLayer>,
     env: &BTreeMap<String, String>,

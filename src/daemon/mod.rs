@@ -35,7 +35,7 @@ use settings::Settings;
 
 /// What the outside world asks of a running daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Control {
+pub(crate) enum Control {
     /// SIGTERM / SIGINT: drain and stop (a second one aborts in-flight work at once).
     Stop,
     /// SIGHUP: reload the configuration.
@@ -46,7 +46,7 @@ pub enum Control {
 const RELEASE_BUDGET: Duration = Duration::from_secs(8);
 
 /// Forward SIGTERM, SIGINT and SIGHUP into a channel (production's control source).
-pub fn signals() -> Result<mpsc::Receiver<Control>> {
+pub(crate) fn signals() -> Result<mpsc::Receiver<Control>> {
     use futures::StreamExt;
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
@@ -68,7 +68,7 @@ pub fn signals() -> Result<mpsc::Receiver<Control>> {
 }
 
 /// Tell systemd about our state (Type=notify); a no-op when not started by systemd.
-pub fn notify(states: &[NotifyState]) {
+pub(crate) fn notify(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(false, states) {
         tracing::debug!(error = %e, "sd_notify failed");
     }
@@ -85,11 +85,11 @@ fn watchdog_interval() -> Option<Duration> {
 const SUPERVISOR_BUDGET: Duration = Duration::from_secs(8);
 
 /// The longest shutdown beyond `agent.shutdown_grace`: releasing messages, then stopping the supervisor.
-pub const SHUTDOWN_OVERHEAD: Duration =
+pub(crate) const SHUTDOWN_OVERHEAD: Duration =
     Duration::from_secs(RELEASE_BUDGET.as_secs() + SUPERVISOR_BUDGET.as_secs());
 
 /// `TimeoutStopSec=` of `systemd/offload-agent.service` (a test checks that they agree).
-pub const UNIT_TIMEOUT_STOP: Duration = Duration::from_secs(60);
+pub(crate) const UNIT_TIMEOUT_STOP: Duration = Duration::from_secs(60);
 
 /// How often the status line is refreshed (and the watchdog fed, if it wants it less often).
 const STATUS_EVERY: Duration = Duration::from_secs(2);
@@ -142,7 +142,7 @@ struct Daemon {
 ///
 /// Ready (for systemd) means configured and running: the queue may still be missing or unreachable,
 /// which is a degraded state shown in `STATUS=` and recovered from without a restart.
-pub async fn run(
+pub(crate) async fn run(
     config_path: PathBuf,
     cfg: Config,
     env: BTreeMap<String, String>,

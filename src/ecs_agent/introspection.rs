@@ -19,7 +19,7 @@ const MAX_RESPONSE: usize = 64 * 1024;
 
 /// Why the agent's introspection endpoint gave no metadata; each names the URL.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error("{url}: only http:// URLs are supported")]
     NotHttp { url: String },
     #[error("{url}: {error}")]
@@ -55,7 +55,7 @@ fn split_url(url: &str) -> Result<(String, String), Error> {
 }
 
 /// Ask the agent; any failure (refused, timeout, non-200, bad JSON) is an error naming the URL.
-pub async fn fetch(url: &str, timeout: Duration) -> Result<Metadata, Error> {
+pub(crate) async fn fetch(url: &str, timeout: Duration) -> Result<Metadata, Error> {
     let (authority, path) = split_url(url)?;
     let io = |error| Error::Io {
         url: url.into(),

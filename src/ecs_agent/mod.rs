@@ -123,7 +123,7 @@ pub use policy::{EXIT_CLEAN, EXIT_TERMINAL, EXIT_UPGRADE};
 
 /// Why the agent could not be set up this time (retried with backoff; shown as the state's reason).
 #[derive(Debug, thiserror::Error)]
-pub enum SetupError {
+pub(crate) enum SetupError {
     #[error(transparent)]
     Docker(#[from] docker::Error),
     #[error("cannot {action} {name}")]

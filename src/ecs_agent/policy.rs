@@ -1,6 +1,6 @@
 //! Where the ECS agent's exit code and health are judged: pure functions of what happened, so that
-//! every rule is a row in a table test. [`next`] says what an ended watch of the agent leads to,
-//! [`after_upgrade`] what an exit-42 upgrade leads to, and [`Health`] when a silent agent counts as
+//! every rule is a row in a table test. `next` says what an ended watch of the agent leads to,
+//! `after_upgrade` what an exit-42 upgrade leads to, and `Health` when a silent agent counts as
 //! unhealthy and when a healthy one has earned a fresh restart backoff. The supervisor
 //! ([`super::Supervisor`]) performs what they decide.
 
@@ -54,7 +54,7 @@ pub(crate) enum Next {
 pub(crate) struct History {
     /// Exit-42 upgrades since the agent was last healthy for `healthy_reset_after`: a second one
     /// (an agent that keeps asking) waits for the restart backoff instead of looping hot.
-    pub upgrades_since_healthy: u32,
+    pub(crate) upgrades_since_healthy: u32,
 }
 
 /// What an ended watch leads to.

@@ -11,12 +11,12 @@ use super::SetupError;
 use crate::config::{EcsAgentConfig, HostConfig as HostPaths};
 
 /// Label holding the hash of everything the container was created from.
-pub const CONFIG_HASH_LABEL: &str = "io.offload-agent.config-hash";
+pub(crate) const CONFIG_HASH_LABEL: &str = "io.offload-agent.config-hash";
 /// Label marking containers this supervisor created.
-pub const MANAGED_LABEL: &str = "io.offload-agent.managed";
+pub(crate) const MANAGED_LABEL: &str = "io.offload-agent.managed";
 
 /// ecs-init's environment for an ECS Anywhere agent; the env files override it.
-pub const DEFAULT_ENV: &[(&str, &str)] = &[
+pub(crate) const DEFAULT_ENV: &[(&str, &str)] = &[
     ("ECS_LOGFILE", "/log/ecs-agent.log"),
     ("ECS_DATADIR", "/data"),
     ("ECS_AGENT_CONFIG_FILE_PATH", "/etc/ecs/ecs.config.json"),
@@ -35,21 +35,21 @@ pub const DEFAULT_ENV: &[(&str, &str)] = &[
 
 /// Values ecs-init sets after reading the env files on an external (ECS Anywhere) instance: a user's
 /// env file cannot turn them off.
-pub const FORCED_ENV: &[(&str, &str)] =
+pub(crate) const FORCED_ENV: &[(&str, &str)] =
     &[("ECS_ENABLE_TASK_ENI", "false"), ("ECS_EXTERNAL", "true")];
 
 /// Where the rotating credentials directory appears inside the agent's container.
 const ROTATING_CREDS: &str = "/rotatingcreds";
 
 /// Env files, in order (later wins), relative to `host_root`.
-pub const ENV_FILES: [&str; 2] = ["var/lib/ecs/ecs.config", "etc/ecs/ecs.config"];
+pub(crate) const ENV_FILES: [&str; 2] = ["var/lib/ecs/ecs.config", "etc/ecs/ecs.config"];
 /// Holds the path of the image tarball to load when the agent exits 42.
-pub const DESIRED_IMAGE_FILE: &str = "var/cache/ecs/desired-image";
+pub(crate) const DESIRED_IMAGE_FILE: &str = "var/cache/ecs/desired-image";
 
 /// (host path relative to host_root, container path, read-only, required). Required directories are
 /// created; optional ones are bound only if they exist — unlike ecs-init, which lets Docker create an
 /// empty directory in their place.
-pub const BINDS: &[(&str, &str, bool, bool)] = &[
+pub(crate) const BINDS: &[(&str, &str, bool, bool)] = &[
     ("var/run", "/var/run", false, false),
     ("var/log/ecs", "/log", false, true),
     ("var/lib/ecs/data", "/data", false, true),
@@ -76,15 +76,18 @@ const DEFAULT_CREDS_DIR: &str = "root/.aws";
 /// A problem with an env file, naming the file and line.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}:{line}: {reason}")]
-pub struct EnvFileError {
-    pub path: PathBuf,
-    pub line: usize,
-    pub reason: String,
+pub(crate) struct EnvFileError {
+    pub(crate) path: PathBuf,
+    pub(crate) line: usize,
+    pub(crate) reason: String,
 }
 
 /// Parse `KEY=VALUE` lines. Unlike ecs-init's parser: `#` comments, blank lines, `export ` prefixes and
 /// single- or double-quoted values are accepted.
-pub fn parse_env_file(text: &str, path: &Path) -> Result<Vec<(String, String)>, EnvFileError> {
+pub(crate) fn parse_env_file(
+    text: &str,
+    path: &Path,
+) -> Result<Vec<(String, String)>, EnvFileError> {
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
@@ -124,18 +127,18 @@ pub fn parse_env_file(text: &str, path: &Path) -> Result<Vec<(String, String)>, 
 
 /// Everything the agent container is created from.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ContainerSpec {
-    pub name: String,
-    pub image: String,
+pub(crate) struct ContainerSpec {
+    pub(crate) name: String,
+    pub(crate) image: String,
     /// The image id the container must run; part of the hash, so a new image recreates it.
-    pub image_id: String,
-    pub env: BTreeMap<String, String>,
-    pub binds: Vec<String>,
-    pub log_max_size: String,
-    pub log_max_files: u64,
+    pub(crate) image_id: String,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) binds: Vec<String>,
+    pub(crate) log_max_size: String,
+    pub(crate) log_max_files: u64,
 }
 
-pub fn host_path(cfg: &EcsAgentConfig, rel: &str) -> PathBuf {
+pub(crate) fn host_path(cfg: &EcsAgentConfig, rel: &str) -> PathBuf {
     cfg.host_root.join(rel)
 }
 
@@ -143,7 +146,7 @@ impl ContainerSpec {
     /// Build the spec: default env, then the env files, then the values ecs-init forces; the rotating
     /// credentials directory is the one the SSM agent's identity_config.json names (`ShareFile`,
     /// `ShareProfile`), else `/root/.aws`. Required directories are created.
-    pub fn build(
+    pub(crate) fn build(
         cfg: &EcsAgentConfig,
         host: &HostPaths,
         image_id: &str,
@@ -229,7 +232,7 @@ impl ContainerSpec {
     }
 
     /// A stable hash of the spec (sorted env, binds in order, image id, log options).
-    pub fn hash(&self) -> String {
+    pub(crate) fn hash(&self) -> String {
         let mut h = Sha256::new();
         let mut field = |k: &str, v: &str| {
             h.update(k.as_bytes());
@@ -253,7 +256,7 @@ impl ContainerSpec {
 
     /// The create request: host network and user namespace, an init process, capped json-file logs,
     /// no restart policy (the supervisor restarts it), no added capabilities.
-    pub fn create_body(&self) -> ContainerCreateBody {
+    pub(crate) fn create_body(&self) -> ContainerCreateBody {
         let mut labels = HashMap::new();
         labels.insert(CONFIG_HASH_LABEL.to_string(), self.hash());
         labels.insert(MANAGED_LABEL.to_string(), "true".to_string());

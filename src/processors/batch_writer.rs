@@ -4,7 +4,7 @@
 //! request it already serialized (standard retry mode, `dynamodb.write_max_attempts` attempts, 50 ms
 //! doubling to 5 s, with jitter), so the writer never needs the items again. What DynamoDB returns
 //! unprocessed comes back as owned items in its answer and is sent again from there. An answer that
-//! refuses the data itself (`ValidationException`) is reported as [`WriteError::Refused`]: the caller
+//! refuses the data itself (`ValidationException`) is reported as `WriteError::Refused`: the caller
 //! builds that batch's items again from its packed rows and writes them one at a time to find which row
 //! it was.
 
@@ -68,7 +68,7 @@ impl Intercept for CountThrottles {
 
 /// The client rows are written with: `base` (same connections, credentials and endpoint) with the
 /// write retry policy and the throttle counter.
-pub fn writer_client(
+pub(crate) fn writer_client(
     base: &aws_sdk_dynamodb::Client,
     max_attempts: u32,
     metrics: Arc<Metrics>,
@@ -89,7 +89,7 @@ pub fn writer_client(
 
 /// Why a batch was not written.
 #[derive(Debug)]
-pub enum WriteError {
+pub(crate) enum WriteError {
     /// DynamoDB refused the batch's data (`ValidationException`): some item in it is not acceptable.
     Refused(String),
     /// Anything else: the file fails with this (transient or permanent) error.
@@ -98,18 +98,18 @@ pub enum WriteError {
 
 /// Writes batches to one table.
 #[derive(Clone)]
-pub struct BatchWriter {
-    pub ddb: aws_sdk_dynamodb::Client,
-    pub metrics: Arc<Metrics>,
-    pub table: String,
+pub(crate) struct BatchWriter {
+    pub(crate) ddb: aws_sdk_dynamodb::Client,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) table: String,
     /// Rounds of `UnprocessedItems` before the file is given up for now (`dynamodb.write_max_attempts`).
-    pub max_attempts: u32,
+    pub(crate) max_attempts: u32,
 }
 
 impl BatchWriter {
     /// Write every request, sending again what DynamoDB returns unprocessed (which the SDK does not
     /// retry) with exponential backoff and jitter.
-    pub async fn write(
+    pub(crate) async fn write(
         &self,
         mut pending: Vec<WriteRequest>,
         cancel: &CancellationToken,

@@ -15,18 +15,18 @@ use crate::config::CommandSpec;
 use crate::error::ProcessError;
 
 /// The only inherited-looking variable a command gets besides the contract's.
-pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// How long the output pipes are drained after the group is gone.
 const DRAIN: Duration = Duration::from_secs(2);
 
-pub struct Command<'a> {
+pub(crate) struct Command<'a> {
     spec: &'a CommandSpec,
     region: &'a str,
 }
 
 impl<'a> Command<'a> {
-    pub fn new(spec: &'a CommandSpec, ctx: &'a Context) -> Self {
+    pub(crate) fn new(spec: &'a CommandSpec, ctx: &'a Context) -> Self {
         Command {
             spec,
             region: &ctx.region,

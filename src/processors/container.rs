@@ -24,18 +24,18 @@ use crate::docker;
 use crate::error::{chain, ProcessError};
 
 /// Set on every processor container; its value is the pipeline's name.
-pub const PIPELINE_LABEL: &str = "offload-agent.pipeline";
+pub(crate) const PIPELINE_LABEL: &str = "offload-agent.pipeline";
 /// Who started the container: `daemon` (removed by the next daemon start if left behind) or `process`.
-pub const OWNER_LABEL: &str = "offload-agent.owner";
+pub(crate) const OWNER_LABEL: &str = "offload-agent.owner";
 /// The spool directory of the agent that started it: a daemon removes only its own leftovers.
-pub const SPOOL_LABEL: &str = "offload-agent.spool";
+pub(crate) const SPOOL_LABEL: &str = "offload-agent.spool";
 
 const DRAIN: Duration = Duration::from_secs(2);
 
 /// Which program runs processor containers, so that a daemon's start-up removes only its own orphans
 /// and never the container of an `offload-agent process` running beside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Owner {
+pub(crate) enum Owner {
     Daemon,
     Process,
 }
@@ -51,7 +51,7 @@ impl Owner {
 
 /// The Docker engine, connected on first use (hosts with only orders-csv and command pipelines never
 /// need one). A failed connection is tried again by the next file.
-pub struct Engine {
+pub(crate) struct Engine {
     socket: String,
     owner: Owner,
     spool: String,
@@ -59,7 +59,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(socket: &str, owner: Owner, spool: &std::path::Path) -> Engine {
+    pub(crate) fn new(socket: &str, owner: Owner, spool: &std::path::Path) -> Engine {
         Engine {
             socket: socket.to_string(),
             owner,
@@ -68,7 +68,7 @@ impl Engine {
         }
     }
 
-    pub async fn get(&self) -> Result<&Docker, ProcessError> {
+    pub(crate) async fn get(&self) -> Result<&Docker, ProcessError> {
         self.docker
             .get_or_try_init(|| docker::connect(&self.socket))
             .await
@@ -82,7 +82,7 @@ impl Engine {
 
     /// Remove the processor containers a previous daemon left (killed while they ran; their messages
     /// come back through SQS). Returns how many were removed; does nothing without Docker.
-    pub async fn remove_orphans(&self) -> Result<usize, String> {
+    pub(crate) async fn remove_orphans(&self) -> Result<usize, String> {
         if !std::path::Path::new(&self.socket).exists() {
             return Ok(0);
         }
@@ -121,7 +121,7 @@ impl Engine {
 
     /// Whether `image` is present, pulling it when allowed. A missing image makes the pipeline
     /// unavailable (an operator loads it), not each file a failure.
-    pub async fn ensure_image(&self, spec: &ContainerSpec) -> Result<(), ProcessError> {
+    pub(crate) async fn ensure_image(&self, spec: &ContainerSpec) -> Result<(), ProcessError> {
         let docker = self.get().await?;
         match docker.inspect_image(&spec.image).await {
             Ok(_) => return Ok(()),
@@ -198,13 +198,13 @@ impl Drop for Created {
     }
 }
 
-pub struct Container<'a> {
+pub(crate) struct Container<'a> {
     spec: &'a ContainerSpec,
     ctx: &'a Context,
 }
 
 impl<'a> Container<'a> {
-    pub fn new(spec: &'a ContainerSpec, ctx: &'a Context) -> Self {
+    pub(crate) fn new(spec: &'a ContainerSpec, ctx: &'a Context) -> Self {
         Container { spec, ctx }
     }
 

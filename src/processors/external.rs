@@ -10,18 +10,18 @@ use crate::error::ProcessError;
 use crate::limits::S3_MAX_KEY_BYTES;
 
 /// Lines of a processor's output kept for the log and the error report when it fails.
-pub const TAIL_LINES: usize = 20;
+pub(crate) const TAIL_LINES: usize = 20;
 /// Lines of one file's processor output copied into the daemon's log; the rest is counted only.
-pub const MAX_LOGGED_LINES: u64 = 1000;
+pub(crate) const MAX_LOGGED_LINES: u64 = 1000;
 /// A longer line is cut (the rest of it is skipped), so a processor cannot make the daemon buffer
 /// without bound.
-pub const MAX_LINE_BYTES: usize = 4096;
+pub(crate) const MAX_LINE_BYTES: usize = 4096;
 /// Files a processor may leave in its output directory (each one is an upload).
-pub const MAX_OUTPUT_FILES: usize = 10_000;
+pub(crate) const MAX_OUTPUT_FILES: usize = 10_000;
 const MAX_DEPTH: usize = 32;
 
 /// The environment every external processor gets (plus `PATH` for commands).
-pub fn contract_env(
+pub(crate) fn contract_env(
     job: &Job<'_>,
     region: &str,
     input: &str,
@@ -39,7 +39,7 @@ pub fn contract_env(
 }
 
 /// `args` with `{input}` and `{output_dir}` replaced.
-pub fn substitute(args: &[String], input: &str, output_dir: &str) -> Vec<String> {
+pub(crate) fn substitute(args: &[String], input: &str, output_dir: &str) -> Vec<String> {
     args.iter()
         .map(|a| {
             a.replace("{input}", input)
@@ -52,7 +52,7 @@ pub fn substitute(args: &[String], input: &str, output_dir: &str) -> Vec<String>
 /// the daemon's user reaches it by path; a container running as another user reaches it (and the input
 /// file) through its bind mounts, so for one `open_to_all` makes the directory writable and the input
 /// readable by any user.
-pub fn make_output_dir(job: &Job<'_>, open_to_all: bool) -> Result<PathBuf, ProcessError> {
+pub(crate) fn make_output_dir(job: &Job<'_>, open_to_all: bool) -> Result<PathBuf, ProcessError> {
     use std::os::unix::fs::PermissionsExt;
     let dir = job.files.path("output");
     let io = |e: std::io::Error| {
@@ -77,7 +77,7 @@ pub fn make_output_dir(job: &Job<'_>, open_to_all: bool) -> Result<PathBuf, Proc
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream {
+pub(crate) enum Stream {
     Stdout,
     Stderr,
 }
@@ -95,7 +95,7 @@ impl Stream {
 /// the file's fields) up to [`MAX_LOGGED_LINES`], the last [`TAIL_LINES`] kept for the failure report.
 /// Memory is bounded by the line and tail limits, whatever the processor prints.
 #[derive(Debug, Default)]
-pub struct OutputLog {
+pub(crate) struct OutputLog {
     partial: [Vec<u8>; 2],
     cut: [bool; 2],
     tail: VecDeque<String>,
@@ -103,7 +103,7 @@ pub struct OutputLog {
 }
 
 impl OutputLog {
-    pub fn feed(&mut self, stream: Stream, mut bytes: &[u8]) {
+    pub(crate) fn feed(&mut self, stream: Stream, mut bytes: &[u8]) {
         let i = stream as usize;
         while !bytes.is_empty() {
             match memchr::memchr(b'\n', bytes) {
@@ -153,7 +153,7 @@ impl OutputLog {
     }
 
     /// Flush lines without a final newline.
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         for s in [Stream::Stdout, Stream::Stderr] {
             if !self.partial[s as usize].is_empty() || self.cut[s as usize] {
                 self.end_line(s);
@@ -162,7 +162,7 @@ impl OutputLog {
     }
 
     /// The last lines, for an error report ("(no output)" when there was none).
-    pub fn tail(&self) -> String {
+    pub(crate) fn tail(&self) -> String {
         if self.tail.is_empty() {
             "(no output)".to_string()
         } else {
@@ -173,7 +173,7 @@ impl OutputLog {
 
 /// How an external processor ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exit {
+pub(crate) enum Exit {
     Code(i64),
     /// Killed by a signal (commands).
     Signal(i32),
@@ -185,7 +185,7 @@ pub enum Exit {
 
 /// The failure class of a non-successful exit: codes in `permanent` fail the file for good, everything
 /// else is retried like any transient failure. `Ok(())` for exit 0.
-pub fn judge(
+pub(crate) fn judge(
     exit: &Exit,
     permanent: &[i64],
     what: &str,
@@ -219,7 +219,7 @@ pub fn judge(
 
 /// The end of an external processor's run, the same for both kinds: judge the exit with the output's
 /// tail (the processor is gone by now), then collect what it left in `output_dir`.
-pub async fn finish(
+pub(crate) async fn finish(
     job: &Job<'_>,
     what: &str,
     exit: &Exit,
@@ -252,7 +252,7 @@ pub async fn finish(
 /// Refused (a permanent failure, nothing stored): symbolic links, hard links (a file also reachable
 /// elsewhere), devices, sockets and pipes, names that are not UTF-8, keys longer than S3 allows, and
 /// more than [`MAX_OUTPUT_FILES`] files. Runs after the processor is gone, so nothing changes under it.
-pub fn collect_outputs(dir: &Path, key_prefix: &str) -> Result<Vec<Output>, ProcessError> {
+pub(crate) fn collect_outputs(dir: &Path, key_prefix: &str) -> Result<Vec<Output>, ProcessError> {
     let mut found = Vec::new();
     let mut refused = Vec::new();
     walk(dir, "", 0, &mut found, &mut refused).map_err(|e| {
@@ -375,7 +375,7 @@ fn content_type(name: &str) -> &'static str {
 }
 
 /// Where a processor's files go: `<output_prefix><key without the pipeline prefix>/`.
-pub fn output_key_prefix(job: &Job<'_>) -> String {
+pub(crate) fn output_key_prefix(job: &Job<'_>) -> String {
     format!("{}/", job.pipeline.output_key(&job.object.key))
 }
 

@@ -7,8 +7,8 @@
 //! - `container`: the user's image, run by the host's Docker engine once per file, under limits;
 //! - `command`: the user's program, run directly (no shell) once per file.
 //!
-//! Adding a kind: a module implementing [`Processor`], a variant of `config::ProcessorKind` with its
-//! parser, and one arm in [`build`].
+//! Adding a kind: a module implementing `Processor`, a variant of `config::ProcessorKind` with its
+//! parser, and one arm in `build`.
 
 pub mod batch_writer;
 pub mod command;
@@ -32,73 +32,73 @@ use crate::metrics::Metrics;
 use crate::spool::SpoolFiles;
 
 /// One object to process.
-pub struct Job<'a> {
-    pub pipeline: &'a Pipeline,
-    pub object: &'a ObjectRef,
+pub(crate) struct Job<'a> {
+    pub(crate) pipeline: &'a Pipeline,
+    pub(crate) object: &'a ObjectRef,
     /// The ETag of the version that was downloaded (`STATUS_KEY` for external processors).
-    pub etag: &'a str,
+    pub(crate) etag: &'a str,
     /// The downloaded input and the object's private spool directory.
-    pub files: &'a SpoolFiles,
-    pub cancel: &'a CancellationToken,
+    pub(crate) files: &'a SpoolFiles,
+    pub(crate) cancel: &'a CancellationToken,
     /// Input bytes consumed so far, for a progress bar (processors that cannot tell leave it alone).
-    pub progress: Option<Arc<AtomicU64>>,
+    pub(crate) progress: Option<Arc<AtomicU64>>,
 }
 
 /// A local file to store under `key` in the pipeline's output bucket.
 #[derive(Debug, Clone)]
-pub struct Output {
-    pub path: PathBuf,
-    pub key: String,
-    pub content_type: &'static str,
+pub(crate) struct Output {
+    pub(crate) path: PathBuf,
+    pub(crate) key: String,
+    pub(crate) content_type: &'static str,
 }
 
 /// What a processor produced.
 #[derive(Debug, Default)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// Stored in this order once the processor is done; the last one marks the file finished.
-    pub outputs: Vec<Output>,
+    pub(crate) outputs: Vec<Output>,
     /// Keys in the output bucket that an earlier version of the object may have produced and this one
     /// does not (deleted, best effort, before the outputs are stored).
-    pub stale: Vec<String>,
+    pub(crate) stale: Vec<String>,
     /// Row accounting, for processors that have rows (`orders-csv`).
-    pub rows: Option<RowCounts>,
+    pub(crate) rows: Option<RowCounts>,
     /// The key of the output that lists rejected rows, when one is stored.
-    pub rejects: Option<String>,
+    pub(crate) rejects: Option<String>,
     /// One line for the log and `process`'s summary (e.g. "exit 0 after 1.2 s").
-    pub summary: String,
+    pub(crate) summary: String,
 }
 
 /// How the rows of one file ended, for processors that read rows: every row is written or rejected.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RowCounts {
-    pub rows: u64,
-    pub written: u64,
-    pub rejected: u64,
+pub(crate) struct RowCounts {
+    pub(crate) rows: u64,
+    pub(crate) written: u64,
+    pub(crate) rejected: u64,
 }
 
-pub type ProcessFuture<'a> =
+pub(crate) type ProcessFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Outcome, ProcessError>> + Send + 'a>>;
 
 /// Turns one spooled object into outputs.
-pub trait Processor: Send + Sync {
+pub(crate) trait Processor: Send + Sync {
     fn process<'a>(&'a self, job: &'a Job<'a>) -> ProcessFuture<'a>;
 }
 
 /// What processors share for the life of a daemon (or of one `process` command).
-pub struct Context {
-    pub clients: Clients,
+pub(crate) struct Context {
+    pub(crate) clients: Clients,
     /// Counters processors update (DynamoDB retries, bytes stored).
-    pub metrics: Arc<Metrics>,
-    pub region: String,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) region: String,
     /// The Docker engine, connected on first use.
-    pub docker: container::Engine,
+    pub(crate) docker: container::Engine,
     /// The DynamoDB client rows are written with, for the `dynamodb.write_max_attempts` it was built
     /// with: built once, and again only when a reload changes that setting, never per file.
     writer: std::sync::Mutex<Option<(u32, aws_sdk_dynamodb::Client)>>,
 }
 
 impl Context {
-    pub fn new(
+    pub(crate) fn new(
         clients: Clients,
         cfg: &Config,
         owner: container::Owner,
@@ -114,7 +114,7 @@ impl Context {
     }
 
     /// The DynamoDB writer client for `max_attempts` (a clone shares its connections).
-    pub fn dynamodb_writer(&self, max_attempts: u32) -> aws_sdk_dynamodb::Client {
+    pub(crate) fn dynamodb_writer(&self, max_attempts: u32) -> aws_sdk_dynamodb::Client {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         match &*w {
             Some((attempts, client)) if *attempts == max_attempts => client.clone(),
@@ -132,7 +132,7 @@ impl Context {
 }
 
 /// The processor of `pipeline`, configured from `cfg`.
-pub fn build<'a>(
+pub(crate) fn build<'a>(
     pipeline: &'a Pipeline,
     cfg: &'a Config,
     ctx: &'a Context,

@@ -26,7 +26,7 @@ fn key_of(line: &str) -> Option<&str> {
 
 /// The new text: `set` keys once each (first occurrence replaced in place, the rest dropped, missing
 /// ones appended), `remove` keys dropped, every other line unchanged.
-pub fn edit(text: &str, set: &[(&str, &str)], remove: &[&str]) -> String {
+pub(crate) fn edit(text: &str, set: &[(&str, &str)], remove: &[&str]) -> String {
     let mut out = String::with_capacity(text.len() + 64);
     let mut done: Vec<&str> = Vec::new();
     for line in text.lines() {
@@ -60,7 +60,7 @@ pub fn edit(text: &str, set: &[(&str, &str)], remove: &[&str]) -> String {
 
 /// Apply [`edit`] to a file; returns whether it changed. A missing file is created (mode 0600) when
 /// there is something to set, and left missing otherwise.
-pub fn apply(path: &Path, set: &[(&str, &str)], remove: &[&str]) -> Result<bool, Error> {
+pub(crate) fn apply(path: &Path, set: &[(&str, &str)], remove: &[&str]) -> Result<bool, Error> {
     let (old, meta) = match std::fs::read_to_string(path) {
         Ok(t) => (t, std::fs::metadata(path).ok()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

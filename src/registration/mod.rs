@@ -2,8 +2,8 @@
 //! (`mi-…`) in an ECS Anywhere cluster, and take it back out. Both are idempotent and print every step
 //! with its outcome; neither ever prints the activation code.
 
-pub mod env_file;
-pub mod ssm;
+pub(crate) mod env_file;
+pub(crate) mod ssm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use crate::error::describe;
 use crate::host::Systemctl;
 
 /// The daemon's own unit: when it runs, `register` asks it (reload) to start the agent.
-pub const SERVICE_UNIT: &str = "offload-agent.service";
+pub(crate) const SERVICE_UNIT: &str = "offload-agent.service";
 /// Keys `register` writes to `/etc/ecs/ecs.config`.
 const ETC_KEYS: [&str; 1] = ["ECS_CLUSTER"];
 /// Keys `register` writes to `/var/lib/ecs/ecs.config`.
@@ -29,7 +29,7 @@ const STATE_FILE: &str = "registration.json";
 
 /// Why `register` or `deregister` stopped; each maps to an exit code.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// Bad input (exit 78).
     #[error("{0}")]
     Input(String),
@@ -79,24 +79,24 @@ impl Error {
 }
 
 /// `register`'s inputs.
-pub struct RegisterArgs {
-    pub region: Option<String>,
-    pub cluster: String,
-    pub activation_id: String,
+pub(crate) struct RegisterArgs {
+    pub(crate) region: Option<String>,
+    pub(crate) cluster: String,
+    pub(crate) activation_id: String,
     /// Never logged: `Debug` is not derived.
-    pub activation_code: String,
-    pub reregister: bool,
+    pub(crate) activation_code: String,
+    pub(crate) reregister: bool,
     /// Bound on each wait (credentials, online, agent registered, ACTIVE).
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// What `register` recorded.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Saved {
-    pub managed_instance_id: String,
-    pub region: String,
-    pub cluster: String,
-    pub container_instance_arn: String,
+pub(crate) struct Saved {
+    pub(crate) managed_instance_id: String,
+    pub(crate) region: String,
+    pub(crate) cluster: String,
+    pub(crate) container_instance_arn: String,
 }
 
 fn step(what: &str, outcome: impl std::fmt::Display) {
@@ -121,7 +121,7 @@ fn var_config(cfg: &Config) -> PathBuf {
 }
 
 /// Register this host. See `offload-agent register --help`.
-pub async fn register(mut cfg: Config, a: RegisterArgs) -> Result<(), Error> {
+pub(crate) async fn register(mut cfg: Config, a: RegisterArgs) -> Result<(), Error> {
     let region = a
         .region
         .clone()
@@ -444,7 +444,7 @@ async fn confirm_active(
 }
 
 /// Take the host back out. See `offload-agent deregister --help`.
-pub async fn deregister(cfg: Config, keep_ssm: bool) -> Result<(), Error> {
+pub(crate) async fn deregister(cfg: Config, keep_ssm: bool) -> Result<(), Error> {
     let systemctl = Systemctl::new(cfg.host.systemctl.clone());
     let saved = load_state(&cfg);
     let mut cfg = cfg;

@@ -13,15 +13,15 @@ use crate::error::describe;
 
 /// What `/var/lib/amazon/ssm/registration` holds (the private key lives elsewhere and is never read).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-pub struct Registration {
+pub(crate) struct Registration {
     #[serde(rename = "ManagedInstanceID")]
-    pub managed_instance_id: String,
+    pub(crate) managed_instance_id: String,
     #[serde(rename = "Region", default)]
-    pub region: String,
+    pub(crate) region: String,
 }
 
 /// The host's managed instance, if the SSM agent registered it.
-pub fn registration(host: &HostConfig) -> Result<Option<Registration>, Error> {
+pub(crate) fn registration(host: &HostConfig) -> Result<Option<Registration>, Error> {
     let path = host.ssm_registration();
     match std::fs::read_to_string(&path) {
         Ok(text) if text.trim().is_empty() => Ok(None),
@@ -42,10 +42,10 @@ pub fn registration(host: &HostConfig) -> Result<Option<Registration>, Error> {
 }
 
 /// The activation inputs. `Debug` never shows the code.
-pub struct Activation {
-    pub id: String,
-    pub code: String,
-    pub region: String,
+pub(crate) struct Activation {
+    pub(crate) id: String,
+    pub(crate) code: String,
+    pub(crate) region: String,
 }
 
 impl std::fmt::Debug for Activation {
@@ -60,7 +60,7 @@ impl std::fmt::Debug for Activation {
 
 /// Run `amazon-ssm-agent -register` (non-interactive: `-y` answers its overwrite prompt). Its output
 /// is returned with the activation code blanked out, should it echo it.
-pub async fn run_register(binary: &Path, a: &Activation) -> Result<(), Error> {
+pub(crate) async fn run_register(binary: &Path, a: &Activation) -> Result<(), Error> {
     if !binary.exists() {
         return Err(Error::Failed(format!(
             "the SSM agent is not installed ({} does not exist): install the amazon-ssm-agent package for \
@@ -115,7 +115,10 @@ pub async fn run_register(binary: &Path, a: &Activation) -> Result<(), Error> {
 }
 
 /// Wait until `identity_config.json` and the credentials file it names exist and hold a profile.
-pub async fn wait_for_credentials(host: &HostConfig, deadline: Instant) -> Result<PathBuf, Error> {
+pub(crate) async fn wait_for_credentials(
+    host: &HostConfig,
+    deadline: Instant,
+) -> Result<PathBuf, Error> {
     let identity = host.identity_config();
     let mut last;
     loop {
@@ -149,7 +152,7 @@ pub async fn wait_for_credentials(host: &HostConfig, deadline: Instant) -> Resul
 }
 
 /// Wait until Systems Manager reports the managed instance online (`DescribeInstanceInformation`).
-pub async fn wait_online(
+pub(crate) async fn wait_online(
     ssm: &aws_sdk_ssm::Client,
     instance: &str,
     deadline: Instant,
@@ -192,7 +195,7 @@ pub async fn wait_online(
 }
 
 /// Deregister the managed instance; an instance that is already gone counts as done.
-pub async fn deregister(ssm: &aws_sdk_ssm::Client, instance: &str) -> Result<bool, Error> {
+pub(crate) async fn deregister(ssm: &aws_sdk_ssm::Client, instance: &str) -> Result<bool, Error> {
     match ssm
         .deregister_managed_instance()
         .instance_id(instance)

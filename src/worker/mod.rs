@@ -3,9 +3,9 @@
 //! object to its pipeline; [`run`] runs one object through its pipeline (spool, processor, outputs);
 //! [`settle`] decides what happens to the message and does it.
 
-pub mod receive;
-pub mod run;
-pub mod settle;
+pub(crate) mod receive;
+pub(crate) mod run;
+pub(crate) mod settle;
 
 use std::sync::Arc;
 
@@ -18,27 +18,27 @@ use crate::config::{Config, Pipeline};
 use crate::error::ProcessError;
 use crate::event::{self, Event, ObjectRef};
 use crate::metrics::{FileOutcome, MessageOutcome, Metrics, Skipped};
-pub use run::{FileReport, ObjectProcessor};
+pub(crate) use run::{FileReport, ObjectProcessor};
 use settle::{FileEnd, Heartbeat, Receipt, Settlement, Verdict};
 
 /// Settles the messages of one queue; shared by all workers of a daemon.
-pub struct Worker {
-    pub objects: Arc<ObjectProcessor>,
-    pub config: watch::Receiver<Arc<Config>>,
-    pub stats: Arc<Metrics>,
-    pub queue_url: String,
-    pub dlq_url: Option<String>,
+pub(crate) struct Worker {
+    pub(crate) objects: Arc<ObjectProcessor>,
+    pub(crate) config: watch::Receiver<Arc<Config>>,
+    pub(crate) stats: Arc<Metrics>,
+    pub(crate) queue_url: String,
+    pub(crate) dlq_url: Option<String>,
     /// Receives after which SQS's redrive moves a message (the queue's `maxReceiveCount`): on the last
     /// one the agent gives up itself, with a reason and an error report, before SQS would move it bare.
-    pub max_receives: Option<u32>,
+    pub(crate) max_receives: Option<u32>,
     /// Files of one key are processed one at a time, in the order their events arrive, so that an
     /// older upload never lands after a newer one on this host.
-    pub key_locks: KeyLocks,
+    pub(crate) key_locks: KeyLocks,
 }
 
 /// One async lock per (bucket, key) being processed; entries disappear when nobody holds them.
 #[derive(Debug, Default)]
-pub struct KeyLocks(
+pub(crate) struct KeyLocks(
     std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
 );
 
@@ -46,7 +46,7 @@ impl KeyLocks {
     /// Entries nobody holds are dropped when the map grows past this many.
     const PRUNE_ABOVE: usize = 1024;
 
-    pub async fn lock(&self, bucket: &str, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    pub(crate) async fn lock(&self, bucket: &str, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let name = format!("{bucket}\0{key}");
         let lock = {
             let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -68,7 +68,7 @@ impl KeyLocks {
 
 impl Worker {
     /// Handle one SQS message from receipt to settlement.
-    pub async fn handle_message(
+    pub(crate) async fn handle_message(
         self: Arc<Self>,
         msg: aws_sdk_sqs::types::Message,
         abort: CancellationToken,

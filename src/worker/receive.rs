@@ -71,7 +71,7 @@ enum Slots {
 
 /// Receive and process until `stop` is cancelled; then wait for in-flight messages. Workers watch `abort`
 /// (cancelled by the daemon when the shutdown grace runs out) and release what they cannot finish.
-pub async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: CancellationToken) {
+pub(crate) async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: CancellationToken) {
     let mut pool = Pool::new(worker);
     let mut config = pool.worker.config.clone();
     loop {

@@ -21,33 +21,33 @@ use crate::transfer;
 
 /// What processing one object produced.
 #[derive(Debug, Clone)]
-pub struct FileReport {
-    pub pipeline: String,
-    pub bucket: String,
-    pub key: String,
-    pub etag: String,
-    pub bytes: u64,
+pub(crate) struct FileReport {
+    pub(crate) pipeline: String,
+    pub(crate) bucket: String,
+    pub(crate) key: String,
+    pub(crate) etag: String,
+    pub(crate) bytes: u64,
     /// Keys stored in the output bucket, in the order they were stored.
-    pub outputs: Vec<String>,
+    pub(crate) outputs: Vec<String>,
     /// Row accounting, from processors that read rows.
-    pub rows: Option<RowCounts>,
+    pub(crate) rows: Option<RowCounts>,
     /// The key of the stored report of rejected rows, if there is one.
-    pub rejects: Option<String>,
-    pub summary: String,
-    pub elapsed: Duration,
+    pub(crate) rejects: Option<String>,
+    pub(crate) summary: String,
+    pub(crate) elapsed: Duration,
 }
 
 /// Runs objects through their pipelines; shared by all workers of a daemon.
-pub struct ObjectProcessor {
-    pub ctx: Context,
-    pub spool: Spool,
+pub(crate) struct ObjectProcessor {
+    pub(crate) ctx: Context,
+    pub(crate) spool: Spool,
     limits: PipelineLimits,
     /// Pipelines that cannot run on this host now, with the reason reported (once) for each.
     unavailable: Mutex<HashMap<String, String>>,
 }
 
 impl ObjectProcessor {
-    pub fn new(ctx: Context, spool: Spool) -> ObjectProcessor {
+    pub(crate) fn new(ctx: Context, spool: Spool) -> ObjectProcessor {
         ObjectProcessor {
             ctx,
             spool,
@@ -57,7 +57,7 @@ impl ObjectProcessor {
     }
 
     /// Run one object through `pipeline`, configured by `cfg`.
-    pub async fn process(
+    pub(crate) async fn process(
         &self,
         cfg: &Config,
         pipeline: &Pipeline,
@@ -160,7 +160,7 @@ impl ObjectProcessor {
     }
 
     /// Pipelines that cannot run now, with their reasons (for the status line).
-    pub fn unavailable(&self) -> Vec<(String, String)> {
+    pub(crate) fn unavailable(&self) -> Vec<(String, String)> {
         let map = self.unavailable.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<_> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         v.sort();
@@ -169,7 +169,7 @@ impl ObjectProcessor {
 
     /// Check, before any file arrives, that every external processor can run here (its image present,
     /// its program installed): problems are reported now, by pipeline, not by the first file.
-    pub async fn preflight(&self, cfg: &Config) {
+    pub(crate) async fn preflight(&self, cfg: &Config) {
         for p in &cfg.pipelines {
             let r = match &p.processor {
                 ProcessorKind::OrdersCsv => continue,
@@ -191,7 +191,7 @@ impl ObjectProcessor {
     }
 
     /// Write `errors/<key>.json` under the pipeline's output prefix.
-    pub async fn write_error_report(
+    pub(crate) async fn write_error_report(
         &self,
         pipeline: &Pipeline,
         obj: &ObjectRef,

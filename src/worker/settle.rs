@@ -123,8 +123,8 @@ pub(crate) fn decide(ends: &[FileEnd], receive_count: u32, queue: &QueueConfig) 
 
 /// The SQS message being settled.
 pub(crate) struct Receipt<'a> {
-    pub handle: &'a str,
-    pub body: &'a str,
+    pub(crate) handle: &'a str,
+    pub(crate) body: &'a str,
 }
 
 impl Worker {

@@ -5,18 +5,18 @@ use super::*;
 
 /// What loading one file needs.
 #[derive(Clone)]
-pub struct Loader {
-    pub writer: BatchWriter,
-    pub write_concurrency: usize,
-    pub limits: ScanLimits,
+pub(crate) struct Loader {
+    pub(crate) writer: BatchWriter,
+    pub(crate) write_concurrency: usize,
+    pub(crate) limits: ScanLimits,
 }
 
 /// The spool files of one load: the input, and the output and rejects reports it produces.
 #[derive(Debug, Clone)]
-pub struct LoadFiles {
-    pub input: PathBuf,
-    pub output: PathBuf,
-    pub rejects: PathBuf,
+pub(crate) struct LoadFiles {
+    pub(crate) input: PathBuf,
+    pub(crate) output: PathBuf,
+    pub(crate) rejects: PathBuf,
 }
 
 /// Where a row is in the input: its line, for reports.
@@ -93,7 +93,7 @@ pub(super) struct Refused {
 impl Loader {
     /// Validate and write every row of `files.input`; fill `files.output` and `files.rejects`. Returns
     /// once every write was acknowledged (or with the first error that stopped it).
-    pub async fn load(
+    pub(crate) async fn load(
         &self,
         files: &LoadFiles,
         src: &Source,

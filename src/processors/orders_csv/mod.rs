@@ -39,7 +39,8 @@ mod scan;
 mod schema;
 mod values;
 
-pub use load::*;
+pub use load::RowAt;
+use load::*;
 use records::*;
 pub use scan::*;
 pub use schema::*;
@@ -53,7 +54,7 @@ pub struct OrdersCsv {
 }
 
 impl OrdersCsv {
-    pub fn new(pipeline: &Pipeline, cfg: &Config, ctx: &Context) -> OrdersCsv {
+    pub(crate) fn new(pipeline: &Pipeline, cfg: &Config, ctx: &Context) -> OrdersCsv {
         let attempts = cfg.dynamodb.write_max_attempts;
         OrdersCsv {
             writer: BatchWriter {
