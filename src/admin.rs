@@ -34,11 +34,19 @@ pub(crate) trait Facts: Send + Sync {
     fn metrics(&self) -> &Metrics;
 }
 
+/// The endpoint's address cannot be listened on.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} for the admin endpoint: {source} (change admin.listen, or set admin.enabled = false)")]
+pub(crate) struct BindError {
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
 /// Bind `addr`, naming it in the error.
-pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        format!("cannot listen on {addr} for the admin endpoint: {e} (change admin.listen, or set admin.enabled = false)")
-    })
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })
 }
 
 /// Serve until `stop`.

@@ -68,43 +68,52 @@ const SHARED_DIRS: [&str; 12] = [
 /// Whether `dir` can be the agent's own spool: not a shared system directory, and, if it exists, a
 /// directory owned by this user that no one else may write to (world- or group-writable directories,
 /// such as `/tmp`, are shared). The reason is returned for a configuration error.
-pub(crate) fn check_dir(dir: &Path) -> Result<(), String> {
+pub(crate) fn check_dir(dir: &Path) -> Result<(), NotOwn> {
     use std::os::unix::fs::MetadataExt;
     if !dir.is_absolute() {
-        return Err(format!("\"{}\" must be an absolute path", dir.display()));
+        return Err(NotOwn(format!(
+            "\"{}\" must be an absolute path",
+            dir.display()
+        )));
     }
     let shown = dir.display().to_string();
     let normal = shown.trim_end_matches('/');
     if SHARED_DIRS.contains(&normal) || normal.is_empty() {
-        return Err(format!(
+        return Err(NotOwn(format!(
             "{shown} is a shared system directory; the spool must be a directory of its own (the daemon \
              makes it private and deletes leftover spool files in it), e.g. /var/lib/offload-agent/spool"
-        ));
+        )));
     }
-    match std::fs::metadata(dir) {
-        Ok(m) if !m.is_dir() => Err(format!("{shown} exists and is not a directory")),
+    let why = match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => format!("{shown} exists and is not a directory"),
         Ok(m) => {
             // SAFETY: geteuid has no preconditions and cannot fail.
             let me = unsafe { libc::geteuid() };
             if m.uid() != me {
-                Err(format!(
+                format!(
                     "{shown} belongs to uid {}, not to this daemon (uid {me}): use a directory of its own",
                     m.uid()
-                ))
+                )
             } else if m.mode() & 0o022 != 0 {
-                Err(format!(
+                format!(
                     "{shown} is writable by other users (mode {:o}): a shared directory cannot be the spool; \
                      use a directory of its own",
                     m.mode() & 0o7777
-                ))
+                )
             } else {
-                Ok(())
+                return Ok(());
             }
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("cannot inspect {shown}: {e}")),
-    }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => format!("cannot inspect {shown}: {e}"),
+    };
+    Err(NotOwn(why))
 }
+
+/// Why a directory cannot be the spool (reported as a configuration error of `spool.dir`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct NotOwn(String);
 
 impl Spool {
     /// Create the directory (mode 0700: spooled files may hold customer data).
@@ -178,7 +187,10 @@ mod tests {
 
     #[test]
     fn shared_or_foreign_directories_are_refused_as_spool() {
-        assert!(check_dir(Path::new("/tmp")).unwrap_err().contains("shared"));
+        assert!(check_dir(Path::new("/tmp"))
+            .unwrap_err()
+            .to_string()
+            .contains("shared"));
         assert!(check_dir(Path::new("/")).is_err());
         assert!(check_dir(Path::new("relative/spool")).is_err());
         let dir = tempfile::tempdir().unwrap();
@@ -191,6 +203,7 @@ mod tests {
         std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(check_dir(&own)
             .unwrap_err()
+            .to_string()
             .contains("writable by other users"));
     }
 
