@@ -15,7 +15,7 @@
 //! - warns once per episode, naming the SSM agent, when what it holds is expired or was retrieved more
 //!   than [`STALE_AFTER`] ago (the SSM agent is stuck, typically after the host was offline).
 //!
-//! It does its own caching, so the SDK's identity cache is switched off for it ([`crate::aws`]): a
+//! It does its own caching, so the SDK's identity cache is switched off for it (see the `aws` module): a
 //! rotation is picked up within about a second rather than at the cache's next expiry. Nothing here
 //! logs a secret: not the secret key, not the session token, not the access key id.
 
@@ -35,8 +35,6 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 pub const STALE_AFTER: Duration = Duration::from_secs(45 * 60);
 /// The SDK is told the credentials expire this long before they really do.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(5 * 60);
-/// The file name `identity_config.json` has below the SSM agent's state directory.
-pub const IDENTITY_CONFIG: &str = "runtimeconfig/identity_config.json";
 
 /// Where the credentials come from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -48,6 +48,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/offload-agent";
 pub const DEFAULT_SSM_REFRESH: Duration = Duration::from_secs(300);
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 
+/// Where, under the SSM agent's state directory, it says which credentials file it rotates.
+pub const SSM_IDENTITY_CONFIG: &str = "runtimeconfig/identity_config.json";
+
 /// A day, the upper limit of several waits.
 const DAY: Duration = Duration::from_secs(86_400);
 const HOUR: Duration = Duration::from_secs(3600);
@@ -478,7 +481,7 @@ impl Default for HostConfig {
 impl HostConfig {
     /// `identity_config.json`, which names the rotating credentials file.
     pub fn identity_config(&self) -> PathBuf {
-        self.ssm_dir.join(crate::credentials::IDENTITY_CONFIG)
+        self.ssm_dir.join(SSM_IDENTITY_CONFIG)
     }
 
     /// The managed instance id and region the SSM agent registered with.
