@@ -227,20 +227,30 @@ impl ObjectProcessor {
     }
 }
 
+/// Why a program cannot be run.
+#[derive(Debug, thiserror::Error)]
+enum NotRunnable {
+    #[error("{0}")]
+    Missing(std::io::Error),
+    #[error("not a regular file")]
+    NotAFile,
+    #[error("not executable ({0})")]
+    NotExecutable(std::io::Error),
+}
+
 /// Whether `path` is a regular file this process may execute.
-fn program_runnable(path: &std::path::Path) -> Result<(), String> {
+fn program_runnable(path: &std::path::Path) -> Result<(), NotRunnable> {
     use std::os::unix::ffi::OsStrExt;
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    let meta = std::fs::metadata(path).map_err(NotRunnable::Missing)?;
     if !meta.is_file() {
-        return Err("not a regular file".into());
+        return Err(NotRunnable::NotAFile);
     }
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // A path from the configuration has no NUL byte (it was a TOML string); if it had, it names no file.
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| NotRunnable::NotAFile)?;
     // SAFETY: `c` is a valid NUL-terminated path; access has no other preconditions.
     if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
-        return Err(format!(
-            "not executable ({})",
-            std::io::Error::last_os_error()
-        ));
+        return Err(NotRunnable::NotExecutable(std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -343,6 +353,7 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         assert!(program_runnable(f.path())
             .unwrap_err()
+            .to_string()
             .contains("not executable"));
     }
 }
