@@ -1,6 +1,8 @@
 //! The local admin endpoint (`[admin] listen`, loopback by default): `/healthz`, `/readyz`, `/metrics`
-//! (OpenMetrics text) and `/status` (JSON), served by hyper over HTTP/1.1. GET and HEAD only; bounded
-//! connections, header and total timeouts, so a stuck client cannot pile up work.
+//! (OpenMetrics text) and `/status` (JSON), served by hyper over HTTP/1.1. GET and HEAD only. A client
+//! that misbehaves cannot delay another's answer: at most `MAX_CONNECTIONS` are held, a new one sheds
+//! the oldest, a header must arrive within `HEADER_READ_TIMEOUT`, a connection makes at most
+//! `MAX_REQUESTS_PER_CONNECTION` requests and lives at most 30 s.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,15 +15,21 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// Connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 32;
+/// Connections held at once. A new one past this sheds the oldest, so that clients that open
+/// connections and never finish them cannot keep a health check waiting: a fresh request is always
+/// admitted and answered at once (the answers come from state already computed).
+pub(crate) const MAX_CONNECTIONS: usize = 256;
+/// A request's header must arrive within this long of the connection's start (or of the previous
+/// answer): the requests are one line.
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests one connection may make; the last answer carries `Connection: close`.
+pub(crate) const MAX_REQUESTS_PER_CONNECTION: u64 = 100;
 /// A connection (keep-alive included) lives at most this long.
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// What the endpoint reports; the daemon fills it.
 pub(crate) trait Facts: Send + Sync {
@@ -51,37 +59,72 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
 
 /// Serve until `stop`.
 pub(crate) async fn serve(listener: TcpListener, facts: Arc<dyn Facts>, stop: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut held = Held::default();
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.cancelled() => return,
-        };
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
+                    // Out of file descriptors, most likely: shedding the oldest frees one.
                     tracing::warn!(error = %e, "admin endpoint: accept failed");
+                    held.shed_oldest();
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             _ = stop.cancelled() => return,
         };
-        let facts = facts.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let facts = facts.clone();
-                async move { Ok::<_, Infallible>(respond(facts.as_ref(), &req)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
-            drop(permit);
-        });
+        held.admit(tokio::spawn(connection(stream, facts.clone())));
+        // Let the connections just accepted read their requests before a burst of new ones can
+        // shed them: a well-behaved client's request is already in its socket.
+        tokio::task::yield_now().await;
     }
+}
+
+/// The connections being served, oldest first.
+#[derive(Default)]
+struct Held(std::collections::VecDeque<tokio::task::JoinHandle<()>>);
+
+impl Held {
+    /// Keep `task`, shedding finished connections and, when full, the oldest.
+    fn admit(&mut self, task: tokio::task::JoinHandle<()>) {
+        self.0.retain(|t| !t.is_finished());
+        while self.0.len() >= MAX_CONNECTIONS {
+            self.shed_oldest();
+        }
+        self.0.push_back(task);
+    }
+
+    fn shed_oldest(&mut self) {
+        if let Some(t) = self.0.pop_front() {
+            // Aborting drops the connection's future, and with it the socket.
+            t.abort();
+        }
+    }
+}
+
+/// Serve one connection: HTTP/1.1 keep-alive, bounded in header time, requests and lifetime.
+async fn connection(stream: tokio::net::TcpStream, facts: Arc<dyn Facts>) {
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let facts = facts.clone();
+        let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        async move {
+            let mut resp = respond(facts.as_ref(), &req);
+            if n >= MAX_REQUESTS_PER_CONNECTION {
+                resp.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
 }
 
 fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
