@@ -44,7 +44,7 @@ fn resize(slots: &Arc<Semaphore>, capacity: &mut usize, want: usize) {
 /// The first wait after a failed receive.
 const RECEIVE_BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// The longest wait between two receive attempts while the queue is unreachable: at most two
-/// requests a minute during an outage, and work resumes within 30 s of its end (tests/faults.rs).
+/// requests a minute during an outage, and work resumes within 30 s of its end (tests/it/faults.rs).
 const RECEIVE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// The receiver's state: worker slots, the tasks working on messages, the backoff while the queue

@@ -103,7 +103,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
 
     /// A mutation fuzzer over the checked-in corpus (`tests/corpus/`, also uploaded end to end by
-    /// tests/worker.rs): bytes overwritten, inserted (quotes, separators, newlines, NUL, invalid UTF-8)
+    /// tests/it/worker.rs): bytes overwritten, inserted (quotes, separators, newlines, NUL, invalid UTF-8)
     /// and the file cut short, then scanned with a small `max_line_bytes`.
     #[test]
     fn mutated_corpus_files_never_break_the_accounting(
