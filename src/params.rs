@@ -88,7 +88,7 @@ fn with_origin(v: Value, origin: &String) -> Value {
 
 /// Parse the pipelines document: TOML `[[pipeline]]` tables, or JSON (an array of pipelines, or an
 /// object with a `pipeline` array).
-fn pipelines_value(p: &Parameter) -> Result<Value, String> {
+fn pipelines_value(p: &Parameter) -> Result<Value, config::ConfigError> {
     let text = p.value.trim();
     let (text, format) = if text.starts_with('[') && !text.starts_with("[[") {
         (
@@ -103,18 +103,18 @@ fn pipelines_value(p: &Parameter) -> Result<Value, String> {
     let map = config::File::from_str(&text, format)
         .collect()
         .map_err(|e| {
-            format!(
+            config::ConfigError::Message(format!(
                 "{} (in {}): cannot parse the pipelines document: {e}",
                 PIPELINES_PARAMETER,
                 origin(&p.name)
-            )
+            ))
         })?;
     map.get("pipeline").cloned().ok_or_else(|| {
-        format!(
+        config::ConfigError::Message(format!(
             "{} (in {}): the document has no pipeline list ([[pipeline]] tables, or a JSON array)",
             PIPELINES_PARAMETER,
             origin(&p.name)
-        )
+        ))
     })
 }
 
@@ -135,7 +135,7 @@ impl Source for ParameterLayer {
                     );
                 }
                 None => {
-                    let v = pipelines_value(p).map_err(config::ConfigError::Message)?;
+                    let v = pipelines_value(p)?;
                     out.insert("pipeline".to_string(), with_origin(v, &o));
                 }
             }
@@ -144,8 +144,20 @@ impl Source for ParameterLayer {
     }
 }
 
+/// Parameter Store could not be read: the path, and the service's answer.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read Parameter Store path {path}: {answer}")]
+pub(crate) struct FetchError {
+    path: String,
+    /// The service's code and message, or the chain of causes (`error::describe`).
+    answer: String,
+}
+
 /// Read every parameter under `path` (recursive, decrypted), following pagination.
-pub(crate) async fn fetch(ssm: &aws_sdk_ssm::Client, path: &str) -> Result<ParameterLayer, String> {
+pub(crate) async fn fetch(
+    ssm: &aws_sdk_ssm::Client,
+    path: &str,
+) -> Result<ParameterLayer, FetchError> {
     let mut parameters = Vec::new();
     let mut token = None;
     loop {
@@ -157,7 +169,10 @@ pub(crate) async fn fetch(ssm: &aws_sdk_ssm::Client, path: &str) -> Result<Param
             .set_next_token(token)
             .send()
             .await
-            .map_err(|e| format!("cannot read Parameter Store path {path}: {}", describe(&e)))?;
+            .map_err(|e| FetchError {
+                path: path.to_string(),
+                answer: describe(&e),
+            })?;
         for p in out.parameters() {
             let (Some(name), Some(value)) = (p.name(), p.value()) else {
                 continue;

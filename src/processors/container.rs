@@ -82,11 +82,11 @@ impl Engine {
 
     /// Remove the processor containers a previous daemon left (killed while they ran; their messages
     /// come back through SQS). Returns how many were removed; does nothing without Docker.
-    pub(crate) async fn remove_orphans(&self) -> Result<usize, String> {
+    pub(crate) async fn remove_orphans(&self) -> Result<usize, ProcessError> {
         if !std::path::Path::new(&self.socket).exists() {
             return Ok(0);
         }
-        let docker = self.get().await.map_err(|e| e.to_string())?;
+        let docker = self.get().await?;
         let filters = HashMap::from([(
             "label",
             vec![
@@ -102,7 +102,9 @@ impl Engine {
                     .build(),
             ))
             .await
-            .map_err(|e| format!("cannot list processor containers: {e}"))?;
+            .map_err(|e| {
+                ProcessError::Transient(format!("cannot list processor containers: {e}"))
+            })?;
         let mut n = 0;
         for c in list {
             let Some(id) = c.id else { continue };
