@@ -1,5 +1,11 @@
 //! The ECS agent container as ecs-init creates it for ECS Anywhere, and the hash that decides between
 //! adopting a running container and recreating it.
+//!
+//! The reference is ecs-init's Linux build: `ecs-init/docker/docker.go` (`getContainerConfig`,
+//! `getHostConfig`, `getDockerPluginDirBinds`, `getCapabilityBinds`) and `ecs-init/docker/docker_config.go`
+//! (`getPlatformSpecificEnvVariables`, `createHostConfig`) in aws/amazon-ecs-agent. The deliberate
+//! differences are listed in docs/ecs-agent.md; the unit test below holds the whole environment and
+//! bind list so that a change on either side shows.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -24,19 +30,30 @@ pub(crate) const DEFAULT_ENV: &[(&str, &str)] = &[
     ("ECS_UPDATES_ENABLED", "true"),
     (
         "ECS_AVAILABLE_LOGGING_DRIVERS",
-        "[\"json-file\",\"syslog\",\"awslogs\",\"none\"]",
+        "[\"json-file\",\"syslog\",\"awslogs\",\"fluentd\",\"none\"]",
     ),
     ("ECS_ENABLE_TASK_IAM_ROLE", "true"),
     ("ECS_ENABLE_TASK_IAM_ROLE_NETWORK_HOST", "true"),
+    ("ECS_EBSTA_SUPPORTED", "true"),
+    // A JSON object of labels for the agent's container (and its instance attributes).
+    ("ECS_AGENT_LABELS", ""),
+    ("ECS_VOLUME_PLUGIN_CAPABILITIES", "[\"efsAuth\"]"),
+    // The awslogs driver with the task execution role's credentials (amazon-ecs-agent#3074: ECS
+    // Anywhere tasks without it lack awslogs credentials).
+    ("ECS_ENABLE_AWSLOGS_EXECUTIONROLE_OVERRIDE", "true"),
     ("ECS_ENABLE_TASK_ENI", "false"),
     ("ECS_EXTERNAL", "true"),
     ("AWS_SHARED_CREDENTIALS_FILE", "/rotatingcreds/credentials"),
 ];
 
 /// Values ecs-init sets after reading the env files on an external (ECS Anywhere) instance: a user's
-/// env file cannot turn them off.
-pub(crate) const FORCED_ENV: &[(&str, &str)] =
-    &[("ECS_ENABLE_TASK_ENI", "false"), ("ECS_EXTERNAL", "true")];
+/// env file cannot turn them on. Task networking needs EC2; EBS task attach too (ecs-init turns it off
+/// when it cannot make the EBS mount directory, which an external host never has).
+pub(crate) const FORCED_ENV: &[(&str, &str)] = &[
+    ("ECS_ENABLE_TASK_ENI", "false"),
+    ("ECS_EBSTA_SUPPORTED", "false"),
+    ("ECS_EXTERNAL", "true"),
+];
 
 /// Where the rotating credentials directory appears inside the agent's container.
 const ROTATING_CREDS: &str = "/rotatingcreds";
@@ -67,6 +84,23 @@ pub(crate) const BINDS: &[(&str, &str, bool, bool)] = &[
         true,
     ),
     ("var/log/ecs/exec", "/log/exec", false, true),
+    // Docker volume plugins for tasks: their sockets and spec files.
+    ("run/docker/plugins", "/run/docker/plugins", true, false),
+    ("etc/docker/plugins", "/etc/docker/plugins", true, false),
+    (
+        "usr/lib/docker/plugins",
+        "/usr/lib/docker/plugins",
+        true,
+        false,
+    ),
+    // The host's iptables and the libraries it needs, for the agent's task networking rules.
+    ("usr/lib", "/usr/lib", true, false),
+    ("usr/lib64", "/usr/lib64", true, false),
+    ("sbin", "/host/sbin", true, false),
+    ("etc/alternatives", "/etc/alternatives", true, false),
+    ("usr/sbin", "/usr/sbin", true, false),
+    // ecs-init binds it read-write.
+    ("usr/bin/lsblk", "/usr/bin/lsblk", false, false),
 ];
 
 /// The default rotating credentials directory when the SSM agent's identity_config.json names none
@@ -250,14 +284,21 @@ impl ContainerSpec {
         }
         field("log_max_size", &self.log_max_size);
         field("log_max_files", &self.log_max_files.to_string());
-        field("layout", "2"); // bump when create_body changes shape
+        field("layout", "3"); // bump when create_body changes shape
         hex::encode(h.finalize())
     }
 
     /// The create request: host network and user namespace, an init process, capped json-file logs,
     /// no restart policy (the supervisor restarts it), no added capabilities.
     pub(crate) fn create_body(&self) -> ContainerCreateBody {
-        let mut labels = HashMap::new();
+        // ecs-init's labels from ECS_AGENT_LABELS (a JSON object; anything else is skipped, as there);
+        // ours are set last so that they cannot be overridden.
+        let mut labels: HashMap<String, String> = self
+            .env
+            .get("ECS_AGENT_LABELS")
+            .filter(|l| !l.is_empty())
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_default();
         labels.insert(CONFIG_HASH_LABEL.to_string(), self.hash());
         labels.insert(MANAGED_LABEL.to_string(), "true".to_string());
         let mut log_opts = HashMap::new();
@@ -304,6 +345,117 @@ mod tests {
         assert_eq!(err.line, 2);
         assert!(err.to_string().starts_with("/e:2:"));
         assert!(parse_env_file("A=\"open\n", Path::new("/e")).is_err());
+    }
+
+    /// The whole environment and bind list for a host that has every optional path, line by line
+    /// against ecs-init's Linux build (aws/amazon-ecs-agent at 01c434c, `ecs-init/docker/docker.go`
+    /// `getContainerConfig` and `getHostConfig`, `ecs-init/docker/docker_config.go`
+    /// `getPlatformSpecificEnvVariables` and `createHostConfig`). Ours beside theirs: `ECS_EXTERNAL`
+    /// and `AWS_SHARED_CREDENTIALS_FILE` (what the ECS Anywhere install script writes to ecs.config),
+    /// `/proc` read-only at `/host/proc`; theirs not here: the Amazon Linux certificate directory, gMSA
+    /// and GPU (not on an external Debian host). docs/ecs-agent.md has the table.
+    #[test]
+    fn the_container_matches_ecs_init_item_by_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut cfg = EcsAgentConfig {
+            host_root: root.to_path_buf(),
+            ..EcsAgentConfig::default()
+        };
+        cfg.container_name = "ecs-agent".into();
+        let host = HostPaths {
+            ssm_dir: root.join("ssm"),
+            ..HostPaths::default()
+        };
+        for d in [
+            "var/run",
+            "sys/fs/cgroup",
+            "proc",
+            "root/.aws",
+            "run/docker/plugins",
+            "etc/docker/plugins",
+            "usr/lib/docker/plugins",
+            "usr/lib64",
+            "sbin",
+            "etc/alternatives",
+            "usr/sbin",
+            "usr/bin",
+        ] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("usr/bin/lsblk"), "").unwrap();
+        let spec = ContainerSpec::build(&cfg, &host, "sha256:1").unwrap();
+        let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        assert_eq!(
+            env,
+            [
+                "AWS_SHARED_CREDENTIALS_FILE=/rotatingcreds/credentials",
+                "ECS_AGENT_CONFIG_FILE_PATH=/etc/ecs/ecs.config.json",
+                "ECS_AGENT_LABELS=",
+                "ECS_AVAILABLE_LOGGING_DRIVERS=[\"json-file\",\"syslog\",\"awslogs\",\"fluentd\",\"none\"]",
+                "ECS_DATADIR=/data",
+                "ECS_EBSTA_SUPPORTED=false",
+                "ECS_ENABLE_AWSLOGS_EXECUTIONROLE_OVERRIDE=true",
+                "ECS_ENABLE_TASK_ENI=false",
+                "ECS_ENABLE_TASK_IAM_ROLE=true",
+                "ECS_ENABLE_TASK_IAM_ROLE_NETWORK_HOST=true",
+                "ECS_EXTERNAL=true",
+                "ECS_LOGFILE=/log/ecs-agent.log",
+                "ECS_UPDATES_ENABLED=true",
+                "ECS_UPDATE_DOWNLOAD_DIR=/var/cache/ecs",
+                "ECS_VOLUME_PLUGIN_CAPABILITIES=[\"efsAuth\"]",
+            ]
+        );
+        let r = root.display().to_string();
+        let binds: Vec<String> = spec.binds.iter().map(|b| b.replacen(&r, "", 1)).collect();
+        assert_eq!(
+            binds,
+            [
+                "/root/.aws:/rotatingcreds:ro",
+                "/var/run:/var/run",
+                "/var/log/ecs:/log",
+                "/var/lib/ecs/data:/data",
+                "/etc/ecs:/etc/ecs",
+                "/var/cache/ecs:/var/cache/ecs",
+                "/sys/fs/cgroup:/sys/fs/cgroup",
+                "/var/lib/ecs:/var/lib/ecs",
+                "/proc:/host/proc:ro",
+                "/var/lib/ecs/deps:/managed-agents:ro",
+                "/var/lib/ecs/deps/execute-command/config:/managed-agents/execute-command/config",
+                "/var/log/ecs/exec:/log/exec",
+                "/run/docker/plugins:/run/docker/plugins:ro",
+                "/etc/docker/plugins:/etc/docker/plugins:ro",
+                "/usr/lib/docker/plugins:/usr/lib/docker/plugins:ro",
+                "/usr/lib:/usr/lib:ro",
+                "/usr/lib64:/usr/lib64:ro",
+                "/sbin:/host/sbin:ro",
+                "/etc/alternatives:/etc/alternatives:ro",
+                "/usr/sbin:/usr/sbin:ro",
+                "/usr/bin/lsblk:/usr/bin/lsblk",
+            ]
+        );
+        // Labels from ECS_AGENT_LABELS, as ecs-init's setLabels; ours cannot be overridden.
+        std::fs::create_dir_all(root.join("etc/ecs")).unwrap();
+        std::fs::write(
+            root.join("etc/ecs/ecs.config"),
+            "ECS_AGENT_LABELS={\"team\":\"data\",\"io.offload-agent.managed\":\"no\"}\n",
+        )
+        .unwrap();
+        let labelled = ContainerSpec::build(&cfg, &host, "sha256:1").unwrap();
+        let labels = labelled.create_body().labels.unwrap();
+        assert_eq!(labels["team"], "data");
+        assert_eq!(labels[MANAGED_LABEL], "true");
+        std::fs::write(
+            root.join("etc/ecs/ecs.config"),
+            "ECS_AGENT_LABELS=not json\n",
+        )
+        .unwrap();
+        let bad = ContainerSpec::build(&cfg, &host, "sha256:1").unwrap();
+        assert_eq!(
+            bad.create_body().labels.unwrap().len(),
+            2,
+            "invalid labels are skipped"
+        );
     }
 
     #[test]

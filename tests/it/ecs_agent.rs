@@ -14,6 +14,19 @@ const T: Duration = Duration::from_secs(30);
 #[tokio::test(flavor = "multi_thread")]
 async fn fresh_start_creates_the_agent_and_reports_registration() {
     let mut rig = Rig::prepare("fresh", false).await;
+    // Host paths ecs-init binds when they exist: Docker's plugin directories and the iptables paths.
+    let present = [
+        ("run/docker/plugins", "/run/docker/plugins:ro"),
+        ("etc/docker/plugins", "/etc/docker/plugins:ro"),
+        ("sbin", "/host/sbin:ro"),
+        ("usr/sbin", "/usr/sbin:ro"),
+        ("etc/alternatives", "/etc/alternatives:ro"),
+    ];
+    for (rel, _) in present {
+        std::fs::create_dir_all(rig.root().join(rel)).unwrap();
+    }
+    std::fs::create_dir_all(rig.root().join("usr/bin")).unwrap();
+    std::fs::write(rig.root().join("usr/bin/lsblk"), "").unwrap();
     rig.start();
     let s = rig.wait("answering", T, |s| s.metadata.is_some()).await;
     assert_eq!(s.state, State::Running);
@@ -46,8 +59,24 @@ async fn fresh_start_creates_the_agent_and_reports_registration() {
     let env = c.config.unwrap().env.unwrap();
     assert!(env.contains(&"ECS_EXTERNAL=true".to_string()));
     assert!(env.contains(&"ECS_LOGFILE=/log/ecs-agent.log".to_string()));
+    for var in [
+        "ECS_ENABLE_AWSLOGS_EXECUTIONROLE_OVERRIDE=true",
+        "ECS_VOLUME_PLUGIN_CAPABILITIES=[\"efsAuth\"]",
+        "ECS_EBSTA_SUPPORTED=false",
+    ] {
+        assert!(env.contains(&var.to_string()), "{var} not in {env:?}");
+    }
     let binds = hc.binds.unwrap();
     assert!(binds.iter().any(|b| b.ends_with(":/data")));
+    for (rel, inside) in present {
+        let want = format!("{}:{inside}", rig.root().join(rel).display());
+        assert!(binds.contains(&want), "{want} not in {binds:?}");
+    }
+    let lsblk = format!(
+        "{}:/usr/bin/lsblk",
+        rig.root().join("usr/bin/lsblk").display()
+    );
+    assert!(binds.contains(&lsblk), "{lsblk} not in {binds:?}");
     assert!(
         !binds.iter().any(|b| b.contains("rotatingcreds")),
         "absent optional paths are not bound: {binds:?}"
