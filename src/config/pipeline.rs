@@ -173,13 +173,12 @@ pub(super) fn read_pipeline(
         max_in_flight,
     };
     if !p.output_prefix.is_empty() && p.would_feed_itself() {
-        let v = r.table.get("output_prefix").cloned();
         let msg = format!(
             "\"{}\" lies under the pipeline's own input prefix \"{}\" in bucket {}: every output would \
              trigger the pipeline again (an endless loop); choose an output_prefix outside the input prefix",
             p.output_prefix, p.prefix, p.bucket
         );
-        r.problem("output_prefix", v.as_ref(), msg);
+        r.invalid("output_prefix", msg);
     }
     r.finish();
     processor.map(|_| p)

@@ -83,12 +83,17 @@ impl<'a> Reader<'a> {
         self.opt_string(k).unwrap_or_else(|| default.to_string())
     }
 
+    /// A path: a string, `default` when absent.
+    pub(super) fn path(&mut self, k: &str, default: &std::path::Path) -> std::path::PathBuf {
+        self.opt_string(k)
+            .map_or_else(|| default.to_path_buf(), std::path::PathBuf::from)
+    }
+
     pub(super) fn required_string(&mut self, k: &str, what: &str) -> String {
         match self.opt_string(k) {
             Some(s) if !s.is_empty() => s,
             Some(_) => {
-                let v = self.table.get(k).cloned();
-                self.problem(k, v.as_ref(), format!("must not be empty ({what})"));
+                self.invalid(k, format!("must not be empty ({what})"));
                 String::new()
             }
             None => {
@@ -264,8 +269,7 @@ impl<'a> Reader<'a> {
         match v.kind {
             ValueKind::Table(t) => t,
             _ => {
-                let v2 = self.table.get(k).cloned();
-                self.problem(k, v2.as_ref(), "expected a table");
+                self.invalid(k, "expected a table");
                 config::Map::new()
             }
         }

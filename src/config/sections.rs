@@ -301,7 +301,7 @@ impl SpoolConfig {
     pub(super) fn read(r: &mut Reader<'_>) -> Self {
         let d = Self::default();
         SpoolConfig {
-            dir: PathBuf::from(r.string("dir", &d.dir.display().to_string())),
+            dir: r.path("dir", &d.dir),
             max_line_bytes: r.uint("max_line_bytes", d.max_line_bytes, 1024, 1 << 30),
         }
     }
@@ -393,20 +393,17 @@ impl EcsAgentConfig {
     pub(super) fn read(r: &mut Reader<'_>) -> Self {
         let d = Self::default();
         let ms = Duration::from_millis;
-        let path = |r: &mut Reader<'_>, k: &str, d: &PathBuf| {
-            PathBuf::from(r.string(k, &d.display().to_string()))
-        };
         let ecs = EcsAgentConfig {
             enabled: r.boolean("enabled", d.enabled),
             image: r.string("image", &d.image),
-            image_tarball: path(r, "image_tarball", &d.image_tarball),
+            image_tarball: r.path("image_tarball", &d.image_tarball),
             allow_pull: r.boolean("allow_pull", d.allow_pull),
             container_name: r.string("container_name", &d.container_name),
             introspection_url: r.string("introspection_url", &d.introspection_url),
             stop_agent_on_exit: r.boolean("stop_agent_on_exit", d.stop_agent_on_exit),
             task_iam_roles: r.boolean("task_iam_roles", d.task_iam_roles),
             docker_socket: r.string("docker_socket", &d.docker_socket),
-            host_root: path(r, "host_root", &d.host_root),
+            host_root: r.path("host_root", &d.host_root),
             health_interval: r.duration("health_interval", d.health_interval, ms(100), HOUR),
             unhealthy_after: r.duration("unhealthy_after", d.unhealthy_after, ms(500), DAY),
             start_timeout: r.duration("start_timeout", d.start_timeout, ms(500), DAY),
@@ -491,16 +488,13 @@ impl HostConfig {
 
     pub(super) fn read(r: &mut Reader<'_>) -> Self {
         let d = Self::default();
-        let path = |r: &mut Reader<'_>, k: &str, d: &PathBuf| {
-            PathBuf::from(r.string(k, &d.display().to_string()))
-        };
         HostConfig {
-            ssm_dir: path(r, "ssm_dir", &d.ssm_dir),
-            ssm_agent: path(r, "ssm_agent", &d.ssm_agent),
+            ssm_dir: r.path("ssm_dir", &d.ssm_dir),
+            ssm_agent: r.path("ssm_agent", &d.ssm_agent),
             ssm_service: r.string("ssm_service", &d.ssm_service),
             docker_service: r.string("docker_service", &d.docker_service),
             systemctl: r.string("systemctl", &d.systemctl),
-            state_dir: path(r, "state_dir", &d.state_dir),
+            state_dir: r.path("state_dir", &d.state_dir),
         }
     }
 }
