@@ -85,6 +85,17 @@ ensure_docker() {
   return 1
 }
 
+# The company proxy of the egress tests: Debian's squid (with basic_ncsa_auth) and openssl for their CA.
+ensure_squid() {
+  if ! command -v squid >/dev/null 2>&1 || [ ! -x /usr/lib/squid/basic_ncsa_auth ] \
+     || ! command -v openssl >/dev/null 2>&1; then
+    log "installing squid and openssl with apt"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq squid openssl >/dev/null
+  fi
+}
+
 stop_docker() {
   if [ -n "$DOCKERD_PID" ]; then
     kill "$DOCKERD_PID" 2>/dev/null || true

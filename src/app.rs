@@ -209,14 +209,28 @@ async fn run(args: crate::cli::ConfigArg, log: LogHandle) -> Result<(), Failure>
 /// `provision`: each resource the configuration names, created or found.
 async fn provision(config: &Path) -> Result<(), Failure> {
     let cfg = load(config)?;
-    let clients = crate::aws::clients(&cfg)
-        .await
-        .map_err(|e| Failure::Runtime(e.into()))?;
+    let clients = aws_clients(&cfg).await?;
     let steps = crate::provision::provision(&cfg, &clients).await?;
     for s in steps {
         println!("{s}");
     }
     Ok(())
+}
+
+/// The AWS clients of a command, with credentials resolved first: without any, the command fails at
+/// once saying where it looked (exit 78: the host's configuration must change).
+async fn aws_clients(cfg: &Config) -> Result<crate::aws::Clients, Failure> {
+    let clients = crate::aws::clients(cfg).await.map_err(|e| {
+        Failure::Config(ConfigError {
+            problems: vec![e.to_string()],
+        })
+    })?;
+    clients.require_credentials().await.map_err(|e| {
+        Failure::Config(ConfigError {
+            problems: vec![e.to_string()],
+        })
+    })?;
+    Ok(clients)
 }
 
 /// The activation code from its file, or else from `OFFLOAD_AGENT_ACTIVATION_CODE`; trimmed.
@@ -263,9 +277,7 @@ async fn config_check(path: &Path) -> Result<(), Failure> {
     let mut params = None;
     let mut notes = Vec::new();
     if let Some(ppath) = &base.ssm.parameters_path {
-        let clients = crate::aws::clients(&base)
-            .await
-            .map_err(|e| Failure::Runtime(e.into()))?;
+        let clients = aws_clients(&base).await?;
         match tokio::time::timeout(
             base.aws.call_timeout,
             crate::params::fetch(&clients.ssm, ppath),
@@ -435,9 +447,7 @@ async fn process_s3(config_path: &Path, target: &str, force_progress: bool) -> R
             config_path.display()
         )));
     };
-    let clients = crate::aws::clients(&cfg)
-        .await
-        .map_err(|e| Failure::Runtime(e.into()))?;
+    let clients = aws_clients(&cfg).await?;
     // `process` may run beside the daemon: it shares no spool files with it (unique names) and never
     // cleans the spool.
     let spool = Spool::open(&cfg.spool.dir).map_err(|e| {

@@ -83,6 +83,15 @@ pub(crate) fn classify<E>(err: &SdkError<E, HttpResponse>) -> ErrorClass
 where
     E: ProvideErrorMetadata,
 {
+    if let SdkError::DispatchFailure(d) = err {
+        if d.as_connector_error()
+            .and_then(|c| egress_failure(c))
+            .is_some()
+        {
+            // A proxy refusing the credentials or an untrusted certificate: an operator must act.
+            return ErrorClass::Fatal;
+        }
+    }
     match err {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             ErrorClass::Transient
@@ -118,16 +127,40 @@ pub(crate) fn describe<E>(err: &SdkError<E, HttpResponse>) -> String
 where
     E: StdError + ProvideErrorMetadata + 'static,
 {
+    if let Some(line) = egress_failure(err) {
+        return line.to_string();
+    }
     if let SdkError::ServiceError(se) = err {
         if let Some(code) = se.err().code() {
+            let message = se.err().message().unwrap_or("no message");
+            let hint = if crate::clock::is_signature_time(code, message) {
+                "; the request was refused for its signature time: this host's clock is off \
+                 (check `timedatectl status` or `chronyc tracking`; `offload-agent preflight` shows \
+                 the skew)"
+            } else {
+                ""
+            };
             return format!(
-                "{code}: {} (HTTP {})",
-                se.err().message().unwrap_or("no message"),
+                "{code}: {message} (HTTP {}){hint}",
                 se.raw().status().as_u16()
             );
         }
     }
     chain(err)
+}
+
+/// The one-line egress explanation the AWS clients put in place of the SDK's error, if any.
+pub(crate) fn egress_failure<'a>(
+    err: &'a (dyn StdError + 'static),
+) -> Option<&'a crate::aws::EgressFailure> {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(f) = e.downcast_ref::<crate::aws::EgressFailure>() {
+            return Some(f);
+        }
+        cur = e.source();
+    }
+    None
 }
 
 /// An error and its sources, each once, joined by ": " (no Debug forms).

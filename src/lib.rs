@@ -13,6 +13,9 @@
 //! - `spool`: the private local files an object is streamed into.
 //! - `transfer`: S3 transfers (streamed downloads, multipart uploads, reports).
 //! - `docker`: the Docker engine (connect with version negotiation, not-found, image tarballs).
+//! - `egress`: the way out to AWS (proxies, `no_proxy`, the extra root CA): the one HTTP client
+//!   every AWS client is built on, the variables children get, and egress failures in one line.
+//! - `clock`: the host's clock against the `Date` of AWS's answers.
 //!
 //! **The file's path**:
 //! - `processors`: the `Processor` interface and the processors (`orders_csv`, `container`,
@@ -52,7 +55,9 @@ pub mod error;
 pub mod event;
 pub(crate) mod limits;
 
+pub mod clock;
 pub(crate) mod docker;
+pub mod egress;
 pub(crate) mod spool;
 pub mod transfer;
 

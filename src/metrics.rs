@@ -374,6 +374,7 @@ struct HostSeries {
     registered: Family<RegisteredLabels, Gauge>,
     config_reloads: Family<ReloadLabels, Counter>,
     credentials_reloads: Counter,
+    clock_skew: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl HostSeries {
@@ -403,6 +404,11 @@ impl HostSeries {
                 r,
                 "credentials_reloads",
                 "Times rotated credentials were read again",
+            ),
+            clock_skew: registered(
+                r,
+                "clock_skew_seconds",
+                "AWS's clock minus this host's, from the Date of the latest answer (positive: the host is behind)",
             ),
         };
         for outcome in [Reload::Ok, Reload::Failed] {
@@ -660,6 +666,11 @@ impl Metrics {
         if total > seen {
             self.host.credentials_reloads.inc_by(total - seen);
         }
+    }
+
+    /// The host's clock against AWS's, as last measured.
+    pub(crate) fn clock_skew(&self, seconds: f64) {
+        self.host.clock_skew.set(seconds);
     }
 
     /// The supervisor's state now (one gauge per state, 1 for the current one).

@@ -20,6 +20,9 @@ pub(crate) struct StatusDoc {
     pub(crate) ecs_agent: Option<EcsAgent>,
     pub(crate) worker: WorkerStatus,
     pub(crate) recent_errors: Vec<RecentError>,
+    /// AWS's clock minus this host's, from the latest answer's `Date` (absent before the first).
+    #[serde(default)]
+    pub(crate) clock_skew_seconds: Option<f64>,
 }
 
 /// `true` when ready; otherwise the reason, as text.
@@ -101,6 +104,14 @@ impl StatusDoc {
             "offload-agent {} (pid {}), up {} s, {ready}",
             self.version, self.pid, self.uptime_s
         );
+        if let Some(skew) = self.clock_skew_seconds {
+            let warn = if skew.abs() > crate::clock::WARN_ABOVE.as_secs_f64() {
+                " (check time synchronisation: timedatectl status, chronyc tracking)"
+            } else {
+                ""
+            };
+            let _ = writeln!(o, "clock:        {skew:+.0} s against AWS{warn}");
+        }
         let r = &self.registration;
         let _ = writeln!(
             o,
@@ -214,6 +225,7 @@ mod tests {
                     reason: format!("reason {i}\nmore"),
                 })
                 .collect(),
+            clock_skew_seconds: Some(-2.0),
         }
     }
 

@@ -37,6 +37,7 @@ pub struct Config {
     pub host: HostConfig,
     pub ssm: SsmConfig,
     pub admin: AdminConfig,
+    pub network: NetworkConfig,
     #[serde(rename = "pipeline")]
     pub pipelines: Vec<Pipeline>,
 }
@@ -255,7 +256,12 @@ pub(crate) fn load_with(
         .map_err(|e| ConfigError::one(format!("cannot read configuration: {e}")))?;
     let mut origins = BTreeMap::new();
     collect_origins("", &root, &path.display().to_string(), &mut origins);
-    let config = from_tree(root, &path.display().to_string())?;
+    let config = from_tree(root, &path.display().to_string(), env)?;
+    for (setting, source) in &config.network.sources {
+        if let crate::egress::Source::Env(_) = source {
+            origins.insert(format!("network.{setting}"), source.to_string());
+        }
+    }
     Ok(Loaded { config, origins })
 }
 
@@ -289,10 +295,15 @@ pub fn from_toml_str(text: &str, name: &str) -> Result<Config, ConfigError> {
         .map_err(|e| ConfigError::one(format!("cannot parse {name}: {e}")))?;
     let root = config::Source::collect(&built)
         .map_err(|e| ConfigError::one(format!("cannot parse {name}: {e}")))?;
-    from_tree(root, name)
+    from_tree(root, name, &BTreeMap::new())
 }
 
-fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, ConfigError> {
+/// Read the merged tree; `env` fills the `[network]` keys it leaves unset.
+fn from_tree(
+    root: config::Map<String, Value>,
+    origin: &str,
+    env: &BTreeMap<String, String>,
+) -> Result<Config, ConfigError> {
     let mut problems = Vec::new();
     let mut top = Reader::new("", root, &mut problems, origin);
     let config = Config {
@@ -305,6 +316,7 @@ fn from_tree(root: config::Map<String, Value>, origin: &str) -> Result<Config, C
         host: top.section("host", HostConfig::read),
         ssm: top.section("ssm", SsmConfig::read),
         admin: top.section("admin", AdminConfig::read),
+        network: top.section("network", |r| read_network(r, env)),
         pipelines: Vec::new(),
     };
     let pipeline_v = top.take("pipeline");

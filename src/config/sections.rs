@@ -2,6 +2,7 @@
 //! defaults (the one place they are written; `config/agent.toml` is checked against them by a test)
 //! and whose `read` takes its keys from a [`Reader`] with their limits.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -105,6 +106,9 @@ pub struct AwsConfig {
     /// Per-service endpoint overrides (`[aws.endpoints]`: s3, sqs, dynamodb, ssm, ecs), over
     /// `endpoint_url`.
     pub endpoints: Endpoints,
+    /// Whether the default credentials and region chains may ask the EC2 instance metadata
+    /// service. Off: on a datacenter host it only costs time-outs (or answers from a firewall).
+    pub imds: bool,
 }
 
 /// `[aws.endpoints]`: one URL per service, each optional.
@@ -169,6 +173,7 @@ impl Default for AwsConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             credentials_file: None,
             endpoints: Endpoints::default(),
+            imds: false,
         }
     }
 }
@@ -194,12 +199,49 @@ impl AwsConfig {
             ),
             credentials_file: r.opt_string("credentials_file").map(PathBuf::from),
             endpoints: r.section("endpoints", Endpoints::read),
+            imds: r.boolean("imds", d.imds),
         };
         if let Some(url) = &aws.endpoint_url {
             check_http_url(r, "endpoint_url", url);
         }
         aws
     }
+}
+
+/// `[network]`: the way out to AWS. The section's values, each unset one filled from the standard
+/// environment variables; see [`crate::egress`].
+pub type NetworkConfig = crate::egress::Egress;
+
+/// Read `[network]`; `env` is the process environment, for the keys the section leaves unset.
+pub(super) fn read_network(r: &mut Reader<'_>, env: &BTreeMap<String, String>) -> NetworkConfig {
+    let no_proxy = match r.table.get("no_proxy").map(|v| v.kind.clone()) {
+        Some(config::ValueKind::String(s)) => {
+            r.take("no_proxy");
+            Some(crate::egress::split_list(&s))
+        }
+        Some(_) => Some(r.string_list("no_proxy")),
+        None => None,
+    };
+    let declared = crate::egress::Declared {
+        https_proxy: r.opt_string("https_proxy"),
+        http_proxy: r.opt_string("http_proxy"),
+        no_proxy,
+        ca_bundle: r.opt_string("ca_bundle").map(PathBuf::from),
+        use_fips: r.boolean("use_fips", false),
+        use_dual_stack: r.boolean("use_dual_stack", false),
+    };
+    let (egress, problems) = crate::egress::Egress::resolve(declared, env);
+    for p in problems {
+        match p.source {
+            crate::egress::Source::Key(key) => {
+                r.invalid(key.trim_start_matches("network."), p.message)
+            }
+            crate::egress::Source::Env(var) => r
+                .problems
+                .push(format!("{var} (in the environment): {}", p.message)),
+        }
+    }
+    egress
 }
 
 /// `[queue]`: the SQS queue of S3 events, and how its messages are received and retried.

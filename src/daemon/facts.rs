@@ -129,6 +129,7 @@ impl crate::admin::Facts for DaemonFacts {
                     .collect(),
             },
             recent_errors: m.recent_errors(),
+            clock_skew_seconds: self.objects.ctx.clients.clock.skew_seconds(),
         }
     }
 

@@ -179,6 +179,11 @@ impl Daemon {
         if settings.start(&clients.ssm).await {
             clients = crate::aws::clients(&settings.current).await?;
         }
+        if let Err(e) = clients.require_credentials().await {
+            // The daemon keeps running (the ECS agent's supervisor, the admin endpoint, a later
+            // `register`): its calls fail and are retried, and this says why.
+            tracing::error!(error = %e, "{e}");
+        }
         let cfg = settings.current.clone();
         let spool = open_spool(&cfg)?;
         let stop = CancellationToken::new();
@@ -364,6 +369,9 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner()) = reg.map(|r| r.managed_instance_id);
         if let Some(c) = &self.credentials {
             self.stats.credentials_reloaded_total(c.reloads());
+        }
+        if let Some(skew) = self.objects.ctx.clients.clock.skew_seconds() {
+            self.stats.clock_skew(skew);
         }
         let line = self.status_line();
         if line != self.status {

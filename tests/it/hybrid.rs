@@ -181,9 +181,10 @@ impl Host {
             "harness.toml",
         )
         .unwrap();
-        let clients = offload_agent::aws::clients_with(&cfg.aws, Duration::from_secs(1), None)
-            .await
-            .unwrap();
+        let clients =
+            offload_agent::aws::clients_with(&cfg.aws, &cfg.network, Duration::from_secs(1), None)
+                .await
+                .unwrap();
         let cluster = format!("c-{id}");
         let ec2_instance = moto_helper(&endpoint, &["ec2-instance"]);
         clients

@@ -9,6 +9,8 @@ mod support;
 mod cli;
 /// The ECS agent supervisor against a real Docker engine.
 mod ecs_agent;
+/// Behind a company's egress: an authenticating proxy, a private root CA, no credentials.
+mod egress;
 /// Kills, outages, a misbehaving network and a fleet on one queue.
 mod faults;
 /// Rotated credentials, `register`/`deregister`, Parameter Store.

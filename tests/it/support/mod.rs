@@ -4,6 +4,7 @@
 pub mod docker;
 pub mod proxy;
 pub mod scan_check;
+pub mod squid;
 pub mod ssm_stub;
 
 use std::collections::HashMap;
@@ -311,10 +312,14 @@ output_prefix = "output/"
                 profile: "default".into(),
             },
         );
-        let clients =
-            offload_agent::aws::clients_with(&cfg.aws, Duration::from_secs(1), Some(provider))
-                .await
-                .unwrap();
+        let clients = offload_agent::aws::clients_with(
+            &cfg.aws,
+            &cfg.network,
+            Duration::from_secs(1),
+            Some(provider),
+        )
+        .await
+        .unwrap();
         let w = World {
             dir,
             config,
@@ -360,6 +365,17 @@ output_prefix = "output/"
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env_remove("AWS_PROFILE")
             .env_remove("RUST_LOG")
+            // The machine's own egress settings (a CI runner's proxy, its AWS_CA_BUNDLE) are not the
+            // test's: the egress tests set them explicitly.
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("AWS_CA_BUNDLE")
             .env_remove("JOURNAL_STREAM")
             .env_remove("NOTIFY_SOCKET");
         c
