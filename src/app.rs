@@ -140,6 +140,7 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
             activation_code_file,
             reregister,
             timeout,
+            restart_docker,
         } => {
             let args = crate::registration::RegisterArgs {
                 region,
@@ -148,6 +149,7 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
                 activation_code: activation_code(activation_code_file.as_deref())?,
                 reregister,
                 timeout,
+                restart_docker,
             };
             crate::registration::register(load(&config.config)?, args)
                 .await

@@ -116,7 +116,10 @@ pub(crate) enum Command {
 
     /// Register this host with SSM (hybrid activation) and ECS Anywhere; idempotent.
     ///
-    /// Steps, each printed with its outcome: keep the host's managed instance id if the SSM agent
+    /// Steps, each printed with its outcome: write the egress of [network] (a proxy, an extra root CA)
+    /// for the SSM agent and Docker as systemd drop-ins (offload-agent-egress.conf) and for the ECS
+    /// agent in /var/lib/ecs/ecs.config (HTTPS_PROXY, HTTP_PROXY, NO_PROXY, SSL_CERT_FILE), restarting
+    /// the SSM agent if it runs; keep the host's managed instance id if the SSM agent
     /// registered it before (unless --reregister), else stop the SSM agent, run `amazon-ssm-agent
     /// -register`, enable and start it; wait until its rotating credentials are published and Systems
     /// Manager reports the instance online; make sure Docker answers (starting docker.service when it
@@ -148,6 +151,10 @@ pub(crate) enum Command {
         /// Bound on each wait (credentials, online, agent registered, ACTIVE).
         #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// Restart docker.service when its egress drop-in changed (this stops every container unless
+        /// Docker's live-restore is on); without it, register says that a restart is needed.
+        #[arg(long)]
+        restart_docker: bool,
     },
 
     /// Take this host out of ECS and SSM again, undoing what register and the supervisor did.
@@ -155,8 +162,8 @@ pub(crate) enum Command {
     /// Deregisters the container instance (forced), stops and removes the agent container, removes the
     /// task IAM role network rules, deregisters the managed instance with the host's own credentials
     /// (unless --keep-ssm) and disables the SSM agent, removes exactly the keys register wrote from the
-    /// ECS config files (other lines stay), and clears the agent's saved state so that a later register
-    /// starts clean. Idempotent: running it twice is not an error.
+    /// ECS config files (other lines stay), its egress drop-ins and CA bundle, and clears the agent's
+    /// saved state so that a later register starts clean. Idempotent: running it twice is not an error.
     Deregister {
         #[command(flatten)]
         config: ConfigArg,

@@ -36,7 +36,7 @@ impl LogHandle {
         if self.env_override {
             return;
         }
-        if let (Some(h), Ok(f)) = (&self.handle, EnvFilter::try_new(level)) {
+        if let (Some(h), Ok(f)) = (&self.handle, EnvFilter::try_new(guarded(level))) {
             if h.reload(f).is_ok() {
                 tracing::info!(level, "log level set");
             }
@@ -44,10 +44,26 @@ impl LogHandle {
     }
 }
 
+/// Dependencies whose debug output holds secrets: the Docker client logs every request body (the ECS
+/// agent's environment: proxy passwords, ECS_ENGINE_AUTH_DATA). Kept at info unless the level names
+/// them itself.
+const SECRET_BEARING: [&str; 1] = ["bollard"];
+
+/// `level` with [`SECRET_BEARING`] targets held at info.
+fn guarded(level: &str) -> String {
+    let mut out = level.to_string();
+    for target in SECRET_BEARING {
+        if !level.contains(target) {
+            out.push_str(&format!(",{target}=info"));
+        }
+    }
+    out
+}
+
 /// Install the global subscriber. Call once, early.
 pub(crate) fn init(format: LogFormat, level: &str) -> LogHandle {
     let env = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty());
-    let filter = EnvFilter::try_new(env.as_deref().unwrap_or(level))
+    let filter = EnvFilter::try_new(guarded(env.as_deref().unwrap_or(level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let format = match format {

@@ -46,6 +46,7 @@ pub const DEFAULT_SSM_SERVICE: &str = "amazon-ssm-agent";
 pub const DEFAULT_DOCKER_SERVICE: &str = "docker";
 pub const DEFAULT_SYSTEMCTL: &str = "systemctl";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/offload-agent";
+pub const DEFAULT_SYSTEMD_DIR: &str = "/etc/systemd/system";
 pub const DEFAULT_SSM_REFRESH: Duration = Duration::from_secs(300);
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 
@@ -502,6 +503,8 @@ pub struct HostConfig {
     pub systemctl: String,
     /// Where `register` records what it registered (for `deregister` when the agent is gone).
     pub state_dir: PathBuf,
+    /// Where `register` writes systemd drop-ins (the SSM agent's and Docker's egress).
+    pub systemd_dir: PathBuf,
 }
 
 impl Default for HostConfig {
@@ -513,6 +516,7 @@ impl Default for HostConfig {
             docker_service: DEFAULT_DOCKER_SERVICE.to_string(),
             systemctl: DEFAULT_SYSTEMCTL.to_string(),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            systemd_dir: PathBuf::from(DEFAULT_SYSTEMD_DIR),
         }
     }
 }
@@ -521,6 +525,12 @@ impl HostConfig {
     /// `identity_config.json`, which names the rotating credentials file.
     pub fn identity_config(&self) -> PathBuf {
         self.ssm_dir.join(SSM_IDENTITY_CONFIG)
+    }
+
+    /// The CA bundle `register` writes for the SSM agent and the ECS agent (the system's roots and
+    /// `network.ca_bundle`).
+    pub fn ca_bundle(&self) -> PathBuf {
+        self.state_dir.join("ca-bundle.pem")
     }
 
     /// The managed instance id and region the SSM agent registered with.
@@ -537,6 +547,7 @@ impl HostConfig {
             docker_service: r.string("docker_service", &d.docker_service),
             systemctl: r.string("systemctl", &d.systemctl),
             state_dir: r.path("state_dir", &d.state_dir),
+            systemd_dir: r.path("systemd_dir", &d.systemd_dir),
         }
     }
 }

@@ -185,6 +185,10 @@ impl Daemon {
             tracing::error!(error = %e, "{e}");
         }
         let cfg = settings.current.clone();
+        if let Err(e) = crate::registration::egress::write_bundle(&cfg) {
+            let e = crate::error::chain(&e);
+            tracing::warn!(error = %e, "cannot write the CA bundle for the processors: {e}");
+        }
         let spool = open_spool(&cfg)?;
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();

@@ -58,6 +58,10 @@ pub(crate) const FORCED_ENV: &[(&str, &str)] = &[
 /// Where the rotating credentials directory appears inside the agent's container.
 const ROTATING_CREDS: &str = "/rotatingcreds";
 
+/// Where the ECS agent's container sees the CA bundle `register` writes (`host.ca_bundle()`), bound
+/// read-only when its env file sets `SSL_CERT_FILE` to it.
+pub(crate) const CONTAINER_CA_BUNDLE: &str = "/etc/offload-agent/ca-bundle.pem";
+
 /// Env files, in order (later wins), relative to `host_root`.
 pub(crate) const ENV_FILES: [&str; 2] = ["var/lib/ecs/ecs.config", "etc/ecs/ecs.config"];
 /// Holds the path of the image tarball to load when the agent exits 42.
@@ -234,6 +238,12 @@ impl ContainerSpec {
                 if dir.exists() {
                     binds.push(format!("{}:{ROTATING_CREDS}:ro", dir.display()));
                 }
+            }
+        }
+        if env.get("SSL_CERT_FILE").map(String::as_str) == Some(CONTAINER_CA_BUNDLE) {
+            let bundle = host.ca_bundle();
+            if bundle.exists() {
+                binds.push(format!("{}:{CONTAINER_CA_BUNDLE}:ro", bundle.display()));
             }
         }
         for (rel, inside, ro, required) in BINDS {

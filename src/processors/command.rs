@@ -23,6 +23,7 @@ const DRAIN: Duration = Duration::from_secs(2);
 pub(crate) struct Command<'a> {
     spec: &'a CommandSpec,
     region: &'a str,
+    ctx: &'a Context,
 }
 
 impl<'a> Command<'a> {
@@ -30,6 +31,7 @@ impl<'a> Command<'a> {
         Command {
             spec,
             region: &ctx.region,
+            ctx,
         }
     }
 
@@ -44,6 +46,12 @@ impl<'a> Command<'a> {
         cmd.args(external::substitute(&self.spec.args, &input, &out))
             .env_clear()
             .env("PATH", PATH)
+            // A program on the host has the host's network: it leaves it the way the daemon does.
+            .envs(
+                self.ctx
+                    .egress
+                    .child_env(self.ctx.ca_bundle.as_ref().and_then(|p| p.to_str())),
+            )
             .envs(external::contract_env(job, self.region, &input, &out))
             .current_dir(&job.files.dir)
             .stdin(Stdio::null())

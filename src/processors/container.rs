@@ -219,7 +219,17 @@ impl<'a> Container<'a> {
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| "input".into());
         let input = format!("/input/{name}");
-        let env = external::contract_env(job, &self.ctx.region, &input, "/output");
+        let mut env = external::contract_env(job, &self.ctx.region, &input, "/output");
+        // With a network, the container leaves the host the way the daemon does; without, nothing.
+        let networked = spec.network != "none";
+        let ca = self.ctx.ca_bundle.as_ref().filter(|_| networked);
+        if networked {
+            env.extend(
+                self.ctx
+                    .egress
+                    .child_env(ca.map(|_| crate::ecs_agent::spec::CONTAINER_CA_BUNDLE)),
+            );
+        }
         let labels = HashMap::from([
             (PIPELINE_LABEL.to_string(), job.pipeline.name.clone()),
             (
@@ -247,10 +257,16 @@ impl<'a> Container<'a> {
             user: spec.user.clone(),
             working_dir: Some("/output".into()),
             host_config: Some(HostConfig {
-                mounts: Some(vec![
-                    bind(&job.files.input, &input, true),
-                    bind(output_dir, "/output", false),
-                ]),
+                mounts: Some(
+                    [
+                        Some(bind(&job.files.input, &input, true)),
+                        Some(bind(output_dir, "/output", false)),
+                        ca.map(|p| bind(p, crate::ecs_agent::spec::CONTAINER_CA_BUNDLE, true)),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+                ),
                 memory,
                 // No swap beyond the memory limit: exceeding it is an out-of-memory kill.
                 memory_swap: memory,

@@ -90,6 +90,10 @@ pub(crate) struct Context {
     /// Counters processors update (DynamoDB retries, bytes stored).
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) region: String,
+    /// The egress external processors with network access get (proxy variables, the CA bundle).
+    pub(crate) egress: crate::egress::Egress,
+    /// The CA bundle on the host that children are pointed at, with `network.ca_bundle` set.
+    pub(crate) ca_bundle: Option<std::path::PathBuf>,
     /// The Docker engine, connected on first use.
     pub(crate) docker: container::Engine,
     /// The DynamoDB client rows are written with, for the `dynamodb.write_max_attempts` it was built
@@ -104,9 +108,21 @@ impl Context {
         owner: container::Owner,
         metrics: Arc<Metrics>,
     ) -> Context {
+        // The CA bundle children get: the combined one the daemon or `register` wrote, else the
+        // operator's own file.
+        let ca_bundle = cfg.network.ca_bundle.as_ref().map(|own| {
+            let combined = cfg.host.ca_bundle();
+            if combined.exists() {
+                combined
+            } else {
+                own.clone()
+            }
+        });
         Context {
             clients,
             metrics,
+            egress: cfg.network.clone(),
+            ca_bundle,
             region: cfg.aws.region.clone().unwrap_or_default(),
             docker: container::Engine::new(&cfg.ecs_agent.docker_socket, owner, &cfg.spool.dir),
             writer: std::sync::Mutex::new(None),

@@ -75,6 +75,38 @@ pub(crate) fn apply(path: &Path, set: &[(&str, &str)], remove: &[&str]) -> Resul
     if new == old {
         return Ok(false);
     }
+    replace(path, new.as_bytes(), meta.as_ref(), NEW_FILE_MODE)?;
+    Ok(true)
+}
+
+/// Make `path` hold exactly `contents` (created with `mode`, or replaced keeping its mode and owner);
+/// returns whether it changed. Atomic: a temporary file beside it, then a rename.
+pub(crate) fn put(path: &Path, contents: &[u8], mode: u32) -> Result<bool, Error> {
+    let meta = match std::fs::read(path) {
+        Ok(old) if old == contents => return Ok(false),
+        Ok(_) => std::fs::metadata(path).ok(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::file("read", path)(e)),
+    };
+    replace(path, contents, meta.as_ref(), mode)?;
+    Ok(true)
+}
+
+/// Remove `path` if it exists; returns whether it did.
+pub(crate) fn remove(path: &Path) -> Result<bool, Error> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::file("remove", path)(e)),
+    }
+}
+
+fn replace(
+    path: &Path,
+    contents: &[u8],
+    meta: Option<&std::fs::Metadata>,
+    new_mode: u32,
+) -> Result<(), Error> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(Error::file("create", dir))?;
     let name = path
@@ -84,13 +116,12 @@ pub(crate) fn apply(path: &Path, set: &[(&str, &str)], remove: &[&str]) -> Resul
     let tmp = dir.join(format!(".{name}.offload-agent-{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(new.as_bytes())?;
+        f.write_all(contents)?;
         let mode = meta
-            .as_ref()
             .map(|m| m.permissions().mode() & 0o7777)
-            .unwrap_or(NEW_FILE_MODE);
+            .unwrap_or(new_mode);
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        if let Some(m) = &meta {
+        if let Some(m) = meta {
             // Keep the owner; only root can change it, and only root edits these files for real.
             let _ = std::os::unix::fs::chown(&tmp, Some(m.uid()), Some(m.gid()));
         }
@@ -100,8 +131,7 @@ pub(crate) fn apply(path: &Path, set: &[(&str, &str)], remove: &[&str]) -> Resul
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::file("write", path)(e)
-    })?;
-    Ok(true)
+    })
 }
 
 #[cfg(test)]

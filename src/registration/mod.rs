@@ -2,6 +2,7 @@
 //! (`mi-…`) in an ECS Anywhere cluster, and take it back out. Both are idempotent and print every step
 //! with its outcome; neither ever prints the activation code.
 
+pub(crate) mod egress;
 pub(crate) mod env_file;
 pub(crate) mod ssm;
 
@@ -88,6 +89,8 @@ pub(crate) struct RegisterArgs {
     pub(crate) reregister: bool,
     /// Bound on each wait (credentials, online, agent registered, ACTIVE).
     pub(crate) timeout: Duration,
+    /// Restart Docker when its egress drop-in changed.
+    pub(crate) restart_docker: bool,
 }
 
 /// What `register` recorded.
@@ -138,6 +141,10 @@ pub(crate) async fn register(mut cfg: Config, a: RegisterArgs) -> Result<(), Err
     cfg.aws.region = Some(region.clone());
     let deadline = || Instant::now() + a.timeout;
     let systemctl = Systemctl::new(cfg.host.systemctl.clone());
+
+    // 0. The egress of the SSM agent, Docker and the ECS agent: before the SSM agent registers, so
+    //    that its registration goes out the same way.
+    egress::write(&cfg, &systemctl, a.restart_docker).await?;
 
     // 1. The SSM agent: keep an existing registration unless asked not to.
     let instance = register_ssm(&cfg, &a, &region, &systemctl).await?;
@@ -220,6 +227,7 @@ async fn register_ssm(
             );
             ssm::run_register(
                 &cfg.host.ssm_agent,
+                &cfg.network.child_env(None),
                 &ssm::Activation {
                     id: a.activation_id.clone(),
                     code: a.activation_code.clone(),
@@ -465,8 +473,10 @@ pub(crate) async fn deregister(cfg: Config, keep_ssm: bool) -> Result<(), Error>
     } else {
         deregister_ssm(&cfg, &clients, &systemctl).await?;
     }
-    // 4. Our keys out of the ECS config files; the agent's saved state cleared.
+    // 4. Our keys out of the ECS config files; the agent's saved state cleared; the egress drop-ins
+    //    and CA bundle removed.
     remove_ecs_config(&cfg)?;
+    egress::remove(&cfg, &systemctl).await?;
     let _ = std::fs::remove_file(state_path(&cfg));
     Ok(())
 }

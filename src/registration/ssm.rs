@@ -60,7 +60,12 @@ impl std::fmt::Debug for Activation {
 
 /// Run `amazon-ssm-agent -register` (non-interactive: `-y` answers its overwrite prompt). Its output
 /// is returned with the activation code blanked out, should it echo it.
-pub(crate) async fn run_register(binary: &Path, a: &Activation) -> Result<(), Error> {
+/// Run `amazon-ssm-agent -register`; `env` is the egress (proxy variables) it registers through.
+pub(crate) async fn run_register(
+    binary: &Path,
+    env: &[(String, String)],
+    a: &Activation,
+) -> Result<(), Error> {
     if !binary.exists() {
         return Err(Error::Failed(format!(
             "the SSM agent is not installed ({} does not exist): install the amazon-ssm-agent package for \
@@ -79,6 +84,7 @@ pub(crate) async fn run_register(binary: &Path, a: &Activation) -> Result<(), Er
             "-region",
             &a.region,
         ])
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();

@@ -596,3 +596,130 @@ async fn a_parameter_store_outage_keeps_the_daemon_working() {
     let (code, _) = agent.terminate(Duration::from_secs(20));
     assert_eq!(code, 0);
 }
+
+/// `register` behind a proxy with a private CA: drop-ins for the SSM agent and Docker with the
+/// variables (systemd's `%` escaped), the ECS agent's env file with the proxy, `NO_PROXY` with the
+/// link-local addresses and the Docker socket, and `SSL_CERT_FILE` at the CA bundle, which its container
+/// gets read-only; Docker is not restarted without `--restart-docker`. Twice → one copy of each;
+/// `deregister` → all of it gone, the operator's own drop-in untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn register_writes_the_egress_for_every_agent_and_deregister_removes_it() {
+    let h = Host::new("register-egress").await;
+    let root = h.root().to_path_buf();
+    let ca = crate::support::squid::TestCa::make();
+    let systemd = root.join("systemd");
+    std::fs::create_dir_all(systemd.join("docker.service.d")).unwrap();
+    std::fs::write(
+        systemd.join("docker.service.d/mine.conf"),
+        "[Service]\nLimitNOFILE=1\n",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&h.config).unwrap();
+    let text = text.replace(
+        "[ecs_agent]",
+        &format!("systemd_dir = \"{}\"\n[ecs_agent]", systemd.display()),
+    );
+    std::fs::write(
+        &h.config,
+        format!(
+            "{text}\n[network]\nhttps_proxy = \"http://svc:p%40ss@proxy.corp.example:3128\"\nno_proxy = \".corp.example\"\nca_bundle = \"{}\"\n",
+            ca.ca_pem.display()
+        ),
+    )
+    .unwrap();
+    for run in 0..2 {
+        let (code, out) = h.register();
+        assert_eq!(code, 0, "run {run}: {out}");
+        assert!(!out.contains("p%40ss"), "the password was printed: {out}");
+        if run == 0 {
+            assert!(out.contains("docker needs a restart"), "{out}");
+        }
+    }
+    let ssm = h.file("systemd/amazon-ssm-agent.service.d/offload-agent-egress.conf");
+    for line in [
+        "Environment=\"HTTPS_PROXY=http://svc:p%%40ss@proxy.corp.example:3128\"",
+        "Environment=\"https_proxy=http://svc:p%%40ss@proxy.corp.example:3128\"",
+        "Environment=\"no_proxy=.corp.example,localhost,127.0.0.0/8,::1,169.254.169.254,169.254.170.2,fd00:ec2::254\"",
+    ] {
+        assert_eq!(ssm.matches(line).count(), 1, "{line} in {ssm}");
+    }
+    let bundle = root.join("state/ca-bundle.pem");
+    assert!(
+        ssm.contains(&format!(
+            "Environment=\"SSL_CERT_FILE={}\"",
+            bundle.display()
+        )),
+        "{ssm}"
+    );
+    let pem = std::fs::read_to_string(&bundle).unwrap();
+    assert!(
+        pem.ends_with(&std::fs::read_to_string(&ca.ca_pem).unwrap()),
+        "the CA comes last"
+    );
+    assert!(
+        pem.matches("BEGIN CERTIFICATE").count() > 1,
+        "the system's roots come first"
+    );
+    let docker = h.file("systemd/docker.service.d/offload-agent-egress.conf");
+    assert!(
+        docker.contains("HTTPS_PROXY=http://svc:p%%40ss@proxy.corp.example:3128"),
+        "{docker}"
+    );
+    assert!(!docker.contains("SSL_CERT_FILE"), "{docker}");
+    let var = h.file("var/lib/ecs/ecs.config");
+    for key in ["HTTPS_PROXY=", "NO_PROXY=", "SSL_CERT_FILE="] {
+        assert_eq!(h.count("var/lib/ecs/ecs.config", key), 1, "{key} in {var}");
+    }
+    assert!(var.contains("NO_PROXY=.corp.example,localhost,127.0.0.0/8,::1,169.254.169.254,169.254.170.2,fd00:ec2::254,/var/run/docker.sock"), "{var}");
+    assert!(
+        var.contains("SSL_CERT_FILE=/etc/offload-agent/ca-bundle.pem"),
+        "{var}"
+    );
+    let systemctl = h.file("systemctl-calls");
+    assert!(systemctl.contains("daemon-reload"), "{systemctl}");
+    assert!(
+        systemctl.contains("try-restart amazon-ssm-agent"),
+        "{systemctl}"
+    );
+    assert!(!systemctl.contains("restart docker"), "{systemctl}");
+    // The agent's container: the proxy in its environment, the bundle bound read-only.
+    let d = crate::support::docker::docker().await;
+    let c = d.inspect_container(&h.container, None).await.unwrap();
+    let env = c.config.and_then(|c| c.env).unwrap_or_default();
+    assert!(
+        env.iter()
+            .any(|e| e == "HTTPS_PROXY=http://svc:p%40ss@proxy.corp.example:3128"),
+        "{env:?}"
+    );
+    assert!(
+        env.iter()
+            .any(|e| e.starts_with("NO_PROXY=") && e.contains("169.254.170.2")),
+        "{env:?}"
+    );
+    let binds = c.host_config.and_then(|h| h.binds).unwrap_or_default();
+    assert!(
+        binds.contains(&format!(
+            "{}:/etc/offload-agent/ca-bundle.pem:ro",
+            bundle.display()
+        )),
+        "{binds:?}"
+    );
+
+    let (code, out) = h.run(&["deregister"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!systemd
+        .join("amazon-ssm-agent.service.d/offload-agent-egress.conf")
+        .exists());
+    assert!(!systemd
+        .join("docker.service.d/offload-agent-egress.conf")
+        .exists());
+    assert!(!bundle.exists());
+    assert_eq!(
+        h.file("systemd/docker.service.d/mine.conf"),
+        "[Service]\nLimitNOFILE=1\n"
+    );
+    assert_eq!(
+        h.file("var/lib/ecs/ecs.config"),
+        "# keep me\nECS_RESERVED_MEMORY=32\n"
+    );
+}
