@@ -503,3 +503,57 @@ async fn docker_restarted_under_the_ecs_agent_leaves_the_worker_untouched() {
     alive(&mut agent);
     agent.terminate(Duration::from_secs(30));
 }
+
+/// AWS's clock 10 minutes ahead of the host's (every answer's `Date` moved by the proxy): files are
+/// still processed (the SDK signs with the skew it measured), the skew shows in
+/// `offload_clock_skew_seconds` and `/status`, and one warning names time synchronisation however many
+/// answers follow.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drifted_clock_is_measured_and_named_once() {
+    let proxy = FaultProxy::start(&moto_endpoint()).await;
+    let port = free_port();
+    let w = World::with(
+        "skew",
+        Options {
+            admin_listen: format!("127.0.0.1:{port}"),
+            ..Options::default()
+        },
+    )
+    .await;
+    through(&w, &proxy);
+    proxy.set(Faults {
+        date_ahead: Duration::from_secs(600),
+        ..Faults::default()
+    });
+    let agent = w.start();
+    w.put("input/skew.csv", orders_csv(0, 5)).await;
+    w.wait_for("output/skew.csv", WAIT, &agent).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let started = Instant::now();
+    let skew = loop {
+        let (_, body) = offload_agent::admin::get(addr, "/metrics", Duration::from_secs(5))
+            .await
+            .unwrap();
+        let value = body
+            .lines()
+            .find_map(|l| l.strip_prefix("offload_clock_skew_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        match value {
+            Some(v) if v > 1.0 => break v,
+            _ if started.elapsed() > WAIT => panic!("no skew in /metrics:\n{body}"),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    assert!((590.0..=610.0).contains(&skew), "{skew}");
+    let (_, body) = offload_agent::admin::get(addr, "/status", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let shown = doc["clock_skew_seconds"].as_f64().unwrap();
+    assert!((590.0..=610.0).contains(&shown), "{body}");
+    // More answers, one warning.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = agent.log_text();
+    assert_eq!(log.matches("this host's clock is").count(), 1, "{log}");
+    assert!(log.contains("time synchronisation"), "{log}");
+}

@@ -444,3 +444,100 @@ processor = {{ container = {{ image = "{late}" }} }}
     assert!(w.drain_dlq().await.is_empty());
     crate::support::docker::untag(&d, &late).await;
 }
+
+/// Behind a proxy: a container pipeline with a network gets the proxy variables and the CA bundle
+/// (mounted read-only, `SSL_CERT_FILE` and `AWS_CA_BUNDLE` pointing at it); one with `network = "none"`
+/// gets none of it; a command (the host's network) gets the proxy and the host's bundle.
+#[tokio::test(flavor = "multi_thread")]
+async fn processors_with_a_network_leave_through_the_proxy() {
+    let image = image().await;
+    let ca = crate::support::squid::TestCa::make();
+    let state = tempfile::tempdir().unwrap();
+    let extra = format!(
+        r#"
+[[pipeline]]
+name = "box"
+bucket = "{{bucket}}"
+prefix = "box/"
+output_prefix = "boxed/"
+[pipeline.processor.container]
+image = "{image}"
+timeout = "20s"
+
+[[pipeline]]
+name = "netbox"
+bucket = "{{bucket}}"
+prefix = "netbox/"
+output_prefix = "netboxed/"
+[pipeline.processor.container]
+image = "{image}"
+timeout = "20s"
+network = "bridge"
+
+[[pipeline]]
+name = "cmd"
+bucket = "{{bucket}}"
+prefix = "cmd/"
+output_prefix = "cmdout/"
+[pipeline.processor.command]
+program = "{SCRIPT}"
+args = ["{{input}}", "{{output_dir}}"]
+
+[host]
+state_dir = "{state}"
+
+[network]
+https_proxy = "http://svc:secret@proxy.corp.example:3128"
+no_proxy = [".corp.example"]
+ca_bundle = "{ca}"
+"#,
+        state = state.path().display(),
+        ca = ca.ca_pem.display(),
+    );
+    let w = World::with(
+        "byo-egress",
+        Options {
+            extra,
+            ..Options::default()
+        },
+    )
+    .await;
+    let agent = w.start();
+    for prefix in ["box", "netbox", "cmd"] {
+        w.put(&format!("{prefix}/x.txt"), "a\n").await;
+    }
+    let vars = |b: Vec<u8>| -> Vec<String> { text(b).lines().map(String::from).collect() };
+    let boxed = vars(w.wait_for("boxed/x.txt/meta/vars.txt", WAIT, &agent).await);
+    let netboxed = vars(
+        w.wait_for("netboxed/x.txt/meta/vars.txt", WAIT, &agent)
+            .await,
+    );
+    let cmd = vars(w.wait_for("cmdout/x.txt/meta/vars.txt", WAIT, &agent).await);
+    for var in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "SSL_CERT_FILE",
+        "AWS_CA_BUNDLE",
+    ] {
+        assert!(
+            netboxed.iter().any(|v| v == var),
+            "netbox lacks {var}: {netboxed:?}"
+        );
+        assert!(cmd.iter().any(|v| v == var), "cmd lacks {var}: {cmd:?}");
+        assert!(
+            !boxed.iter().any(|v| v == var),
+            "box (network none) has {var}: {boxed:?}"
+        );
+    }
+    assert!(
+        state.path().join("ca-bundle.pem").exists(),
+        "the daemon wrote the bundle"
+    );
+    assert!(
+        !agent.log_text().contains("secret@"),
+        "{}",
+        agent.log_text()
+    );
+}

@@ -1,7 +1,8 @@
 //! A fault-injecting TCP proxy between the agent and the emulator, on 127.0.0.1: an outage (every
 //! connection dropped at once), latency, answers of `503 Service Unavailable`, and connections reset in
-//! the middle of the response, each at a set rate. moto closes every connection after one answer, so a
-//! connection is a request and the rates are per request.
+//! the middle of the response, each at a set rate, and answers whose `Date` header is moved (a host
+//! clock that drifted). moto closes every connection after one answer, so a connection is a request
+//! and the rates are per request.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,8 @@ pub struct Faults {
     pub error_rate: f64,
     /// Share of requests forwarded whose response is cut off after a few bytes by a TCP reset.
     pub reset_rate: f64,
+    /// Every answer's `Date` header moved this far ahead (AWS's clock ahead of the host's).
+    pub date_ahead: Duration,
 }
 
 /// What the proxy did.
@@ -143,7 +146,59 @@ async fn serve(
         reset(&client)?;
         return Ok(());
     }
+    if !faults.date_ahead.is_zero() {
+        return forward_with_date(client, server, faults.date_ahead).await;
+    }
     tokio::io::copy_bidirectional(&mut client, &mut server).await?;
+    Ok(())
+}
+
+/// Forward one exchange, the answer's `Date` header moved `ahead`.
+async fn forward_with_date(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    ahead: Duration,
+) -> std::io::Result<()> {
+    let (mut cr, mut cw) = client.split();
+    let (mut sr, mut sw) = server.split();
+    let up = tokio::io::copy(&mut cr, &mut sw);
+    let down = async {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        let end = loop {
+            if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            let n = sr.read(&mut buf).await?;
+            if n == 0 {
+                break head.len();
+            }
+            head.extend_from_slice(&buf[..n]);
+        };
+        let text = String::from_utf8_lossy(&head[..end]).to_string();
+        let date = aws_smithy_types::DateTime::from(std::time::SystemTime::now() + ahead)
+            .fmt(aws_smithy_types::date_time::Format::HttpDate)
+            .unwrap();
+        let moved: Vec<String> = text
+            .split("\r\n")
+            .map(|l| {
+                if l.to_ascii_lowercase().starts_with("date:") {
+                    format!("Date: {date}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        cw.write_all(moved.join("\r\n").as_bytes()).await?;
+        cw.write_all(&head[end..]).await?;
+        tokio::io::copy(&mut sr, &mut cw).await?;
+        cw.shutdown().await?;
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::select! {
+        _ = up => {}
+        r = down => { r?; }
+    }
     Ok(())
 }
 
