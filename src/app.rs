@@ -140,6 +140,7 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
             activation_code_file,
             reregister,
             timeout,
+            skip_preflight,
             restart_docker,
         } => {
             let args = crate::registration::RegisterArgs {
@@ -149,6 +150,7 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
                 activation_code: activation_code(activation_code_file.as_deref())?,
                 reregister,
                 timeout,
+                skip_preflight,
                 restart_docker,
             };
             crate::registration::register(load(&config.config)?, args)
@@ -166,6 +168,7 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
             json,
             listen,
         } => status(&config.config, json, listen).await,
+        Command::Preflight { config, json } => preflight(&config.config, json).await,
         Command::IamPolicy { config, account } => {
             let cfg = load(&config.config)?;
             let doc = crate::iam_policy::policy(&cfg, account.as_deref());
@@ -233,6 +236,33 @@ async fn aws_clients(cfg: &Config) -> Result<crate::aws::Clients, Failure> {
         })
     })?;
     Ok(clients)
+}
+
+/// `preflight`: every endpoint, step by step; exit 69 when one does not answer.
+async fn preflight(path: &Path, json: bool) -> Result<(), Failure> {
+    let cfg = load(path)?;
+    // With credentials, the ECS agent's poll endpoint is asked for and checked too.
+    let clients = match crate::aws::clients(&cfg).await {
+        Ok(c) if c.require_credentials().await.is_ok() => Some(c),
+        _ => None,
+    };
+    let report = crate::preflight::run(&cfg, clients.as_ref()).await;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_else(|e| e.to_string())
+        );
+    } else {
+        print!("{}", report.render());
+    }
+    let failed = report.rows.iter().filter(|r| !r.ok).count();
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(Failure::Unavailable(format!(
+            "{failed} endpoint(s) did not answer; each failure above says what to fix"
+        )))
+    }
 }
 
 /// The activation code from its file, or else from `OFFLOAD_AGENT_ACTIVATION_CODE`; trimmed.

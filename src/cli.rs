@@ -16,7 +16,9 @@ CONFIGURATION:
     /etc/offload-agent/agent.toml as installed (config/agent.toml in the source tree) documents
     every key with its default. AWS credentials:
     on an SSM hybrid host, the SSM agent's rotating credentials file (followed as it is rewritten);
-    with aws.credentials_file, that file; otherwise the SDK's default chain.
+    with aws.credentials_file, that file; otherwise the SDK's default chain without the EC2 instance
+    metadata service (aws.imds = true adds it). Egress: [network] https_proxy, http_proxy, no_proxy and
+    ca_bundle, each falling back to HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY and AWS_CA_BUNDLE.
 
 SIGNALS (run):
     SIGTERM, SIGINT  stop receiving, finish in-flight files within agent.shutdown_grace, release the
@@ -31,11 +33,13 @@ EXIT STATUS:
     3   status: no daemon answers at admin.listen
     64  bad command-line usage
     65  process: the file is not valid orders CSV, or --dry-run found rejected rows
-    69  register: an AWS side, the SSM agent or the ECS agent did not answer in time
-    78  configuration error (every problem is listed, naming the key and the file)
+    69  register: an AWS side, the SSM agent or the ECS agent did not answer in time; preflight (and
+        register before it changes anything): an endpoint does not answer
+    78  configuration error (also: no AWS credentials anywhere they are looked for) (every problem is listed, naming the key and the file)
 
 EXAMPLES:
     offload-agent config check --config ./config/demo.toml
+    offload-agent preflight --config ./config/demo.toml
     offload-agent provision --config ./config/demo.toml
     offload-agent run --config ./config/demo.toml
     offload-agent process --config ./config/demo.toml s3://offload-file-drop/input/orders.csv
@@ -50,7 +54,8 @@ DOCUMENTATION:
     /usr/share/doc/offload-agent/: README.md, then one page per concern: install.md (the unit,
     journald), configuration.md, operations.md (commands, exit codes, endpoint, metrics, status),
     files.md (what happens to a file), processors.md (bring your own), hybrid.md (register,
-    rotating credentials, Parameter Store), ecs-agent.md (the supervisor).";
+    rotating credentials, Parameter Store), ecs-agent.md (the supervisor), egress.md (proxies, a
+    private CA, private endpoints, preflight).";
 
 /// offload-agent: process S3 file events on your own hosts.
 ///
@@ -116,7 +121,8 @@ pub(crate) enum Command {
 
     /// Register this host with SSM (hybrid activation) and ECS Anywhere; idempotent.
     ///
-    /// Steps, each printed with its outcome: write the egress of [network] (a proxy, an extra root CA)
+    /// Steps, each printed with its outcome: check every endpoint as `preflight` does (stop, exit 69,
+    /// if one does not answer, unless --skip-preflight); write the egress of [network] (a proxy, an extra root CA)
     /// for the SSM agent and Docker as systemd drop-ins (offload-agent-egress.conf) and for the ECS
     /// agent in /var/lib/ecs/ecs.config (HTTPS_PROXY, HTTP_PROXY, NO_PROXY, SSL_CERT_FILE), restarting
     /// the SSM agent if it runs; keep the host's managed instance id if the SSM agent
@@ -151,6 +157,9 @@ pub(crate) enum Command {
         /// Bound on each wait (credentials, online, agent registered, ACTIVE).
         #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// Do not check the endpoints first (see `preflight`).
+        #[arg(long)]
+        skip_preflight: bool,
         /// Restart docker.service when its egress drop-in changed (this stops every container unless
         /// Docker's live-restore is on); without it, register says that a restart is needed.
         #[arg(long)]
@@ -170,6 +179,24 @@ pub(crate) enum Command {
         /// Leave the SSM registration in place.
         #[arg(long)]
         keep_ssm: bool,
+    },
+
+    /// Check every endpoint this host needs, through the configured proxy and trust store.
+    ///
+    /// For the region and endpoints of the configuration: the daemon's (sqs, s3, dynamodb, ssm), the
+    /// SSM agent's (ssmmessages, ec2messages) and the ECS agent's (ecs, and its ACS poll endpoint when
+    /// the credentials allow ecs:DiscoverPollEndpoint). Each is checked step by step: DNS (of the
+    /// proxy when one is used), TCP, the proxy's CONNECT, TLS with the certificate's issuer (a
+    /// TLS-inspecting proxy shows as the company's CA), the HTTP answer, the time taken and the clock
+    /// skew from the answer's Date. Prints a table, then what to fix for each failure; --json prints
+    /// the same as JSON. Exit 0 when every endpoint answers, 69 otherwise. `register` runs the same
+    /// checks before it changes anything.
+    Preflight {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 
     /// Print the least-privilege IAM policy (JSON) the host's role needs for this configuration.

@@ -145,6 +145,29 @@ impl ProxyUrl {
         &self.scheme
     }
 
+    /// The `Proxy-Authorization: Basic` token (base64 of the decoded `user:password`), if the URL
+    /// has a user.
+    pub fn basic_auth(&self) -> Option<String> {
+        let userinfo = self
+            .raw
+            .split_once("://")?
+            .1
+            .split(['/', '?', '#'])
+            .next()?
+            .rsplit_once('@')?
+            .0;
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let plain = match userinfo.split_once(':') {
+            Some((u, p)) => format!("{}:{}", decode(u), decode(p)),
+            None => format!("{}:", decode(userinfo)),
+        };
+        Some(base64(plain.as_bytes()))
+    }
+
     /// The URL as it may be shown: the password replaced by `***`.
     pub fn redacted(&self) -> String {
         match &self.user {
@@ -153,6 +176,28 @@ impl ProxyUrl {
             Some(u) => format!("{}://{u}@{}", self.scheme, self.host_port),
         }
     }
+}
+
+/// Standard base64 with padding (RFC 4648), for the basic authentication token.
+fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn split_host_port(text: &str) -> Result<(String, Option<u16>), String> {
@@ -638,6 +683,21 @@ mod tests {
         assert_eq!(bare.host_port(), "proxy.corp:80");
         let v6 = ProxyUrl::parse("https://[fd00::1]:8443/").unwrap();
         assert_eq!(v6.redacted(), "https://[fd00::1]:8443");
+    }
+
+    #[test]
+    fn the_basic_token_is_the_decoded_user_and_password() {
+        let p = ProxyUrl::parse("http://Aladdin:open%20sesame@proxy:3128").unwrap();
+        assert_eq!(
+            p.basic_auth().as_deref(),
+            Some("QWxhZGRpbjpvcGVuIHNlc2FtZQ==")
+        );
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(
+            ProxyUrl::parse("http://proxy:3128").unwrap().basic_auth(),
+            None
+        );
     }
 
     #[test]

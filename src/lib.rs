@@ -45,6 +45,7 @@
 //!   exit codes and health, the supervisor acts.
 //! - `registration`: `register` / `deregister` with SSM hybrid activation and ECS Anywhere.
 //! - `host`: the host's service manager (`systemctl`), called without blocking the runtime.
+//! - `preflight`: each endpoint this host needs, step by step (DNS, TCP, proxy, TLS, HTTP).
 //! - `provision` (idempotent creation of the bucket, queues, notification and table) and
 //!   `iam_policy` (the least-privilege IAM policy a configuration needs).
 //!
@@ -80,5 +81,6 @@ pub mod telemetry;
 pub mod ecs_agent;
 pub(crate) mod host;
 pub(crate) mod iam_policy;
+pub(crate) mod preflight;
 pub(crate) mod provision;
 pub(crate) mod registration;

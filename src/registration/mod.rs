@@ -89,6 +89,8 @@ pub(crate) struct RegisterArgs {
     pub(crate) reregister: bool,
     /// Bound on each wait (credentials, online, agent registered, ACTIVE).
     pub(crate) timeout: Duration,
+    /// Leave out the endpoint checks that come first.
+    pub(crate) skip_preflight: bool,
     /// Restart Docker when its egress drop-in changed.
     pub(crate) restart_docker: bool,
 }
@@ -142,11 +144,28 @@ pub(crate) async fn register(mut cfg: Config, a: RegisterArgs) -> Result<(), Err
     let deadline = || Instant::now() + a.timeout;
     let systemctl = Systemctl::new(cfg.host.systemctl.clone());
 
-    // 0. The egress of the SSM agent, Docker and the ECS agent: before the SSM agent registers, so
+    // 0. Every endpoint answers, through the egress, before anything changes.
+    if a.skip_preflight {
+        step("preflight", "skipped (--skip-preflight)");
+    } else {
+        let report = crate::preflight::run(&cfg, None).await;
+        let failed = report.rows.iter().filter(|r| !r.ok).count();
+        if failed > 0 {
+            print!("{}", report.render());
+            return Err(Error::Unavailable(format!(
+                "{failed} endpoint(s) did not answer (above, with what to fix): nothing was changed; \
+                 fix the egress, or pass --skip-preflight"
+            )));
+        }
+        let checked = report.rows.iter().filter(|r| r.skipped.is_none()).count();
+        step("preflight", format!("{checked} endpoint(s) answered"));
+    }
+
+    // 1. The egress of the SSM agent, Docker and the ECS agent: before the SSM agent registers, so
     //    that its registration goes out the same way.
     egress::write(&cfg, &systemctl, a.restart_docker).await?;
 
-    // 1. The SSM agent: keep an existing registration unless asked not to.
+    // 2. The SSM agent: keep an existing registration unless asked not to.
     let instance = register_ssm(&cfg, &a, &region, &systemctl).await?;
     let file = ssm::wait_for_credentials(&cfg.host, deadline()).await?;
     step(
@@ -160,13 +179,13 @@ pub(crate) async fn register(mut cfg: Config, a: RegisterArgs) -> Result<(), Err
     ssm::wait_online(&clients.ssm, &instance, deadline()).await?;
     step("ssm", format!("{instance} is online in Systems Manager"));
 
-    // 2. Docker.
+    // 3. Docker.
     ensure_docker(&cfg, &systemctl, deadline()).await?;
 
-    // 3. The ECS agent's configuration: our keys once each, the user's lines untouched.
+    // 4. The ECS agent's configuration: our keys once each, the user's lines untouched.
     write_ecs_config(&cfg, &a.cluster, &region)?;
 
-    // 4. The agent registers itself with ECS once it runs with that configuration.
+    // 5. The agent registers itself with ECS once it runs with that configuration.
     let arn = start_agent(&cfg, &systemctl, deadline()).await?;
     step("ecs", format!("the ECS agent registered as {arn}"));
     confirm_active(&clients.ecs, &a.cluster, &arn, deadline()).await?;

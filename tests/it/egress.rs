@@ -300,3 +300,105 @@ async fn no_credentials_fail_at_once_saying_where_they_were_looked_for() {
     // Under a second on a quiet machine; the bound leaves room for a loaded test run.
     assert!(took < Duration::from_secs(3), "took {took:?}");
 }
+
+/// `preflight` through squid against the emulator's endpoints: every row answers (exit 0), the route
+/// names the proxy without its password; with a wrong password the rows say 407 (exit 69); behind TLS
+/// without the CA, the TLS rows name the certificate's issuer (exit 69); `--json` holds the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn preflight_checks_every_endpoint_through_the_egress() {
+    let w = World::new("egress-preflight").await;
+    let squid = Squid::start(USER, PASSWORD);
+    let good = behind_proxy(
+        &w,
+        "http",
+        moto_port(&w),
+        &format!("http_proxy = \"{}\"", squid.url()),
+    );
+    let out = w.agent_with(&good, &["preflight"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for svc in ["sqs", "s3", "dynamodb", "ssm", "ecs"] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{svc} ")))
+            .unwrap_or_default();
+        assert!(
+            row.contains(&format!("via http://{USER}:***@127.0.0.1:{}", squid.port)),
+            "{svc}: {text}"
+        );
+    }
+    assert!(text.contains("not checked ssmmessages"), "{text}");
+    assert!(text.contains("every endpoint answered"), "{text}");
+    assert!(!text.contains(PASSWORD), "{text}");
+    assert!(squid
+        .access_log()
+        .contains(&format!("GET http://{EMULATOR_NAME}:")));
+
+    let wrong = behind_proxy(
+        &w,
+        "http",
+        moto_port(&w),
+        &format!("http_proxy = \"{}\"", squid.url_as(USER, "wrong-one")),
+    );
+    let out = w.agent_with(&wrong, &["preflight"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(69), "{text}");
+    assert!(
+        text.contains("FAILED sqs") && text.contains("refused the credentials (407)"),
+        "{text}"
+    );
+    assert!(text.contains("network.http_proxy"), "{text}");
+    assert!(!text.contains("wrong-one"), "{text}");
+
+    let ca = TestCa::make();
+    let front = TlsFront::start(&ca, &w.endpoint).await;
+    let tls = behind_proxy(
+        &w,
+        "https",
+        front.port,
+        &format!("https_proxy = \"{}\"", squid.url()),
+    );
+    let out = w
+        .agent_with(&tls, &["preflight", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sqs = doc["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["service"] == "sqs")
+        .unwrap();
+    assert_eq!(sqs["connect"]["ok"], true, "{sqs}");
+    assert_eq!(sqs["tls"]["ok"], false, "{sqs}");
+    let tls_detail = sqs["tls"]["detail"].as_str().unwrap();
+    assert!(tls_detail.contains("CN=Offload Test Root CA"), "{sqs}");
+    assert!(
+        sqs["fix"].as_str().unwrap().contains("network.ca_bundle"),
+        "{sqs}"
+    );
+
+    let trusted = behind_proxy(
+        &w,
+        "https",
+        front.port,
+        &format!(
+            "https_proxy = \"{}\"\nca_bundle = \"{}\"",
+            squid.url(),
+            ca.ca_pem.display()
+        ),
+    );
+    let out = w.agent_with(&trusted, &["preflight"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("CN=Offload Test Root CA"),
+        "the issuer shows: {text}"
+    );
+}
