@@ -221,14 +221,32 @@ pub(crate) const RECENT_ERRORS: usize = 20;
 
 /// Since when, and why, the queue cannot be found or received from (`None`: it can).
 #[derive(Debug, Default)]
-pub(crate) struct QueueHealth(Mutex<Option<(Instant, String)>>);
+pub(crate) struct QueueHealth(Mutex<Option<QueueProblem>>);
+
+/// Why the queue cannot be used, since when, and what to do about it.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueProblem {
+    since: Instant,
+    what: String,
+    advice: &'static str,
+}
+
+/// What to do about a queue that cannot be found or received from, when the network is not the cause.
+pub(crate) const QUEUE_ADVICE: &str =
+    "run `offload-agent provision`, or check the region and IAM permissions";
+/// What to do when the egress is the cause (the problem itself names the key to set).
+pub(crate) const EGRESS_ADVICE: &str = "`offload-agent preflight` checks every endpoint";
 
 impl QueueHealth {
     /// Record a failure; the episode keeps its start.
-    pub(crate) fn fail(&self, what: String) {
+    pub(crate) fn fail(&self, what: String, advice: &'static str) {
         if let Ok(mut g) = self.0.lock() {
-            let since = g.as_ref().map(|(t, _)| *t).unwrap_or_else(Instant::now);
-            *g = Some((since, what));
+            let since = g.as_ref().map(|p| p.since).unwrap_or_else(Instant::now);
+            *g = Some(QueueProblem {
+                since,
+                what,
+                advice,
+            });
         }
     }
 
@@ -238,13 +256,15 @@ impl QueueHealth {
         }
     }
 
-    /// "queue unreachable for 40 s (why)", while there is a problem.
+    /// "queue unreachable for 40 s (what to do)", while there is a problem.
     pub(crate) fn describe(&self) -> Option<String> {
         let g = self.0.lock().ok()?;
-        let (since, what) = g.as_ref()?;
+        let p = g.as_ref()?;
         Some(format!(
-            "{what} for {} s (run `offload-agent provision`, or check the region and IAM permissions)",
-            since.elapsed().as_secs()
+            "{} for {} s ({})",
+            p.what,
+            p.since.elapsed().as_secs(),
+            p.advice
         ))
     }
 }
@@ -619,16 +639,16 @@ impl Metrics {
         self.queue_found();
     }
 
-    pub(crate) fn receive_failed(&self, what: String) {
+    pub(crate) fn receive_failed(&self, what: String, advice: &'static str) {
         self.sqs.errors.inc();
         self.sqs.reachable.set(0);
-        self.queue.fail(what);
+        self.queue.fail(what, advice);
     }
 
     /// The queue cannot be resolved (before any receive).
-    pub(crate) fn queue_missing(&self, what: String) {
+    pub(crate) fn queue_missing(&self, what: String, advice: &'static str) {
         self.sqs.reachable.set(0);
-        self.queue.fail(what);
+        self.queue.fail(what, advice);
     }
 
     pub(crate) fn dynamodb_throttled(&self) {

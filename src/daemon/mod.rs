@@ -536,7 +536,9 @@ mod tests {
     fn the_status_line_says_what_is_wrong() {
         let stats = Metrics::new();
         assert_eq!(status_line(&stats, &[], None), "0 in flight; 0 files done");
-        stats.queue.fail("queue q not found".into());
+        stats
+            .queue
+            .fail("queue q not found".into(), crate::metrics::QUEUE_ADVICE);
         assert!(status_line(&stats, &[], None).contains("queue q not found for 0 s"));
         stats.queue.ok();
         assert!(!status_line(&stats, &[], None).contains("not found"));

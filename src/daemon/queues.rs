@@ -12,6 +12,7 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::error::describe;
 use crate::metrics::Metrics;
+use crate::metrics::{EGRESS_ADVICE, QUEUE_ADVICE};
 use crate::worker::{receive, ObjectProcessor, Worker};
 
 /// Waits between attempts to find a queue that does not exist (yet).
@@ -37,14 +38,23 @@ async fn resolve_queue(
                 }
             }
             Err(e) => {
-                stats.queue_missing(format!("{what} {name} not found"));
                 let delay = backoff.next_delay();
-                tracing::error!(
-                    queue = name,
-                    error = %describe(&e),
-                    retry_in_s = delay.as_secs(),
-                    "cannot find the {what} (run `offload-agent provision`, or check the region and IAM permissions)"
-                );
+                match crate::error::egress_failure(&e) {
+                    // The way out is the problem, not the queue: say that, not "provision".
+                    Some(line) => {
+                        stats.queue_missing(line.to_string(), EGRESS_ADVICE);
+                        tracing::error!(queue = name, retry_in_s = delay.as_secs(), "{line}");
+                    }
+                    None => {
+                        stats.queue_missing(format!("{what} {name} not found"), QUEUE_ADVICE);
+                        tracing::error!(
+                            queue = name,
+                            error = %describe(&e),
+                            retry_in_s = delay.as_secs(),
+                            "cannot find the {what} ({QUEUE_ADVICE})"
+                        );
+                    }
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.cancelled() => return None,

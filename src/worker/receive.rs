@@ -210,9 +210,17 @@ impl Pool {
     fn failed(&mut self, e: &ReceiveError) -> Duration {
         let delay = self.backoff.next_delay();
         let queue = &self.worker.queue_url;
-        self.worker
-            .stats
-            .receive_failed(format!("queue unreachable ({})", describe(e)));
+        if let Some(line) = crate::error::egress_failure(e) {
+            self.worker
+                .stats
+                .receive_failed(line.to_string(), crate::metrics::EGRESS_ADVICE);
+            tracing::error!(queue = %queue, retry_in_s = delay.as_secs(), "{line}");
+            return delay;
+        }
+        self.worker.stats.receive_failed(
+            format!("queue unreachable ({})", describe(e)),
+            crate::metrics::QUEUE_ADVICE,
+        );
         match classify(e) {
             ErrorClass::Fatal => tracing::error!(
                 queue = %queue,

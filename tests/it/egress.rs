@@ -402,3 +402,39 @@ async fn preflight_checks_every_endpoint_through_the_egress() {
         "the issuer shows: {text}"
     );
 }
+
+/// The daemon behind a proxy that refuses its password stays up and says so — in the log and in
+/// `/readyz` — instead of advising `provision` for a queue that exists.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_refused_by_its_proxy_says_so_and_stays_up() {
+    let port = crate::support::free_port();
+    let w = World::with(
+        "egress-daemon-407",
+        crate::support::Options {
+            admin_listen: format!("127.0.0.1:{port}"),
+            ..Default::default()
+        },
+    )
+    .await;
+    let squid = Squid::start(USER, PASSWORD);
+    let config = behind_proxy(
+        &w,
+        "http",
+        moto_port(&w),
+        &format!("http_proxy = \"{}\"", squid.url_as(USER, "stale-password")),
+    );
+    let agent = w.start_cmd(w.agent_with(&config, &["run"]));
+    agent
+        .wait_log("407 Proxy Authentication Required", Duration::from_secs(30))
+        .await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (code, why) = offload_agent::admin::get(addr, "/readyz", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(code, 503, "{why}");
+    assert!(why.contains("407") && why.contains("preflight"), "{why}");
+    assert!(!why.contains("provision"), "{why}");
+    let log = agent.log_text();
+    assert!(!log.contains("run `offload-agent provision`"), "{log}");
+    assert!(!log.contains("stale-password"), "{log}");
+}
