@@ -160,6 +160,34 @@ async fn a_refused_password_and_no_proxy_are_reported_plainly() {
     assert!(!err.contains("not-the-password"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 
+    // A proxy that does not answer (nothing listens on its port): one line naming it and the key.
+    let closed = crate::support::free_port();
+    let down = behind_proxy(
+        &w,
+        "http",
+        moto_port(&w),
+        &format!("http_proxy = \"http://{USER}:{PASSWORD}@127.0.0.1:{closed}\""),
+    );
+    let out = w.agent_with(&down, &["process", &url]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "the proxy http://{USER}:***@127.0.0.1:{closed} does not answer"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("network.http_proxy"), "{err}");
+    assert!(!err.contains(PASSWORD), "{err}");
+    // The retries before it are logged; the failure is one line.
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.starts_with("offload-agent:"))
+            .count(),
+        1,
+        "{err}"
+    );
+
     let before = squid.access_log().lines().count();
     let direct = behind_proxy(
         &w,
