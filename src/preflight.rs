@@ -865,6 +865,47 @@ mod tests {
         assert_eq!(sibling("https://other.example", "ssm", "x"), None);
     }
 
+    const PIPELINE: &str = "[queue]\nname='q'\n[[pipeline]]\nname='p'\nbucket='b'\nprefix='in/'\nprocessor='orders-csv'\ntable='t'\noutput_prefix='out/'\n";
+
+    #[tokio::test]
+    async fn endpoints_follow_the_region_fips_dual_stack_and_overrides() {
+        let url = |t: &[Target], svc: &str| {
+            t.iter()
+                .find(|t| t.service == svc)
+                .and_then(|t| t.url.clone())
+                .unwrap_or_default()
+        };
+        let cfg = crate::config::from_toml_str(
+            &format!("{PIPELINE}[network]\nuse_fips = true\n"),
+            "test.toml",
+        )
+        .unwrap();
+        let t = targets(&cfg, "us-east-1").await;
+        assert_eq!(url(&t, "sqs"), "https://sqs-fips.us-east-1.amazonaws.com");
+        assert_eq!(
+            url(&t, "dynamodb"),
+            "https://dynamodb-fips.us-east-1.amazonaws.com"
+        );
+        assert_eq!(
+            url(&t, "ssmmessages"),
+            "https://ssmmessages-fips.us-east-1.amazonaws.com"
+        );
+        let cfg = crate::config::from_toml_str(
+            &format!("{PIPELINE}[network]\nuse_dual_stack = true\n[aws.endpoints]\nsqs = 'https://vpce-1.sqs.eu-west-1.vpce.amazonaws.com'\n"),
+            "test.toml",
+        )
+        .unwrap();
+        let t = targets(&cfg, "eu-west-1").await;
+        assert_eq!(
+            url(&t, "sqs"),
+            "https://vpce-1.sqs.eu-west-1.vpce.amazonaws.com"
+        );
+        assert_eq!(url(&t, "dynamodb"), "https://dynamodb.eu-west-1.api.aws");
+        assert!(t
+            .iter()
+            .any(|t| t.service == "ssmmessages" && t.skipped.is_none()));
+    }
+
     #[test]
     fn the_issuer_is_read_from_a_certificate() {
         // A self-signed certificate made by `openssl req -x509 -subj "/CN=Corp Root/O=Corp"`.

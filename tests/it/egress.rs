@@ -37,17 +37,32 @@ fn moto_port(w: &World) -> u16 {
         .unwrap()
 }
 
-/// Files are processed end to end with every call through squid: SQS, S3 and DynamoDB each show in
-/// its access log under the proxy-only name, and the password is in no line the daemon logged.
+/// Files are processed end to end with every call through squid: SQS, S3, DynamoDB and Parameter
+/// Store each show in its access log under the proxy-only name, and the password is in no line the
+/// daemon logged.
 #[tokio::test(flavor = "multi_thread")]
 async fn files_are_processed_through_an_authenticating_proxy() {
     let w = World::new("egress-squid").await;
     let squid = Squid::start(USER, PASSWORD);
+    // Configuration from Parameter Store too: its calls go through the proxy like the others.
+    let params = format!("/oa/{}", crate::support::unique("egress"));
+    w.clients
+        .ssm
+        .put_parameter()
+        .name(format!("{params}/queue/max_in_flight"))
+        .value("3")
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .send()
+        .await
+        .unwrap();
     let config = behind_proxy(
         &w,
         "http",
         moto_port(&w),
-        &format!("http_proxy = \"{}\"", squid.url()),
+        &format!(
+            "http_proxy = \"{}\"\n[ssm]\nparameters_path = \"{params}\"",
+            squid.url()
+        ),
     );
     let agent = w.start_cmd(w.agent_with(&config, &["run"]));
     w.put("input/a.csv", orders_csv(0, 25)).await;
@@ -60,6 +75,10 @@ async fn files_are_processed_through_an_authenticating_proxy() {
             .any(|l| l.contains(&format!("http://{EMULATOR_NAME}:")) && l.contains(what))
     };
     assert!(through("target=AmazonSQS.ReceiveMessage"), "SQS: {log}");
+    assert!(
+        through("target=AmazonSSM.GetParametersByPath"),
+        "Parameter Store: {log}"
+    );
     assert!(
         through("target=DynamoDB_20120810.BatchWriteItem"),
         "DynamoDB: {log}"
