@@ -445,7 +445,7 @@ processor = {{ container = {{ image = "{late}" }} }}
     crate::support::docker::untag(&d, &late).await;
 }
 
-/// Behind a proxy: a container pipeline with a network gets the proxy variables and the CA bundle
+/// Behind a proxy: a container pipeline with a network (here the host's: no bridge needed) gets the proxy variables and the CA bundle
 /// (mounted read-only, `SSL_CERT_FILE` and `AWS_CA_BUNDLE` pointing at it); one with `network = "none"`
 /// gets none of it; a command (the host's network) gets the proxy and the host's bundle.
 #[tokio::test(flavor = "multi_thread")]
@@ -472,7 +472,7 @@ output_prefix = "netboxed/"
 [pipeline.processor.container]
 image = "{image}"
 timeout = "20s"
-network = "bridge"
+network = "host"
 
 [[pipeline]]
 name = "cmd"
