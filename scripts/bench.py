@@ -3,9 +3,10 @@
 
 Environment: BENCH_DRY_ROWS (1000000), BENCH_E2E_ROWS (50000), BENCH_LATENCY_FILES (100),
 BENCH_BIG_MB (2048), BENCH_PROCESSOR_FILES (30), BENCH_SCRAPE_FILES (2000), BENCH_FLOOR_RUNS (5);
-BENCH_FLEET_FILES (300); BENCH_PROXY_RUNS (3); BENCH_ONLY, a comma-separated list of sections to run (idle, dry, e2e,
+BENCH_FLEET_FILES (300); BENCH_PROXY_RUNS (3); BENCH_LATENCY_BIG_FILES (20), BENCH_BURST_FILES (200); BENCH_ONLY, a comma-separated list of sections to run (idle, dry, e2e,
 dynamodb, latency, big, processors, scrape, fleet, proxy; default all). Arguments: the moto endpoint, the agent binary, the dynalite endpoint
-and the ddb-floor program (examples/ddb-floor.rs: the bare SDK writing the same pre-built items). The idle section fails the run when an idle daemon costs more than BENCH_IDLE_MAX_TICKS (30) CPU
+the ddb-floor program (examples/ddb-floor.rs: the bare SDK writing the same pre-built items) and the
+latency-floor program (examples/latency-floor.rs: the bare SDK making the agent's calls for each file). The idle section fails the run when an idle daemon costs more than BENCH_IDLE_MAX_TICKS (30) CPU
 ticks in 60 s (0.5 % of a core), the regression check for the long-poll client, or when its VmRSS after 65 s
 exceeds BENCH_IDLE_MAX_RSS_MIB (15), the check that start-up code is unmapped once idle.
 """
@@ -22,7 +23,7 @@ import uuid
 
 import boto3
 
-ENDPOINT, BIN, DYNALITE, FLOOR = sys.argv[1:5]
+ENDPOINT, BIN, DYNALITE, FLOOR, LATENCY_FLOOR = sys.argv[1:6]
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRY_ROWS = int(os.environ.get("BENCH_DRY_ROWS", "1000000"))
 E2E_ROWS = int(os.environ.get("BENCH_E2E_ROWS", "50000"))
@@ -33,6 +34,8 @@ SCRAPE_FILES = int(os.environ.get("BENCH_SCRAPE_FILES", "2000"))
 FLOOR_RUNS = int(os.environ.get("BENCH_FLOOR_RUNS", "5"))
 FLEET_FILES = int(os.environ.get("BENCH_FLEET_FILES", "300"))
 PROXY_RUNS = int(os.environ.get("BENCH_PROXY_RUNS", "3"))
+LAT_BIG_FILES = int(os.environ.get("BENCH_LATENCY_BIG_FILES", "20"))
+BURST_FILES = int(os.environ.get("BENCH_BURST_FILES", "200"))
 IN_FLIGHT = 8
 IDLE_MAX_TICKS = int(os.environ.get("BENCH_IDLE_MAX_TICKS", "30"))
 IDLE_MAX_RSS_MIB = float(os.environ.get("BENCH_IDLE_MAX_RSS_MIB", "15"))
@@ -303,8 +306,87 @@ if want("dynamodb"):
     row("latency PutObject -> output object (dynalite)", f"p50 {p50:.0f} ms, p99 {p99:.0f} ms",
         f"({LAT_FILES} files of 20 rows, one at a time; S3 and SQS on moto)")
 
-# 3. Latency from PutObject to the output object, agent idle beforehand.
-if want("latency") or want("big"):
+# 3. Latency against its floor (examples/latency-floor.rs: the bare SDK making the agent's calls for
+# each file, nothing else), interleaved file by file on the same kind of files: 20-row files one at a
+# time, 1,000-row files one at a time, then a burst of BURST_FILES small files uploaded at once with 8
+# in flight. Against moto, then with DynamoDB on dynalite.
+def start_floor(tag, dynamodb, files):
+    sqs = boto3.client("sqs", **kw)
+    url = sqs.get_queue_url(QueueName=f"q-{tag}")["QueueUrl"]
+    proc = subprocess.Popen([LATENCY_FLOOR, ENDPOINT, dynamodb, url, f"t-{tag}", str(files), str(IN_FLIGHT)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if '"ready"' not in proc.stdout.readline():
+        sys.exit("latency floor: did not start")
+    return proc
+
+
+def one_at_a_time(targets, body, n, name):
+    """Upload n files to each target in turn, alternating which goes first; {bucket: [seconds]}."""
+    out = {b: [] for b in targets}
+    for i in range(n):
+        order = targets if i % 2 == 0 else list(reversed(targets))
+        for b in order:
+            t0 = time.monotonic()
+            s3.put_object(Bucket=b, Key=f"input/{name}-{i}.csv", Body=body)
+            if not wait_output(b, f"output/{name}-{i}.csv", 60):
+                sys.exit(f"latency: {b} did not process file {i} within 60 s")
+            out[b].append(time.monotonic() - t0)
+            time.sleep(0.05)
+    return out
+
+
+def burst(bucket, body, n, name):
+    """n files uploaded at once: files per second until the last output exists."""
+    from concurrent.futures import ThreadPoolExecutor
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: s3.put_object(Bucket=bucket, Key=f"input/{name}-{i}.csv", Body=body), range(n)))
+    pending = {f"output/{name}-{i}.csv" for i in range(n)}
+    while pending:
+        if time.monotonic() - t0 > 600:
+            sys.exit(f"burst: {len(pending)} of {n} files not processed within 10 minutes")
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"output/{name}-")
+        pending -= {o["Key"] for o in listed.get("Contents", [])}
+        time.sleep(0.02)
+    return n / (time.monotonic() - t0)
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * q))] * 1000
+
+
+if want("latency"):
+    small, large = os.path.join(work, "lat-small.csv"), os.path.join(work, "lat-large.csv")
+    gen(small, 20)
+    gen(large, 1000)
+    small_body, large_body = open(small, "rb").read(), open(large, "rb").read()
+    for where, ddb in (("moto", None), ("dynalite", DYNALITE)):
+        acfg, abucket = config("lat-agent", dynamodb=ddb)
+        _, fbucket = config("lat-floor", dynamodb=ddb)
+        ftag = fbucket[2:]
+        agent = subprocess.Popen([BIN, "run", "--config", acfg], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        floor_proc = start_floor(ftag, ddb or ENDPOINT, LAT_FILES + LAT_BIG_FILES + BURST_FILES)
+        time.sleep(5)
+        for rows_n, body, n in ((20, small_body, LAT_FILES), (1000, large_body, LAT_BIG_FILES)):
+            t = one_at_a_time([abucket, fbucket], body, n, f"r{rows_n}")
+            a, f = t[abucket], t[fbucket]
+            a50, a99, f50, f99 = pct(a, 0.5), pct(a, 0.99), pct(f, 0.5), pct(f, 0.99)
+            row(f"latency, {rows_n}-row files ({where}): agent against the floor",
+                f"p50 {a50:.0f} / {f50:.0f} ms = {a50 / f50:.2f} x, p99 {a99:.0f} / {f99:.0f} ms = {a99 / f99:.2f} x",
+                f"({n} files each, one at a time, interleaved; PutObject to output; targets 1.25 x and 1.5 x)")
+        a_rate = burst(abucket, small_body, BURST_FILES, "burst")
+        f_rate = burst(fbucket, small_body, BURST_FILES, "burst")
+        row(f"burst of {BURST_FILES} 20-row files ({where})",
+            f"agent {a_rate:.1f} files/s, floor {f_rate:.1f} files/s = {a_rate / f_rate:.2f} x",
+            f"(uploaded at once, {IN_FLIGHT} in flight each; target 0.9 x)")
+        agent.terminate()
+        agent.wait(timeout=60)
+        floor_proc.wait(timeout=60)
+
+# 3b. The agent alone on moto (kept for the big file below and the RSS before it).
+if want("big"):
     cfg, bucket = config("latency")
     agent = subprocess.Popen([BIN, "run", "--config", cfg], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -331,7 +413,7 @@ if want("big"):
     peak = status_kb(agent.pid, "VmHWM")
     row("peak RSS while processing a large file", f"{peak / 1024:.1f} MiB",
         f"({big / 2**20:,.0f} MiB file, {rows:,} rows, processed in {wall:.0f} s)")
-if want("latency") or want("big"):
+if want("big"):
     agent.terminate()
     agent.wait(timeout=60)
 
@@ -515,7 +597,8 @@ if want("fleet"):
 # on dynalite) direct and through squid, alternating, PROXY_RUNS each; then PutObject -> output
 # latency of a daemon behind the proxy.
 def start_squid():
-    d = tempfile.mkdtemp(prefix="bench-squid-", dir=work)
+    # Not under `work` (mode 0700): squid and its helper run as the proxy user.
+    d = tempfile.mkdtemp(prefix="offload-bench-squid-")
     os.chmod(d, 0o777)
     port = free_port()
     hashed = subprocess.run(["openssl", "passwd", "-apr1", "bench-pw"], check=True,
@@ -543,6 +626,8 @@ http_access deny all
 """)
     proc = subprocess.Popen(["squid", "-N", "-f", f"{d}/squid.conf"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import atexit
+    atexit.register(proc.kill)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         with socket.socket() as sk:

@@ -200,6 +200,10 @@ async fn ensure_bucket(clients: &Clients, bucket: &str) -> Result<Step> {
         {
             Ok(step("exists", format!("bucket {bucket}")))
         }
+        // The way out failed: the bucket's name is not the question.
+        Err(e) if crate::error::egress_failure(&e).is_some() => {
+            bail!("cannot create bucket {bucket}: {}", describe(&e))
+        }
         Err(e) => bail!(
             "cannot create bucket {bucket}: {} (bucket names are global: is it someone else's?)",
             describe(&e)

@@ -58,7 +58,7 @@ pub(crate) struct Outcome {
     /// Stored in this order once the processor is done; the last one marks the file finished.
     pub(crate) outputs: Vec<Output>,
     /// Keys in the output bucket that an earlier version of the object may have produced and this one
-    /// does not (deleted, best effort, before the outputs are stored).
+    /// does not (deleted, best effort, while the outputs are stored).
     pub(crate) stale: Vec<String>,
     /// Row accounting, for processors that have rows (`orders-csv`).
     pub(crate) rows: Option<RowCounts>,

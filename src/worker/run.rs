@@ -114,8 +114,10 @@ impl ObjectProcessor {
         })
     }
 
-    /// Delete what an earlier version left and this one does not replace, then store the outputs in
-    /// order. Each upload watches `cancel` itself: a multipart upload cut short is aborted, not dropped.
+    /// Store the outputs in order and, alongside, delete what an earlier version left and this one
+    /// does not replace (never one of this outcome's keys, so the two do not race; off the file's
+    /// critical path: a round trip per file, issue 23). Each upload watches `cancel` itself: a
+    /// multipart upload cut short is aborted, not dropped.
     async fn store(
         &self,
         pipeline: &Pipeline,
@@ -124,20 +126,24 @@ impl ObjectProcessor {
     ) -> Result<Vec<String>, ProcessError> {
         let bucket = pipeline.output_bucket();
         let s3 = &self.ctx.clients.s3;
-        for key in &outcome.stale {
+        let stale = futures::future::join_all(outcome.stale.iter().map(|key| async move {
             let _ = s3.delete_object().bucket(bucket).key(key).send().await;
-        }
-        let mut stored = Vec::with_capacity(outcome.outputs.len());
-        for o in &outcome.outputs {
-            if cancel.is_cancelled() {
-                return Err(ProcessError::Cancelled);
+        }));
+        let uploads = async {
+            let mut stored = Vec::with_capacity(outcome.outputs.len());
+            for o in &outcome.outputs {
+                if cancel.is_cancelled() {
+                    return Err(ProcessError::Cancelled);
+                }
+                transfer::upload(s3, bucket, &o.key, &o.path, o.content_type, cancel).await?;
+                let size = std::fs::metadata(&o.path).map_or(0, |m| m.len());
+                self.ctx.metrics.uploaded(size);
+                stored.push(o.key.clone());
             }
-            transfer::upload(s3, bucket, &o.key, &o.path, o.content_type, cancel).await?;
-            let size = std::fs::metadata(&o.path).map_or(0, |m| m.len());
-            self.ctx.metrics.uploaded(size);
-            stored.push(o.key.clone());
-        }
-        Ok(stored)
+            Ok(stored)
+        };
+        let (_, stored) = futures::future::join(stale, uploads).await;
+        stored
     }
 
     /// Report a pipeline that became unavailable once (and its recovery), not once per file.
