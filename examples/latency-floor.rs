@@ -199,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
     let (mut done, mut started) = (0usize, 0usize);
     println!("{}", serde_json::json!({"ready": true}));
     while done < files {
-        let free = slots.available_permits().max(1).min(10) as i32;
+        let free = slots.available_permits().clamp(1, 10) as i32;
         let got = floor
             .sqs
             .receive_message()
