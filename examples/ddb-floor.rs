@@ -5,18 +5,16 @@
 //!
 //! `cargo run --release --example ddb-floor -- <endpoint> <table> <orders.csv> <in-flight>`
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
 use aws_config::BehaviorVersion;
-use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
-use offload_agent::processors::orders_csv::{
-    scan, ConfirmationIds, Items, ScanLimits, Source, BATCH_SIZE,
-};
+use offload_agent::processors::orders_csv::{Source, BATCH_SIZE};
 use tokio::task::JoinSet;
 
-type Item = HashMap<String, AttributeValue>;
+#[path = "support/floor.rs"]
+mod floor;
+use floor::{items, write};
 
 fn cpu_seconds() -> f64 {
     let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
@@ -29,59 +27,12 @@ fn cpu_seconds() -> f64 {
     t(u.ru_utime) + t(u.ru_stime)
 }
 
-fn items(csv: &Path) -> anyhow::Result<Vec<Item>> {
-    let src = Source {
+fn floor_source() -> Source {
+    Source {
         bucket: "floor".into(),
         key: "input/floor.csv".into(),
         etag: "\"floor\"".into(),
-    };
-    let limits = ScanLimits {
-        max_line_bytes: 1 << 20,
-        item_overhead: src.item_overhead(),
-    };
-    // Built once, as `orders-csv` does per file.
-    let (ids, items) = (ConfirmationIds::new(&src), Items::new(&src));
-    let mut out = Vec::new();
-    scan(
-        csv,
-        limits,
-        None,
-        None,
-        |_, _, _| Ok(()),
-        |_, order| {
-            let cid = ids.of(order.order_id()).to_string();
-            out.push(items.build(|i| &order.fields[i], &cid));
-            Ok(())
-        },
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(out)
-}
-
-async fn write(
-    ddb: aws_sdk_dynamodb::Client,
-    table: String,
-    batch: Vec<Item>,
-) -> anyhow::Result<()> {
-    let mut pending: Vec<WriteRequest> = batch
-        .into_iter()
-        .map(|item| {
-            let put = PutRequest::builder().set_item(Some(item)).build()?;
-            Ok(WriteRequest::builder().put_request(put).build())
-        })
-        .collect::<anyhow::Result<_>>()?;
-    while !pending.is_empty() {
-        let out = ddb
-            .batch_write_item()
-            .request_items(&table, pending)
-            .send()
-            .await?;
-        pending = out
-            .unprocessed_items
-            .and_then(|mut m| m.remove(&table))
-            .unwrap_or_default();
     }
-    Ok(())
 }
 
 #[tokio::main]
@@ -92,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let in_flight: usize = in_flight.parse()?;
     let build0 = cpu_seconds();
-    let items = items(Path::new(csv))?;
+    let items = items(Path::new(csv), &floor_source())?;
     // Not in the floor: parsing, validating and building the items (the agent pays it; printed so
     // that the benchmark can say how much of the gap it is).
     let build_cpu = cpu_seconds() - build0;

@@ -8,21 +8,19 @@
 //! `latency-floor <endpoint> <dynamodb-endpoint> <queue-url> <table> <files> <in-flight>`: handles
 //! `files` files (up to `in-flight` at once), then prints one JSON line and exits.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use aws_config::BehaviorVersion;
-use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
 use aws_sdk_s3::primitives::ByteStream;
 use offload_agent::event::{parse, Event};
-use offload_agent::processors::orders_csv::{
-    scan, ConfirmationIds, Items, ScanLimits, Source, BATCH_SIZE,
-};
+use offload_agent::processors::orders_csv::{Source, BATCH_SIZE};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-type Item = HashMap<String, AttributeValue>;
+#[path = "support/floor.rs"]
+mod floor;
+use floor::{items, write, Item};
 
 struct Floor {
     s3: aws_sdk_s3::Client,
@@ -35,56 +33,12 @@ struct Floor {
 }
 
 /// The items of a file, built as `orders-csv` builds them (the parser needs a path: a scratch file).
-fn items(scratch: &Path, name: &str, body: &[u8], src: &Source) -> anyhow::Result<Vec<Item>> {
+fn items_of(scratch: &Path, name: &str, body: &[u8], src: &Source) -> anyhow::Result<Vec<Item>> {
     let path = scratch.join(name.replace('/', "_"));
     std::fs::write(&path, body)?;
-    let limits = ScanLimits {
-        max_line_bytes: 1 << 20,
-        item_overhead: src.item_overhead(),
-    };
-    let (ids, builder) = (ConfirmationIds::new(src), Items::new(src));
-    let mut out = Vec::new();
-    scan(
-        &path,
-        limits,
-        None,
-        None,
-        |_, _, _| Ok(()),
-        |_, order| {
-            let cid = ids.of(order.order_id()).to_string();
-            out.push(builder.build(|i| &order.fields[i], &cid));
-            Ok(())
-        },
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let items = items(&path, src);
     let _ = std::fs::remove_file(&path);
-    Ok(out)
-}
-
-async fn write(
-    ddb: aws_sdk_dynamodb::Client,
-    table: String,
-    batch: Vec<Item>,
-) -> anyhow::Result<()> {
-    let mut pending: Vec<WriteRequest> = batch
-        .into_iter()
-        .map(|item| {
-            let put = PutRequest::builder().set_item(Some(item)).build()?;
-            Ok(WriteRequest::builder().put_request(put).build())
-        })
-        .collect::<anyhow::Result<_>>()?;
-    while !pending.is_empty() {
-        let out = ddb
-            .batch_write_item()
-            .request_items(&table, pending)
-            .send()
-            .await?;
-        pending = out
-            .unprocessed_items
-            .and_then(|mut m| m.remove(&table))
-            .unwrap_or_default();
-    }
-    Ok(())
+    items
 }
 
 impl Floor {
@@ -109,7 +63,7 @@ impl Floor {
                 key: obj.key.clone(),
                 etag,
             };
-            let items = items(self.scratch.path(), &obj.key, &bytes, &src)?;
+            let items = items_of(self.scratch.path(), &obj.key, &bytes, &src)?;
             let mut tasks = JoinSet::new();
             let mut it = items.into_iter().peekable();
             while it.peek().is_some() {
