@@ -376,11 +376,17 @@ if want("latency"):
             row(f"latency, {rows_n}-row files ({where}): agent against the floor",
                 f"p50 {a50:.0f} / {f50:.0f} ms = {a50 / f50:.2f} x, p99 {a99:.0f} / {f99:.0f} ms = {a99 / f99:.2f} x",
                 f"({n} files each, one at a time, interleaved; PutObject to output; targets 1.25 x and 1.5 x)")
+        hz = os.sysconf("SC_CLK_TCK")
+        a0 = proc_ticks(agent.pid)
         a_rate = burst(abucket, small_body, BURST_FILES, "burst")
+        a_ms = (proc_ticks(agent.pid) - a0) * 1000 / hz / BURST_FILES
+        f0 = proc_ticks(floor_proc.pid)
         f_rate = burst(fbucket, small_body, BURST_FILES, "burst")
+        f_ms = (proc_ticks(floor_proc.pid) - f0) * 1000 / hz / BURST_FILES
         row(f"burst of {BURST_FILES} 20-row files ({where})",
             f"agent {a_rate:.1f} files/s, floor {f_rate:.1f} files/s = {a_rate / f_rate:.2f} x",
-            f"(uploaded at once, {IN_FLIGHT} in flight each; target 0.9 x)")
+            f"(uploaded at once, {IN_FLIGHT} in flight each; target 0.9 x; CPU per file: agent "
+            f"{a_ms:.1f} ms, floor {f_ms:.1f} ms)")
         agent.terminate()
         agent.wait(timeout=60)
         floor_proc.wait(timeout=60)
