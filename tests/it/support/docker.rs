@@ -51,7 +51,10 @@ mkdir -p /www/v1
 write_meta() {
   ARN=null
   if [ -f $CTL/fake-arn ]; then ARN="\"$(cat $CTL/fake-arn)\""; fi
-  echo "{\"Cluster\":\"${ECS_CLUSTER:-default}\",\"ContainerInstanceArn\":$ARN,\"Version\":\"fake $(cat /version)\"}" > /www/v1/metadata
+  # Written aside and renamed: httpd must never serve a half-written (empty) file, which reads as a
+  # failed health check and restarts the healthy period (the cause of a flaky backoff-reset test).
+  echo "{\"Cluster\":\"${ECS_CLUSTER:-default}\",\"ContainerInstanceArn\":$ARN,\"Version\":\"fake $(cat /version)\"}" > /www/v1/.metadata
+  mv /www/v1/.metadata /www/v1/metadata
 }
 write_meta
 # Silent from the start when asked: never answer, not even for the first moments.
@@ -108,8 +111,8 @@ fn rootfs_tar(version: &str) -> Vec<u8> {
         ],
         &["www", "tmp", "var/lib/ecs", "etc/ecs"],
         &[
-            "sh", "cat", "echo", "httpd", "mkdir", "rm", "usleep", "killall", "sleep", "date", "[",
-            "test",
+            "sh", "cat", "echo", "httpd", "mkdir", "mv", "rm", "usleep", "killall", "sleep",
+            "date", "[", "test",
         ],
     )
 }
