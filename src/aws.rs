@@ -450,8 +450,18 @@ pub async fn clients_with(
         .map(|r| r.to_string())
         .ok_or(AwsSetupError::NoRegion)?;
 
-    let mut s3 = aws_sdk_s3::config::Builder::from(&shared);
-    s3 = s3.http_client(client_for(cfg.endpoint_for("s3")));
+    // Each service: its HTTP client (by its endpoint's scheme) and its own endpoint override.
+    macro_rules! builder {
+        ($sdk:ident, $service:literal) => {{
+            let b = $sdk::config::Builder::from(&shared)
+                .http_client(client_for(cfg.endpoint_for($service)));
+            match cfg.endpoints.get($service) {
+                Some(url) => b.endpoint_url(url),
+                None => b,
+            }
+        }};
+    }
+    let mut s3 = builder!(aws_sdk_s3, "s3");
     if let Some(url) = cfg.endpoint_for("s3") {
         // Emulators and S3-compatible stores want path-style addressing and do not all understand the
         // SDK's default streaming checksums (aws-chunked trailers).
@@ -465,33 +475,11 @@ pub async fn clients_with(
                 aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
             );
     }
-    let mut sqs = aws_sdk_sqs::config::Builder::from(&shared);
     // A 20 s long poll is silent by design: stalled-stream protection would poll it continuously
     // (about 1.4 % of a core while idle). The attempt timeout guards against half-open connections.
-    let mut receive = aws_sdk_sqs::config::Builder::from(&shared)
+    let receive = builder!(aws_sdk_sqs, "sqs")
         .timeout_config(timeouts(cfg, wait_time + cfg.call_timeout))
         .stalled_stream_protection(aws_sdk_sqs::config::StalledStreamProtectionConfig::disabled());
-    let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(&shared);
-    let mut ssm = aws_sdk_ssm::config::Builder::from(&shared);
-    let mut ecs = aws_sdk_ecs::config::Builder::from(&shared);
-    sqs = sqs.http_client(client_for(cfg.endpoint_for("sqs")));
-    receive = receive.http_client(client_for(cfg.endpoint_for("sqs")));
-    dynamodb = dynamodb.http_client(client_for(cfg.endpoint_for("dynamodb")));
-    ssm = ssm.http_client(client_for(cfg.endpoint_for("ssm")));
-    ecs = ecs.http_client(client_for(cfg.endpoint_for("ecs")));
-    if let Some(url) = cfg.endpoints.sqs.as_deref() {
-        sqs = sqs.endpoint_url(url);
-        receive = receive.endpoint_url(url);
-    }
-    if let Some(url) = cfg.endpoints.dynamodb.as_deref() {
-        dynamodb = dynamodb.endpoint_url(url);
-    }
-    if let Some(url) = cfg.endpoints.ssm.as_deref() {
-        ssm = ssm.endpoint_url(url);
-    }
-    if let Some(url) = cfg.endpoints.ecs.as_deref() {
-        ecs = ecs.endpoint_url(url);
-    }
     let measure = MeasureClock(clock.clone());
     macro_rules! client {
         ($sdk:ident, $builder:expr) => {
@@ -506,11 +494,11 @@ pub async fn clients_with(
     }
     Ok(Clients {
         s3: client!(aws_sdk_s3, s3),
-        sqs: client!(aws_sdk_sqs, sqs),
+        sqs: client!(aws_sdk_sqs, builder!(aws_sdk_sqs, "sqs")),
         sqs_receive: client!(aws_sdk_sqs, receive),
-        dynamodb: client!(aws_sdk_dynamodb, dynamodb),
-        ssm: client!(aws_sdk_ssm, ssm),
-        ecs: client!(aws_sdk_ecs, ecs),
+        dynamodb: client!(aws_sdk_dynamodb, builder!(aws_sdk_dynamodb, "dynamodb")),
+        ssm: client!(aws_sdk_ssm, builder!(aws_sdk_ssm, "ssm")),
+        ecs: client!(aws_sdk_ecs, builder!(aws_sdk_ecs, "ecs")),
         region,
         credentials,
         provider,

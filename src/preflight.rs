@@ -322,7 +322,15 @@ async fn check(t: &Target, egress: &Egress, budget: Duration) -> Row {
     if let Some(p) = &proxy {
         row.route = format!("via {p}");
     }
-    let result = steps(&mut row, egress, proxy.as_ref(), &host, port, tls, budget).await;
+    let way = Way {
+        egress,
+        proxy: proxy.as_ref(),
+        host: &host,
+        port,
+        tls,
+        budget,
+    };
+    let result = steps(&mut row, &way).await;
     row.ms = started.elapsed().as_millis() as u64;
     if let Err(fix) = result {
         row.ok = false;
@@ -331,73 +339,107 @@ async fn check(t: &Target, egress: &Egress, budget: Duration) -> Row {
     row
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn steps(
-    row: &mut Row,
-    egress: &Egress,
-    proxy: Option<&ProxyUrl>,
-    host: &str,
+/// The way to one endpoint: where it is, the proxy (if any) and the time each step may take.
+struct Way<'a> {
+    egress: &'a Egress,
+    proxy: Option<&'a ProxyUrl>,
+    host: &'a str,
     port: u16,
     tls: bool,
     budget: Duration,
-) -> Result<(), String> {
-    let (dial_host, dial_port) = match proxy {
-        Some(p) => split_host_port(p.host_port()),
-        None => (host.to_string(), port),
-    };
-    let t = Instant::now();
-    let addrs = within(budget, "DNS", async {
-        tokio::net::lookup_host((dial_host.as_str(), dial_port))
-            .await
-            .map(|a| a.collect::<Vec<_>>())
-            .map_err(|e| format!("{dial_host}: {e}"))
-    })
-    .await;
-    let (s, addrs) = step(t, addrs, |a| {
-        let first = a.first().map(|a| a.ip().to_string()).unwrap_or_default();
-        match proxy {
-            Some(_) => format!("proxy {first}"),
-            None => first,
+}
+
+impl Way<'_> {
+    /// `host:port`, bracketed for IPv6.
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
         }
-    });
-    row.dns = Some(s);
-    let Some(addrs) = addrs else {
-        return Err(match proxy {
-            Some(p) => format!("the proxy's name does not resolve: check {} ({p})", egress.source_of("https_proxy")),
-            None => format!("{host} does not resolve on this host: fix its DNS, or reach it through a proxy (network.https_proxy)"),
-        });
-    };
-    let t = Instant::now();
-    let tcp = within(budget, "TCP", async {
-        let mut last = String::from("no address");
-        for a in &addrs {
-            match TcpStream::connect(a).await {
-                Ok(s) => return Ok(s),
-                Err(e) => last = format!("{a}: {e}"),
-            }
-        }
-        Err(last)
-    })
-    .await;
-    let (s, stream) = step(t, tcp, |s| {
-        s.peer_addr().map(|a| a.to_string()).unwrap_or_default()
-    });
-    row.tcp = Some(s);
-    let Some(mut stream) = stream else {
-        return Err(match proxy {
-            Some(p) => format!("the proxy {p} does not accept connections: check the proxy URL, or the firewall between this host and it"),
-            None => format!("{host}:{port} does not accept connections from this host: a firewall allows only a proxy? Set network.https_proxy"),
-        });
-    };
-    let _ = stream.set_nodelay(true);
-    let authority = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    if let (Some(p), true) = (proxy, tls) {
+    }
+
+    /// Resolve what is dialled: the proxy when there is one (it resolves the endpoint itself).
+    async fn dns(&self, row: &mut Row) -> Result<Vec<std::net::SocketAddr>, String> {
+        let (host, port) = match self.proxy {
+            Some(p) => split_host_port(p.host_port()),
+            None => (self.host.to_string(), self.port),
+        };
         let t = Instant::now();
-        let answer = within(budget, "CONNECT", async {
+        let found = within(self.budget, "DNS", async {
+            tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map(|a| a.collect::<Vec<_>>())
+                .map_err(|e| format!("{host}: {e}"))
+        })
+        .await;
+        let (s, addrs) = step(t, found, |a| {
+            let first = a.first().map(|a| a.ip().to_string()).unwrap_or_default();
+            match self.proxy {
+                Some(_) => format!("proxy {first}"),
+                None => first,
+            }
+        });
+        row.dns = Some(s);
+        addrs.ok_or_else(|| match self.proxy {
+            Some(p) => format!(
+                "the proxy's name does not resolve: check {} ({p})",
+                self.egress.source_of("https_proxy")
+            ),
+            None => format!(
+                "{} does not resolve on this host: fix its DNS, or reach it through a proxy \
+                 (network.https_proxy)",
+                self.host
+            ),
+        })
+    }
+
+    async fn tcp(
+        &self,
+        row: &mut Row,
+        addrs: &[std::net::SocketAddr],
+    ) -> Result<TcpStream, String> {
+        let t = Instant::now();
+        let tcp = within(self.budget, "TCP", async {
+            let mut last = String::from("no address");
+            for a in addrs {
+                match TcpStream::connect(a).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = format!("{a}: {e}"),
+                }
+            }
+            Err(last)
+        })
+        .await;
+        let (s, stream) = step(t, tcp, |s| {
+            s.peer_addr().map(|a| a.to_string()).unwrap_or_default()
+        });
+        row.tcp = Some(s);
+        let stream = stream.ok_or_else(|| match self.proxy {
+            Some(p) => format!(
+                "the proxy {p} does not accept connections: check the proxy URL, or the firewall \
+                 between this host and it"
+            ),
+            None => format!(
+                "{} does not accept connections from this host: a firewall allows only a proxy? Set \
+                 network.https_proxy",
+                self.authority()
+            ),
+        })?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// CONNECT through the proxy to the endpoint.
+    async fn tunnel(
+        &self,
+        row: &mut Row,
+        p: &ProxyUrl,
+        stream: &mut TcpStream,
+    ) -> Result<(), String> {
+        let authority = self.authority();
+        let t = Instant::now();
+        let answer = within(self.budget, "CONNECT", async {
             let req = format!(
                 "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{}\r\n",
                 proxy_auth(p)
@@ -406,7 +448,7 @@ async fn steps(
                 .write_all(req.as_bytes())
                 .await
                 .map_err(|e| e.to_string())?;
-            let (status, _) = read_head(&mut stream).await?;
+            let (status, _) = read_head(stream).await?;
             Ok(status)
         })
         .await;
@@ -417,67 +459,72 @@ async fn steps(
             ..s
         });
         match status {
-            200 => {}
-            407 => {
-                return Err(format!(
-                    "the proxy {p} refused the credentials (407): set the right user and password in {}",
-                    egress.source_of("https_proxy")
-                ))
-            }
-            0 => return Err(format!("the proxy {p} did not answer CONNECT")),
-            other => {
-                return Err(format!(
-                    "the proxy {p} would not connect to {authority} ({other}): it may not resolve or reach the \
-                     name, or its rules forbid the port"
-                ))
-            }
+            200 => Ok(()),
+            407 => Err(format!(
+                "the proxy {p} refused the credentials (407): set the right user and password in {}",
+                self.egress.source_of("https_proxy")
+            )),
+            0 => Err(format!("the proxy {p} did not answer CONNECT")),
+            other => Err(format!(
+                "the proxy {p} would not connect to {authority} ({other}): it may not resolve or reach \
+                 the name, or its rules forbid the port"
+            )),
         }
     }
-    if tls {
+
+    /// The TLS handshake, with the issuer of the certificate shown whether or not it is trusted.
+    async fn handshake(&self, row: &mut Row, stream: TcpStream) -> Result<TlsStream, String> {
         let t = Instant::now();
-        let hs = tokio::time::timeout(budget, handshake(stream, host, egress))
+        let hs = tokio::time::timeout(self.budget, handshake(stream, self.host, self.egress))
             .await
             .unwrap_or_else(|_| Err(("TLS: no answer within the budget".into(), None)));
         let issuer = match &hs {
-            Ok((_, i)) => i.clone(),
-            Err((_, Some(i))) => i.clone(),
+            Ok((_, i)) | Err((_, Some(i))) => i.clone(),
             Err(_) => String::new(),
         };
-        let hs = hs.map(|(s, _)| s).map_err(|(e, _)| {
-            let by = if issuer.is_empty() {
-                "unknown"
-            } else {
-                issuer.as_str()
-            };
-            format!("{e} (issuer: {by})")
-        });
+        let by = if issuer.is_empty() {
+            "an unknown issuer"
+        } else {
+            issuer.as_str()
+        };
+        let hs = hs
+            .map(|(s, _)| s)
+            .map_err(|(e, _)| format!("{e} (issuer: {by})"));
         let (st, stream) = step(t, hs, |_| issuer.clone());
         row.tls = Some(st);
-        let Some(mut stream) = stream else {
-            return Err(format!(
-                "the certificate of {host} (issued by {}) is not trusted: behind a TLS-inspecting proxy or for a \
-                 private endpoint, set {} to a PEM file of the root CA that issued it",
-                if issuer.is_empty() { "an unknown issuer" } else { &issuer },
-                egress.source_of("ca_bundle")
-            ));
-        };
-        http_step(
-            row,
-            &mut stream,
-            &format!("GET / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"),
-            budget,
-            None,
-        )
-        .await
+        stream.ok_or_else(|| {
+            format!(
+                "the certificate of {} (issued by {by}) is not trusted: behind a TLS-inspecting proxy \
+                 or for a private endpoint, set {} to a PEM file of the root CA that issued it",
+                self.host,
+                self.egress.source_of("ca_bundle")
+            )
+        })
+    }
+}
+
+/// One endpoint's steps in order; the first failing step ends them, with what to fix.
+async fn steps(row: &mut Row, way: &Way<'_>) -> Result<(), String> {
+    let addrs = way.dns(row).await?;
+    let mut stream = way.tcp(row, &addrs).await?;
+    let authority = way.authority();
+    if let (Some(p), true) = (way.proxy, way.tls) {
+        way.tunnel(row, p, &mut stream).await?;
+    }
+    if way.tls {
+        let mut stream = way.handshake(row, stream).await?;
+        let req = format!("GET / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        http_step(row, &mut stream, &req, way.budget, None).await
     } else {
-        let req = match proxy {
+        let req = match way.proxy {
             Some(p) => format!(
                 "GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\n{}Connection: close\r\n\r\n",
                 proxy_auth(p)
             ),
             None => format!("GET / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"),
         };
-        http_step(row, &mut stream, &req, budget, proxy.map(|p| (p, egress))).await
+        let plain_proxy = way.proxy.map(|p| (p, way.egress));
+        http_step(row, &mut stream, &req, way.budget, plain_proxy).await
     }
 }
 

@@ -93,6 +93,17 @@ fn or_dash<T: ToString>(v: &Option<T>) -> String {
 
 impl StatusDoc {
     /// The human summary `offload-agent status` prints.
+    /// The host's clock against AWS's, once measured.
+    fn clock_line(&self) -> Option<String> {
+        let skew = self.clock_skew_seconds?;
+        let warn = if skew.abs() > crate::clock::WARN_ABOVE.as_secs_f64() {
+            " (check time synchronisation: timedatectl status, chronyc tracking)"
+        } else {
+            ""
+        };
+        Some(format!("clock:        {skew:+.0} s against AWS{warn}"))
+    }
+
     pub(crate) fn render(&self) -> String {
         let mut o = String::new();
         let ready = match self.ready.problem() {
@@ -104,13 +115,8 @@ impl StatusDoc {
             "offload-agent {} (pid {}), up {} s, {ready}",
             self.version, self.pid, self.uptime_s
         );
-        if let Some(skew) = self.clock_skew_seconds {
-            let warn = if skew.abs() > crate::clock::WARN_ABOVE.as_secs_f64() {
-                " (check time synchronisation: timedatectl status, chronyc tracking)"
-            } else {
-                ""
-            };
-            let _ = writeln!(o, "clock:        {skew:+.0} s against AWS{warn}");
+        if let Some(line) = self.clock_line() {
+            let _ = writeln!(o, "{line}");
         }
         let r = &self.registration;
         let _ = writeln!(

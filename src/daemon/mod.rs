@@ -155,6 +155,19 @@ pub(crate) async fn run(
     Ok(())
 }
 
+/// Say at once when there are no credentials, and write the CA bundle the processors get. Neither
+/// stops the daemon: it keeps running (the ECS agent's supervisor, the admin endpoint, a later
+/// `register`), its calls fail and are retried, and the log says why.
+async fn check_egress(clients: &crate::aws::Clients, cfg: &Config) {
+    if let Err(e) = clients.require_credentials().await {
+        tracing::error!(error = %e, "{e}");
+    }
+    if let Err(e) = crate::registration::egress::write_bundle(cfg) {
+        let e = crate::error::chain(&e);
+        tracing::warn!(error = %e, "cannot write the CA bundle for the processors: {e}");
+    }
+}
+
 impl Daemon {
     /// Everything up to READY: settings (with Parameter Store), clients, the spool, the supervisor,
     /// the worker pool and the admin endpoint.
@@ -179,16 +192,8 @@ impl Daemon {
         if settings.start(&clients.ssm).await {
             clients = crate::aws::clients(&settings.current).await?;
         }
-        if let Err(e) = clients.require_credentials().await {
-            // The daemon keeps running (the ECS agent's supervisor, the admin endpoint, a later
-            // `register`): its calls fail and are retried, and this says why.
-            tracing::error!(error = %e, "{e}");
-        }
         let cfg = settings.current.clone();
-        if let Err(e) = crate::registration::egress::write_bundle(&cfg) {
-            let e = crate::error::chain(&e);
-            tracing::warn!(error = %e, "cannot write the CA bundle for the processors: {e}");
-        }
+        check_egress(&clients, &cfg).await;
         let spool = open_spool(&cfg)?;
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();

@@ -176,6 +176,13 @@ pub(crate) struct ContainerSpec {
     pub(crate) log_max_files: u64,
 }
 
+/// The CA bundle `register` wrote, bound read-only where the env file's `SSL_CERT_FILE` expects it.
+fn ca_bind(env: &BTreeMap<String, String>, host: &HostPaths) -> Option<String> {
+    let bundle = host.ca_bundle();
+    (env.get("SSL_CERT_FILE").map(String::as_str) == Some(CONTAINER_CA_BUNDLE) && bundle.exists())
+        .then(|| format!("{}:{CONTAINER_CA_BUNDLE}:ro", bundle.display()))
+}
+
 pub(crate) fn host_path(cfg: &EcsAgentConfig, rel: &str) -> PathBuf {
     cfg.host_root.join(rel)
 }
@@ -240,12 +247,7 @@ impl ContainerSpec {
                 }
             }
         }
-        if env.get("SSL_CERT_FILE").map(String::as_str) == Some(CONTAINER_CA_BUNDLE) {
-            let bundle = host.ca_bundle();
-            if bundle.exists() {
-                binds.push(format!("{}:{CONTAINER_CA_BUNDLE}:ro", bundle.display()));
-            }
-        }
+        binds.extend(ca_bind(&env, host));
         for (rel, inside, ro, required) in BINDS {
             let host = host_path(cfg, rel);
             if *required {

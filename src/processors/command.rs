@@ -35,6 +35,12 @@ impl<'a> Command<'a> {
         }
     }
 
+    /// A program on the host has the host's network: it leaves it the way the daemon does.
+    fn egress_env(&self) -> Vec<(String, String)> {
+        let ca = self.ctx.ca_bundle.as_ref().and_then(|p| p.to_str());
+        self.ctx.egress.child_env(ca)
+    }
+
     async fn run(&self, job: &Job<'_>) -> Result<Outcome, ProcessError> {
         let program = &self.spec.program;
         let output_dir = external::make_output_dir(job, false)?;
@@ -46,12 +52,7 @@ impl<'a> Command<'a> {
         cmd.args(external::substitute(&self.spec.args, &input, &out))
             .env_clear()
             .env("PATH", PATH)
-            // A program on the host has the host's network: it leaves it the way the daemon does.
-            .envs(
-                self.ctx
-                    .egress
-                    .child_env(self.ctx.ca_bundle.as_ref().and_then(|p| p.to_str())),
-            )
+            .envs(self.egress_env())
             .envs(external::contract_env(job, self.region, &input, &out))
             .current_dir(&job.files.dir)
             .stdin(Stdio::null())

@@ -122,11 +122,9 @@ pub(crate) async fn write(
         None => None,
     };
     let host_env = net.child_env(ca_host.as_deref());
-    let mut reload = false;
     let ssm_unit = drop_in(cfg, &cfg.host.ssm_service);
     let ssm_changed = env_file::put(&ssm_unit, unit_text(&host_env).as_bytes(), 0o600)?;
     changed(&ssm_unit, ssm_changed, "the SSM agent's proxy and CA");
-    reload |= ssm_changed;
     // Docker pulls images through the proxy; its registries' CAs are its own (certs.d).
     let docker_env = net.child_env(None);
     let docker_unit = drop_in(cfg, &cfg.host.docker_service);
@@ -140,21 +138,8 @@ pub(crate) async fn write(
         docker_changed,
         "Docker's proxy for image pulls",
     );
-    reload |= docker_changed;
 
-    let mut agent: Vec<(String, String)> = net
-        .child_env(net.ca_bundle.is_some().then_some(CONTAINER_CA_BUNDLE))
-        .into_iter()
-        .filter(|(k, _)| k != "AWS_CA_BUNDLE")
-        .map(|(k, v)| {
-            if k.eq_ignore_ascii_case("NO_PROXY") {
-                (k, format!("{v},{AGENT_ALSO_DIRECT}"))
-            } else {
-                (k, v)
-            }
-        })
-        .collect();
-    agent.sort();
+    let agent = agent_env(net);
     let set: Vec<(&str, &str)> = agent
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -169,7 +154,38 @@ pub(crate) async fn write(
     let names: Vec<&str> = set.iter().map(|(k, _)| *k).collect();
     changed(&path, did, &format!("the ECS agent's {}", names.join(", ")));
 
-    if reload {
+    apply_drop_ins(cfg, systemctl, ssm_changed, docker_changed, restart_docker).await
+}
+
+/// The ECS agent's egress variables, sorted: the proxies, `NO_PROXY` with the Docker socket too, and
+/// `SSL_CERT_FILE` where its container sees the CA bundle.
+fn agent_env(net: &crate::egress::Egress) -> Vec<(String, String)> {
+    let mut agent: Vec<(String, String)> = net
+        .child_env(net.ca_bundle.is_some().then_some(CONTAINER_CA_BUNDLE))
+        .into_iter()
+        .filter(|(k, _)| k != "AWS_CA_BUNDLE")
+        .map(|(k, v)| {
+            if k.eq_ignore_ascii_case("NO_PROXY") {
+                (k, format!("{v},{AGENT_ALSO_DIRECT}"))
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    agent.sort();
+    agent
+}
+
+/// Restart what needs it after the drop-ins changed: the SSM agent when it runs, Docker only when
+/// asked (otherwise say that it needs a restart).
+async fn apply_drop_ins(
+    cfg: &Config,
+    systemctl: &Systemctl,
+    ssm_changed: bool,
+    docker_changed: bool,
+    restart_docker: bool,
+) -> Result<(), Error> {
+    if ssm_changed || docker_changed {
         systemctl.must(&["daemon-reload"]).await?;
     }
     if ssm_changed {
@@ -183,25 +199,21 @@ pub(crate) async fn write(
             format!("{} restarted if it was running", cfg.host.ssm_service),
         );
     }
-    if docker_changed {
-        if restart_docker {
-            systemctl
-                .must(&["restart", &cfg.host.docker_service])
-                .await?;
-            step(
-                "egress",
-                format!("{} restarted (--restart-docker)", cfg.host.docker_service),
-            );
-        } else {
-            step(
-                "egress",
-                format!(
-                    "{} needs a restart to pull through the proxy: `systemctl restart {}` when its \
-                     containers may stop (or run register with --restart-docker)",
-                    cfg.host.docker_service, cfg.host.docker_service
-                ),
-            );
-        }
+    if !docker_changed {
+        return Ok(());
+    }
+    let docker = &cfg.host.docker_service;
+    if restart_docker {
+        systemctl.must(&["restart", docker]).await?;
+        step("egress", format!("{docker} restarted (--restart-docker)"));
+    } else {
+        step(
+            "egress",
+            format!(
+                "{docker} needs a restart to pull through the proxy: `systemctl restart {docker}` when \
+                 its containers may stop (or run register with --restart-docker)"
+            ),
+        );
     }
     Ok(())
 }
