@@ -49,10 +49,7 @@ impl Clock {
     /// Record one measurement: `server` is the answer's `Date`, `local` the midpoint of the request
     /// by this host's clock.
     pub fn record(&self, server: SystemTime, local: SystemTime, host: &str) {
-        let skew_ms = match server.duration_since(local) {
-            Ok(ahead) => ahead.as_millis() as i64,
-            Err(e) => -(e.duration().as_millis() as i64),
-        };
+        let skew_ms = skew_ms(server, local);
         self.skew_ms.store(skew_ms, Ordering::Relaxed);
         self.measured.store(true, Ordering::Relaxed);
         let size = Duration::from_millis(skew_ms.unsigned_abs());
@@ -121,19 +118,29 @@ impl Intercept for MeasureClock {
         let Some(date) = context.response().headers().get("date") else {
             return Ok(());
         };
-        let Ok(server) = aws_smithy_types::DateTime::from_str(
-            date,
-            aws_smithy_types::date_time::Format::HttpDate,
-        ) else {
-            return Ok(());
-        };
-        let Ok(server) = SystemTime::try_from(server) else {
+        let Some(server) = http_date(date) else {
             return Ok(());
         };
         // The Date header has whole seconds: compare with the request's midpoint, rounded down.
         let midpoint = sent + round_trip / 2;
         self.0.record(server, midpoint, "AWS");
         Ok(())
+    }
+}
+
+/// An HTTP `Date` header's time.
+pub fn http_date(value: &str) -> Option<SystemTime> {
+    let t =
+        aws_smithy_types::DateTime::from_str(value, aws_smithy_types::date_time::Format::HttpDate)
+            .ok()?;
+    SystemTime::try_from(t).ok()
+}
+
+/// `server` minus `local`, in milliseconds (positive: the host's clock is behind).
+pub fn skew_ms(server: SystemTime, local: SystemTime) -> i64 {
+    match server.duration_since(local) {
+        Ok(ahead) => ahead.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
     }
 }
 

@@ -46,8 +46,10 @@ pub struct ProxyUrl {
     /// As given (with the credentials, percent-encoded): what the HTTP client and children get.
     raw: String,
     scheme: String,
-    /// `host:port` (the port defaulted from the scheme when absent).
+    /// `host:port` (the port defaulted from the scheme when absent; IPv6 bracketed).
     host_port: String,
+    host: String,
+    port: u16,
     user: Option<String>,
     has_password: bool,
 }
@@ -126,6 +128,8 @@ impl ProxyUrl {
             raw: text.to_string(),
             scheme,
             host_port,
+            host,
+            port,
             user,
             has_password,
         })
@@ -139,6 +143,15 @@ impl ProxyUrl {
     /// `host:port` of the proxy.
     pub fn host_port(&self) -> &str {
         &self.host_port
+    }
+
+    /// The proxy's host name or address (IPv6 without brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub fn scheme(&self) -> &str {

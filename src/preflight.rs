@@ -362,7 +362,7 @@ impl Way<'_> {
     /// Resolve what is dialled: the proxy when there is one (it resolves the endpoint itself).
     async fn dns(&self, row: &mut Row) -> Result<Vec<std::net::SocketAddr>, String> {
         let (host, port) = match self.proxy {
-            Some(p) => split_host_port(p.host_port()),
+            Some(p) => (p.host().to_string(), p.port()),
             None => (self.host.to_string(), self.port),
         };
         let t = Instant::now();
@@ -552,19 +552,9 @@ async fn http_step<S: AsyncRead + AsyncWrite + Unpin>(
             "no HTTP answer: the endpoint accepted the connection but did not answer".into(),
         );
     };
-    if let Some(date) = header(&headers, "date") {
-        if let Ok(server) = aws_smithy_types::DateTime::from_str(
-            date,
-            aws_smithy_types::date_time::Format::HttpDate,
-        ) {
-            if let Ok(server) = SystemTime::try_from(server) {
-                row.clock_skew_s = Some(match server.duration_since(sent) {
-                    Ok(d) => d.as_secs() as i64,
-                    Err(e) => -(e.duration().as_secs() as i64),
-                });
-            }
-        }
-    }
+    row.clock_skew_s = header(&headers, "date")
+        .and_then(crate::clock::http_date)
+        .map(|server| crate::clock::skew_ms(server, sent) / 1000);
     if let Some((p, egress)) = plain_proxy {
         if status == 407 {
             if let Some(h) = row.http.as_mut() {
@@ -606,16 +596,6 @@ fn proxy_auth(p: &ProxyUrl) -> String {
     match p.basic_auth() {
         Some(token) => format!("Proxy-Authorization: Basic {token}\r\n"),
         None => String::new(),
-    }
-}
-
-fn split_host_port(hp: &str) -> (String, u16) {
-    match hp.rsplit_once(':') {
-        Some((h, p)) => (
-            h.trim_matches(['[', ']']).to_string(),
-            p.parse().unwrap_or(80),
-        ),
-        None => (hp.to_string(), 80),
     }
 }
 
