@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use aws_config::BehaviorVersion;
-use offload_agent::processors::orders_csv::{Source, BATCH_SIZE};
+use offload_agent::processors::table::{Source, BATCH_SIZE};
 use tokio::task::JoinSet;
 
 #[path = "support/floor.rs"]

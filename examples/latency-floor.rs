@@ -14,7 +14,7 @@ use std::sync::Arc;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::primitives::ByteStream;
 use offload_agent::event::{parse, Event};
-use offload_agent::processors::orders_csv::{Source, BATCH_SIZE};
+use offload_agent::processors::table::{Source, BATCH_SIZE};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 

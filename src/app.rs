@@ -15,7 +15,7 @@ use crate::config::{self, Config, ConfigError};
 use crate::error::ProcessError;
 use crate::event::ObjectRef;
 use crate::processors::container::Owner;
-use crate::processors::orders_csv::{self, FileError, ScanLimits};
+use crate::processors::table::{self, FileError, Plan, ScanLimits};
 use crate::spool::Spool;
 use crate::telemetry::{self, LogHandle};
 use crate::worker::ObjectProcessor;
@@ -181,11 +181,12 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
         Command::Process {
             config,
             dry_run,
+            pipeline,
             progress,
             target,
         } => {
             if dry_run {
-                dry_run_local(&config.config, &target, progress)
+                dry_run_local(&config.config, pipeline.as_deref(), &target, progress)
             } else {
                 process_s3(&config.config, &target, progress).await
             }
@@ -406,28 +407,69 @@ fn counter_of(p: &Option<Progress>) -> Option<Arc<AtomicU64>> {
     p.as_ref().map(|p| p.counter.clone())
 }
 
-fn dry_run_local(config_path: &Path, target: &str, force_progress: bool) -> Result<(), Failure> {
+fn dry_run_local(
+    config_path: &Path,
+    pipeline: Option<&str>,
+    target: &str,
+    force_progress: bool,
+) -> Result<(), Failure> {
     let path = Path::new(target);
-    let meta = std::fs::metadata(path)
-        .map_err(|e| Failure::Usage(format!("cannot read {target}: {e}")))?;
-    // The configuration is optional here; when it exists its limits apply.
-    let limits = if config_path.exists() {
-        let cfg = load(config_path)?;
-        ScanLimits {
-            max_line_bytes: cfg.spool.max_line_bytes,
-            item_overhead: 0,
-        }
+    std::fs::metadata(path).map_err(|e| Failure::Usage(format!("cannot read {target}: {e}")))?;
+    // The configuration is optional here (unless a pipeline is named); when it exists its limits apply.
+    let cfg = if pipeline.is_some() || config_path.exists() {
+        Some(load(config_path)?)
     } else {
-        ScanLimits {
-            max_line_bytes: config::DEFAULT_MAX_LINE_BYTES,
-            item_overhead: 0,
-        }
+        None
     };
+    let schema = match (pipeline, &cfg) {
+        (Some(name), Some(cfg)) => {
+            let p = cfg
+                .pipelines
+                .iter()
+                .find(|p| p.name == name)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = cfg.pipelines.iter().map(|p| p.name.as_str()).collect();
+                    Failure::Usage(format!(
+                        "no pipeline {name:?} in {}; its pipelines are {}",
+                        config_path.display(),
+                        names.join(", ")
+                    ))
+                })?;
+            p.processor.schema().map(|s| s.into_owned()).ok_or_else(|| {
+                Failure::Usage(format!(
+                    "pipeline {name} runs {}, which has no schema to validate against; --dry-run checks orders-csv and table pipelines",
+                    p.processor
+                ))
+            })?
+        }
+        _ => crate::config::Schema::orders(),
+    };
+    let plan = Plan::new(&schema);
+    let limits = ScanLimits {
+        max_line_bytes: cfg
+            .as_ref()
+            .map_or(config::DEFAULT_MAX_LINE_BYTES, |c| c.spool.max_line_bytes),
+        item_overhead: 0,
+    };
+    let spool_limits = cfg
+        .as_ref()
+        .map_or_else(crate::compression::Limits::default, |c| {
+            c.spool.decompression()
+        });
+    // A compressed file is validated from a decompressed copy in a private temporary directory.
+    let tmp = tempfile::tempdir().map_err(|e| {
+        Failure::Runtime(anyhow::anyhow!("cannot create a temporary directory: {e}"))
+    })?;
+    let plain = crate::compression::decompress_local(path, &tmp.path().join("input"), spool_limits)
+        .map_err(|e| Failure::Data(format!("{target}: {e}")))?;
+    let path = plain.as_deref().unwrap_or(path);
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?;
     let started = Instant::now();
     let progress = Progress::start(meta.len(), force_progress);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let result = orders_csv::dry_run(path, limits, counter_of(&progress), &mut out);
+    let result = table::dry_run(path, &plan, limits, counter_of(&progress), &mut out);
     let _ = out.flush();
     if let Some(p) = progress {
         p.finish();
@@ -459,7 +501,8 @@ fn dry_run_local(config_path: &Path, target: &str, force_progress: bool) -> Resu
             }
         }
         Err(FileError::Invalid(reason)) => Err(Failure::Data(format!(
-            "{target} is not a valid orders CSV: {reason}"
+            "{target} is not {}: {reason}",
+            schema.label
         ))),
         Err(e) => Err(Failure::Runtime(anyhow::anyhow!("{target}: {e}"))),
     }

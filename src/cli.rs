@@ -102,15 +102,20 @@ pub(crate) enum Command {
     ///
     /// With s3://BUCKET/KEY the object goes through its pipeline's processor exactly as the daemon
     /// would do it (orders-csv: DynamoDB writes, output and rejects report; a container or command
-    /// processor: run once, its output files stored). With --dry-run and a local path, an orders CSV
-    /// file is only validated: rejected rows are printed as CSV (Line,OrderId,Reason) on stdout and
-    /// nothing is written anywhere; no configuration is needed.
+    /// processor: run once, its output files stored). With --dry-run and a local path, the file
+    /// (gzip or zstd compressed, or not) is only validated against a schema: the orders schema, or
+    /// with --pipeline NAME that pipeline's (orders-csv or table); rejected rows are printed as CSV
+    /// (Line, the key's attributes, Reason) on stdout and nothing is written anywhere; without
+    /// --pipeline no configuration is needed.
     Process {
         #[command(flatten)]
         config: ConfigArg,
         /// Validate a local file only; write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// With --dry-run: validate against this pipeline's schema (default: the orders schema).
+        #[arg(long, value_name = "NAME", requires = "dry_run")]
+        pipeline: Option<String>,
         /// Show a progress bar even when stderr is not a terminal (it is shown on terminals anyway).
         #[arg(long)]
         progress: bool,

@@ -12,13 +12,14 @@
 //! - `event`: SQS message bodies into the S3 objects they announce.
 //! - `spool`: the private local files an object is streamed into.
 //! - `transfer`: S3 transfers (streamed downloads, multipart uploads, reports).
+//! - `compression`: gzip and zstd objects, recognised and decompressed as a bounded stream.
 //! - `docker`: the Docker engine (connect with version negotiation, not-found, image tarballs).
 //! - `egress`: the way out to AWS (proxies, `no_proxy`, the extra root CA): the one HTTP client
 //!   every AWS client is built on, the variables children get, and egress failures in one line.
 //! - `clock`: the host's clock against the `Date` of AWS's answers.
 //!
 //! **The file's path**:
-//! - `processors`: the `Processor` interface and the processors (`orders_csv`, `container`,
+//! - `processors`: the `Processor` interface and the processors (`table`, `container`,
 //!   `command`); each gets a spooled object and returns what to store.
 //! - `worker`: `receive` (long polls for as many messages as there are free workers) → `run` (one
 //!   object through its pipeline: spool, processor, outputs) → `settle` (a pure decision, then
@@ -57,6 +58,7 @@ pub mod event;
 pub(crate) mod limits;
 
 pub mod clock;
+pub mod compression;
 pub(crate) mod docker;
 pub mod egress;
 pub(crate) mod spool;

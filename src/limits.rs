@@ -15,6 +15,8 @@ pub(crate) const SQS_MAX_RECEIVE_BATCH: usize = 10;
 /// DynamoDB refuses a partition key longer than this many bytes.
 pub(crate) const DYNAMODB_MAX_PARTITION_KEY_BYTES: usize = 2048;
 /// DynamoDB refuses an item larger than this (attribute names and values together).
+/// The longest sort key value DynamoDB takes, in bytes.
+pub(crate) const DYNAMODB_MAX_SORT_KEY_BYTES: usize = 1024;
 pub(crate) const DYNAMODB_MAX_ITEM_BYTES: usize = 400 * 1024;
 /// The most requests one `BatchWriteItem` may carry.
 pub(crate) const DYNAMODB_MAX_BATCH_WRITE: usize = 25;

@@ -15,6 +15,7 @@ use aws_sdk_sqs::types::QueueAttributeName;
 
 use crate::aws::Clients;
 use crate::config::Config;
+use crate::config::TableKey;
 use crate::error::describe;
 
 /// Id prefix of the notification entries this tool owns; others in the bucket are left alone.
@@ -77,15 +78,39 @@ pub(crate) async fn provision(cfg: &Config, clients: &Clients) -> Result<Vec<Ste
         steps.push(ensure_notification(cfg, clients, &b, &arn).await?);
     }
 
-    let tables: BTreeSet<_> = cfg
-        .pipelines
-        .iter()
-        .filter_map(|p| p.table.clone())
-        .collect();
-    for t in &tables {
-        steps.push(ensure_table(clients, t).await?);
+    // Each table with its pipeline's key (pipelines that share a table must agree on it).
+    let mut tables: std::collections::BTreeMap<String, (Vec<TableKey>, String)> =
+        Default::default();
+    for p in &cfg.pipelines {
+        let (Some(t), Some(schema)) = (&p.table, p.processor.schema()) else {
+            continue;
+        };
+        let key = schema.table_key();
+        match tables.get(t) {
+            Some((other, by)) if *other != key => bail!(
+                "pipelines {by} and {} write to DynamoDB table {t} with different keys ({} and {}): give one of them another table",
+                p.name,
+                shown_key(other),
+                shown_key(&key)
+            ),
+            Some(_) => {}
+            None => {
+                tables.insert(t.clone(), (key, p.name.clone()));
+            }
+        }
+    }
+    for (t, (key, _)) in &tables {
+        steps.push(ensure_table(clients, t, key).await?);
     }
     Ok(steps)
+}
+
+/// "OrderId (S)", "CustomerId (S) + InvoiceNo (N)".
+fn shown_key(key: &[TableKey]) -> String {
+    key.iter()
+        .map(|k| format!("{} ({})", k.name, if k.number { "N" } else { "S" }))
+        .collect::<Vec<_>>()
+        .join(" + ")
 }
 
 /// The main queue: created by name (with the configured visibility timeout), or checked by URL.
@@ -413,7 +438,7 @@ fn empty_notification_quirk<E>(
     })
 }
 
-async fn ensure_table(clients: &Clients, table: &str) -> Result<Step> {
+async fn ensure_table(clients: &Clients, table: &str, want: &[TableKey]) -> Result<Step> {
     let ddb = &clients.dynamodb;
     match ddb.describe_table().table_name(table).send().await {
         Ok(out) => {
@@ -424,8 +449,12 @@ async fn ensure_table(clients: &Clients, table: &str) -> Result<Step> {
                 .iter()
                 .map(|k| k.attribute_name().to_string())
                 .collect::<Vec<_>>();
-            if key != ["OrderId"] {
-                bail!("DynamoDB table {table} exists with key {key:?}, but orders-csv needs hash key OrderId (S): use another table name");
+            let names: Vec<&str> = want.iter().map(|k| k.name.as_str()).collect();
+            if key != names {
+                bail!(
+                    "DynamoDB table {table} exists with key {key:?}, but its pipeline's schema needs {}: use another table name",
+                    shown_key(want)
+                );
             }
             return Ok(step("exists", format!("table {table}")));
         }
@@ -434,21 +463,34 @@ async fn ensure_table(clients: &Clients, table: &str) -> Result<Step> {
                 .is_some_and(|se| se.is_resource_not_found_exception()) => {}
         Err(e) => bail!("cannot describe DynamoDB table {table}: {}", describe(&e)),
     }
-    ddb.create_table()
+    let mut create = ddb
+        .create_table()
         .table_name(table)
-        .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("OrderId")
-                .attribute_type(ScalarAttributeType::S)
-                .build()?,
-        )
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("OrderId")
-                .key_type(KeyType::Hash)
-                .build()?,
-        )
+        .billing_mode(BillingMode::PayPerRequest);
+    for (i, k) in want.iter().enumerate() {
+        create = create
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name(&k.name)
+                    .attribute_type(if k.number {
+                        ScalarAttributeType::N
+                    } else {
+                        ScalarAttributeType::S
+                    })
+                    .build()?,
+            )
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name(&k.name)
+                    .key_type(if i == 0 {
+                        KeyType::Hash
+                    } else {
+                        KeyType::Range
+                    })
+                    .build()?,
+            );
+    }
+    create
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("cannot create DynamoDB table {table}: {}", describe(&e)))?;

@@ -43,6 +43,17 @@ const DIR_SUFFIX: &str = "obj";
 /// Files earlier versions of the agent spooled directly in the directory.
 const OLD_SUFFIXES: [&str; 3] = ["in", "out", "rej"];
 
+/// `dir/x.csv.gz` -> `dir/x.csv` (also `.gzip`, `.zst`, `.zstd`); `None` without such a suffix, or when
+/// nothing would be left of the name.
+pub(crate) fn without_compression_suffix(path: &std::path::Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let lower = name.to_ascii_lowercase();
+    let cut = [".gz", ".gzip", ".zst", ".zstd"]
+        .iter()
+        .find(|s| lower.ends_with(*s) && lower.len() > s.len())?;
+    Some(path.with_file_name(&name[..name.len() - cut.len()]))
+}
+
 /// The input's file name inside the object's directory: the key's last segment when it is a plain
 /// name of sensible length, else "input". Processors see it (a container at `/input/<name>`).
 pub(crate) fn input_name(key: &str) -> String {

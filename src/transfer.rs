@@ -9,6 +9,7 @@ use tokio::io::AsyncWriteExt;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::compression::{self, DecompressError, Encoding, Stream};
 use crate::error::{classify, describe, ErrorClass, ProcessError};
 use crate::event::ObjectRef;
 
@@ -19,7 +20,67 @@ pub const MULTIPART_PART_SIZE: u64 = 16 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct Downloaded {
     pub etag: String,
+    /// Bytes in the spool file (decompressed, when the object was compressed).
     pub bytes: u64,
+    /// The object's compression and its compressed size, when it was decompressed on the way.
+    pub compressed: Option<(Encoding, u64)>,
+}
+
+/// Writes a download into its spool file: as it comes, or through a decompression stream.
+struct SpoolWriter<'a> {
+    file: tokio::fs::File,
+    path: &'a Path,
+    stream: Option<Stream>,
+    written: u64,
+}
+
+impl SpoolWriter<'_> {
+    async fn put(&mut self, bytes: &[u8]) -> Result<(), ProcessError> {
+        self.file.write_all(bytes).await.map_err(|e| {
+            ProcessError::Transient(format!(
+                "cannot write spool file {} (disk full?): {e}",
+                self.path.display()
+            ))
+        })?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    async fn write(&mut self, chunk: &[u8], url: &str) -> Result<(), ProcessError> {
+        let Some(stream) = self.stream.as_mut() else {
+            return self.put(chunk).await;
+        };
+        stream.feed(chunk).map_err(|e| undecompressable(url, e))?;
+        self.drain().await
+    }
+
+    async fn drain(&mut self) -> Result<(), ProcessError> {
+        if let Some(mut stream) = self.stream.take() {
+            let out = std::mem::take(stream.take());
+            let r = self.put(&out).await;
+            let mut out = out;
+            out.clear();
+            *stream.take() = out;
+            self.stream = Some(stream);
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self, url: &str) -> Result<(), ProcessError> {
+        if let Some(stream) = self.stream.as_mut() {
+            stream.finish().map_err(|e| undecompressable(url, e))?;
+        }
+        self.drain().await?;
+        self.file
+            .flush()
+            .await
+            .map_err(|e| ProcessError::Transient(format!("cannot flush spool file: {e}")))
+    }
+}
+
+fn undecompressable(url: &str, e: DecompressError) -> ProcessError {
+    ProcessError::Permanent(format!("cannot decompress {url}: {e}"))
 }
 
 fn class_to_error(class: ErrorClass, text: String) -> ProcessError {
@@ -32,11 +93,13 @@ fn class_to_error(class: ErrorClass, text: String) -> ProcessError {
 
 /// Stream exactly the announced version of `obj` into `path`, never holding more than a chunk in
 /// memory: its version id when the event has one (a newer current version makes it superseded), else
-/// `If-Match` on its ETag (a changed object answers 412: superseded).
+/// `If-Match` on its ETag (a changed object answers 412: superseded). With `decompress`, a gzip or
+/// zstd object is decompressed on the way, within those limits (a bomb is a permanent failure).
 pub async fn download(
     s3: &aws_sdk_s3::Client,
     obj: &ObjectRef,
     path: &Path,
+    decompress: Option<compression::Limits>,
 ) -> Result<Downloaded, ProcessError> {
     let (bucket, key) = (obj.bucket.as_str(), obj.key.as_str());
     let mut get = s3.get_object().bucket(bucket).key(key);
@@ -84,34 +147,80 @@ pub async fn download(
         .unwrap_or_default()
         .trim_matches('"')
         .to_string();
+    let content_encoding = out.content_encoding().map(str::to_string);
     let mut body = out.body;
-    let mut file = tokio::fs::File::create(path).await.map_err(|e| {
+    let file = tokio::fs::File::create(path).await.map_err(|e| {
         ProcessError::Transient(format!("cannot create spool file {}: {e}", path.display()))
     })?;
+    let url = obj.url();
+    let mut spool = SpoolWriter {
+        file,
+        path,
+        stream: None,
+        written: 0,
+    };
+    // The first bytes tell the compression; they are held until there are enough of them.
+    let mut head: Option<Vec<u8>> = decompress.map(|_| Vec::new());
     let mut bytes = 0u64;
     loop {
-        match body.try_next().await {
-            Ok(Some(chunk)) => {
-                bytes += chunk.len() as u64;
-                file.write_all(&chunk).await.map_err(|e| {
-                    ProcessError::Transient(format!(
-                        "cannot write spool file {} (disk full?): {e}",
-                        path.display()
-                    ))
-                })?;
-            }
+        let chunk = match body.try_next().await {
+            Ok(Some(chunk)) => chunk,
             Ok(None) => break,
             Err(e) => {
                 return Err(ProcessError::Transient(format!(
                     "download of s3://{bucket}/{key} broke off after {bytes} bytes: {e}"
                 )))
             }
+        };
+        bytes += chunk.len() as u64;
+        match head.as_mut() {
+            None => spool.write(&chunk, &url).await?,
+            Some(h) => {
+                h.extend_from_slice(&chunk);
+                if h.len() >= compression::MAGIC_BYTES {
+                    let h = head.take().unwrap_or_default();
+                    start_spool(&mut spool, content_encoding.as_deref(), obj, &h, decompress)?;
+                    spool.write(&h, &url).await?;
+                }
+            }
         }
     }
-    file.flush()
-        .await
-        .map_err(|e| ProcessError::Transient(format!("cannot flush spool file: {e}")))?;
-    Ok(Downloaded { etag, bytes })
+    if let Some(h) = head.take() {
+        start_spool(&mut spool, content_encoding.as_deref(), obj, &h, decompress)?;
+        spool.write(&h, &url).await?;
+    }
+    let compressed = spool.stream.as_ref().map(|s| (s.encoding(), bytes));
+    spool.finish(&url).await?;
+    if let Some((enc, n)) = compressed {
+        tracing::debug!(object = %url, encoding = enc.name(), compressed = n, bytes = spool.written, "decompressed");
+    }
+    Ok(Downloaded {
+        etag,
+        bytes: spool.written,
+        compressed,
+    })
+}
+
+/// Decide from the object's first bytes whether it is decompressed on its way to the spool.
+fn start_spool(
+    spool: &mut SpoolWriter<'_>,
+    content_encoding: Option<&str>,
+    obj: &ObjectRef,
+    head: &[u8],
+    decompress: Option<compression::Limits>,
+) -> Result<(), ProcessError> {
+    let Some(limits) = decompress else {
+        return Ok(());
+    };
+    let url = obj.url();
+    if let Some(enc) = compression::detect(content_encoding, &obj.key, head)
+        .map_err(|e| undecompressable(&url, e))?
+    {
+        spool.stream = Some(Stream::new(enc, limits).map_err(|e| {
+            ProcessError::Transient(format!("cannot start {} decompression: {e}", enc.name()))
+        })?);
+    }
+    Ok(())
 }
 
 fn upload_error<E>(

@@ -5,28 +5,32 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
-use offload_agent::processors::orders_csv::{scan, ConfirmationIds, Items, ScanLimits, Source};
+use offload_agent::config::Schema;
+use offload_agent::processors::table::{scan, ConfirmationIds, Items, Plan, ScanLimits, Source};
 
 pub type Item = HashMap<String, AttributeValue>;
 
 /// The items of the orders file at `csv`, as `orders-csv` builds them for the object `src`.
 pub fn items(csv: &Path, src: &Source) -> anyhow::Result<Vec<Item>> {
+    let plan = Plan::new(&Schema::orders());
     let limits = ScanLimits {
         max_line_bytes: 1 << 20,
-        item_overhead: src.item_overhead(),
+        item_overhead: plan.item_overhead(src),
     };
     // Built once, as `orders-csv` does per file.
-    let (ids, builder) = (ConfirmationIds::new(src), Items::new(src));
+    let (ids, builder) = (ConfirmationIds::new(src), Items::new(&plan, src));
+    let order_id = 6; // the orders schema's partition key, OrderId
     let mut out = Vec::new();
     scan(
         csv,
+        &plan,
         limits,
         None,
         None,
         |_, _, _| Ok(()),
-        |_, order| {
-            let cid = ids.of(order.order_id()).to_string();
-            out.push(builder.build(|i| &order.fields[i], &cid));
+        |_, row| {
+            let cid = ids.of(row.field(order_id)).to_string();
+            out.push(builder.build(|i| Some(row.field(i)), &cid));
             Ok(())
         },
     )

@@ -7,6 +7,7 @@
 
 mod pipeline;
 mod reader;
+mod schema;
 mod sections;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,6 +19,7 @@ use serde::Serialize;
 
 pub use pipeline::*;
 use reader::{origin_of, Reader};
+pub use schema::*;
 pub use sections::*;
 
 /// Where the daemon looks for its configuration unless `--config` says otherwise.
@@ -614,7 +616,10 @@ output_prefix = "checksums/"
         }
         let table = good.replace("max_in_flight = 2", "max_in_flight = 2\ntable = \"t\"");
         let err = from_toml_str(&table, "agent.toml").unwrap_err().to_string();
-        assert!(err.contains("only orders-csv writes to a table"), "{err}");
+        assert!(
+            err.contains("only orders-csv and table write to a table"),
+            "{err}"
+        );
         let two = good.replace(
             "{ container = {",
             "{ command = { program = \"/x\" }, container = {",
@@ -633,6 +638,88 @@ output_prefix = "checksums/"
         assert_eq!(parse_size("64k"), Some(64 << 10));
         assert_eq!(parse_size("100"), Some(100));
         assert_eq!(parse_size("1.5g"), None);
+    }
+
+    /// Every mistake in a declared schema is a configuration error naming the pipeline and the key,
+    /// all of them at once.
+    #[test]
+    fn schema_mistakes_are_named_by_pipeline_and_key() {
+        let text = r#"
+[queue]
+name = "q"
+[[pipeline]]
+name = "invoices"
+bucket = "b"
+prefix = "in/"
+processor = "table"
+table = "t"
+output_prefix = "out/"
+[pipeline.schema]
+delimiter = ";;"
+partition_key = "Customer"
+sort_key = "Paid"
+output_columns = ["Nope"]
+[[pipeline.schema.attribute]]
+name = "Amount"
+type = "N"
+[[pipeline.schema.attribute]]
+name = "Amount"
+type = "S"
+[[pipeline.schema.attribute]]
+name = "Issued"
+type = "date"
+formats = ["DD/MM/YY"]
+[[pipeline.schema.attribute]]
+name = "Paid"
+type = "BOOL"
+path = "a.b"
+"#;
+        let err = from_toml_str(text, "agent.toml").unwrap_err().to_string();
+        for (key, msg) in [
+            (
+                "pipeline[0].schema.delimiter",
+                "must be one ASCII character",
+            ),
+            (
+                "pipeline[0].schema.attribute",
+                "attribute \"Amount\" is declared twice",
+            ),
+            (
+                "pipeline[0].schema.partition_key",
+                "\"Customer\" is not a declared attribute",
+            ),
+            ("pipeline[0].schema.sort_key", "\"Paid\" is a BOOL"),
+            (
+                "pipeline[0].schema.attribute[2].formats",
+                "\"YY\" in \"DD/MM/YY\" is no field",
+            ),
+            (
+                "pipeline[0].schema.attribute[3].path",
+                "a path addresses JSON lines",
+            ),
+            ("pipeline[0].schema.output_columns", "\"Nope\" is neither"),
+        ] {
+            let line = err
+                .lines()
+                .find(|l| l.contains(&format!("{key} (in ")) && l.contains(msg));
+            assert!(
+                line.is_some_and(|l| l.contains("agent.toml")),
+                "{key}: {msg}:\n{err}"
+            );
+        }
+        let missing = GOOD.replace("\"orders-csv\"", "\"table\"");
+        let err = from_toml_str(&missing, "agent.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pipeline[0].schema (in agent.toml): missing;"),
+            "{err}"
+        );
+        let orders = GOOD.replace("table = \"Order\"", "table = \"Order\"\ndecompress = false");
+        let err = from_toml_str(&orders, "agent.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pipeline[0].decompress"), "{err}");
     }
 
     #[test]
@@ -659,6 +746,7 @@ output_prefix = "checksums/"
             kinds,
             [
                 "orders-csv",
+                "table",
                 "container acme/resize:1.4",
                 "command /usr/local/bin/checksum"
             ]

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::humantime_serde_compat;
 use super::reader::Reader;
+use super::schema::{read_schema, Schema};
 
 /// What a pipeline does with each file.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -18,6 +19,10 @@ pub enum ProcessorKind {
     /// The built-in loader: CSV orders into DynamoDB, an output and a rejects report back to S3.
     #[serde(rename = "orders-csv")]
     OrdersCsv,
+    /// Rows of a declared schema (`[pipeline.schema]`) into DynamoDB: the built-in loader for the
+    /// pipeline's own files.
+    #[serde(rename = "table")]
+    Table(Box<Schema>),
     /// The user's container image, run once per file by this host's Docker engine.
     #[serde(rename = "container")]
     Container(ContainerSpec),
@@ -30,9 +35,27 @@ impl fmt::Display for ProcessorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProcessorKind::OrdersCsv => f.write_str("orders-csv"),
+            ProcessorKind::Table(_) => f.write_str("table"),
             ProcessorKind::Container(c) => write!(f, "container {}", c.image),
             ProcessorKind::Command(c) => write!(f, "command {}", c.program.display()),
         }
+    }
+}
+
+impl ProcessorKind {
+    /// The schema of a processor that loads rows into a table (orders-csv's built-in one, or the
+    /// pipeline's declared one).
+    pub fn schema(&self) -> Option<std::borrow::Cow<'_, Schema>> {
+        match self {
+            ProcessorKind::OrdersCsv => Some(std::borrow::Cow::Owned(Schema::orders())),
+            ProcessorKind::Table(s) => Some(std::borrow::Cow::Borrowed(s)),
+            _ => None,
+        }
+    }
+
+    /// Whether this processor writes rows to a DynamoDB table.
+    pub fn writes_table(&self) -> bool {
+        matches!(self, ProcessorKind::OrdersCsv | ProcessorKind::Table(_))
     }
 }
 
@@ -105,7 +128,10 @@ pub struct Pipeline {
     pub prefix: String,
     pub suffix: String,
     pub processor: ProcessorKind,
-    /// The DynamoDB table (orders-csv only).
+    /// Whether gzip and zstd objects are decompressed before the processor sees them (the table
+    /// processors always read decompressed text).
+    pub decompress: bool,
+    /// The DynamoDB table (orders-csv and table only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub table: Option<String>,
     pub output_bucket: Option<String>,
@@ -149,7 +175,49 @@ pub(super) fn read_pipeline(
     let bucket = r.required_string("bucket", "the S3 bucket whose events this pipeline takes");
     let prefix = r.string("prefix", "");
     let suffix = r.string("suffix", "");
-    let processor = read_processor_value(&mut r, i, origin);
+    let mut processor = read_processor_value(&mut r, i, origin);
+    let schema_v = r.take("schema");
+    match (&processor, schema_v) {
+        (Some(ProcessorKind::Table(_)), Some(v)) => match v.kind {
+            ValueKind::Table(t) => {
+                let path = format!("pipeline[{i}].schema");
+                let shown = if name.is_empty() {
+                    format!("pipeline[{i}]")
+                } else {
+                    name.clone()
+                };
+                processor = read_schema(&path, t, r.problems, origin, &shown)
+                    .map(|s| ProcessorKind::Table(Box::new(s)));
+            }
+            _ => {
+                r.invalid("schema", "expected a table ([pipeline.schema])");
+                processor = None;
+            }
+        },
+        (Some(ProcessorKind::Table(_)), None) => {
+            r.problem(
+                "schema",
+                None,
+                "missing; processor = \"table\" reads files of a declared [pipeline.schema] (format, attributes, partition_key)",
+            );
+            processor = None;
+        }
+        (Some(_), Some(_)) => {
+            r.invalid(
+                "schema",
+                "only processor = \"table\" reads a declared schema (orders-csv has its own); remove it",
+            );
+        }
+        _ => {}
+    }
+    let decompress_v = r.take("decompress").is_some();
+    let decompress = r.boolean("decompress", true);
+    if decompress_v && !decompress && processor.as_ref().is_some_and(ProcessorKind::writes_table) {
+        r.invalid(
+            "decompress",
+            "orders-csv and table read text: compressed objects are always decompressed for them; remove it",
+        );
+    }
     let table = r.opt_string("table");
     let output_bucket = r.opt_string("output_bucket");
     let output_prefix = r.required_string(
@@ -167,6 +235,7 @@ pub(super) fn read_pipeline(
         prefix,
         suffix,
         processor: processor.clone().unwrap_or(ProcessorKind::OrdersCsv),
+        decompress,
         table,
         output_bucket,
         output_prefix,
@@ -189,9 +258,13 @@ fn read_processor_value(r: &mut Reader<'_>, i: usize, origin: &str) -> Option<Pr
     let processor_v = r.take("processor");
     match processor_v.as_ref().map(|v| &v.kind) {
         Some(ValueKind::String(s)) if s == "orders-csv" => Some(ProcessorKind::OrdersCsv),
+        // The schema is read by the caller (it is a key of the pipeline, not of the processor).
+        Some(ValueKind::String(s)) if s == "table" => {
+            Some(ProcessorKind::Table(Box::new(Schema::orders())))
+        }
         Some(ValueKind::String(s)) => {
             let msg = format!(
-                "unknown processor \"{s}\"; write \"orders-csv\", {{ container = {{ image = \"...\" }} }} \
+                "unknown processor \"{s}\"; write \"orders-csv\", \"table\" (with [pipeline.schema]), {{ container = {{ image = \"...\" }} }} \
                  or {{ command = {{ program = \"/path\" }} }}"
             );
             r.problem("processor", processor_v.as_ref(), msg);
@@ -222,18 +295,18 @@ fn read_processor_value(r: &mut Reader<'_>, i: usize, origin: &str) -> Option<Pr
     }
 }
 
-/// `table` is required by orders-csv, and only by it.
+/// `table` is required by orders-csv and table, and only by them.
 fn check_table(r: &mut Reader<'_>, processor: Option<&ProcessorKind>, table: Option<&str>) {
     match (processor, table) {
-        (Some(ProcessorKind::OrdersCsv), None) => r.problem(
+        (Some(p), None) if p.writes_table() => r.problem(
             "table",
             None,
-            "missing; required by orders-csv (the DynamoDB table orders are written to)",
+            format!("missing; required by {p} (the DynamoDB table rows are written to)"),
         ),
-        (Some(ProcessorKind::OrdersCsv), Some("")) => r.invalid("table", "must not be empty"),
+        (Some(p), Some("")) if p.writes_table() => r.invalid("table", "must not be empty"),
         (Some(ProcessorKind::Container(_) | ProcessorKind::Command(_)), Some(_)) => r.invalid(
             "table",
-            "only orders-csv writes to a table; remove it (container and command processors write files)",
+            "only orders-csv and table write to a table; remove it (container and command processors write files)",
         ),
         _ => {}
     }
@@ -291,7 +364,7 @@ fn read_processor(
     let args: &[String] = match &kind {
         ProcessorKind::Container(c) => c.args.as_deref().unwrap_or(&[]),
         ProcessorKind::Command(c) => &c.args,
-        ProcessorKind::OrdersCsv => &[],
+        ProcessorKind::OrdersCsv | ProcessorKind::Table(_) => &[],
     };
     for a in args {
         if let Some(word) = unknown_placeholder(a) {

@@ -329,6 +329,11 @@ impl QueueConfig {
 pub struct SpoolConfig {
     pub dir: PathBuf,
     pub max_line_bytes: u64,
+    /// A compressed object may decompress to at most this many bytes.
+    pub max_decompressed_bytes: u64,
+    /// ... and, past its first [`crate::compression::RATIO_GRACE_BYTES`], to at most this many times
+    /// its compressed size.
+    pub max_compression_ratio: u64,
 }
 
 impl Default for SpoolConfig {
@@ -336,6 +341,8 @@ impl Default for SpoolConfig {
         SpoolConfig {
             dir: PathBuf::from(DEFAULT_SPOOL_DIR),
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            max_decompressed_bytes: crate::compression::DEFAULT_MAX_DECOMPRESSED_BYTES,
+            max_compression_ratio: crate::compression::DEFAULT_MAX_RATIO,
         }
     }
 }
@@ -346,6 +353,26 @@ impl SpoolConfig {
         SpoolConfig {
             dir: r.path("dir", &d.dir),
             max_line_bytes: r.uint("max_line_bytes", d.max_line_bytes, 1024, 1 << 30),
+            max_decompressed_bytes: r.uint(
+                "max_decompressed_bytes",
+                d.max_decompressed_bytes,
+                1 << 20,
+                1 << 50,
+            ),
+            max_compression_ratio: r.uint(
+                "max_compression_ratio",
+                d.max_compression_ratio,
+                2,
+                100_000,
+            ),
+        }
+    }
+
+    /// The bounds on decompressing one object.
+    pub fn decompression(&self) -> crate::compression::Limits {
+        crate::compression::Limits {
+            max_bytes: self.max_decompressed_bytes,
+            max_ratio: self.max_compression_ratio,
         }
     }
 }

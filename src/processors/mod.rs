@@ -3,7 +3,8 @@
 //! earlier version may have left that are now wrong, and row counts where it has rows. Downloading,
 //! storing and settling the SQS message are not its business (`worker::run` and `worker::settle` do them).
 //!
-//! - `orders-csv` (built in): CSV orders into DynamoDB, an output and a rejects report back to S3;
+//! - `table` (built in): the rows of a CSV or JSON-lines file of a declared schema into DynamoDB, an
+//!   output and a rejects report back to S3; `orders-csv` is it with the built-in orders schema;
 //! - `container`: the user's image, run by the host's Docker engine once per file, under limits;
 //! - `command`: the user's program, run directly (no shell) once per file.
 //!
@@ -14,7 +15,7 @@ pub mod batch_writer;
 pub mod command;
 pub mod container;
 pub mod external;
-pub mod orders_csv;
+pub mod table;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::aws::Clients;
-use crate::config::{Config, Pipeline, ProcessorKind};
+use crate::config::{Config, Pipeline, ProcessorKind, Schema};
 use crate::error::ProcessError;
 use crate::event::ObjectRef;
 use crate::metrics::Metrics;
@@ -60,7 +61,7 @@ pub(crate) struct Outcome {
     /// Keys in the output bucket that an earlier version of the object may have produced and this one
     /// does not (deleted, best effort, while the outputs are stored).
     pub(crate) stale: Vec<String>,
-    /// Row accounting, for processors that have rows (`orders-csv`).
+    /// Row accounting, for processors that have rows (`orders-csv`, `table`).
     pub(crate) rows: Option<RowCounts>,
     /// The key of the output that lists rejected rows, when one is stored.
     pub(crate) rejects: Option<String>,
@@ -154,7 +155,10 @@ pub(crate) fn build<'a>(
     ctx: &'a Context,
 ) -> Box<dyn Processor + 'a> {
     match &pipeline.processor {
-        ProcessorKind::OrdersCsv => Box::new(orders_csv::OrdersCsv::new(pipeline, cfg, ctx)),
+        ProcessorKind::OrdersCsv => {
+            Box::new(table::Table::new(pipeline, &Schema::orders(), cfg, ctx))
+        }
+        ProcessorKind::Table(schema) => Box::new(table::Table::new(pipeline, schema, cfg, ctx)),
         ProcessorKind::Container(spec) => Box::new(container::Container::new(spec, ctx)),
         ProcessorKind::Command(spec) => Box::new(command::Command::new(spec, ctx)),
     }

@@ -75,17 +75,30 @@ impl ObjectProcessor {
                 S3_MAX_KEY_BYTES
             )));
         }
-        let files = self.spool.files_for(&obj.bucket, &obj.key).map_err(|e| {
+        let mut files = self.spool.files_for(&obj.bucket, &obj.key).map_err(|e| {
             ProcessError::Transient(format!(
                 "cannot create a spool directory in {}: {e}",
                 self.spool.dir().display()
             ))
         })?;
+        let decompress = pipeline.decompress.then(|| cfg.spool.decompression());
         let downloaded = tokio::select! {
-            r = transfer::download(&self.ctx.clients.s3, obj, &files.input) => r?,
+            r = transfer::download(&self.ctx.clients.s3, obj, &files.input, decompress) => r?,
             _ = cancel.cancelled() => return Err(ProcessError::Cancelled),
         };
-        tracing::debug!(bytes = downloaded.bytes, etag = %downloaded.etag, peak_rss = crate::telemetry::peak_rss_bytes(), "downloaded to spool");
+        if downloaded.compressed.is_some() {
+            // The processor sees the decompressed file under its name without the suffix.
+            if let Some(plain) = crate::spool::without_compression_suffix(&files.input) {
+                tokio::fs::rename(&files.input, &plain).await.map_err(|e| {
+                    ProcessError::Transient(format!(
+                        "cannot rename spool file {}: {e}",
+                        files.input.display()
+                    ))
+                })?;
+                files.input = plain;
+            }
+        }
+        tracing::debug!(bytes = downloaded.bytes, compressed = ?downloaded.compressed, etag = %downloaded.etag, peak_rss = crate::telemetry::peak_rss_bytes(), "downloaded to spool");
         let processor = processors::build(pipeline, cfg, &self.ctx);
         let job = Job {
             pipeline,
@@ -178,7 +191,7 @@ impl ObjectProcessor {
     pub(crate) async fn preflight(&self, cfg: &Config) {
         for p in &cfg.pipelines {
             let r = match &p.processor {
-                ProcessorKind::OrdersCsv => continue,
+                ProcessorKind::OrdersCsv | ProcessorKind::Table(_) => continue,
                 ProcessorKind::Container(spec) => self.ctx.docker.ensure_image(spec).await,
                 ProcessorKind::Command(spec) => program_runnable(&spec.program).map_err(|why| {
                     ProcessError::Unavailable(format!(

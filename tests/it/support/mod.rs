@@ -404,7 +404,7 @@ output_prefix = "output/"
     /// (so no retry changed one) and its source key; each output lists its file's ids in order; the
     /// main and dead-letter queues are empty.
     pub async fn account(&self, files: &[(String, Vec<String>)], output_prefix: &str) {
-        use offload_agent::processors::orders_csv::Source;
+        use offload_agent::processors::table::Source;
         let mut expected = HashMap::new();
         for (key, ids) in files {
             let head = self

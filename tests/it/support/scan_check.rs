@@ -1,7 +1,8 @@
 //! The accounting every scan of any input must satisfy; used by the property tests
 //! (`tests/properties.rs`) and the `orders_csv` fuzz target (`fuzz/`), so that both check the same.
 
-use offload_agent::processors::orders_csv::{scan, ScanLimits, Source};
+use offload_agent::config::Schema;
+use offload_agent::processors::table::{scan, ConfirmationIds, Items, Plan, ScanLimits, Source};
 
 /// Scan `bytes` as an orders file: no panic; every row is an item of 16 attributes with an OrderId,
 /// or a reject with a reason and a line after the header's and within the file (whatever ends its lines:
@@ -22,13 +23,17 @@ pub fn check_scan(bytes: &[u8], max_line_bytes: u64) {
         key: "k.csv".into(),
         etag: "e".into(),
     };
+    let plan = Plan::new(&Schema::orders());
     let limits = ScanLimits {
         max_line_bytes,
-        item_overhead: src.item_overhead(),
+        item_overhead: plan.item_overhead(&src),
     };
+    let (ids, items) = (ConfirmationIds::new(&src), Items::new(&plan, &src));
+    let order_id = 6;
     let (mut written, mut rejected) = (0u64, 0u64);
     let out = scan(
         &path,
+        &plan,
         limits,
         None,
         None,
@@ -38,10 +43,11 @@ pub fn check_scan(bytes: &[u8], max_line_bytes: u64) {
             rejected += 1;
             Ok(())
         },
-        |_, order| {
-            let item = order.to_item(&src.confirmation_id(order.order_id()), &src);
+        |_, row| {
+            let cid = ids.of(row.field(order_id)).to_string();
+            let item = items.build(|i| Some(row.field(i)), &cid);
             assert_eq!(item.len(), 16);
-            assert!(!order.order_id().is_empty());
+            assert!(!row.field(order_id).is_empty());
             written += 1;
             Ok(())
         },

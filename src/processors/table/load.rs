@@ -9,6 +9,7 @@ pub(crate) struct Loader {
     pub(crate) writer: BatchWriter,
     pub(crate) write_concurrency: usize,
     pub(crate) limits: ScanLimits,
+    pub(crate) plan: Arc<Plan>,
 }
 
 /// The spool files of one load: the input, and the output and rejects reports it produces.
@@ -31,22 +32,25 @@ pub struct RowAt {
 /// on the reader and freed on a worker, they cost twice as much), and builds them again from it if
 /// DynamoDB refuses the batch (the items themselves are moved into the request).
 pub(super) struct Batch {
-    rows: Vec<RowAt>,
-    /// Every field of every row, then its `ConfirmationId` (as written to the output); field `i` of
-    /// row `r` ends at `ends[r * PACKED + i]`.
+    /// Each row's line, and its data row in the output file (1 = the first after the header).
+    rows: Vec<(RowAt, u64)>,
+    /// Every field of every row, then its id (as written to the output); field `i` of row `r` ends
+    /// at `ends[r * width + i]`, and is present (not an omitted optional field) if `present[..]`.
     text: String,
     ends: Vec<usize>,
+    present: Vec<bool>,
+    width: usize,
 }
 
-/// The fields packed per row: the columns and the `ConfirmationId`.
-pub(super) const PACKED: usize = COLUMNS.len() + 1;
-
 impl Batch {
-    pub(super) fn new() -> Batch {
+    pub(super) fn new(fields: usize) -> Batch {
+        let width = fields + 1;
         Batch {
             rows: Vec::with_capacity(BATCH_SIZE),
             text: String::with_capacity(BATCH_SIZE * 128),
-            ends: Vec::with_capacity(BATCH_SIZE * PACKED),
+            ends: Vec::with_capacity(BATCH_SIZE * width),
+            present: Vec::with_capacity(BATCH_SIZE * width),
+            width,
         }
     }
 
@@ -54,26 +58,37 @@ impl Batch {
         self.rows.len()
     }
 
-    pub(super) fn push(&mut self, at: RowAt, order: &Order, cid: &str) {
-        for f in order.fields.iter().map(String::as_str).chain([cid]) {
-            self.text.push_str(f);
+    pub(super) fn push(&mut self, at: RowAt, output_row: u64, row: &Row, id: &str) {
+        for i in 0..row.len() {
+            self.text.push_str(row.field(i));
             self.ends.push(self.text.len());
+            self.present.push(row.present(i));
         }
-        self.rows.push(at);
+        self.text.push_str(id);
+        self.ends.push(self.text.len());
+        self.present.push(true);
+        self.rows.push((at, output_row));
     }
 
-    pub(super) fn field(&self, row: usize, i: usize) -> &str {
-        let at = row * PACKED + i;
+    /// Field `i` of row `r` (`None`: omitted); `i = fields` is the row's id.
+    pub(super) fn field(&self, row: usize, i: usize) -> Option<&str> {
+        let at = row * self.width + i;
         let start = if at == 0 { 0 } else { self.ends[at - 1] };
-        &self.text[start..self.ends[at]]
+        self.present[at].then(|| &self.text[start..self.ends[at]])
     }
 
-    pub(super) fn order_id(&self, row: usize) -> &str {
-        self.field(row, ORDER_ID)
+    pub(super) fn id(&self, row: usize) -> &str {
+        self.field(row, self.width - 1).unwrap_or_default()
+    }
+
+    pub(super) fn key(&self, row: usize, plan: &Plan) -> Vec<String> {
+        plan.key_fields()
+            .map(|k| self.field(row, k).unwrap_or_default().to_string())
+            .collect()
     }
 
     pub(super) fn request(&self, row: usize, items: &Items) -> Result<WriteRequest, ProcessError> {
-        put_request(items.build(|i| self.field(row, i), self.field(row, COLUMNS.len())))
+        put_request(items.build(|i| self.field(row, i), self.id(row)))
     }
 
     pub(super) fn requests(&self, items: &Items) -> Result<Vec<WriteRequest>, ProcessError> {
@@ -86,7 +101,8 @@ impl Batch {
 #[derive(Debug, Clone)]
 pub(super) struct Refused {
     at: RowAt,
-    id: String,
+    output_row: u64,
+    key: Vec<String>,
     reason: String,
 }
 
@@ -105,12 +121,13 @@ impl Loader {
         let src2 = src.clone();
         let limits = self.limits;
         let stop = cancel.clone();
+        let plan = self.plan.clone();
         let reader = tokio::task::spawn_blocking(move || {
-            write_reports(&files2, limits, &src2, progress, &stop, |batch| {
+            write_reports(&files2, &plan, limits, &src2, progress, &stop, |batch| {
                 tx.blocking_send(batch).map_err(|_| FileError::Stopped)
             })
         });
-        let items = Arc::new(Items::new(src));
+        let items = Arc::new(Items::new(&self.plan, src));
 
         let mut writes: JoinSet<Result<Vec<Refused>, ProcessError>> = JoinSet::new();
         let mut refused = Vec::new();
@@ -191,12 +208,12 @@ impl Loader {
         tracing::info!(
             table = %self.writer.table,
             rows = batch.len(),
-            first_line = batch.rows.first().map(|r| r.line),
+            first_line = batch.rows.first().map(|r| r.0.line),
             %reason,
             "DynamoDB refused a batch; writing its rows one at a time to find the refused ones"
         );
         let mut refused = Vec::new();
-        for (r, at) in batch.rows.iter().enumerate() {
+        for (r, (at, output_row)) in batch.rows.iter().enumerate() {
             match self
                 .writer
                 .write(vec![batch.request(r, items)?], cancel)
@@ -206,7 +223,8 @@ impl Loader {
                 Err(WriteError::Failed(e)) => return Err(e),
                 Err(WriteError::Refused(reason)) => refused.push(Refused {
                     at: *at,
-                    id: batch.order_id(r).to_owned(),
+                    output_row: *output_row,
+                    key: batch.key(r, &self.plan),
                     reason: format!("DynamoDB refused the item: {reason}"),
                 }),
             }
@@ -215,11 +233,12 @@ impl Loader {
             // Not one row's data: the table takes none of these items (its key schema, say).
             return Err(ProcessError::Permanent(format!(
                 "DynamoDB table {} refused every item of a batch of {} rows (lines {} to {}): {reason}; check \
-                 the table's key schema (partition key OrderId, a string) and its indexes",
+                 the table's key schema ({}) and its indexes",
                 self.writer.table,
                 refused.len(),
-                batch.rows[0].line,
-                batch.rows[batch.len() - 1].line,
+                batch.rows[0].0.line,
+                batch.rows[batch.len() - 1].0.line,
+                self.plan.key_schema_shown(),
             )));
         }
         Ok(refused)
@@ -240,7 +259,7 @@ pub(super) fn put_request(
 
 /// Move rows DynamoDB refused from the output to the rejects report (appended, with their lines).
 pub(super) fn amend_reports(files: &LoadFiles, refused: Vec<Refused>) -> io::Result<()> {
-    let gone: HashSet<&str> = refused.iter().map(|r| r.id.as_str()).collect();
+    let gone: HashSet<u64> = refused.iter().map(|r| r.output_row).collect();
     let kept = files.output.with_extension("amended");
     {
         let mut rdr = csv::ReaderBuilder::new()
@@ -248,13 +267,13 @@ pub(super) fn amend_reports(files: &LoadFiles, refused: Vec<Refused>) -> io::Res
             .from_path(&files.output)
             .map_err(io_err)?;
         let mut w = csv::Writer::from_writer(io::BufWriter::new(File::create(&kept)?));
-        let mut rec = csv::StringRecord::new();
-        let mut first = true;
-        while rdr.read_record(&mut rec).map_err(io_err)? {
-            if first || !gone.contains(&rec[0]) {
-                w.write_record(&rec).map_err(io_err)?;
+        let mut rec = csv::ByteRecord::new();
+        let mut n = 0u64;
+        while rdr.read_byte_record(&mut rec).map_err(io_err)? {
+            if !gone.contains(&n) {
+                w.write_byte_record(&rec).map_err(io_err)?;
             }
-            first = false;
+            n += 1;
         }
         w.flush()?;
     }
@@ -265,8 +284,11 @@ pub(super) fn amend_reports(files: &LoadFiles, refused: Vec<Refused>) -> io::Res
             .open(&files.rejects)?,
     );
     for r in &refused {
-        w.write_record([r.at.line.to_string().as_str(), &r.id, &r.reason])
-            .map_err(io_err)?;
+        let line = r.at.line.to_string();
+        let fields = std::iter::once(line.as_str())
+            .chain(r.key.iter().map(String::as_str))
+            .chain([r.reason.as_str()]);
+        w.write_record(fields).map_err(io_err)?;
     }
     w.flush()
 }
@@ -278,10 +300,42 @@ pub(super) fn io_err(e: csv::Error) -> io::Error {
     }
 }
 
+/// The header of a rejects report: `Line`, the key's attributes, `Reason`.
+pub(super) fn rejects_header(plan: &Plan) -> Vec<String> {
+    std::iter::once("Line".to_string())
+        .chain(plan.key_fields().map(|k| plan.fields[k].name.clone()))
+        .chain(["Reason".to_string()])
+        .collect()
+}
+
+/// One line of a rejects report.
+pub(super) fn write_reject(
+    w: &mut csv::Writer<impl Write>,
+    line: u64,
+    key: &[String],
+    reason: &str,
+) -> Result<(), FileError> {
+    let line = line.to_string();
+    let fields = std::iter::once(line.as_str())
+        .chain(key.iter().map(String::as_str))
+        .chain([reason]);
+    w.write_record(fields).map_err(io_of)
+}
+
+/// Where each output column gets its value: a field of the row, or its id.
+pub(super) fn output_slots(plan: &Plan) -> Vec<Option<usize>> {
+    plan.schema
+        .output_columns
+        .iter()
+        .map(|c| plan.fields.iter().position(|f| &f.name == c))
+        .collect()
+}
+
 /// The blocking half of a load: scan the input, write the output and rejects files, and hand batches of
 /// write requests to `send`.
 pub(super) fn write_reports(
     files: &LoadFiles,
+    plan: &Plan,
     limits: ScanLimits,
     src: &Source,
     progress: Option<Arc<AtomicU64>>,
@@ -290,33 +344,44 @@ pub(super) fn write_reports(
 ) -> Result<ScanOutcome, FileError> {
     let mut output = csv::Writer::from_writer(io::BufWriter::new(File::create(&files.output)?));
     output
-        .write_record(["OrderId", "ConfirmationId"])
+        .write_record(&plan.schema.output_columns)
         .map_err(io_of)?;
     let mut rejects = csv::Writer::from_writer(io::BufWriter::new(File::create(&files.rejects)?));
-    rejects
-        .write_record(["Line", "OrderId", "Reason"])
-        .map_err(io_of)?;
-    let mut batch = Batch::new();
+    rejects.write_record(rejects_header(plan)).map_err(io_of)?;
+    let slots = output_slots(plan);
+    let fields = plan.fields.len();
+    let mut batch = Batch::new(fields);
     let ids = ConfirmationIds::new(src);
+    let with_id = plan.schema.id_attribute.is_some();
+    let mut id_text = String::new();
+    let mut output_row = 0u64;
     let outcome = scan(
         &files.input,
+        plan,
         limits,
         progress,
         Some(cancel),
-        |line, id, reason| {
-            rejects
-                .write_record([line.to_string().as_str(), id, reason])
-                .map_err(io_of)
-        },
-        |at, order| {
+        |line, key, reason| write_reject(&mut rejects, line, key, reason),
+        |at, row| {
             let mut buf = Uuid::encode_buffer();
-            let cid = ids.of(order.order_id()).hyphenated().encode_lower(&mut buf);
-            output
-                .write_record([order.order_id(), cid])
-                .map_err(io_of)?;
-            batch.push(at, order, cid);
+            let id: &str = if with_id {
+                plan.id_text(|i| row.field(i), &mut id_text);
+                ids.of(&id_text).hyphenated().encode_lower(&mut buf)
+            } else {
+                ""
+            };
+            for s in &slots {
+                let v = match s {
+                    Some(i) => row.field(*i),
+                    None => id,
+                };
+                output.write_field(v).map_err(io_of)?;
+            }
+            output.write_record(None::<&[u8]>).map_err(io_of)?;
+            output_row += 1;
+            batch.push(at, output_row, row, id);
             if batch.len() == BATCH_SIZE {
-                send(std::mem::replace(&mut batch, Batch::new()))?;
+                send(std::mem::replace(&mut batch, Batch::new(fields)))?;
             }
             Ok(())
         },

@@ -1,19 +1,21 @@
-//! The built-in `orders-csv` processor: CSV orders into DynamoDB, plus an output CSV and a rejects report.
+//! The built-in `table` processor: the rows of a CSV or JSON-lines file of a declared schema into
+//! DynamoDB, plus an output CSV and a rejects report. `orders-csv` is this processor with the built-in
+//! orders schema ([`crate::config::Schema::orders`]).
 //!
 //! A file is read twice from the spool, never held in memory:
-//! 1. a quick pass over the `OrderId` column fills a Bloom filter; ids that *may* repeat become
-//!    candidates (an exact set that stays small: true repeats plus ~1% false positives), so duplicate
-//!    detection needs memory for the candidates only, not for every id in a multi-gigabyte file;
+//! 1. a quick pass over the key fields fills a Bloom filter; keys that *may* repeat become candidates
+//!    (an exact set that stays small: true repeats plus ~1% false positives), so duplicate detection
+//!    needs memory for the candidates only, not for every key in a multi-gigabyte file;
 //! 2. the full pass validates every row. Valid rows go, in batches of 25, through a bounded channel to
-//!    asynchronous `BatchWriteItem` calls; their `OrderId,ConfirmationId` lines go to the output file;
-//!    invalid rows go to the rejects file with their line number and reason.
+//!    asynchronous `BatchWriteItem` calls; their output columns go to the output file; invalid rows go
+//!    to the rejects file with their line number and reason.
 //!
 //! Nothing is dropped: `written + rejected = data rows`, and both files are uploaded only after every
 //! write was acknowledged.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,11 +28,11 @@ use uuid::Uuid;
 
 use super::batch_writer::{BatchWriter, WriteError};
 use super::{Context, Job, Outcome, Output, ProcessFuture, Processor, RowCounts};
-use crate::config::{Config, Pipeline};
+use crate::config::{Config, Format, Pipeline, Schema};
 use crate::error::ProcessError;
 use crate::limits::{
     DYNAMODB_MAX_BATCH_WRITE, DYNAMODB_MAX_ITEM_BYTES, DYNAMODB_MAX_PARTITION_KEY_BYTES,
-    S3_MAX_KEY_BYTES,
+    DYNAMODB_MAX_SORT_KEY_BYTES, S3_MAX_KEY_BYTES,
 };
 
 mod load;
@@ -41,22 +43,25 @@ mod values;
 
 pub use load::RowAt;
 use load::*;
+pub use records::READ_AHEAD;
 use records::*;
 pub use scan::*;
 pub use schema::*;
 pub use values::*;
 
-/// The `orders-csv` processor of one pipeline.
-pub struct OrdersCsv {
+/// The table processor of one pipeline.
+pub struct Table {
     writer: BatchWriter,
     write_concurrency: usize,
     max_line_bytes: u64,
+    plan: Arc<Plan>,
+    name: String,
 }
 
-impl OrdersCsv {
-    pub(crate) fn new(pipeline: &Pipeline, cfg: &Config, ctx: &Context) -> OrdersCsv {
+impl Table {
+    pub(crate) fn new(pipeline: &Pipeline, schema: &Schema, cfg: &Config, ctx: &Context) -> Table {
         let attempts = cfg.dynamodb.write_max_attempts;
-        OrdersCsv {
+        Table {
             writer: BatchWriter {
                 ddb: ctx.dynamodb_writer(attempts),
                 metrics: ctx.metrics.clone(),
@@ -65,6 +70,8 @@ impl OrdersCsv {
             },
             write_concurrency: cfg.dynamodb.write_concurrency,
             max_line_bytes: cfg.spool.max_line_bytes,
+            plan: Arc::new(Plan::new(schema)),
+            name: pipeline.processor.to_string(),
         }
     }
 
@@ -87,8 +94,9 @@ impl OrdersCsv {
             write_concurrency: self.write_concurrency,
             limits: ScanLimits {
                 max_line_bytes: self.max_line_bytes,
-                item_overhead: src.item_overhead(),
+                item_overhead: self.plan.item_overhead(&src),
             },
+            plan: self.plan.clone(),
         };
         let files = LoadFiles {
             input: job.files.input.clone(),
@@ -99,7 +107,7 @@ impl OrdersCsv {
             .load(&files, &src, job.cancel, job.progress.clone())
             .await?;
         if !rows.extra_columns.is_empty() {
-            tracing::warn!(columns = ?rows.extra_columns, "ignoring columns that orders-csv does not use");
+            tracing::warn!(columns = ?rows.extra_columns, processor = %self.name, "ignoring columns the schema does not use");
         }
         let mut outcome = Outcome {
             summary: format!(
@@ -134,7 +142,7 @@ impl OrdersCsv {
     }
 }
 
-impl Processor for OrdersCsv {
+impl Processor for Table {
     fn process<'a>(&'a self, job: &'a Job<'a>) -> ProcessFuture<'a> {
         Box::pin(self.run(job))
     }
@@ -145,25 +153,24 @@ pub fn rejects_key(output_key: &str) -> String {
     format!("{output_key}.rejects.csv")
 }
 
-/// `process --dry-run`: validate a local file, print each reject to `out`, write nothing anywhere.
+/// `process --dry-run`: validate a local file against `plan`, print each reject to `out`, write nothing
+/// anywhere.
 pub fn dry_run(
     path: &Path,
+    plan: &Plan,
     limits: ScanLimits,
     progress: Option<Arc<AtomicU64>>,
     out: &mut dyn Write,
 ) -> Result<ScanOutcome, FileError> {
     let mut w = csv::Writer::from_writer(out);
-    w.write_record(["Line", "OrderId", "Reason"])
-        .map_err(io_of)?;
+    w.write_record(rejects_header(plan)).map_err(io_of)?;
     let outcome = scan(
         path,
+        plan,
         limits,
         progress,
         None,
-        |line, id, reason| {
-            w.write_record([line.to_string().as_str(), id, reason])
-                .map_err(io_of)
-        },
+        |line, key, reason| write_reject(&mut w, line, key, reason),
         |_, _| Ok(()),
     )?;
     w.flush()?;
@@ -181,15 +188,30 @@ mod tests {
     }
 
     type Rejects = Vec<(u64, String, String)>;
+    const ORDER_DATE: usize = 5;
+    const ORDER_ID: usize = 6;
+    const UNIT_SOLD: usize = 8;
 
-    fn run(text: &str) -> (Result<ScanOutcome, FileError>, Rejects, Vec<Order>) {
+    fn orders() -> Plan {
+        Plan::new(&Schema::orders())
+    }
+
+    fn run(text: &str) -> (Result<ScanOutcome, FileError>, Rejects, Vec<Row>) {
         run_limited(text, 4096)
     }
 
     fn run_limited(
         text: &str,
         max_line_bytes: u64,
-    ) -> (Result<ScanOutcome, FileError>, Rejects, Vec<Order>) {
+    ) -> (Result<ScanOutcome, FileError>, Rejects, Vec<Row>) {
+        run_plan(&orders(), text, max_line_bytes)
+    }
+
+    fn run_plan(
+        plan: &Plan,
+        text: &str,
+        max_line_bytes: u64,
+    ) -> (Result<ScanOutcome, FileError>, Rejects, Vec<Row>) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("in.csv");
         std::fs::write(&p, text).unwrap();
@@ -197,14 +219,15 @@ mod tests {
         let mut valid = Vec::new();
         let r = scan(
             &p,
+            plan,
             ScanLimits {
                 max_line_bytes,
                 item_overhead: 0,
             },
             None,
             None,
-            |l, id, r| {
-                rejects.push((l, id.to_string(), r.to_string()));
+            |l, key, r| {
+                rejects.push((l, key.join(","), r.to_string()));
                 Ok(())
             },
             |_, o| {
@@ -300,8 +323,8 @@ mod tests {
         assert!(rejects[1].2.contains("OrderId is empty"));
         assert!(rejects[2].2.contains("expected 13 fields"));
         assert!(rejects[3].2.contains("first seen on line 2"));
-        assert_eq!(valid[0].fields[ORDER_DATE], "2017-03-07");
-        assert_eq!(valid[1].order_id(), "3");
+        assert_eq!(valid[0].field(ORDER_DATE), "2017-03-07");
+        assert_eq!(valid[1].field(ORDER_ID), "3");
     }
 
     #[test]
@@ -312,8 +335,8 @@ mod tests {
         let out = r.unwrap();
         assert!(rejects.is_empty(), "{rejects:?}");
         assert_eq!(out.extra_columns, ["Extra"]);
-        assert_eq!(valid[0].fields[0], "Europe");
-        assert_eq!(valid[0].fields[UNIT_SOLD], "5");
+        assert_eq!(valid[0].field(0), "Europe");
+        assert_eq!(valid[0].field(UNIT_SOLD), "5");
     }
 
     #[test]
@@ -393,7 +416,7 @@ mod tests {
         let o = r.unwrap();
         assert_eq!(o.rows, 8);
         assert_eq!(o.written + o.rejected, o.rows);
-        let ids: Vec<&str> = valid.iter().map(|v| v.order_id()).collect();
+        let ids: Vec<&str> = valid.iter().map(|v| v.field(ORDER_ID)).collect();
         assert_eq!(ids, ["2", "4", "7"]);
         let reason = |line: u64| {
             rejects
@@ -466,6 +489,7 @@ mod tests {
         };
         scan(
             &p,
+            &orders(),
             limits,
             Some(progress.clone()),
             None,
@@ -514,14 +538,14 @@ mod tests {
             assert_eq!((r.rows, r.rejected), (4, 2), "{rejects:?}");
             let lines: Vec<u64> = rejects.iter().map(|r| r.0).collect();
             assert_eq!(lines, [3, 5], "{boundary:?}");
-            assert_eq!(valid[1].order_id(), "5");
+            assert_eq!(valid[1].field(ORDER_ID), "5");
         }
     }
 
-    /// Lone carriage returns become newlines and `\r\n` stays, whatever the reads: a carriage return
-    /// ending a read, a `\r\n` split between two, a buffer of one byte.
+    /// Records and their lines come out alike whatever the reads: a carriage return ending a read, a
+    /// `\r\n` split between two, a quoted line end across a read, one byte at a time.
     #[test]
-    fn line_ends_are_translated_across_reads() {
+    fn records_are_read_alike_across_reads() {
         struct Trickle<'a>(&'a [u8], usize);
         impl Read for Trickle<'_> {
             fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -531,26 +555,46 @@ mod tests {
                 Ok(n)
             }
         }
-        let input = b"a\rb\r\nc\r\r\n\"d\re\"\r";
-        let want = b"a\nb\r\nc\n\r\n\"d\ne\"\n";
-        for chunk in 1..=5 {
-            for len in [1, 2, 3, 64] {
-                let mut r = LineEnds::new(Trickle(input, chunk));
-                let (mut got, mut buf) = (Vec::new(), vec![0u8; len]);
-                loop {
-                    let n = r.read(&mut buf).unwrap();
-                    if n == 0 {
-                        break;
-                    }
-                    got.extend_from_slice(&buf[..n]);
+        let input = b"a,b\rc,d\r\n\r\n\"e\rf\",g\r\"h\"\"i\",j\n\n k,\"l\"x\rlast,";
+        let want: Vec<(u64, Vec<&[u8]>)> = vec![
+            (1, vec![b"a", b"b"]),
+            (2, vec![b"c", b"d"]),
+            (4, vec![b"e\rf", b"g"]),
+            (6, vec![b"h\"i", b"j"]),
+            (8, vec![b" k", b"lx"]),
+            (9, vec![b"last", b""]),
+        ];
+        let csv = Format::Csv {
+            delimiter: b',',
+            quote: b'"',
+            header: false,
+        };
+        for chunk in 1..=7 {
+            let mut r = Records::new(Trickle(input, chunk), csv, 1 << 20, None).unwrap();
+            let mut rec = Record::default();
+            let mut got = Vec::new();
+            loop {
+                match r.next(&mut rec).unwrap() {
+                    Next::End => break,
+                    Next::TooLong(l) => panic!("line {l} too long"),
+                    Next::Row(at) => got.push((
+                        at.line,
+                        (0..rec.len())
+                            .map(|i| rec.get(i).unwrap().to_vec())
+                            .collect::<Vec<_>>(),
+                    )),
                 }
-                assert_eq!(got, want, "reads of {chunk} bytes into a buffer of {len}");
             }
+            let want: Vec<(u64, Vec<Vec<u8>>)> = want
+                .iter()
+                .map(|(l, f)| (*l, f.iter().map(|b| b.to_vec()).collect()))
+                .collect();
+            assert_eq!(got, want, "reads of {chunk} bytes");
         }
     }
 
-    /// A packed batch gives back every row's fields, empty ones too, and builds the very items
-    /// `to_item` builds from the rows themselves (a refused batch is written again from it).
+    /// A packed batch gives back every row's fields, empty and omitted ones too, and builds the items
+    /// the rows themselves make (a refused batch is written again from it).
     #[test]
     fn packed_batches_build_the_rows_items() {
         let src = Source {
@@ -558,54 +602,55 @@ mod tests {
             key: "k".into(),
             etag: "e".into(),
         };
-        let mut orders = Vec::new();
+        let plan = orders();
+        let ids = ConfirmationIds::new(&src);
+        let mut rows = Vec::new();
+        let mut batch = Batch::new(plan.fields.len());
         for i in 0..BATCH_SIZE {
-            let mut fields: [String; 13] = Default::default();
-            for (f, field) in fields.iter_mut().enumerate() {
+            let mut row = Row::default();
+            for f in 0..plan.fields.len() {
                 // Some fields empty, some multi-byte.
-                *field = if (i + f) % 5 == 0 {
-                    String::new()
-                } else {
-                    format!("{i}é{f}")
-                };
+                if (i + f) % 5 != 0 {
+                    row.text.push_str(&format!("{i}é{f}"));
+                }
+                row.ends.push(row.text.len());
+                row.present.push(true);
             }
-            orders.push(Order { fields });
-        }
-        let mut batch = Batch::new();
-        for (i, o) in orders.iter().enumerate() {
-            let cid = src.confirmation_id(o.order_id()).to_string();
-            batch.push(RowAt { line: i as u64 + 2 }, o, &cid);
+            let cid = ids.of(row.field(ORDER_ID)).to_string();
+            batch.push(RowAt { line: i as u64 + 2 }, i as u64 + 1, &row, &cid);
+            rows.push((row, cid));
         }
         assert_eq!(batch.len(), BATCH_SIZE);
-        let items = Items::new(&src);
+        let items = Items::new(&plan, &src);
         let requests = batch.requests(&items).unwrap();
-        for (r, o) in orders.iter().enumerate() {
-            for (f, field) in o.fields.iter().enumerate() {
-                assert_eq!(batch.field(r, f), field, "row {r} field {f}");
+        let numbers = [
+            "UnitSold",
+            "UnitPrice",
+            "TotalRevenue",
+            "TotalCost",
+            "TotalProfit",
+        ];
+        for (r, (row, cid)) in rows.iter().enumerate() {
+            for f in 0..row.len() {
+                assert_eq!(batch.field(r, f), Some(row.field(f)), "row {r} field {f}");
             }
-            assert_eq!(batch.order_id(r), o.order_id());
+            assert_eq!(batch.id(r), cid);
             // The item spelled out: S columns, N for UnitSold and money, the ids and the source.
-            let cid = src.confirmation_id(o.order_id());
-            let mut expect: HashMap<String, AttributeValue> = COLUMNS
+            let mut expect: HashMap<String, AttributeValue> = plan
+                .fields
                 .iter()
-                .zip(&o.fields)
-                .map(|(name, v)| {
-                    let n = [
-                        "UnitSold",
-                        "UnitPrice",
-                        "TotalRevenue",
-                        "TotalCost",
-                        "TotalProfit",
-                    ];
-                    let av = if n.contains(name) {
-                        AttributeValue::N(v.clone())
+                .enumerate()
+                .map(|(i, f)| {
+                    let v = row.field(i).to_string();
+                    let av = if numbers.contains(&f.name.as_str()) {
+                        AttributeValue::N(v)
                     } else {
-                        AttributeValue::S(v.clone())
+                        AttributeValue::S(v)
                     };
-                    (name.to_string(), av)
+                    (f.name.clone(), av)
                 })
                 .collect();
-            expect.insert("ConfirmationId".into(), AttributeValue::S(cid.to_string()));
+            expect.insert("ConfirmationId".into(), AttributeValue::S(cid.clone()));
             expect.insert("SourceBucket".into(), AttributeValue::S("b".into()));
             expect.insert("SourceKey".into(), AttributeValue::S("k".into()));
             assert_eq!(expect.len(), 16);
@@ -615,16 +660,23 @@ mod tests {
                 "row {r}"
             );
             assert_eq!(batch.request(r, &items).unwrap(), requests[r]);
-            assert_eq!(o.to_item(&cid, &src), expect);
             // Should a clone ever iterate in another order, the values go in by name.
             let mut shuffled = items.clone();
             shuffled.slots.reverse();
             assert_eq!(
-                shuffled.build(|i| &o.fields[i], &cid.to_string()),
+                shuffled.build(|i| Some(row.field(i)), cid),
                 expect,
                 "row {r}"
             );
         }
+        // An omitted field is no attribute of the item.
+        let mut row = rows[1].0.clone();
+        row.present[0] = false;
+        let mut one = Batch::new(plan.fields.len());
+        one.push(RowAt { line: 2 }, 1, &row, "id");
+        let item = one.request(0, &items).unwrap();
+        let item = item.put_request().unwrap().item();
+        assert!(!item.contains_key("Region") && item.len() == 15, "{item:?}");
     }
 
     /// A long run of rejected rows (nothing is sent, so the writer channel cannot stop the reader)
@@ -647,6 +699,7 @@ mod tests {
         let mut rejected = 0;
         let r = scan(
             &p,
+            &orders(),
             limits,
             None,
             Some(&cancel),
@@ -658,6 +711,248 @@ mod tests {
         );
         assert!(matches!(r, Err(FileError::Stopped)), "{r:?}");
         assert!(rejected < CANCEL_EVERY as usize, "{rejected}");
+    }
+
+    /// The schema of a pipeline declared in TOML (`[pipeline.schema]` and its attributes).
+    fn declared(schema: &str) -> Plan {
+        let text = format!(
+            "[queue]\nname='q'\n[[pipeline]]\nname='p'\nbucket='b'\nprefix='in/'\nprocessor='table'\ntable='t'\noutput_prefix='out/'\n{schema}"
+        );
+        let cfg =
+            crate::config::from_toml_str(&text, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+        Plan::new(&cfg.pipelines[0].processor.schema().unwrap())
+    }
+
+    fn field<'a>(plan: &Plan, row: &'a Row, name: &str) -> Option<&'a str> {
+        let i = plan.fields.iter().position(|f| f.name == name).unwrap();
+        row.present(i).then(|| row.field(i))
+    }
+
+    /// A CSV with a composite key, an optional boolean, a number key compared by value and a date of
+    /// its own format: every bad row rejected with its line and reason, the good ones typed.
+    #[test]
+    fn a_declared_csv_with_a_composite_key() {
+        let plan = declared(
+            r#"[pipeline.schema]
+partition_key = "CustomerId"
+sort_key = "InvoiceNo"
+id_attribute = "ConfirmationId"
+[[pipeline.schema.attribute]]
+name = "CustomerId"
+column = "customer"
+[[pipeline.schema.attribute]]
+name = "InvoiceNo"
+column = "invoice"
+type = "N"
+integer = true
+[[pipeline.schema.attribute]]
+name = "Paid"
+column = "paid"
+type = "BOOL"
+optional = true
+[[pipeline.schema.attribute]]
+name = "Amount"
+column = "amount"
+type = "N"
+[[pipeline.schema.attribute]]
+name = "Issued"
+column = "issued"
+type = "date"
+formats = ["DD.MM.YYYY"]
+[[pipeline.schema.attribute]]
+name = "Source"
+object = "key"
+"#,
+        );
+        let text = "customer,invoice,paid,amount,issued,extra\n\
+                    c1,1,yes,10.50,01.02.2024,x\n\
+                    c1,2,,3,02.02.2024,x\n\
+                    c2,1,FALSE,1e2,29.02.2024,x\n\
+                    c1,01,true,4,01.01.2024,x\n\
+                    c3,x,true,4,01.01.2024,x\n\
+                    c3,2,maybe,4,01.01.2024,x\n\
+                    ,2,true,4,01.01.2024,x\n\
+                    c4,3,true,4,31.02.2024,x\n\
+                    c5,4,true,4\n";
+        let (r, rejects, valid) = run_plan(&plan, text, 4096);
+        let r = r.unwrap();
+        assert_eq!((r.rows, r.written, r.rejected), (9, 3, 6), "{rejects:?}");
+        assert_eq!(r.extra_columns, ["extra"]);
+        let lines: Vec<u64> = rejects.iter().map(|r| r.0).collect();
+        assert_eq!(lines, [5, 6, 7, 8, 9, 10]);
+        assert!(
+            rejects[0]
+                .2
+                .contains("duplicate key (CustomerId, InvoiceNo) (first seen on line 2)"),
+            "{rejects:?}"
+        );
+        assert_eq!(rejects[0].1, "c1,01", "the duplicate's key as written");
+        assert!(rejects[1].2.contains("InvoiceNo \"x\""), "{rejects:?}");
+        assert!(
+            rejects[2].2.contains("Paid \"maybe\" is not a boolean"),
+            "{rejects:?}"
+        );
+        assert!(rejects[3].2.contains("CustomerId is empty"), "{rejects:?}");
+        assert!(rejects[4].2.contains("(DD.MM.YYYY)"), "{rejects:?}");
+        assert!(rejects[5].2.contains("expected 6 fields"), "{rejects:?}");
+        assert_eq!(field(&plan, &valid[0], "Paid"), Some("true"));
+        assert_eq!(
+            field(&plan, &valid[1], "Paid"),
+            None,
+            "an empty optional field is left out"
+        );
+        assert_eq!(field(&plan, &valid[2], "Amount"), Some("100"));
+        assert_eq!(field(&plan, &valid[2], "Issued"), Some("2024-02-29"));
+        let src = Source {
+            bucket: "b".into(),
+            key: "in/x.csv".into(),
+            etag: "e".into(),
+        };
+        let items = Items::new(&plan, &src);
+        let item = items.build(|i| valid[1].present(i).then(|| valid[1].field(i)), "id");
+        assert_eq!(item.get("InvoiceNo"), Some(&AttributeValue::N("2".into())));
+        assert_eq!(
+            item.get("Source"),
+            Some(&AttributeValue::S("in/x.csv".into()))
+        );
+        assert!(!item.contains_key("Paid"));
+        let item = items.build(|i| valid[0].present(i).then(|| valid[0].field(i)), "id");
+        assert_eq!(item.get("Paid"), Some(&AttributeValue::Bool(true)));
+        // The id is made of both key fields.
+        let mut t = String::new();
+        plan.id_text(|i| valid[0].field(i), &mut t);
+        assert_eq!(t, "c1\n1");
+    }
+
+    /// A semicolon-delimited CSV without a header: fields by position, a BOM skipped, short rows
+    /// rejected.
+    #[test]
+    fn a_declared_headerless_csv_by_position() {
+        let plan = declared(
+            r#"[pipeline.schema]
+delimiter = ";"
+header = false
+partition_key = "Meter"
+[[pipeline.schema.attribute]]
+name = "Meter"
+position = 2
+[[pipeline.schema.attribute]]
+name = "Reading"
+position = 4
+type = "N"
+[[pipeline.schema.attribute]]
+name = "Note"
+position = 3
+allow_empty = true
+"#,
+        );
+        let text = "\u{feff}x;m1;;12,5\nx;m2;hello;12.5;more\r\nx;m3\nx;m1;;1\n";
+        let (r, rejects, valid) = run_plan(&plan, text, 4096);
+        let r = r.unwrap();
+        assert_eq!((r.rows, r.written, r.rejected), (4, 2, 2), "{rejects:?}");
+        assert_eq!((rejects[0].0, rejects[0].1.as_str()), (1, "m1"));
+        assert!(
+            rejects[0]
+                .2
+                .contains("Reading \"12,5\" is not a decimal number"),
+            "{rejects:?}"
+        );
+        assert!(
+            rejects[1].2.contains("expected at least 4 fields, found 2"),
+            "{rejects:?}"
+        );
+        assert_eq!(field(&plan, &valid[0], "Note"), Some("hello"));
+        assert_eq!(field(&plan, &valid[0], "Meter"), Some("m2"));
+        // m1's first row was rejected, so its second is no duplicate; its empty note is written "".
+        assert_eq!(field(&plan, &valid[1], "Meter"), Some("m1"));
+        assert_eq!(field(&plan, &valid[1], "Note"), Some(""));
+    }
+
+    /// JSON lines with nested fields: bad lines of every kind rejected with their lines.
+    #[test]
+    fn declared_json_lines_with_nested_fields() {
+        let plan = declared(
+            r#"[pipeline.schema]
+format = "jsonl"
+partition_key = "Trade"
+id_attribute = "Id"
+output_columns = ["Trade", "Id", "Qty"]
+[[pipeline.schema.attribute]]
+name = "Trade"
+path = "trade.id"
+[[pipeline.schema.attribute]]
+name = "Qty"
+path = "trade.qty"
+type = "N"
+[[pipeline.schema.attribute]]
+name = "Desk"
+path = "desk"
+optional = true
+[[pipeline.schema.attribute]]
+name = "Live"
+type = "BOOL"
+"#,
+        );
+        let text = concat!(
+            "{\"trade\":{\"id\":\"t1\",\"qty\":100000000000000000000000000001},\"desk\":\"fx\",\"Live\":true}\n",
+            "\n",
+            "{\"trade\":{\"id\":\"t2\",\"qty\":\"7\"},\"Live\":\"no\",\"other\":[1,2]}\r\n",
+            "not json\n",
+            "{\"trade\":{\"id\":\"t3\",\"qty\":{\"n\":1}},\"Live\":true}\n",
+            "{\"trade\":{\"qty\":1},\"Live\":true}\n",
+            "[1,2]\n",
+            "{\"trade\":{\"id\":\"t1\",\"qty\":1},\"Live\":false}\n",
+            "{\"trade\":{\"id\":\"t\\u00e9\",\"qty\":2.50},\"desk\":null,\"Live\":0}"
+        );
+        let (r, rejects, valid) = run_plan(&plan, text, 4096);
+        let r = r.unwrap();
+        assert_eq!((r.rows, r.written, r.rejected), (8, 3, 5), "{rejects:?}");
+        let lines: Vec<u64> = rejects.iter().map(|r| r.0).collect();
+        assert_eq!(lines, [4, 5, 6, 7, 8], "{rejects:?}");
+        assert!(rejects[0].2.contains("not a JSON object"), "{rejects:?}");
+        assert!(rejects[1].2.contains("Qty is an object"), "{rejects:?}");
+        assert!(rejects[2].2.contains("Trade is empty"), "{rejects:?}");
+        assert!(rejects[3].2.contains("not a JSON object"), "{rejects:?}");
+        assert!(
+            rejects[4]
+                .2
+                .contains("duplicate Trade (first seen on line 1)"),
+            "{rejects:?}"
+        );
+        assert_eq!(
+            field(&plan, &valid[0], "Qty"),
+            Some("100000000000000000000000000001"),
+            "numbers keep every digit"
+        );
+        assert_eq!(field(&plan, &valid[0], "Desk"), Some("fx"));
+        assert_eq!(field(&plan, &valid[1], "Live"), Some("false"));
+        assert_eq!(field(&plan, &valid[1], "Desk"), None);
+        assert_eq!(field(&plan, &valid[2], "Trade"), Some("té"));
+        assert_eq!(field(&plan, &valid[2], "Qty"), Some("2.50"));
+    }
+
+    #[test]
+    fn numbers_compare_by_value_and_dates_by_format() {
+        for (a, b) in [
+            ("1", "1"),
+            ("-01.50", "-1.5"),
+            ("0.0", "0"),
+            ("-0", "0"),
+            ("+7", "7"),
+            ("10", "10"),
+            ("1.", "1"),
+        ] {
+            assert_eq!(canonical_number(a), b, "{a}");
+        }
+        let f = crate::config::DateFormat::parse("D.M.YYYY").unwrap();
+        let mut out = String::new();
+        assert!(parse_date_as("9.12.2024", &f, &mut out));
+        assert_eq!(out, "2024-12-09");
+        assert!(!parse_date_as("9.13.2024", &f, &mut String::new()));
+        assert!(!parse_date_as("9.12.24", &f, &mut String::new()));
+        for bad in ["YYYY", "MD/YYYY", "YYYY-MM-DDx", "YY-MM-DD", "YYYY-MMM-DD"] {
+            assert!(crate::config::DateFormat::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

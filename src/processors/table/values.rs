@@ -2,6 +2,7 @@
 //! DynamoDB's range and precision written out as plain decimals (exponents included).
 
 use super::*;
+use crate::config::{DateFormat, DatePart};
 
 pub(super) fn days_in_month(y: u32, m: u32) -> u32 {
     match m {
@@ -13,54 +14,102 @@ pub(super) fn days_in_month(y: u32, m: u32) -> u32 {
     }
 }
 
-pub(super) fn digits(s: &str, min: usize, max: usize) -> Option<u32> {
-    if s.len() < min || s.len() > max || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
-}
-
-pub(super) fn push_padded(out: &mut String, mut n: u32, width: usize) {
-    let mut buf = [b'0'; 4];
-    for slot in buf[..width].iter_mut().rev() {
-        *slot = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-    out.extend(buf[..width].iter().map(|&b| b as char));
-}
-
-/// `M/D/YYYY` (the classic walkthrough's format) or ISO `YYYY-MM-DD`, appended to `out` as ISO.
-pub fn parse_date_into(s: &str, out: &mut String) -> bool {
-    let parsed = if let Some((a, rest)) = s.split_once('/') {
-        rest.split_once('/')
-            .and_then(|(b, c)| Some((digits(c, 4, 4)?, digits(a, 1, 2)?, digits(b, 1, 2)?)))
-    } else {
-        let mut it = s.splitn(3, '-');
-        match (it.next(), it.next(), it.next()) {
-            (Some(a), Some(b), Some(c)) => {
-                (|| Some((digits(a, 4, 4)?, digits(b, 2, 2)?, digits(c, 2, 2)?)))()
-            }
-            _ => None,
+/// `s` in date format `f`, appended to `out` as ISO `YYYY-MM-DD`; `false` (and `out` unchanged) when
+/// it does not match or is no date of the calendar.
+pub fn parse_date_as(s: &str, f: &DateFormat, out: &mut String) -> bool {
+    let b = s.as_bytes();
+    let (mut i, mut y, mut m, mut d) = (0usize, 0u32, 0u32, 0u32);
+    let number = |i: &mut usize, min: usize, max: usize| -> Option<u32> {
+        let mut n = 0u32;
+        let from = *i;
+        while *i < b.len() && *i - from < max && b[*i].is_ascii_digit() {
+            n = n * 10 + u32::from(b[*i] - b'0');
+            *i += 1;
         }
+        (*i - from >= min).then_some(n)
     };
-    let Some((y, m, d)) = parsed else {
-        return false;
-    };
-    if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
+    for p in &f.parts {
+        let got = match *p {
+            DatePart::Year => number(&mut i, 4, 4).map(|n| y = n),
+            DatePart::Month { min } => number(&mut i, min, 2).map(|n| m = n),
+            DatePart::Day { min } => number(&mut i, min, 2).map(|n| d = n),
+            DatePart::Literal(c) => (b.get(i) == Some(&c)).then(|| i += 1),
+        };
+        if got.is_none() {
+            return false;
+        }
+    }
+    if i != b.len() || !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
         return false;
     }
-    push_padded(out, y, 4);
-    out.push('-');
-    push_padded(out, m, 2);
-    out.push('-');
-    push_padded(out, d, 2);
+    let iso = [
+        b'0' + (y / 1000) as u8,
+        b'0' + (y / 100 % 10) as u8,
+        b'0' + (y / 10 % 10) as u8,
+        b'0' + (y % 10) as u8,
+        b'-',
+        b'0' + (m / 10) as u8,
+        b'0' + (m % 10) as u8,
+        b'-',
+        b'0' + (d / 10) as u8,
+        b'0' + (d % 10) as u8,
+    ];
+    out.push_str(std::str::from_utf8(&iso).expect("ASCII digits"));
     true
 }
 
-/// [`parse_date_into`] returning a new string.
+/// `M/D/YYYY` (the classic walkthrough's format) or ISO `YYYY-MM-DD`, as ISO (the orders schema's
+/// dates).
 pub fn parse_date(s: &str) -> Option<String> {
     let mut out = String::with_capacity(10);
-    parse_date_into(s, &mut out).then_some(out)
+    ["M/D/YYYY", "YYYY-MM-DD"]
+        .iter()
+        .map(|f| DateFormat::parse(f).expect("built-in formats parse"))
+        .any(|f| parse_date_as(s, &f, &mut out))
+        .then_some(out)
+}
+
+/// `true`/`false`, `1`/`0`, `yes`/`no`, in any case.
+pub fn parse_bool(s: &str) -> Option<bool> {
+    const TRUE: [&str; 3] = ["true", "1", "yes"];
+    const FALSE: [&str; 3] = ["false", "0", "no"];
+    if TRUE.iter().any(|t| s.eq_ignore_ascii_case(t)) {
+        Some(true)
+    } else if FALSE.iter().any(|t| s.eq_ignore_ascii_case(t)) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// A plain decimal (as [`parse_number_into`] writes them) in one spelling per value: no sign for
+/// zero, no leading zeros before the point, no trailing zeros after it (`-01.50` is `-1.5`), so that
+/// keys compare as DynamoDB compares numbers.
+pub fn canonical_number(s: &str) -> std::borrow::Cow<'_, str> {
+    let needs = s.starts_with(['+', '-', '0'])
+        || (s.contains('.') && (s.ends_with('0') || s.ends_with('.')));
+    if !needs {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    let int = int.trim_start_matches('0');
+    let frac = frac.trim_end_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    let zero = int == "0" && frac.is_empty();
+    let mut out = String::with_capacity(s.len());
+    if neg && !zero {
+        out.push('-');
+    }
+    out.push_str(int);
+    if !frac.is_empty() {
+        out.push('.');
+        out.push_str(frac);
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Why a field is not a number DynamoDB accepts.

@@ -1,0 +1,396 @@
+//! Reading records from a file, forward only, in one buffer: CSV (its own tokenizer: the delimiter and
+//! quote of the schema, line ends `\n`, `\r\n` or a lone `\r` counted alike, quoted line ends as data)
+//! or JSON lines. A record longer than `max_line_bytes` (an unbalanced quote makes the rest of a file
+//! one record; a binary file may have no line end at all) is reported as [`Next::TooLong`] and reading
+//! resumes after the end of the line it starts on, from bytes still in the buffer: memory stays within
+//! `max_line_bytes` plus one read, and no byte is read twice.
+
+use super::*;
+
+/// Bytes asked of the file per read (and the buffer's size while records are short).
+pub const READ_AHEAD: u64 = 256 * 1024;
+
+/// What [`Records::next`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Next {
+    Row(RowAt),
+    /// A record that ran past `max_line_bytes`, starting on this line: skipped to the end of that line.
+    TooLong(u64),
+    End,
+}
+
+/// One record: its fields one after another in `bytes` (quotes removed, `""` unescaped); field `i`
+/// ends at `ends[i]`. A JSON line is one field.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Record {
+    pub(super) bytes: Vec<u8>,
+    pub(super) ends: Vec<usize>,
+}
+
+impl Record {
+    pub(super) fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub(super) fn range(&self, i: usize) -> Option<std::ops::Range<usize>> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(start..end)
+    }
+
+    pub(super) fn get(&self, i: usize) -> Option<&[u8]> {
+        self.range(i).map(|r| &self.bytes[r])
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+
+    fn end_field(&mut self) {
+        self.ends.push(self.bytes.len());
+    }
+}
+
+/// The file's bytes in one buffer: `buf[start..end]` is held (the record being read starts at
+/// `start`), `pos` is where reading goes on.
+struct Input<R> {
+    src: R,
+    buf: Vec<u8>,
+    start: usize,
+    pos: usize,
+    end: usize,
+    eof: bool,
+    progress: Option<Arc<AtomicU64>>,
+}
+
+impl<R: Read> Input<R> {
+    fn new(src: R, progress: Option<Arc<AtomicU64>>) -> Input<R> {
+        Input {
+            src,
+            buf: vec![0; READ_AHEAD as usize],
+            start: 0,
+            pos: 0,
+            end: 0,
+            eof: false,
+            progress,
+        }
+    }
+
+    /// Read more behind what is held (moved to the front first, the buffer grown when the held record
+    /// fills it). `false` at the end of the file.
+    fn fill(&mut self) -> io::Result<bool> {
+        if self.eof {
+            return Ok(false);
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.pos -= self.start;
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            self.buf.resize(self.buf.len() + READ_AHEAD as usize, 0);
+        }
+        let n = loop {
+            match self.src.read(&mut self.buf[self.end..]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
+        if n == 0 {
+            self.eof = true;
+            return Ok(false);
+        }
+        self.end += n;
+        if let Some(p) = &self.progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(true)
+    }
+
+    /// Consume the line end at `pos` (`\n`, `\r\n` or a lone `\r`).
+    fn eat_line_end(&mut self) -> io::Result<()> {
+        let cr = self.buf[self.pos] == b'\r';
+        self.pos += 1;
+        if cr && self.pos == self.end {
+            self.fill()?;
+        }
+        if cr && self.pos < self.end && self.buf[self.pos] == b'\n' {
+            self.pos += 1;
+        }
+        Ok(())
+    }
+
+    /// From `start`: past the end of the line it is on (or to the end of the file), discarding as it
+    /// goes.
+    fn skip_line(&mut self) -> io::Result<()> {
+        self.pos = self.start;
+        loop {
+            if let Some(i) = memchr::memchr2(b'\n', b'\r', &self.buf[self.pos..self.end]) {
+                self.pos += i;
+                return self.eat_line_end();
+            }
+            self.pos = self.end;
+            self.start = self.end;
+            if !self.fill()? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// At the very start of the file: skip a UTF-8 byte order mark.
+    fn skip_bom(&mut self) -> io::Result<()> {
+        while self.end < 3 && self.fill()? {}
+        if self.buf[..self.end].starts_with(b"\xEF\xBB\xBF") {
+            self.pos = 3;
+            self.start = 3;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    FieldStart,
+    Unquoted,
+    Quoted,
+    AfterQuote,
+}
+
+/// The records of one file.
+pub(super) struct Records<R> {
+    input: Input<R>,
+    csv: Option<(u8, u8)>,
+    limit: usize,
+    /// The line the next byte is on.
+    line: u64,
+}
+
+impl<R: Read> Records<R> {
+    pub(super) fn new(
+        src: R,
+        format: Format,
+        max_line_bytes: u64,
+        progress: Option<Arc<AtomicU64>>,
+    ) -> io::Result<Records<R>> {
+        let mut input = Input::new(src, progress);
+        input.skip_bom()?;
+        Ok(Records {
+            input,
+            csv: match format {
+                Format::Csv {
+                    delimiter, quote, ..
+                } => Some((delimiter, quote)),
+                Format::Jsonl => None,
+            },
+            limit: max_line_bytes.min(usize::MAX as u64) as usize,
+            line: 1,
+        })
+    }
+
+    /// The next record (blank lines are none), into `rec`.
+    pub(super) fn next(&mut self, rec: &mut Record) -> Result<Next, FileError> {
+        loop {
+            rec.clear();
+            self.input.start = self.input.pos;
+            let line = self.line;
+            let read = match self.csv {
+                Some((delim, quote)) => self.csv_record(rec, delim, quote)?,
+                None => self.json_line(rec)?,
+            };
+            match read {
+                Read1::End => return Ok(Next::End),
+                Read1::Blank => {
+                    self.line += 1;
+                }
+                Read1::Record { lines } => {
+                    self.line += lines;
+                    return Ok(Next::Row(RowAt { line }));
+                }
+                Read1::TooLong => {
+                    rec.clear();
+                    self.input.skip_line()?;
+                    self.line = line + 1;
+                    return Ok(Next::TooLong(line));
+                }
+            }
+        }
+    }
+
+    /// One JSON line: its bytes as the one field.
+    fn json_line(&mut self, rec: &mut Record) -> io::Result<Read1> {
+        let inp = &mut self.input;
+        loop {
+            if let Some(i) = memchr::memchr2(b'\n', b'\r', &inp.buf[inp.pos..inp.end]) {
+                inp.pos += i;
+                break;
+            }
+            inp.pos = inp.end;
+            if inp.pos - inp.start > self.limit {
+                return Ok(Read1::TooLong);
+            }
+            if !inp.fill()? {
+                break;
+            }
+        }
+        let body = &inp.buf[inp.start..inp.pos];
+        if body.len() > self.limit {
+            return Ok(Read1::TooLong);
+        }
+        let blank = body.iter().all(|b| b.is_ascii_whitespace());
+        if blank && inp.pos == inp.end && inp.eof {
+            return Ok(if inp.pos == inp.start {
+                Read1::End
+            } else {
+                Read1::Blank
+            });
+        }
+        rec.bytes.extend_from_slice(body);
+        rec.end_field();
+        if inp.pos < inp.end {
+            inp.eat_line_end()?;
+        }
+        Ok(if blank {
+            Read1::Blank
+        } else {
+            Read1::Record { lines: 1 }
+        })
+    }
+
+    /// One CSV record. Quoting as spreadsheets write it: a field that starts with the quote runs to
+    /// the next lone quote (`""` is a quote in it; line ends in it are data); bytes after its closing
+    /// quote up to the delimiter are kept as written; a quote inside an unquoted field is data.
+    fn csv_record(&mut self, rec: &mut Record, delim: u8, quote: u8) -> io::Result<Read1> {
+        let limit = self.limit;
+        let inp = &mut self.input;
+        let mut st = State::FieldStart;
+        let mut inside = 0u64; // line ends inside quoted fields
+        let ended = loop {
+            if inp.pos == inp.end {
+                if inp.pos - inp.start > limit {
+                    return Ok(Read1::TooLong);
+                }
+                if !inp.fill()? {
+                    break false;
+                }
+                continue;
+            }
+            match st {
+                State::FieldStart => {
+                    if inp.buf[inp.pos] == quote {
+                        inp.pos += 1;
+                        st = State::Quoted;
+                    } else {
+                        st = State::Unquoted;
+                    }
+                }
+                State::Unquoted => {
+                    let hay = &inp.buf[inp.pos..inp.end];
+                    match memchr::memchr3(delim, b'\n', b'\r', hay) {
+                        None => {
+                            rec.bytes.extend_from_slice(hay);
+                            inp.pos = inp.end;
+                        }
+                        Some(i) => {
+                            rec.bytes.extend_from_slice(&hay[..i]);
+                            inp.pos += i;
+                            rec.end_field();
+                            if inp.buf[inp.pos] != delim {
+                                break true;
+                            }
+                            inp.pos += 1;
+                            st = State::FieldStart;
+                        }
+                    }
+                }
+                State::Quoted => {
+                    let hay = &inp.buf[inp.pos..inp.end];
+                    match memchr::memchr3(quote, b'\n', b'\r', hay) {
+                        None => {
+                            rec.bytes.extend_from_slice(hay);
+                            inp.pos = inp.end;
+                        }
+                        Some(i) => {
+                            rec.bytes.extend_from_slice(&hay[..i]);
+                            inp.pos += i;
+                            let b = inp.buf[inp.pos];
+                            if b == quote {
+                                inp.pos += 1;
+                                st = State::AfterQuote;
+                            } else if b == b'\r' && inp.pos + 1 == inp.end && !inp.eof {
+                                // What follows the carriage return is not read yet.
+                                if inp.pos - inp.start > limit {
+                                    return Ok(Read1::TooLong);
+                                }
+                                inp.fill()?;
+                            } else {
+                                rec.bytes.push(b);
+                                inp.pos += 1;
+                                if b == b'\r' && inp.pos < inp.end && inp.buf[inp.pos] == b'\n' {
+                                    rec.bytes.push(b'\n');
+                                    inp.pos += 1;
+                                }
+                                inside += 1;
+                            }
+                        }
+                    }
+                }
+                State::AfterQuote => {
+                    let b = inp.buf[inp.pos];
+                    if b == quote {
+                        rec.bytes.push(quote);
+                        inp.pos += 1;
+                        st = State::Quoted;
+                    } else if b == delim {
+                        rec.end_field();
+                        inp.pos += 1;
+                        st = State::FieldStart;
+                    } else if b == b'\n' || b == b'\r' {
+                        rec.end_field();
+                        break true;
+                    } else {
+                        rec.bytes.push(b);
+                        inp.pos += 1;
+                        st = State::Unquoted;
+                    }
+                }
+            }
+        };
+        if inp.pos - inp.start > limit {
+            return Ok(Read1::TooLong);
+        }
+        if !ended {
+            // The file ends without a line end.
+            if inp.pos == inp.start {
+                return Ok(Read1::End);
+            }
+            // The field in progress ends with the file (after a delimiter: an empty last field).
+            rec.end_field();
+            return Ok(Read1::Record { lines: 1 + inside });
+        }
+        let blank = inp.pos == inp.start;
+        inp.eat_line_end()?;
+        Ok(if blank {
+            Read1::Blank
+        } else {
+            Read1::Record { lines: 1 + inside }
+        })
+    }
+}
+
+/// What one read of a record found.
+enum Read1 {
+    Record { lines: u64 },
+    Blank,
+    TooLong,
+    End,
+}
+
+/// The reject reason of an over-long record.
+pub(super) fn too_long_reason(limit: u64) -> String {
+    format!(
+        "the record is longer than {limit} bytes (spool.max_line_bytes): an unbalanced quote or a line \
+         without its newline; skipped to the end of the line it starts on"
+    )
+}
