@@ -25,5 +25,7 @@ mod processors;
 mod properties;
 /// The booted host: the .deb under systemd and journald.
 mod systemd;
+/// Declared table schemas and compressed objects end to end.
+mod tables;
 /// End-to-end scenarios of the file-event worker.
 mod worker;
