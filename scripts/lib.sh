@@ -234,3 +234,11 @@ if freed:
           file=sys.stderr)
 PY
 }
+
+# valgrind (callgrind: the bench's instructions per row, steady on a shared machine).
+ensure_valgrind() {
+  if ! command -v valgrind >/dev/null; then
+    log "installing valgrind"
+    apt-get update -qq && apt-get install -y -qq valgrind >/dev/null
+  fi
+}

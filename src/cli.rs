@@ -95,7 +95,7 @@ pub(crate) enum Command {
     /// The bucket(s), the queue and its dead-letter queue (redrive after queue.max_receive_count
     /// receives), a queue policy that lets the bucket send to it, the bucket notification (every
     /// ObjectCreated event, each pipeline's prefix and suffix), and each pipeline's DynamoDB table
-    /// (on-demand, hash key OrderId of type S). Works against AWS and an emulator alike.
+    /// (on-demand, with its schema's key: OrderId of type S for orders-csv). Works against AWS and an emulator alike.
     Provision(ConfigArg),
 
     /// Process one file now, without SQS, and print a summary.

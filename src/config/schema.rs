@@ -561,7 +561,7 @@ fn read_attribute(a: &mut Reader<'_>, format: Format) -> Option<Attribute> {
             for f in &texts {
                 match DateFormat::parse(f) {
                     Ok(d) => parsed.push(d),
-                    Err(e) => a.invalid("formats", format!("{e}")),
+                    Err(e) => a.invalid("formats", e),
                 }
             }
             AttrType::Date { formats: parsed }

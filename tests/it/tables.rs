@@ -224,10 +224,20 @@ async fn declared_schemas_load_plain_and_compressed_files_alike() {
     let good: HashMap<&str, usize> = [("inv", 3), ("met", 2), ("trd", 2)].into();
     for (p, _) in files {
         let mut seen: Option<Vec<(u64, String)>> = None;
-        for name in ["plain.txt", "suffix.txt.gz", "header.txt", "magic.txt", "suffix.txt.zst"] {
+        for name in [
+            "plain.txt",
+            "suffix.txt.gz",
+            "header.txt",
+            "magic.txt",
+            "suffix.txt.zst",
+        ] {
             let out = w.wait_for(&format!("{p}-out/{name}"), WAIT, &agent).await;
             let out = String::from_utf8(out).unwrap();
-            assert_eq!(out.lines().count(), good[p] + 1, "{p}/{name} output:\n{out}");
+            assert_eq!(
+                out.lines().count(),
+                good[p] + 1,
+                "{p}/{name} output:\n{out}"
+            );
             let r = w
                 .get(&format!("{p}-out/{name}.rejects.csv"))
                 .await
@@ -257,10 +267,16 @@ async fn declared_schemas_load_plain_and_compressed_files_alike() {
     assert_eq!(c1["Amount"], n("10.50"));
     assert_eq!(c1["Issued"], s("2024-02-01"));
     let c1b = &inv[&format!("{}|{}", s("c1"), n("2"))];
-    assert!(!c1b.contains_key("Paid"), "an empty optional field is no attribute: {c1b:?}");
+    assert!(
+        !c1b.contains_key("Paid"),
+        "an empty optional field is no attribute: {c1b:?}"
+    );
     assert_eq!(inv[&format!("{}|{}", s("c2"), n("1"))]["Amount"], n("100"));
 
-    let met = typed(scan(&w, &format!("{}-met", w.bucket)).await, &["Meter", "At"]);
+    let met = typed(
+        scan(&w, &format!("{}-met", w.bucket)).await,
+        &["Meter", "At"],
+    );
     assert_eq!(met.len(), 2, "{met:#?}");
     let m1 = &met[&format!("{}|{}", s("m1"), s("2024-01-01"))];
     assert_eq!(m1["Reading"], n("12.5"));
@@ -304,13 +320,17 @@ async fn a_decompression_bomb_fails_its_file_and_nothing_else() {
     let agent = w.start();
     let out = w.wait_for("gz-out/fine.csv.gz", WAIT, &agent).await;
     assert_eq!(String::from_utf8(out).unwrap().lines().count(), 31);
-    let report = w.wait_for("gz-out/errors/gz/bomb.csv.gz.json", WAIT, &agent).await;
+    let report = w
+        .wait_for("gz-out/errors/gz/bomb.csv.gz.json", WAIT, &agent)
+        .await;
     let report = String::from_utf8(report).unwrap();
     assert!(
         report.contains("max_compression_ratio") && report.contains("decompression bomb"),
         "{report}"
     );
-    let report = w.wait_for("gz-out/errors/gz/liar.csv.gz.json", WAIT, &agent).await;
+    let report = w
+        .wait_for("gz-out/errors/gz/liar.csv.gz.json", WAIT, &agent)
+        .await;
     let report = String::from_utf8(report).unwrap();
     assert!(report.contains("suffix says gzip"), "{report}");
     w.wait_queue_empty(WAIT, &agent).await;

@@ -136,53 +136,70 @@ pub fn parse_number_into(s: &str, integer: bool, out: &mut String) -> Result<(),
     }
 }
 
-/// A plain decimal (no exponent), appended to `out` as it is when DynamoDB accepts it.
+/// A plain decimal (no exponent), appended to `out` as it is when DynamoDB accepts it: one pass over
+/// its bytes.
 pub(super) fn parse_plain_into(
     s: &str,
     integer: bool,
     out: &mut String,
 ) -> Result<(), NumberError> {
-    let body = s.strip_prefix('+').unwrap_or(s);
-    let unsigned = body.strip_prefix('-').unwrap_or(body);
-    if integer && unsigned.len() != body.len() {
-        return Err(NumberError::NotANumber); // a count of units is never negative
+    let b = s.as_bytes();
+    let body = usize::from(b.first() == Some(&b'+'));
+    let mut i = body;
+    if b.get(i) == Some(&b'-') {
+        if integer {
+            return Err(NumberError::NotANumber); // a count of units is never negative
+        }
+        i += 1;
     }
-    let (int, frac) = match unsigned.split_once('.') {
-        Some((i, f)) if !integer => (i, f),
-        Some(_) => return Err(NumberError::NotANumber),
-        None => (unsigned, ""),
+    let digits_from = |i: &mut usize| {
+        let from = *i;
+        while *i < b.len() && b[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        &b[from..*i]
     };
-    if (int.is_empty() && frac.is_empty())
-        || !int.bytes().all(|b| b.is_ascii_digit())
-        || !frac.bytes().all(|b| b.is_ascii_digit())
-    {
+    let int = digits_from(&mut i);
+    let frac: &[u8] = if b.get(i) == Some(&b'.') {
+        if integer {
+            return Err(NumberError::NotANumber);
+        }
+        i += 1;
+        digits_from(&mut i)
+    } else {
+        &[]
+    };
+    if i != b.len() || (int.is_empty() && frac.is_empty()) {
         return Err(NumberError::NotANumber);
     }
-    // Significant digits: from the first non-zero digit to the last non-zero one, across the point.
-    let total = int.len() + frac.len();
-    let leading = int
-        .bytes()
-        .chain(frac.bytes())
-        .take_while(|&b| b == b'0')
-        .count();
-    let trailing = frac
-        .bytes()
-        .rev()
-        .chain(int.bytes().rev())
-        .take_while(|&b| b == b'0')
-        .count();
-    let nonzero = leading < total;
-    if nonzero && total - leading - trailing > MAX_NUMBER_DIGITS {
-        return Err(NumberError::TooPrecise);
+    let zeros = |d: &[u8]| d.iter().take_while(|&&c| c == b'0').count();
+    let int_lead = zeros(int);
+    let int_digits = int.len() - int_lead;
+    let frac_zeros = zeros(frac);
+    let nonzero = int_digits > 0 || frac_zeros < frac.len();
+    if nonzero {
+        // Significant digits: from the first non-zero digit to the last non-zero one, across the point.
+        let leading = if int_digits > 0 {
+            int_lead
+        } else {
+            int.len() + frac_zeros
+        };
+        let trailing_frac = frac.iter().rev().take_while(|&&c| c == b'0').count();
+        let trailing = if trailing_frac == frac.len() {
+            trailing_frac + int.iter().rev().take_while(|&&c| c == b'0').count()
+        } else {
+            trailing_frac
+        };
+        if int.len() + frac.len() - leading - trailing > MAX_NUMBER_DIGITS {
+            return Err(NumberError::TooPrecise);
+        }
     }
-    let int_digits = int.trim_start_matches('0').len();
-    let frac_zeros = frac.bytes().take_while(|&b| b == b'0').count();
     if int_digits > MAX_INTEGER_DIGITS
         || (nonzero && int_digits == 0 && frac_zeros > MAX_FRACTION_LEADING_ZEROS)
     {
         return Err(NumberError::OutOfRange);
     }
-    out.push_str(body);
+    out.push_str(&s[body..]);
     Ok(())
 }
 
