@@ -501,8 +501,11 @@ fn dry_run_local(
             }
         }
         Err(FileError::Invalid(reason)) => Err(Failure::Data(format!(
-            "{target} is not {}: {reason}",
-            schema.label
+            "{target} is not a valid {}: {reason}",
+            schema
+                .label
+                .trim_start_matches("an ")
+                .trim_start_matches("a ")
         ))),
         Err(e) => Err(Failure::Runtime(anyhow::anyhow!("{target}: {e}"))),
     }

@@ -3,7 +3,10 @@
 //! Neither may panic; every event is an event or a reason; every row is written or rejected with a
 //! reason, and written + rejected = rows.
 
-use crate::support::scan_check::check_scan;
+use crate::support::scan_check::{check_scan, check_schema_scan};
+use offload_agent::config::{
+    AttrSource, AttrType, Attribute, DateFormat, Empty, Format, Schema, Trim,
+};
 use offload_agent::event::{decode_key, parse, Event};
 use proptest::prelude::*;
 use serde_json::json;
@@ -193,4 +196,138 @@ fn arb_row() -> impl Strategy<Value = String> {
         "\\PC{0,12}".prop_map(|s| s.replace(['"', '\n', '\r'], "")),
     ];
     prop::collection::vec(field, 11..15).prop_map(|f| f.join(","))
+}
+
+/// A schema of 1 to 6 attributes of any type and emptiness, read from a CSV (any of four delimiters,
+/// with or without a header) or JSON lines; its first attribute the key, an id attribute.
+fn arb_schema() -> impl Strategy<Value = Schema> {
+    let kind = prop_oneof![
+        Just(AttrType::S),
+        Just(AttrType::N { integer: false }),
+        Just(AttrType::N { integer: true }),
+        Just(AttrType::Bool),
+        Just(AttrType::Date {
+            formats: vec![
+                DateFormat::parse("YYYY-MM-DD").unwrap(),
+                DateFormat::parse("D/M/YYYY").unwrap()
+            ]
+        }),
+    ];
+    let empty = prop_oneof![Just(Empty::Reject), Just(Empty::Omit), Just(Empty::Keep)];
+    (
+        prop::collection::vec((kind, empty), 1..7),
+        prop_oneof![Just(b','), Just(b';'), Just(b'\t'), Just(b'|')],
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(attrs, delimiter, header, jsonl)| {
+            let attributes = attrs
+                .into_iter()
+                .enumerate()
+                .map(|(i, (kind, empty))| {
+                    let name = format!("a{i}");
+                    let (kind, empty) = match (i, kind, empty) {
+                        // The key: a string or number, required.
+                        (0, AttrType::Bool, _) => (AttrType::S, Empty::Reject),
+                        (0, k, _) => (k, Empty::Reject),
+                        (_, AttrType::S, e) => (AttrType::S, e),
+                        (_, k, Empty::Keep) => (k, Empty::Omit),
+                        (_, k, e) => (k, e),
+                    };
+                    let source = if jsonl {
+                        AttrSource::Path(vec![name.clone()])
+                    } else if header {
+                        AttrSource::Column(name.clone())
+                    } else {
+                        AttrSource::Position(i)
+                    };
+                    Attribute {
+                        name,
+                        source,
+                        kind,
+                        empty,
+                    }
+                })
+                .collect();
+            Schema {
+                format: if jsonl {
+                    Format::Jsonl
+                } else {
+                    Format::Csv {
+                        delimiter,
+                        quote: b'"',
+                        header,
+                    }
+                },
+                attributes,
+                partition_key: "a0".into(),
+                sort_key: None,
+                trim: Trim::Unicode,
+                id_attribute: Some("Id".into()),
+                output_columns: vec!["a0".into(), "Id".into()],
+                label: "a generated schema's file".into(),
+            }
+        })
+}
+
+/// A line for a schema: a CSV line or a JSON object of plausible and implausible values.
+fn arb_line() -> impl Strategy<Value = String> {
+    let value = prop_oneof![
+        Just(String::new()),
+        "[0-9]{1,4}(\\.[0-9]{1,3})?",
+        "(true|false|yes|0|1|maybe)",
+        "20[0-9]{2}-[01][0-9]-[0-3][0-9]",
+        "[0-9]{1,2}/[0-9]{1,2}/20[0-9]{2}",
+        "\\PC{0,8}",
+        "\"[a-z,;|\t\r\n]{0,6}\"",
+    ];
+    prop::collection::vec(value, 0..8)
+        .prop_flat_map(|vals| {
+            (
+                Just(vals),
+                any::<bool>(),
+                prop_oneof![Just(","), Just(";"), Just("\t"), Just("|")],
+            )
+        })
+        .prop_map(|(vals, json, sep)| {
+            if json {
+                let fields: Vec<String> = vals
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| format!("\"a{i}\":{}", serde_json::Value::String(v.clone())))
+                    .collect();
+                format!("{{{}}}", fields.join(","))
+            } else {
+                vals.join(sep)
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Any lines (and any bytes) against a generated schema: the accounting holds, no panic, every
+    /// reject's line inside the file.
+    #[test]
+    fn any_file_against_a_generated_schema_is_accounted_for(
+        schema in arb_schema(),
+        lines in prop::collection::vec(arb_line(), 0..30),
+        noise in prop::collection::vec(any::<u8>(), 0..64),
+        ends in prop_oneof![Just("\n"), Just("\r\n"), Just("\r")],
+    ) {
+        let mut text = String::new();
+        if let Format::Csv { header: true, delimiter, .. } = schema.format {
+            let names: Vec<&str> = schema.attributes.iter().map(|a| a.name.as_str()).collect();
+            text.push_str(&names.join(&(delimiter as char).to_string()));
+            text.push_str(ends);
+        }
+        for l in &lines {
+            text.push_str(l);
+            text.push_str(ends);
+        }
+        let mut bytes = text.into_bytes();
+        check_schema_scan(&schema, &bytes, 64 * 1024);
+        bytes.extend(noise);
+        check_schema_scan(&schema, &bytes, 256);
+    }
 }

@@ -167,6 +167,9 @@ pub(super) struct Records<R> {
     limit: usize,
     /// The line the next byte is on.
     line: u64,
+    /// Fields a quote-free line is split into at most (the rest of the line is the last one's): the
+    /// duplicate pass needs the fields up to its keys only.
+    max_fields: usize,
 }
 
 impl<R: Read> Records<R> {
@@ -188,7 +191,13 @@ impl<R: Read> Records<R> {
             },
             limit: max_line_bytes.min(usize::MAX as u64) as usize,
             line: 1,
+            max_fields: usize::MAX,
         })
+    }
+
+    /// Split quote-free lines into at most `n` fields from now on (see `max_fields`).
+    pub(super) fn split_at_most(&mut self, n: usize) {
+        self.max_fields = n.max(1);
     }
 
     /// The next record (blank lines are none), into `rec`.
@@ -409,16 +418,49 @@ impl<R: Read> Records<R> {
         if memchr::memchr(quote, line).is_some() {
             return false;
         }
-        let mut field = 0;
-        for d in memchr::memchr_iter(delim, line) {
-            rec.spans.push((field, d));
-            field = d + 1;
-        }
-        rec.spans.push((field, end));
+        split_fields(line, delim, self.max_fields, &mut rec.spans);
         rec.bytes.extend_from_slice(line);
         inp.pos += end;
         true
     }
+}
+
+/// The spans of the fields of a quote-free line: its delimiters found eight bytes at a time (a byte
+/// equal to the delimiter is a zero byte of the word XOR the delimiter repeated; the mask marks exactly
+/// those bytes' high bits).
+fn split_fields(line: &[u8], delim: u8, max: usize, spans: &mut Vec<(usize, usize)>) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let pattern = ONES * u64::from(delim);
+    let mut field = 0;
+    let mut chunks = line.chunks_exact(8);
+    let mut base = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word) ^ pattern;
+        let mut zeros = !(((x & LOW7).wrapping_add(LOW7)) | x | LOW7);
+        while zeros != 0 {
+            let at = base + (zeros.trailing_zeros() / 8) as usize;
+            spans.push((field, at));
+            if spans.len() == max {
+                return;
+            }
+            field = at + 1;
+            zeros &= zeros - 1;
+        }
+        base += 8;
+    }
+    for (j, &b) in chunks.remainder().iter().enumerate() {
+        if b == delim {
+            spans.push((field, base + j));
+            if spans.len() == max {
+                return;
+            }
+            field = base + j + 1;
+        }
+    }
+    spans.push((field, line.len()));
 }
 
 /// What one read of a record found.

@@ -149,6 +149,11 @@ pub(super) fn duplicate_candidates(
     let mut bloom = Bloom::for_file(std::fs::metadata(path)?.len(), min_row);
     let mut candidates = KeySet::default();
     let (mut records, layout) = open(path, plan, limits, None)?;
+    // Only the key fields are read here.
+    let last_key = plan.key_fields().filter_map(|k| layout.cols[k]).max();
+    if let (Some(last), false) = (last_key, plan.schema.format == Format::Jsonl) {
+        records.split_at_most(last + 1);
+    }
     let mut rec = Record::default();
     let mut scratch = Scratch::default();
     let mut rows = 0u64;
@@ -244,7 +249,7 @@ pub fn scan(
             on_reject(line, &key, &reason)?;
             continue;
         }
-        let h = plan.row_key_hash(&row);
+        let h = plan.row_key_hash(&row, &mut scratch);
         if candidates.contains(&h) {
             if let Some(first) = first_line.get(&h) {
                 out.rejected += 1;

@@ -333,26 +333,31 @@ impl Plan {
                         rec.bytes.len()
                     ));
                 }
-                // One UTF-8 check per row; fields are slices of it (their bounds are ASCII bytes).
-                let all = std::str::from_utf8(&rec.bytes).map_err(|e| {
-                    format!(
-                        "row is not UTF-8 text (bad byte at offset {})",
-                        e.valid_up_to()
-                    )
-                })?;
-                scratch.spans.clear();
-                scratch
-                    .spans
-                    .extend(layout.cols.iter().map(|c| c.and_then(|c| rec.range(c))));
-                all
+                // One UTF-8 check per row (vectorised; the precise error only for a bad row); fields
+                // are slices of it (their bounds are ASCII bytes).
+                match simdutf8::basic::from_utf8(&rec.bytes) {
+                    Ok(all) => all,
+                    Err(_) => {
+                        let at = std::str::from_utf8(&rec.bytes)
+                            .err()
+                            .map_or(0, |e| e.valid_up_to());
+                        return Err(format!("row is not UTF-8 text (bad byte at offset {at})"));
+                    }
+                }
             }
         };
         row.text.clear();
         row.ends.clear();
         row.present.clear();
         let mut size = item_overhead;
-        for (f, span) in self.fields.iter().zip(&scratch.spans) {
-            let raw = span.clone().map_or("", |r| &text[r]);
+        let json = self.schema.format == crate::config::Format::Jsonl;
+        for (i, f) in self.fields.iter().enumerate() {
+            let span = if json {
+                scratch.spans[i].clone()
+            } else {
+                layout.cols[i].and_then(|c| rec.range(c))
+            };
+            let raw = span.map_or("", |r| &text[r]);
             let v = trim(raw, self.schema.trim);
             let start = row.text.len();
             if v.is_empty() {
@@ -426,12 +431,13 @@ impl Plan {
         layout: &Layout,
         scratch: &mut Scratch,
     ) -> Option<u128> {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
         let json = self.schema.format == crate::config::Format::Jsonl;
         if json && json_fields(self, rec.get(0).unwrap_or_default(), scratch).is_err() {
             return None;
         }
         let mut norm = std::mem::take(&mut scratch.key);
+        let mut bytes = std::mem::take(&mut scratch.key_bytes);
+        bytes.clear();
         let mut ok = true;
         for k in self.key_fields() {
             let raw: &[u8] = if json {
@@ -442,7 +448,7 @@ impl Plan {
             } else {
                 layout.cols[k].and_then(|c| rec.get(c)).unwrap_or_default()
             };
-            let v = std::str::from_utf8(raw)
+            let v = simdutf8::basic::from_utf8(raw)
                 .map(|s| trim(s, self.schema.trim))
                 .unwrap_or("");
             norm.clear();
@@ -450,19 +456,22 @@ impl Plan {
                 ok = false;
                 break;
             }
-            hash_key_value(&mut h, self.fields[k].kind, &norm);
+            key_bytes(&mut bytes, self.fields[k].kind, &norm);
         }
+        let h = ok.then(|| xxhash_rust::xxh3::xxh3_128(&bytes));
         scratch.key = norm;
-        ok.then(|| h.digest128())
+        scratch.key_bytes = bytes;
+        h
     }
 
     /// The key hash of a valid row (as [`Plan::key_hash`] computes it from its record).
-    pub(super) fn row_key_hash(&self, row: &Row) -> u128 {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
+    pub(super) fn row_key_hash(&self, row: &Row, scratch: &mut Scratch) -> u128 {
+        let bytes = &mut scratch.key_bytes;
+        bytes.clear();
         for k in self.key_fields() {
-            hash_key_value(&mut h, self.fields[k].kind, row.field(k));
+            key_bytes(bytes, self.fields[k].kind, row.field(k));
         }
-        h.digest128()
+        xxhash_rust::xxh3::xxh3_128(bytes)
     }
 
     /// The text the id of a row is made from: its partition key, then `\n` and its sort key.
@@ -499,16 +508,13 @@ pub(super) fn normalize(f: &Field, v: &str, out: &mut String) -> Result<usize, S
             }
             out.len() - start
         }
-        Kind::N { integer } => {
-            parse_number_into(v, integer, out).map_err(|e| match e {
-                NumberError::NotANumber if integer => {
-                    format!("{} {v:?} is not a whole number of units", f.name)
-                }
-                NumberError::NotANumber => format!("{} {v:?} is not a decimal number", f.name),
-                other => number_reason(&f.name, v, other),
-            })?;
-            number_size(&out[start..])
-        }
+        Kind::N { integer } => parse_number_into(v, integer, out).map_err(|e| match e {
+            NumberError::NotANumber if integer => {
+                format!("{} {v:?} is not a whole number of units", f.name)
+            }
+            NumberError::NotANumber => format!("{} {v:?} is not a decimal number", f.name),
+            other => number_reason(&f.name, v, other),
+        })?,
         Kind::Bool => match parse_bool(v) {
             Some(b) => {
                 out.push_str(if b { "true" } else { "false" });
@@ -524,13 +530,14 @@ pub(super) fn normalize(f: &Field, v: &str, out: &mut String) -> Result<usize, S
     })
 }
 
-/// Feed one key value (normalised) to the key hash: numbers by value, as DynamoDB compares them.
-fn hash_key_value(h: &mut xxhash_rust::xxh3::Xxh3, kind: Kind, v: &str) {
+/// One key value (normalised) as the key hash reads it: numbers by value, as DynamoDB compares them;
+/// each value ended by a byte UTF-8 never holds.
+fn key_bytes(out: &mut Vec<u8>, kind: Kind, v: &str) {
     match kind {
-        Kind::N { .. } => h.update(canonical_number(v).as_bytes()),
-        _ => h.update(v.as_bytes()),
+        Kind::N { .. } => out.extend_from_slice(canonical_number(v).as_bytes()),
+        _ => out.extend_from_slice(v.as_bytes()),
     }
-    h.update(&[0xFF]);
+    out.push(0xFF);
 }
 
 /// The value of a shared attribute for the items of `src`.
@@ -565,6 +572,8 @@ pub(super) struct Scratch {
     pub(super) text: String,
     /// A key field normalised (the duplicate pass).
     pub(super) key: String,
+    /// The bytes a key hash is computed over.
+    pub(super) key_bytes: Vec<u8>,
 }
 
 /// A row that passed validation: its fields' values one after another (dates as ISO `YYYY-MM-DD`,

@@ -126,7 +126,8 @@ pub enum NumberError {
 /// to below 1E+126), appended to `out`: a plain decimal as it is, with any leading `+` dropped; one in
 /// exponent notation (`1.2E+05`, as spreadsheets export large values) as the plain decimal it stands for
 /// (`120000`), so that every number in the table is written one way.
-pub fn parse_number_into(s: &str, integer: bool, out: &mut String) -> Result<(), NumberError> {
+/// Returns the number's size as DynamoDB counts it.
+pub fn parse_number_into(s: &str, integer: bool, out: &mut String) -> Result<usize, NumberError> {
     match parse_plain_into(s, integer, out) {
         Err(NumberError::NotANumber) => match s.bytes().position(|b| b == b'e' || b == b'E') {
             Some(e) => parse_exponent_into(&s[..e], &s[e + 1..], integer, out),
@@ -142,7 +143,7 @@ pub(super) fn parse_plain_into(
     s: &str,
     integer: bool,
     out: &mut String,
-) -> Result<(), NumberError> {
+) -> Result<usize, NumberError> {
     let b = s.as_bytes();
     let body = usize::from(b.first() == Some(&b'+'));
     let mut i = body;
@@ -176,7 +177,7 @@ pub(super) fn parse_plain_into(
     let int_lead = zeros(int);
     let int_digits = int.len() - int_lead;
     let frac_zeros = zeros(frac);
-    let nonzero = int_digits > 0 || frac_zeros < frac.len();
+    let (frac_len, nonzero) = (frac.len(), int_digits > 0 || frac_zeros < frac.len());
     if nonzero {
         // Significant digits: from the first non-zero digit to the last non-zero one, across the point.
         let leading = if int_digits > 0 {
@@ -200,7 +201,13 @@ pub(super) fn parse_plain_into(
         return Err(NumberError::OutOfRange);
     }
     out.push_str(&s[body..]);
-    Ok(())
+    // About one byte per two digits from the first non-zero one, plus one.
+    let digits = if int_digits > 0 {
+        int_digits + frac_len
+    } else {
+        frac_len - frac_zeros
+    };
+    Ok(digits.div_ceil(2) + 1)
 }
 
 /// `mantissa`E`exponent` written out as the plain decimal it stands for, then judged as one.
@@ -209,7 +216,7 @@ pub(super) fn parse_exponent_into(
     exponent: &str,
     integer: bool,
     out: &mut String,
-) -> Result<(), NumberError> {
+) -> Result<usize, NumberError> {
     let mantissa = mantissa.strip_prefix('+').unwrap_or(mantissa);
     let (sign, mantissa) = match mantissa.strip_prefix('-') {
         Some(m) => ("-", m),
@@ -274,14 +281,4 @@ pub(super) fn parse_exponent_into(
 pub fn parse_number(s: &str, integer: bool) -> Option<String> {
     let mut out = String::new();
     parse_number_into(s, integer, &mut out).ok().map(|_| out)
-}
-
-/// DynamoDB's size of a number: about one byte per two significant digits, plus one.
-pub(super) fn number_size(n: &str) -> usize {
-    let digits = n
-        .bytes()
-        .filter(u8::is_ascii_digit)
-        .skip_while(|&b| b == b'0')
-        .count();
-    digits.div_ceil(2) + 1
 }
