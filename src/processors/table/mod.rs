@@ -868,6 +868,48 @@ allow_empty = true
         assert_eq!(field(&plan, &valid[1], "Note"), Some(""));
     }
 
+    /// A delimiter between the bytes of one character, in a record with a quoted field (the fuzzer's
+    /// find): the row is rejected as not UTF-8; no field boundary falls inside a character.
+    #[test]
+    fn a_character_split_by_a_delimiter_is_a_rejected_row() {
+        let plan = declared(
+            r#"[pipeline.schema]
+delimiter = ";"
+header = false
+partition_key = "A"
+[[pipeline.schema.attribute]]
+name = "A"
+position = 1
+[[pipeline.schema.attribute]]
+name = "B"
+position = 2
+"#,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.csv");
+        std::fs::write(&p, b"\"q\";\xEF;\xBB\xBF\nok;\xC3\xA9\n").unwrap();
+        let mut rejects = Vec::new();
+        let limits = ScanLimits {
+            max_line_bytes: 4096,
+            item_overhead: 0,
+        };
+        let r = scan(
+            &p,
+            &plan,
+            limits,
+            None,
+            None,
+            |l, _, why| {
+                rejects.push((l, why.to_string()));
+                Ok(())
+            },
+            |_, _| Ok(()),
+        )
+        .unwrap();
+        assert_eq!((r.rows, r.written, r.rejected), (2, 1, 1));
+        assert!(rejects[0].1.contains("not UTF-8"), "{rejects:?}");
+    }
+
     /// JSON lines with nested fields: bad lines of every kind rejected with their lines.
     #[test]
     fn declared_json_lines_with_nested_fields() {

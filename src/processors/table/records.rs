@@ -19,8 +19,9 @@ pub(super) enum Next {
     End,
 }
 
-/// One record: its bytes, and each field's span in them (quotes removed, `""` unescaped; the bytes of
-/// an unquoted line are the line itself, delimiters included). A JSON line is one field.
+/// One record: its bytes, and each field's span in them (quotes removed, `""` unescaped, the
+/// delimiters kept between the fields; the bytes of an unquoted line are the line itself). A JSON line
+/// is one field.
 #[derive(Debug, Default, Clone)]
 pub(super) struct Record {
     pub(super) bytes: Vec<u8>,
@@ -50,6 +51,14 @@ impl Record {
 
     fn end_field(&mut self) {
         self.spans.push((self.field_start, self.bytes.len()));
+        self.field_start = self.bytes.len();
+    }
+
+    /// The delimiter after a field the state machine ended is kept between the fields, as a plain
+    /// line has it: so no field boundary can fall inside a character (a multi-byte character split by
+    /// a delimiter is then invalid UTF-8 in the record, not two valid halves in two fields).
+    fn separate(&mut self, delim: u8) {
+        self.bytes.push(delim);
         self.field_start = self.bytes.len();
     }
 }
@@ -324,6 +333,7 @@ impl<R: Read> Records<R> {
                             if inp.buf[inp.pos] != delim {
                                 break true;
                             }
+                            rec.separate(delim);
                             inp.pos += 1;
                             st = State::FieldStart;
                         }
@@ -369,6 +379,7 @@ impl<R: Read> Records<R> {
                         st = State::Quoted;
                     } else if b == delim {
                         rec.end_field();
+                        rec.separate(delim);
                         inp.pos += 1;
                         st = State::FieldStart;
                     } else if b == b'\n' || b == b'\r' {
@@ -436,9 +447,7 @@ fn split_fields(line: &[u8], delim: u8, max: usize, spans: &mut Vec<(usize, usiz
     let mut chunks = line.chunks_exact(8);
     let mut base = 0;
     for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let x = u64::from_le_bytes(word) ^ pattern;
+        let x = u64::from_le_bytes(chunk.try_into().unwrap_or_default()) ^ pattern;
         let mut zeros = !(((x & LOW7).wrapping_add(LOW7)) | x | LOW7);
         while zeros != 0 {
             let at = base + (zeros.trailing_zeros() / 8) as usize;

@@ -435,6 +435,18 @@ impl Plan {
         if json && json_fields(self, rec.get(0).unwrap_or_default(), scratch).is_err() {
             return None;
         }
+        if self.sk.is_none() && !json && self.fields[self.pk].kind == Kind::S {
+            // One string key (the orders schema's): hashed as it is, without a copy.
+            let raw = layout.cols[self.pk]
+                .and_then(|c| rec.get(c))
+                .unwrap_or_default();
+            let v = simdutf8::basic::from_utf8(raw)
+                .map(|s| trim(s, self.schema.trim))
+                .ok()?;
+            let f = &self.fields[self.pk];
+            return (!v.is_empty() && v.len() <= f.key_max)
+                .then(|| xxhash_rust::xxh3::xxh3_128(v.as_bytes()));
+        }
         let mut norm = std::mem::take(&mut scratch.key);
         let mut bytes = std::mem::take(&mut scratch.key_bytes);
         bytes.clear();
@@ -466,6 +478,12 @@ impl Plan {
 
     /// The key hash of a valid row (as [`Plan::key_hash`] computes it from its record).
     pub(super) fn row_key_hash(&self, row: &Row, scratch: &mut Scratch) -> u128 {
+        if self.sk.is_none()
+            && self.schema.format != crate::config::Format::Jsonl
+            && self.fields[self.pk].kind == Kind::S
+        {
+            return xxhash_rust::xxh3::xxh3_128(row.field(self.pk).as_bytes());
+        }
         let bytes = &mut scratch.key_bytes;
         bytes.clear();
         for k in self.key_fields() {
