@@ -145,8 +145,7 @@ pub(super) fn duplicate_candidates(
     limits: ScanLimits,
     cancel: Option<&CancellationToken>,
 ) -> Result<KeySet, FileError> {
-    let min_row = plan.fields.len() as u64 + 1;
-    let mut bloom = Bloom::for_file(std::fs::metadata(path)?.len(), min_row);
+    let mut bloom = Bloom::for_file(std::fs::metadata(path)?.len(), plan.min_row_bytes());
     let mut candidates = KeySet::default();
     let (mut records, layout) = open(path, plan, limits, None)?;
     // Only the key fields are read here.

@@ -96,6 +96,8 @@ pub struct Plan {
     /// Indices in `fields` of the partition key and the sort key.
     pub(super) pk: usize,
     pub(super) sk: Option<usize>,
+    /// The distinct first keys of the fields' JSON paths.
+    pub(super) json_roots: Vec<String>,
 }
 
 impl Plan {
@@ -143,12 +145,21 @@ impl Plan {
         let find = |name: &str| fields.iter().position(|f| f.name == name);
         let pk = find(&schema.partition_key).unwrap_or(0);
         let sk = schema.sort_key.as_deref().and_then(find);
+        let mut json_roots: Vec<String> = Vec::new();
+        for f in &fields {
+            if let AttrSource::Path(p) = &f.source {
+                if !json_roots.contains(&p[0]) {
+                    json_roots.push(p[0].clone());
+                }
+            }
+        }
         Plan {
             schema: schema.clone(),
             fields,
             consts,
             pk,
             sk,
+            json_roots,
         }
     }
 
@@ -165,6 +176,50 @@ impl Plan {
             .as_ref()
             .map_or(0, |n| n.len() + UUID_TEXT_BYTES);
         consts + id
+    }
+
+    /// The shortest line a valid row can have (it sizes the duplicate filter by the rows a file could
+    /// hold): the delimiters and line end, and the fewest bytes of each required field (the orders
+    /// schema: 12 delimiters, a newline, an id, two dates of 8 characters, five numbers of one digit: 35).
+    pub(super) fn min_row_bytes(&self) -> u64 {
+        let required = |f: &Field| -> u64 {
+            match (f.empty, f.kind) {
+                (Empty::Reject, Kind::Date) => f
+                    .dates
+                    .iter()
+                    .map(|d| {
+                        d.parts
+                            .iter()
+                            .map(|p| match p {
+                                crate::config::DatePart::Year => 4,
+                                crate::config::DatePart::Month { min }
+                                | crate::config::DatePart::Day { min } => *min as u64,
+                                crate::config::DatePart::Literal(_) => 1,
+                            })
+                            .sum::<u64>()
+                    })
+                    .min()
+                    .unwrap_or(1),
+                (Empty::Reject, _) => 1,
+                _ => 0,
+            }
+        };
+        let values: u64 = self.fields.iter().map(required).sum();
+        match self.schema.format {
+            crate::config::Format::Jsonl => {
+                let names: u64 = self
+                    .fields
+                    .iter()
+                    .filter(|f| f.empty == Empty::Reject)
+                    .map(|f| match &f.source {
+                        AttrSource::Path(p) => p[0].len() as u64 + 4,
+                        _ => 0,
+                    })
+                    .sum();
+                3 + names + values
+            }
+            _ => self.fields.len() as u64 + values,
+        }
     }
 
     /// How the key is named in messages: `OrderId`, or `key (CustomerId, InvoiceNo)`.
@@ -309,7 +364,7 @@ impl Plan {
     ) -> Result<(), String> {
         let text = match self.schema.format {
             crate::config::Format::Jsonl => {
-                json_fields(self, rec.get(0).unwrap_or_default(), scratch)?;
+                json_fields(self, rec.get(0).unwrap_or_default(), scratch, false)?;
                 scratch.text.as_str()
             }
             _ => {
@@ -401,7 +456,7 @@ impl Plan {
         scratch: &mut Scratch,
     ) -> Vec<String> {
         if self.schema.format == crate::config::Format::Jsonl {
-            let ok = json_fields(self, rec.get(0).unwrap_or_default(), scratch).is_ok();
+            let ok = json_fields(self, rec.get(0).unwrap_or_default(), scratch, true).is_ok();
             return self
                 .key_fields()
                 .map(|k| match (&scratch.spans.get(k), ok) {
@@ -432,7 +487,7 @@ impl Plan {
         scratch: &mut Scratch,
     ) -> Option<u128> {
         let json = self.schema.format == crate::config::Format::Jsonl;
-        if json && json_fields(self, rec.get(0).unwrap_or_default(), scratch).is_err() {
+        if json && json_fields(self, rec.get(0).unwrap_or_default(), scratch, true).is_err() {
             return None;
         }
         if self.sk.is_none() && !json && self.fields[self.pk].kind == Kind::S {
@@ -640,14 +695,18 @@ pub(super) fn trim(s: &str, how: Trim) -> &str {
 }
 
 /// The JSON values of a line's fields, as text into `scratch`.
-fn json_fields(plan: &Plan, line: &[u8], scratch: &mut Scratch) -> Result<(), String> {
+/// With `keys_only`, the other fields are left empty (the duplicate pass, a reject's key).
+fn json_fields(
+    plan: &Plan,
+    line: &[u8],
+    scratch: &mut Scratch,
+    keys_only: bool,
+) -> Result<(), String> {
     scratch.text.clear();
     scratch.spans.clear();
-    let line = std::str::from_utf8(line).map_err(|e| {
-        format!(
-            "line is not UTF-8 text (bad byte at offset {})",
-            e.valid_up_to()
-        )
+    let line = simdutf8::basic::from_utf8(line).map_err(|_| {
+        let at = std::str::from_utf8(line).err().map_or(0, |e| e.valid_up_to());
+        format!("line is not UTF-8 text (bad byte at offset {at})")
     })?;
     if line.len() > DYNAMODB_MAX_ITEM_BYTES {
         return Err(format!(
@@ -655,26 +714,28 @@ fn json_fields(plan: &Plan, line: &[u8], scratch: &mut Scratch) -> Result<(), St
             line.len()
         ));
     }
-    type Object<'a> = HashMap<std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue>;
-    let top: Object<'_> = serde_json::from_str(line).map_err(|e| {
+    let names = &plan.json_roots;
+    let top = pick(line, names).map_err(|e| {
         let e = e.to_string();
         let e = e.split(" at line").next().unwrap_or(&e).to_string();
         format!("line is not a JSON object: {e}")
     })?;
-    for f in &plan.fields {
+    for (i, f) in plan.fields.iter().enumerate() {
         let AttrSource::Path(path) = &f.source else {
             scratch.spans.push(None);
             continue;
         };
-        let mut raw = top.get(path[0].as_str()).copied();
+        if keys_only && i != plan.pk && Some(i) != plan.sk {
+            scratch.spans.push(None);
+            continue;
+        }
+        let root = names.iter().position(|n| *n == path[0]);
+        let mut raw = root.and_then(|i| top[i]);
         for part in &path[1..] {
             let Some(r) = raw else { break };
             raw = match r.get().as_bytes().first() {
-                Some(b'{') => {
-                    let inner: Object<'_> =
-                        serde_json::from_str(r.get()).map_err(|e| format!("{}: {e}", f.name))?;
-                    inner.get(part.as_str()).copied()
-                }
+                Some(b'{') => pick(r.get(), std::slice::from_ref(part))
+                    .map_err(|e| format!("{}: {e}", f.name))?[0],
                 _ => None,
             };
         }
@@ -685,9 +746,10 @@ fn json_fields(plan: &Plan, line: &[u8], scratch: &mut Scratch) -> Result<(), St
         let start = scratch.text.len();
         let t = raw.get();
         match t.as_bytes().first() {
+            // A string without escapes is its text between the quotes.
+            Some(b'"') if !t.contains('\\') => scratch.text.push_str(&t[1..t.len() - 1]),
             Some(b'"') => {
-                let s: std::borrow::Cow<'_, str> =
-                    serde_json::from_str(t).map_err(|e| format!("{}: {e}", f.name))?;
+                let s: String = serde_json::from_str(t).map_err(|e| format!("{}: {e}", f.name))?;
                 scratch.text.push_str(&s);
             }
             Some(b'n') => {
@@ -701,6 +763,57 @@ fn json_fields(plan: &Plan, line: &[u8], scratch: &mut Scratch) -> Result<(), St
         scratch.spans.push(Some(start..scratch.text.len()));
     }
     Ok(())
+}
+
+/// The values of the keys `names` of the JSON object `text` (`None`: absent), every other value
+/// skipped unparsed.
+fn pick<'a>(
+    text: &'a str,
+    names: &[String],
+) -> Result<Vec<Option<&'a serde_json::value::RawValue>>, serde_json::Error> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Key<'a>(std::borrow::Cow<'a, str>);
+    impl<'de> serde::Deserialize<'de> for Key<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Key<'de>;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a key")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                    Ok(Key(std::borrow::Cow::Borrowed(v)))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                    Ok(Key(std::borrow::Cow::Owned(v.to_string())))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+    struct Pick<'n>(&'n [String]);
+    impl<'de> Visitor<'de> for Pick<'_> {
+        type Value = Vec<Option<&'de serde_json::value::RawValue>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = vec![None; self.0.len()];
+            while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                match self.0.iter().position(|n| *n == k) {
+                    Some(i) => out[i] = Some(map.next_value()?),
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let out = de.deserialize_map(Pick(names))?;
+    de.end()?;
+    Ok(out)
 }
 
 /// Where an item's attribute gets its value.
