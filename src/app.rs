@@ -407,6 +407,35 @@ fn counter_of(p: &Option<Progress>) -> Option<Arc<AtomicU64>> {
     p.as_ref().map(|p| p.counter.clone())
 }
 
+/// The schema `--dry-run` validates against: the named pipeline's, else the orders schema.
+fn dry_run_schema(
+    config_path: &Path,
+    pipeline: Option<&str>,
+    cfg: Option<&config::Config>,
+) -> Result<crate::config::Schema, Failure> {
+    let (Some(name), Some(cfg)) = (pipeline, cfg) else {
+        return Ok(crate::config::Schema::orders());
+    };
+    let p = cfg
+        .pipelines
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = cfg.pipelines.iter().map(|p| p.name.as_str()).collect();
+            Failure::Usage(format!(
+                "no pipeline {name:?} in {}; its pipelines are {}",
+                config_path.display(),
+                names.join(", ")
+            ))
+        })?;
+    p.processor.schema().map(|s| s.into_owned()).ok_or_else(|| {
+        Failure::Usage(format!(
+            "pipeline {name} runs {}, which has no schema to validate against; --dry-run checks orders-csv and table pipelines",
+            p.processor
+        ))
+    })
+}
+
 fn dry_run_local(
     config_path: &Path,
     pipeline: Option<&str>,
@@ -421,29 +450,7 @@ fn dry_run_local(
     } else {
         None
     };
-    let schema = match (pipeline, &cfg) {
-        (Some(name), Some(cfg)) => {
-            let p = cfg
-                .pipelines
-                .iter()
-                .find(|p| p.name == name)
-                .ok_or_else(|| {
-                    let names: Vec<&str> = cfg.pipelines.iter().map(|p| p.name.as_str()).collect();
-                    Failure::Usage(format!(
-                        "no pipeline {name:?} in {}; its pipelines are {}",
-                        config_path.display(),
-                        names.join(", ")
-                    ))
-                })?;
-            p.processor.schema().map(|s| s.into_owned()).ok_or_else(|| {
-                Failure::Usage(format!(
-                    "pipeline {name} runs {}, which has no schema to validate against; --dry-run checks orders-csv and table pipelines",
-                    p.processor
-                ))
-            })?
-        }
-        _ => crate::config::Schema::orders(),
-    };
+    let schema = dry_run_schema(config_path, pipeline, cfg.as_ref())?;
     let plan = Plan::new(&schema);
     let limits = ScanLimits {
         max_line_bytes: cfg

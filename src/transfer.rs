@@ -148,7 +148,27 @@ pub async fn download(
         .trim_matches('"')
         .to_string();
     let content_encoding = out.content_encoding().map(str::to_string);
-    let mut body = out.body;
+    spool_body(
+        out.body,
+        content_encoding.as_deref(),
+        obj,
+        path,
+        decompress,
+        etag,
+    )
+    .await
+}
+
+/// The object's body into its spool file, decompressed on the way when it is compressed.
+async fn spool_body(
+    mut body: ByteStream,
+    content_encoding: Option<&str>,
+    obj: &ObjectRef,
+    path: &Path,
+    decompress: Option<compression::Limits>,
+    etag: String,
+) -> Result<Downloaded, ProcessError> {
+    let (bucket, key) = (obj.bucket.as_str(), obj.key.as_str());
     let file = tokio::fs::File::create(path).await.map_err(|e| {
         ProcessError::Transient(format!("cannot create spool file {}: {e}", path.display()))
     })?;
@@ -179,14 +199,14 @@ pub async fn download(
                 h.extend_from_slice(&chunk);
                 if h.len() >= compression::MAGIC_BYTES {
                     let h = head.take().unwrap_or_default();
-                    start_spool(&mut spool, content_encoding.as_deref(), obj, &h, decompress)?;
+                    start_spool(&mut spool, content_encoding, obj, &h, decompress)?;
                     spool.write(&h, &url).await?;
                 }
             }
         }
     }
     if let Some(h) = head.take() {
-        start_spool(&mut spool, content_encoding.as_deref(), obj, &h, decompress)?;
+        start_spool(&mut spool, content_encoding, obj, &h, decompress)?;
         spool.write(&h, &url).await?;
     }
     let compressed = spool.stream.as_ref().map(|s| (s.encoding(), bytes));

@@ -459,6 +459,38 @@ fn read_attributes(r: &mut Reader<'_>, format: Format) -> Vec<Attribute> {
 
 fn read_attribute(a: &mut Reader<'_>, format: Format) -> Option<Attribute> {
     let name = a.required_string("name", "the attribute's name in the item");
+    let source = read_source(a, format, &name);
+    let kind = read_type(a);
+    let optional = a.boolean("optional", false);
+    let allow_empty = a.boolean("allow_empty", false);
+    if allow_empty && kind != AttrType::S {
+        a.invalid(
+            "allow_empty",
+            "only a string can be written empty; an empty number, boolean or date is no value (use optional = true)",
+        );
+    }
+    if allow_empty && optional {
+        a.invalid(
+            "allow_empty",
+            "optional leaves an empty field out of the item, allow_empty writes it as \"\": choose one",
+        );
+    }
+    let empty = match (optional, allow_empty) {
+        (true, _) => Empty::Omit,
+        (_, true) => Empty::Keep,
+        _ => Empty::Reject,
+    };
+    Some(Attribute {
+        name,
+        source,
+        kind,
+        empty,
+    })
+}
+
+/// Where an attribute's value comes from: one of column, position, path, value or object (by default
+/// the column or path of its own name).
+fn read_source(a: &mut Reader<'_>, format: Format, name: &str) -> AttrSource {
     let column = a.opt_string("column");
     let position = a
         .take("position")
@@ -481,7 +513,7 @@ fn read_attribute(a: &mut Reader<'_>, format: Format) -> Option<Attribute> {
         );
     }
     let header = matches!(format, Format::Csv { header: true, .. });
-    let source = if let Some(c) = column {
+    if let Some(c) = column {
         if !header {
             a.invalid(
                 "column",
@@ -525,16 +557,20 @@ fn read_attribute(a: &mut Reader<'_>, format: Format) -> Option<Attribute> {
             }
         })
     } else if format == Format::Jsonl {
-        AttrSource::Path(vec![name.clone()])
+        AttrSource::Path(vec![name.to_string()])
     } else if header {
-        AttrSource::Column(name.clone())
+        AttrSource::Column(name.to_string())
     } else {
         a.invalid(
             "position",
             "missing; the schema's CSV has no header (header = false), so each field is named by its position (1 = first)",
         );
         AttrSource::Position(0)
-    };
+    }
+}
+
+/// An attribute's type, with `integer` (numbers) and `formats` (dates).
+fn read_type(a: &mut Reader<'_>) -> AttrType {
     let type_v = a.string("type", "S");
     let integer = a
         .take("integer")
@@ -580,31 +616,7 @@ fn read_attribute(a: &mut Reader<'_>, format: Format) -> Option<Attribute> {
     if formats_v && !matches!(kind, AttrType::Date { .. }) {
         a.invalid("formats", "only a date (type = \"date\") has formats");
     }
-    let optional = a.boolean("optional", false);
-    let allow_empty = a.boolean("allow_empty", false);
-    if allow_empty && kind != AttrType::S {
-        a.invalid(
-            "allow_empty",
-            "only a string can be written empty; an empty number, boolean or date is no value (use optional = true)",
-        );
-    }
-    if allow_empty && optional {
-        a.invalid(
-            "allow_empty",
-            "optional leaves an empty field out of the item, allow_empty writes it as \"\": choose one",
-        );
-    }
-    let empty = match (optional, allow_empty) {
-        (true, _) => Empty::Omit,
-        (_, true) => Empty::Keep,
-        _ => Empty::Reject,
-    };
-    Some(Attribute {
-        name,
-        source,
-        kind,
-        empty,
-    })
+    kind
 }
 
 /// The checks across attributes: names unique, keys declared and of key types, the id and output

@@ -150,6 +150,17 @@ impl<R: Read> Input<R> {
         }
     }
 
+    /// Field bytes up to the next `stop` byte or line end, into `rec`: that byte (not consumed), or
+    /// `None` when the held bytes ran out first.
+    fn take_until(&mut self, stop: u8, rec: &mut Record) -> Option<u8> {
+        let hay = &self.buf[self.pos..self.end];
+        let found = memchr::memchr3(stop, b'\n', b'\r', hay);
+        let n = found.unwrap_or(hay.len());
+        rec.bytes.extend_from_slice(&hay[..n]);
+        self.pos += n;
+        found.map(|_| self.buf[self.pos])
+    }
+
     /// At the very start of the file: skip a UTF-8 byte order mark.
     fn skip_bom(&mut self) -> io::Result<()> {
         while self.end < 3 && self.fill()? {}
@@ -283,19 +294,14 @@ impl<R: Read> Records<R> {
     /// quote up to the delimiter are kept as written; a quote inside an unquoted field is data.
     fn csv_record(&mut self, rec: &mut Record, delim: u8, quote: u8) -> io::Result<Read1> {
         if self.fast_line(rec, delim, quote) {
-            let inp = &mut self.input;
-            if inp.pos - inp.start > self.limit {
-                return Ok(Read1::TooLong);
-            }
-            let blank = inp.pos == inp.start;
-            inp.eat_line_end()?;
-            return Ok(if blank {
-                Read1::Blank
-            } else {
-                Read1::Record { lines: 1 }
-            });
+            return self.record_end(true, rec, 0);
         }
         rec.clear();
+        self.csv_quoted(rec, delim, quote)
+    }
+
+    /// A record that has a quote, or is not whole in the buffer yet: the quoting state machine.
+    fn csv_quoted(&mut self, rec: &mut Record, delim: u8, quote: u8) -> io::Result<Read1> {
         let limit = self.limit;
         let inp = &mut self.input;
         let mut st = State::FieldStart;
@@ -319,37 +325,22 @@ impl<R: Read> Records<R> {
                         st = State::Unquoted;
                     }
                 }
-                State::Unquoted => {
-                    let hay = &inp.buf[inp.pos..inp.end];
-                    match memchr::memchr3(delim, b'\n', b'\r', hay) {
-                        None => {
-                            rec.bytes.extend_from_slice(hay);
-                            inp.pos = inp.end;
+                State::Unquoted => match inp.take_until(delim, rec) {
+                    None => {}
+                    Some(_) => {
+                        rec.end_field();
+                        if inp.buf[inp.pos] != delim {
+                            break true;
                         }
-                        Some(i) => {
-                            rec.bytes.extend_from_slice(&hay[..i]);
-                            inp.pos += i;
-                            rec.end_field();
-                            if inp.buf[inp.pos] != delim {
-                                break true;
-                            }
-                            rec.separate(delim);
-                            inp.pos += 1;
-                            st = State::FieldStart;
-                        }
+                        rec.separate(delim);
+                        inp.pos += 1;
+                        st = State::FieldStart;
                     }
-                }
+                },
                 State::Quoted => {
-                    let hay = &inp.buf[inp.pos..inp.end];
-                    match memchr::memchr3(quote, b'\n', b'\r', hay) {
-                        None => {
-                            rec.bytes.extend_from_slice(hay);
-                            inp.pos = inp.end;
-                        }
-                        Some(i) => {
-                            rec.bytes.extend_from_slice(&hay[..i]);
-                            inp.pos += i;
-                            let b = inp.buf[inp.pos];
+                    match inp.take_until(quote, rec) {
+                        None => {}
+                        Some(b) => {
                             if b == quote {
                                 inp.pos += 1;
                                 st = State::AfterQuote;
@@ -393,7 +384,14 @@ impl<R: Read> Records<R> {
                 }
             }
         };
-        if inp.pos - inp.start > limit {
+        self.record_end(ended, rec, inside)
+    }
+
+    /// After a record's last field: at its line end (`ended`) or at the end of the file; `inside`:
+    /// the line ends within its quoted fields.
+    fn record_end(&mut self, ended: bool, rec: &mut Record, inside: u64) -> io::Result<Read1> {
+        let inp = &mut self.input;
+        if inp.pos - inp.start > self.limit {
             return Ok(Read1::TooLong);
         }
         if !ended {

@@ -255,32 +255,37 @@ impl Plan {
         std::iter::once(self.pk).chain(self.sk)
     }
 
+    /// Without a header: each field at its position.
+    fn layout_by_position(&self) -> Layout {
+        let min_width = self
+            .fields
+            .iter()
+            .map(|f| match f.source {
+                AttrSource::Position(p) => p + 1,
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0);
+        let cols = self
+            .fields
+            .iter()
+            .map(|f| match f.source {
+                AttrSource::Position(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        Layout {
+            cols,
+            width: None,
+            min_width,
+            extra: Vec::new(),
+        }
+    }
+
     /// Where each field is in this file's records, from its header (or from the schema alone).
     pub(super) fn layout(&self, header: Option<&Record>) -> Result<Layout, String> {
         let Some(rec) = header else {
-            let min_width = self
-                .fields
-                .iter()
-                .map(|f| match f.source {
-                    AttrSource::Position(p) => p + 1,
-                    _ => 0,
-                })
-                .max()
-                .unwrap_or(0);
-            let cols = self
-                .fields
-                .iter()
-                .map(|f| match f.source {
-                    AttrSource::Position(p) => Some(p),
-                    _ => None,
-                })
-                .collect();
-            return Ok(Layout {
-                cols,
-                width: None,
-                min_width,
-                extra: Vec::new(),
-            });
+            return Ok(self.layout_by_position());
         };
         let label = &self.schema.label;
         let mut names = Vec::with_capacity(rec.len());
@@ -705,7 +710,9 @@ fn json_fields(
     scratch.text.clear();
     scratch.spans.clear();
     let line = simdutf8::basic::from_utf8(line).map_err(|_| {
-        let at = std::str::from_utf8(line).err().map_or(0, |e| e.valid_up_to());
+        let at = std::str::from_utf8(line)
+            .err()
+            .map_or(0, |e| e.valid_up_to());
         format!("line is not UTF-8 text (bad byte at offset {at})")
     })?;
     if line.len() > DYNAMODB_MAX_ITEM_BYTES {
