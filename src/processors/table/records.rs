@@ -389,6 +389,7 @@ impl<R: Read> Records<R> {
 
     /// After a record's last field: at its line end (`ended`) or at the end of the file; `inside`:
     /// the line ends within its quoted fields.
+    #[inline]
     fn record_end(&mut self, ended: bool, rec: &mut Record, inside: u64) -> io::Result<Read1> {
         let inp = &mut self.input;
         if inp.pos - inp.start > self.limit {
