@@ -220,12 +220,6 @@ impl Stream {
     pub fn take(&mut self) -> &mut Vec<u8> {
         &mut self.sink().out
     }
-
-    /// Bytes in and out so far.
-    pub fn totals(&mut self) -> (u64, u64) {
-        let s = self.sink();
-        (s.total_in, s.total_out)
-    }
 }
 
 /// A local file, decompressed into `dest` when it is compressed (`Ok(None)`: it is not; read it as it

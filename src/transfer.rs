@@ -28,13 +28,18 @@ pub struct Downloaded {
 
 /// Writes a download into its spool file: as it comes, or through a decompression stream.
 struct SpoolWriter<'a> {
+    file: SpoolFile<'a>,
+    stream: Option<Stream>,
+}
+
+/// The spool file and the bytes written to it.
+struct SpoolFile<'a> {
     file: tokio::fs::File,
     path: &'a Path,
-    stream: Option<Stream>,
     written: u64,
 }
 
-impl SpoolWriter<'_> {
+impl SpoolFile<'_> {
     async fn put(&mut self, bytes: &[u8]) -> Result<(), ProcessError> {
         self.file.write_all(bytes).await.map_err(|e| {
             ProcessError::Transient(format!(
@@ -45,24 +50,23 @@ impl SpoolWriter<'_> {
         self.written += bytes.len() as u64;
         Ok(())
     }
+}
 
+impl SpoolWriter<'_> {
     async fn write(&mut self, chunk: &[u8], url: &str) -> Result<(), ProcessError> {
         let Some(stream) = self.stream.as_mut() else {
-            return self.put(chunk).await;
+            return self.file.put(chunk).await;
         };
         stream.feed(chunk).map_err(|e| undecompressable(url, e))?;
         self.drain().await
     }
 
+    /// What the stream has decompressed, into the file (its buffer kept for the next chunk).
     async fn drain(&mut self) -> Result<(), ProcessError> {
-        if let Some(mut stream) = self.stream.take() {
-            let out = std::mem::take(stream.take());
-            let r = self.put(&out).await;
-            let mut out = out;
+        if let Some(stream) = self.stream.as_mut() {
+            let out = stream.take();
+            self.file.put(out).await?;
             out.clear();
-            *stream.take() = out;
-            self.stream = Some(stream);
-            r?;
         }
         Ok(())
     }
@@ -73,6 +77,7 @@ impl SpoolWriter<'_> {
         }
         self.drain().await?;
         self.file
+            .file
             .flush()
             .await
             .map_err(|e| ProcessError::Transient(format!("cannot flush spool file: {e}")))
@@ -174,10 +179,12 @@ async fn spool_body(
     })?;
     let url = obj.url();
     let mut spool = SpoolWriter {
-        file,
-        path,
+        file: SpoolFile {
+            file,
+            path,
+            written: 0,
+        },
         stream: None,
-        written: 0,
     };
     // The first bytes tell the compression; they are held until there are enough of them.
     let mut head: Option<Vec<u8>> = decompress.map(|_| Vec::new());
@@ -212,11 +219,11 @@ async fn spool_body(
     let compressed = spool.stream.as_ref().map(|s| (s.encoding(), bytes));
     spool.finish(&url).await?;
     if let Some((enc, n)) = compressed {
-        tracing::debug!(object = %url, encoding = enc.name(), compressed = n, bytes = spool.written, "decompressed");
+        tracing::debug!(object = %url, encoding = enc.name(), compressed = n, bytes = spool.file.written, "decompressed");
     }
     Ok(Downloaded {
         etag,
-        bytes: spool.written,
+        bytes: spool.file.written,
         compressed,
     })
 }
