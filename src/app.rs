@@ -131,7 +131,14 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
     match cli.command {
         Command::Config(ConfigCommand::Check(args)) => config_check(&args.config).await,
         Command::Run(args) => run(args, log).await,
-        Command::Provision(args) => provision(&args.config).await,
+        Command::Provision {
+            config,
+            destroy: false,
+            ..
+        } => provision(&config.config).await,
+        Command::Provision {
+            config, yes, force, ..
+        } => destroy(&config.config, yes, force).await,
         Command::Register {
             config,
             region,
@@ -216,10 +223,58 @@ async fn run(args: crate::cli::ConfigArg, log: LogHandle) -> Result<(), Failure>
 async fn provision(config: &Path) -> Result<(), Failure> {
     let cfg = load(config)?;
     let clients = aws_clients(&cfg).await?;
-    let steps = crate::provision::provision(&cfg, &clients).await?;
-    for s in steps {
+    let identity = crate::provision::identity(config);
+    let done = crate::provision::provision(&cfg, &clients, &identity).await?;
+    for s in &done.steps {
         println!("{s}");
     }
+    if done.mismatched.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Config(ConfigError {
+            problems: done.mismatched,
+        }))
+    }
+}
+
+/// `provision --destroy`: the plan, then (with `yes`) its removal; data is refused without `force`.
+async fn destroy(config: &Path, yes: bool, force: bool) -> Result<(), Failure> {
+    use crate::provision::destroy;
+    let cfg = load(config)?;
+    let clients = aws_clients(&cfg).await?;
+    let plan = destroy::plan(&cfg, &clients).await?;
+    if !yes || plan.removals.is_empty() {
+        for s in plan.lines() {
+            println!("{s}");
+        }
+    }
+    if plan.removals.is_empty() {
+        println!("nothing to remove: no resource this configuration names was made by provision");
+        return Ok(());
+    }
+    let refused = plan.needs_force();
+    if !yes {
+        println!(
+            "nothing changed: run again with --yes to remove the above{}",
+            if refused.is_empty() || force {
+                ""
+            } else {
+                " (and --force for what holds data)"
+            }
+        );
+        return Ok(());
+    }
+    if !force && !refused.is_empty() {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "nothing removed: {} still hold(s) data; empty it, or run again with --force to delete every object version and item first",
+            refused.join(", ")
+        )));
+    }
+    for s in plan.kept_lines() {
+        println!("{s}");
+    }
+    // Each step printed as it is done, so that a failure part-way shows what is gone already.
+    destroy::apply(&plan, &clients, |s| println!("{s}")).await?;
     Ok(())
 }
 
@@ -257,12 +312,22 @@ async fn preflight(path: &Path, json: bool) -> Result<(), Failure> {
         print!("{}", report.render());
     }
     let failed = report.rows.iter().filter(|r| !r.ok).count();
-    if failed == 0 {
-        Ok(())
-    } else {
+    let mismatched: Vec<String> = report
+        .tables
+        .iter()
+        .filter(|t| !t.ok)
+        .filter_map(|t| t.note.clone())
+        .collect();
+    if failed > 0 {
         Err(Failure::Unavailable(format!(
             "{failed} endpoint(s) did not answer; each failure above says what to fix"
         )))
+    } else if !mismatched.is_empty() {
+        Err(Failure::Config(ConfigError {
+            problems: mismatched,
+        }))
+    } else {
+        Ok(())
     }
 }
 

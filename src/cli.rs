@@ -29,18 +29,21 @@ SIGNALS (run):
 EXIT STATUS:
     0   success
     1   runtime failure (AWS unreachable, a transient processing failure, I/O error); status: the
-        daemon answers but is not ready
+        daemon answers but is not ready; provision --destroy --yes: a bucket or table that holds
+        data, without --force (nothing is removed)
     3   status: no daemon answers at admin.listen
     64  bad command-line usage
     65  process: the file is not valid orders CSV, or --dry-run found rejected rows
     69  register: an AWS side, the SSM agent or the ECS agent did not answer in time; preflight (and
         register before it changes anything): an endpoint does not answer
-    78  configuration error (also: no AWS credentials anywhere they are looked for) (every problem is listed, naming the key and the file)
+    78  configuration error (also: no AWS credentials anywhere they are looked for) (every problem is listed, naming the key and the file);
+        provision and preflight: a pipeline's table exists with another key than its schema's
 
 EXAMPLES:
     offload-agent config check --config ./config/demo.toml
     offload-agent preflight --config ./config/demo.toml
     offload-agent provision --config ./config/demo.toml
+    offload-agent provision --destroy --config ./config/demo.toml     # then with --yes
     offload-agent run --config ./config/demo.toml
     offload-agent process --config ./config/demo.toml s3://offload-file-drop/input/orders.csv
     offload-agent process --dry-run ./orders.csv
@@ -90,13 +93,37 @@ pub(crate) enum Command {
     /// earlier run are removed at start; their messages come back through SQS.
     Run(ConfigArg),
 
-    /// Create what the configuration names, idempotently, and say what existed already.
+    /// Create what the configuration names, idempotently, and say what existed already; with
+    /// --destroy, remove it again.
     ///
     /// The bucket(s), the queue and its dead-letter queue (redrive after queue.max_receive_count
     /// receives), a queue policy that lets the bucket send to it, the bucket notification (every
     /// ObjectCreated event, each pipeline's prefix and suffix), and each pipeline's DynamoDB table
-    /// (on-demand, with its schema's key: OrderId of type S for orders-csv). Works against AWS and an emulator alike.
-    Provision(ConfigArg),
+    /// (on-demand, with its schema's key: OrderId of type S for orders-csv). Works against AWS and an
+    /// emulator alike. What it creates is tagged offload-agent:provisioned-by=HOST:CONFIG; the
+    /// notification entries and queue-policy statements it adds have ids starting with
+    /// "offload-agent-", and everyone else's entries and statements are kept. A table that exists with
+    /// another key than its pipeline's schema needs is reported (table, key wanted, key found), left
+    /// alone, and provision exits 78 after doing everything else.
+    ///
+    /// --destroy shows what would be removed: the buckets, queues and tables the configuration
+    /// names that carry the tag, and the entries and statements of ours on those that do not (which
+    /// stay). Nothing changes without --yes. A bucket that holds objects or a table that holds items
+    /// is refused (and then nothing is removed, exit 1) unless --force, which deletes every object
+    /// version first. A second run says there is nothing left.
+    Provision {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Remove what provision made (only shown, unless --yes).
+        #[arg(long)]
+        destroy: bool,
+        /// With --destroy: carry the removal out.
+        #[arg(long, requires = "destroy")]
+        yes: bool,
+        /// With --destroy: empty buckets and tables that still hold data, then remove them.
+        #[arg(long, requires = "destroy")]
+        force: bool,
+    },
 
     /// Process one file now, without SQS, and print a summary.
     ///
@@ -194,8 +221,10 @@ pub(crate) enum Command {
     /// proxy when one is used), TCP, the proxy's CONNECT, TLS with the certificate's issuer (a
     /// TLS-inspecting proxy shows as the company's CA), the HTTP answer, the time taken and the clock
     /// skew from the answer's Date. Prints a table, then what to fix for each failure; --json prints
-    /// the same as JSON. Exit 0 when every endpoint answers, 69 otherwise. `register` runs the same
-    /// checks before it changes anything.
+    /// the same as JSON. With credentials, each pipeline's DynamoDB table is described too: the key
+    /// its schema needs against the key the table has. Exit 0 when every endpoint answers and every
+    /// existing table has its key, 69 when an endpoint does not answer, 78 when a table has another
+    /// key. `register` runs the same endpoint checks before it changes anything.
     Preflight {
         #[command(flatten)]
         config: ConfigArg,

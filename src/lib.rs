@@ -47,8 +47,8 @@
 //! - `registration`: `register` / `deregister` with SSM hybrid activation and ECS Anywhere.
 //! - `host`: the host's service manager (`systemctl`), called without blocking the runtime.
 //! - `preflight`: each endpoint this host needs, step by step (DNS, TCP, proxy, TLS, HTTP).
-//! - `provision` (idempotent creation of the bucket, queues, notification and table) and
-//!   `iam_policy` (the least-privilege IAM policy a configuration needs).
+//! - `provision` (idempotent creation of the bucket, queues, notification and table, each tagged as
+//!   ours, and `--destroy`, which removes exactly that) and `iam_policy` (the least-privilege IAM policy a configuration needs).
 //!
 //! What tests, benchmarks and fuzz targets use is `pub`; everything else is `pub(crate)`.
 

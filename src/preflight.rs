@@ -79,11 +79,27 @@ pub(crate) struct Row {
     pub(crate) fix: Option<String>,
 }
 
+/// One table a pipeline writes to: the key its schema needs against the key DynamoDB has.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct TableRow {
+    pub(crate) table: String,
+    pub(crate) pipeline: String,
+    pub(crate) wanted: String,
+    /// `None`: the table does not exist (provision creates it) or could not be described (`note`).
+    pub(crate) found: Option<String>,
+    /// False only when the table exists with another key.
+    pub(crate) ok: bool,
+    /// What to do: the mismatch, a missing table, or why it could not be checked.
+    pub(crate) note: Option<String>,
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Report {
     pub(crate) region: String,
     pub(crate) rows: Vec<Row>,
+    /// Checked with credentials only.
+    pub(crate) tables: Vec<TableRow>,
     pub(crate) ok: bool,
 }
 
@@ -195,8 +211,56 @@ pub(crate) async fn run(cfg: &Config, clients: Option<&crate::aws::Clients>) -> 
         async move { check(&t, &egress, budget).await }
     });
     let rows = futures::future::join_all(checks).await;
-    let ok = rows.iter().all(|r| r.ok);
-    Report { region, rows, ok }
+    let tables = match clients {
+        Some(c) => tables(cfg, c).await,
+        None => Vec::new(),
+    };
+    let ok = rows.iter().all(|r| r.ok) && tables.iter().all(|t| t.ok);
+    Report {
+        region,
+        rows,
+        tables,
+        ok,
+    }
+}
+
+/// Each pipeline's table against its schema's key (a table with another key would refuse every
+/// batch: say so before a file does).
+async fn tables(cfg: &Config, c: &crate::aws::Clients) -> Vec<TableRow> {
+    let Ok(tables) = crate::provision::tables(cfg) else {
+        return Vec::new(); // pipelines disagreeing on a table's key: `config check` says so
+    };
+    let mut rows = Vec::new();
+    for (table, (want, pipeline)) in tables {
+        let wanted = crate::provision::shown_key(&want);
+        let (found, ok, note) = match crate::provision::existing_table(c, &table).await {
+            Ok(Some((found, _))) if found == want => (Some(wanted.clone()), true, None),
+            Ok(Some((found, _))) => (
+                Some(crate::provision::shown_key(&found)),
+                false,
+                Some(crate::provision::key_mismatch(
+                    &table, &pipeline, &want, &found,
+                )),
+            ),
+            Ok(None) => (
+                None,
+                true,
+                Some(format!(
+                    "DynamoDB table {table} does not exist: run offload-agent provision"
+                )),
+            ),
+            Err(e) => (None, true, Some(format!("not checked: {e:#}"))),
+        };
+        rows.push(TableRow {
+            table,
+            pipeline,
+            wanted,
+            found,
+            ok,
+            note,
+        });
+    }
+    rows
 }
 
 async fn poll_endpoint(c: &crate::aws::Clients) -> Target {
@@ -855,6 +919,28 @@ impl Report {
                 first = false;
             }
             let _ = writeln!(o, "{note}");
+        }
+        if !self.tables.is_empty() {
+            let _ = writeln!(
+                o,
+                "\n{:<32} {:<16} {:<36} KEY FOUND",
+                "TABLE", "PIPELINE", "KEY WANTED"
+            );
+            for t in &self.tables {
+                let _ = writeln!(
+                    o,
+                    "{:<32} {:<16} {:<36} {}",
+                    t.table,
+                    t.pipeline,
+                    t.wanted,
+                    t.found.as_deref().unwrap_or("-")
+                );
+            }
+            for t in &self.tables {
+                if let Some(note) = &t.note {
+                    let _ = writeln!(o, "{}{note}", if t.ok { "" } else { "FAILED " });
+                }
+            }
         }
         let failed = self.rows.iter().filter(|r| !r.ok).count();
         let _ = writeln!(

@@ -23,6 +23,8 @@ mod monitoring;
 mod processors;
 /// Property tests of the two parsers that take input from outside.
 mod properties;
+/// `provision` and `provision --destroy` against the emulator.
+mod provision;
 /// The booted host: the .deb under systemd and journald.
 mod systemd;
 /// Declared table schemas and compressed objects end to end.

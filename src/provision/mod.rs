@@ -1,4 +1,8 @@
-//! `offload-agent provision`: create what the configuration names, idempotently.
+//! `offload-agent provision`: create what the configuration names, idempotently, tagged as ours;
+//! `provision --destroy` ([`destroy`]) removes exactly that again.
+
+pub(crate) mod destroy;
+mod owned;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -17,9 +21,8 @@ use crate::aws::Clients;
 use crate::config::Config;
 use crate::config::TableKey;
 use crate::error::describe;
-
-/// Id prefix of the notification entries this tool owns; others in the bucket are left alone.
-const NOTIFICATION_ID_PREFIX: &str = "offload-agent-";
+pub(crate) use owned::identity;
+use owned::{ID_PREFIX, TAG_KEY};
 
 /// One line of the report: what was done to what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,28 +44,45 @@ fn step(action: &'static str, what: impl Into<String>) -> Step {
     }
 }
 
-pub(crate) async fn provision(cfg: &Config, clients: &Clients) -> Result<Vec<Step>> {
+/// What `provision` did, and the tables it had to leave alone because their key is not the one their
+/// pipeline's schema needs (each message names the table, the key wanted and the key found).
+#[derive(Debug, Default)]
+pub(crate) struct Provisioned {
+    pub(crate) steps: Vec<Step>,
+    pub(crate) mismatched: Vec<String>,
+}
+
+/// The buckets the configuration names: every pipeline's input and output bucket.
+fn buckets(cfg: &Config) -> BTreeSet<String> {
+    cfg.pipelines
+        .iter()
+        .flat_map(|p| [p.bucket.clone(), p.output_bucket().to_string()])
+        .collect()
+}
+
+/// `identity` is the value of the tag each created resource carries ([`identity`]).
+pub(crate) async fn provision(
+    cfg: &Config,
+    clients: &Clients,
+    identity: &str,
+) -> Result<Provisioned> {
     let mut steps = Vec::new();
 
-    let mut buckets = BTreeSet::new();
-    for p in &cfg.pipelines {
-        buckets.insert(p.bucket.clone());
-        buckets.insert(p.output_bucket().to_string());
-    }
+    let buckets = buckets(cfg);
     for b in &buckets {
-        steps.push(ensure_bucket(clients, b).await?);
+        steps.push(ensure_bucket(clients, b, identity).await?);
     }
 
     let dlq_arn = match &cfg.queue.dead_letter_queue {
         Some(name) => {
-            let (url, s) = ensure_queue(clients, name, &[]).await?;
+            let (url, s) = ensure_queue(clients, name, &[], identity).await?;
             steps.push(s);
             Some(queue_arn(clients, &url).await?)
         }
         None => None,
     };
 
-    let (queue_url, s) = ensure_main_queue(cfg, clients).await?;
+    let (queue_url, s) = ensure_main_queue(cfg, clients, identity).await?;
     steps.push(s);
     let arn = queue_arn(clients, &queue_url).await?;
     steps.push(
@@ -78,7 +98,24 @@ pub(crate) async fn provision(cfg: &Config, clients: &Clients) -> Result<Vec<Ste
         steps.push(ensure_notification(cfg, clients, &b, &arn).await?);
     }
 
-    // Each table with its pipeline's key (pipelines that share a table must agree on it).
+    let mut mismatched = Vec::new();
+    for (t, (key, pipeline)) in &tables(cfg)? {
+        match ensure_table(clients, t, key, identity).await? {
+            Ok(s) => steps.push(s),
+            Err(found) => {
+                steps.push(step("differs", format!("table {t} (left alone)")));
+                mismatched.push(key_mismatch(t, pipeline, key, &found));
+            }
+        }
+    }
+    Ok(Provisioned { steps, mismatched })
+}
+
+/// Each table the configuration writes to, with its key and the (first) pipeline that writes to it;
+/// pipelines that share a table must agree on its key.
+pub(crate) fn tables(
+    cfg: &Config,
+) -> Result<std::collections::BTreeMap<String, (Vec<TableKey>, String)>> {
     let mut tables: std::collections::BTreeMap<String, (Vec<TableKey>, String)> =
         Default::default();
     for p in &cfg.pipelines {
@@ -99,14 +136,67 @@ pub(crate) async fn provision(cfg: &Config, clients: &Clients) -> Result<Vec<Ste
             }
         }
     }
-    for (t, (key, _)) in &tables {
-        steps.push(ensure_table(clients, t, key).await?);
-    }
-    Ok(steps)
+    Ok(tables)
+}
+
+/// "DynamoDB table T has key … but pipeline P's schema needs …: …".
+pub(crate) fn key_mismatch(
+    table: &str,
+    pipeline: &str,
+    want: &[TableKey],
+    found: &[TableKey],
+) -> String {
+    format!(
+        "DynamoDB table {table} has key {}, but pipeline {pipeline}'s schema needs {}: give the pipeline another table (provision creates it), or change the schema's partition_key/sort_key to the table's",
+        shown_key(found),
+        shown_key(want)
+    )
+}
+
+/// A table's key as DynamoDB describes it (partition key first, with their types) and its ARN;
+/// `None` when the table does not exist.
+pub(crate) async fn existing_table(
+    clients: &Clients,
+    table: &str,
+) -> Result<Option<(Vec<TableKey>, String)>> {
+    let out = match clients
+        .dynamodb
+        .describe_table()
+        .table_name(table)
+        .send()
+        .await
+    {
+        Ok(out) => out,
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|se| se.is_resource_not_found_exception()) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => bail!("cannot describe DynamoDB table {table}: {}", describe(&e)),
+    };
+    let Some(t) = out.table() else {
+        return Ok(None);
+    };
+    let mut elements: Vec<_> = t.key_schema().iter().collect();
+    // The hash key first, whatever order the answer lists them in.
+    elements.sort_by_key(|k| *k.key_type() != KeyType::Hash);
+    let key = elements
+        .into_iter()
+        .map(|k| TableKey {
+            name: k.attribute_name().to_string(),
+            number: t
+                .attribute_definitions()
+                .iter()
+                .find(|d| d.attribute_name() == k.attribute_name())
+                .is_some_and(|d| *d.attribute_type() == ScalarAttributeType::N),
+        })
+        .collect();
+    Ok(Some((key, t.table_arn().unwrap_or_default().to_string())))
 }
 
 /// "OrderId (S)", "CustomerId (S) + InvoiceNo (N)".
-fn shown_key(key: &[TableKey]) -> String {
+pub(crate) fn shown_key(key: &[TableKey]) -> String {
     key.iter()
         .map(|k| format!("{} ({})", k.name, if k.number { "N" } else { "S" }))
         .collect::<Vec<_>>()
@@ -114,7 +204,11 @@ fn shown_key(key: &[TableKey]) -> String {
 }
 
 /// The main queue: created by name (with the configured visibility timeout), or checked by URL.
-async fn ensure_main_queue(cfg: &Config, clients: &Clients) -> Result<(String, Step)> {
+async fn ensure_main_queue(
+    cfg: &Config,
+    clients: &Clients,
+    identity: &str,
+) -> Result<(String, Step)> {
     match (&cfg.queue.url, &cfg.queue.name) {
         (Some(url), _) => {
             clients
@@ -133,6 +227,7 @@ async fn ensure_main_queue(cfg: &Config, clients: &Clients) -> Result<(String, S
                 clients,
                 name,
                 &[(QueueAttributeName::VisibilityTimeout, vis)],
+                identity,
             )
             .await?;
             Ok((url, s))
@@ -151,13 +246,13 @@ async fn set_queue_policy(
     arn: &str,
     dlq_arn: Option<&str>,
 ) -> Result<Step> {
-    // The policy lets every configured bucket send events; the redrive policy moves a message that
-    // keeps failing to the dead-letter queue.
+    // The policy lets every configured bucket send events (statements of others kept); the redrive
+    // policy moves a message that keeps failing to the dead-letter queue.
     let statements: Vec<_> = buckets
         .iter()
         .map(|b| {
             serde_json::json!({
-                "Sid": format!("offload-agent-{b}"),
+                "Sid": format!("{ID_PREFIX}{b}"),
                 "Effect": "Allow",
                 "Principal": {"Service": "s3.amazonaws.com"},
                 "Action": "sqs:SendMessage",
@@ -166,7 +261,8 @@ async fn set_queue_policy(
             })
         })
         .collect();
-    let policy = serde_json::json!({"Version": "2012-10-17", "Statement": statements}).to_string();
+    let current = owned::queue_policy(clients, queue_url).await?;
+    let policy = owned::merged_policy(queue_url, current.as_deref(), statements)?;
     let mut set = clients
         .sqs
         .set_queue_attributes()
@@ -205,7 +301,7 @@ async fn set_queue_policy(
     ))
 }
 
-async fn ensure_bucket(clients: &Clients, bucket: &str) -> Result<Step> {
+async fn ensure_bucket(clients: &Clients, bucket: &str, identity: &str) -> Result<Step> {
     if clients.s3.head_bucket().bucket(bucket).send().await.is_ok() {
         return Ok(step("exists", format!("bucket {bucket}")));
     }
@@ -218,7 +314,10 @@ async fn ensure_bucket(clients: &Clients, bucket: &str) -> Result<Step> {
         );
     }
     match req.send().await {
-        Ok(_) => Ok(step("created", format!("bucket {bucket}"))),
+        Ok(_) => {
+            tag_bucket(clients, bucket, identity).await?;
+            Ok(step("created", format!("bucket {bucket}")))
+        }
         Err(e)
             if e.as_service_error()
                 .is_some_and(|se| se.is_bucket_already_owned_by_you()) =>
@@ -236,17 +335,48 @@ async fn ensure_bucket(clients: &Clients, bucket: &str) -> Result<Step> {
     }
 }
 
+/// Our tag on a bucket just created (CreateBucket takes no tags).
+async fn tag_bucket(clients: &Clients, bucket: &str, identity: &str) -> Result<()> {
+    let tagging = aws_sdk_s3::types::Tagging::builder()
+        .tag_set(
+            aws_sdk_s3::types::Tag::builder()
+                .key(TAG_KEY)
+                .value(identity)
+                .build()?,
+        )
+        .build()?;
+    clients
+        .s3
+        .put_bucket_tagging()
+        .bucket(bucket)
+        .tagging(tagging)
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "created bucket {bucket} but cannot tag it {TAG_KEY}={identity} ({}); without the tag `provision --destroy` leaves it alone: allow s3:PutBucketTagging and tag it by hand",
+                describe(&e)
+            )
+        })?;
+    Ok(())
+}
+
 async fn ensure_queue(
     clients: &Clients,
     name: &str,
     attrs: &[(QueueAttributeName, String)],
+    identity: &str,
 ) -> Result<(String, Step)> {
     if let Ok(out) = clients.sqs.get_queue_url().queue_name(name).send().await {
         if let Some(url) = out.queue_url() {
             return Ok((url.to_string(), step("exists", format!("queue {name}"))));
         }
     }
-    let mut req = clients.sqs.create_queue().queue_name(name);
+    let mut req = clients
+        .sqs
+        .create_queue()
+        .queue_name(name)
+        .tags(TAG_KEY, identity);
     for (k, v) in attrs {
         req = req.attributes(k.clone(), v);
     }
@@ -359,7 +489,7 @@ async fn ensure_notification(
     let existing = current.queue_configurations();
     let ours_now: BTreeSet<(String, String, String, String)> = existing
         .iter()
-        .filter(|q| q.id().unwrap_or("").starts_with(NOTIFICATION_ID_PREFIX))
+        .filter(|q| owned::is_ours(q.id()))
         .map(|q| {
             (
                 q.id().unwrap_or("").to_string(),
@@ -375,7 +505,7 @@ async fn ensure_notification(
         .filter(|p| p.bucket == bucket)
         .map(|p| {
             (
-                format!("{NOTIFICATION_ID_PREFIX}{}", p.name),
+                format!("{ID_PREFIX}{}", p.name),
                 queue_arn.to_string(),
                 p.prefix.clone(),
                 p.suffix.clone(),
@@ -386,14 +516,45 @@ async fn ensure_notification(
     if ours_now == wanted {
         return Ok(step("exists", what));
     }
-    let mut queues: Vec<QueueConfiguration> = existing
-        .iter()
-        .filter(|q| !q.id().unwrap_or("").starts_with(NOTIFICATION_ID_PREFIX))
-        .cloned()
-        .collect();
+    let mut queues = others_notifications(&current);
     for (id, arn, prefix, suffix) in &wanted {
         queues.push(queue_notification(id, arn, prefix, suffix)?);
     }
+    put_notifications(clients, bucket, &current, queues)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot set the notification of bucket {bucket} (does the queue policy allow S3 to send?): {e}"
+            )
+        })?;
+    Ok(step(
+        if ours_now.is_empty() {
+            "created"
+        } else {
+            "updated"
+        },
+        what,
+    ))
+}
+
+/// The bucket's queue notifications that are not ours.
+fn others_notifications(current: &NotificationOutput) -> Vec<QueueConfiguration> {
+    current
+        .queue_configurations()
+        .iter()
+        .filter(|q| !owned::is_ours(q.id()))
+        .cloned()
+        .collect()
+}
+
+/// The bucket's notification configuration with `queues` as its queue entries; its topic, Lambda and
+/// EventBridge entries as they are. The error is the service's, described.
+async fn put_notifications(
+    clients: &Clients,
+    bucket: &str,
+    current: &NotificationOutput,
+    queues: Vec<QueueConfiguration>,
+) -> Result<(), String> {
     let conf = NotificationConfiguration::builder()
         .set_queue_configurations(Some(queues))
         .set_topic_configurations(Some(current.topic_configurations().to_vec()))
@@ -407,20 +568,8 @@ async fn ensure_notification(
         .notification_configuration(conf)
         .send()
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot set the notification of bucket {bucket} (does the queue policy allow S3 to send?): {}",
-                describe(&e)
-            )
-        })?;
-    Ok(step(
-        if ours_now.is_empty() {
-            "created"
-        } else {
-            "updated"
-        },
-        what,
-    ))
+        .map(|_| ())
+        .map_err(|e| describe(&e))
 }
 
 fn empty_notification_quirk<E>(
@@ -438,35 +587,31 @@ fn empty_notification_quirk<E>(
     })
 }
 
-async fn ensure_table(clients: &Clients, table: &str, want: &[TableKey]) -> Result<Step> {
+/// The table, created with `want` as its key unless it exists; `Ok(Err(found))` when it exists with
+/// another key (left alone).
+async fn ensure_table(
+    clients: &Clients,
+    table: &str,
+    want: &[TableKey],
+    identity: &str,
+) -> Result<Result<Step, Vec<TableKey>>> {
     let ddb = &clients.dynamodb;
-    match ddb.describe_table().table_name(table).send().await {
-        Ok(out) => {
-            let key = out
-                .table()
-                .map(|t| t.key_schema())
-                .unwrap_or_default()
-                .iter()
-                .map(|k| k.attribute_name().to_string())
-                .collect::<Vec<_>>();
-            let names: Vec<&str> = want.iter().map(|k| k.name.as_str()).collect();
-            if key != names {
-                bail!(
-                    "DynamoDB table {table} exists with key {key:?}, but its pipeline's schema needs {}: use another table name",
-                    shown_key(want)
-                );
-            }
-            return Ok(step("exists", format!("table {table}")));
+    if let Some((found, _)) = existing_table(clients, table).await? {
+        if found != want {
+            return Ok(Err(found));
         }
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|se| se.is_resource_not_found_exception()) => {}
-        Err(e) => bail!("cannot describe DynamoDB table {table}: {}", describe(&e)),
+        return Ok(Ok(step("exists", format!("table {table}"))));
     }
     let mut create = ddb
         .create_table()
         .table_name(table)
-        .billing_mode(BillingMode::PayPerRequest);
+        .billing_mode(BillingMode::PayPerRequest)
+        .tags(
+            aws_sdk_dynamodb::types::Tag::builder()
+                .key(TAG_KEY)
+                .value(identity)
+                .build()?,
+        );
     for (i, k) in want.iter().enumerate() {
         create = create
             .attribute_definitions(
@@ -498,7 +643,7 @@ async fn ensure_table(clients: &Clients, table: &str, want: &[TableKey]) -> Resu
         let out = ddb.describe_table().table_name(table).send().await;
         if let Ok(out) = out {
             if out.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
-                return Ok(step("created", format!("table {table}")));
+                return Ok(Ok(step("created", format!("table {table}"))));
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
