@@ -359,12 +359,17 @@ async fn bucket_exists(clients: &Clients, bucket: &str) -> Result<bool> {
     }
 }
 
-async fn bucket_holds_objects(clients: &Clients, bucket: &str) -> Result<bool> {
-    let out = clients
+/// The first `max` object versions and delete markers of a bucket.
+async fn versions(
+    clients: &Clients,
+    bucket: &str,
+    max: i32,
+) -> Result<aws_sdk_s3::operation::list_object_versions::ListObjectVersionsOutput> {
+    clients
         .s3
         .list_object_versions()
         .bucket(bucket)
-        .max_keys(1)
+        .max_keys(max)
         .send()
         .await
         .map_err(|e| {
@@ -372,7 +377,11 @@ async fn bucket_holds_objects(clients: &Clients, bucket: &str) -> Result<bool> {
                 "cannot list the objects of bucket {bucket}: {}",
                 describe(&e)
             )
-        })?;
+        })
+}
+
+async fn bucket_holds_objects(clients: &Clients, bucket: &str) -> Result<bool> {
+    let out = versions(clients, bucket, 1).await?;
     Ok(!out.versions().is_empty() || !out.delete_markers().is_empty())
 }
 
@@ -381,19 +390,7 @@ async fn empty_bucket(clients: &Clients, bucket: &str) -> Result<u64> {
     let mut removed = 0u64;
     loop {
         // Deleting as we go: each listing starts from the top again.
-        let out = clients
-            .s3
-            .list_object_versions()
-            .bucket(bucket)
-            .max_keys(1000)
-            .send()
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot list the objects of bucket {bucket}: {}",
-                    describe(&e)
-                )
-            })?;
+        let out = versions(clients, bucket, 1000).await?;
         let ids: Vec<ObjectIdentifier> = out
             .versions()
             .iter()
