@@ -13,6 +13,7 @@
 //! - `spool`: the private local files an object is streamed into.
 //! - `transfer`: S3 transfers (streamed downloads, multipart uploads, reports).
 //! - `compression`: gzip and zstd objects, recognised and decompressed as a bounded stream.
+//! - `disk`: the spool's free space against `spool.min_free`, with hysteresis.
 //! - `docker`: the Docker engine (connect with version negotiation, not-found, image tarballs).
 //! - `egress`: the way out to AWS (proxies, `no_proxy`, the extra root CA): the one HTTP client
 //!   every AWS client is built on, the variables children get, and egress failures in one line.
@@ -59,6 +60,7 @@ pub(crate) mod limits;
 
 pub mod clock;
 pub mod compression;
+pub mod disk;
 pub(crate) mod docker;
 pub mod egress;
 pub(crate) mod spool;

@@ -183,6 +183,28 @@ struct ReloadLabels {
     outcome: Reload,
 }
 
+/// What an earlier run left that the daemon removed at start.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub(crate) enum Leftover {
+    Spool,
+    Container,
+}
+
+impl Leftover {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Leftover::Spool => "spool",
+            Leftover::Container => "container",
+        }
+    }
+}
+label_value!(Leftover);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeftoverLabels {
+    kind: Leftover,
+}
+
 /// An ECS agent supervisor state, as its `Display` spells it (a fixed set).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
@@ -290,6 +312,8 @@ struct FileSeries {
     bytes_uploaded: Counter,
     in_flight: Gauge,
     free_slots: Gauge,
+    spool_free: Gauge,
+    leftovers: Family<LeftoverLabels, Counter>,
 }
 
 impl FileSeries {
@@ -321,6 +345,22 @@ impl FileSeries {
                 "worker_slots_free",
                 "Worker slots free (queue.max_in_flight minus busy)",
             ),
+            spool_free: registered(
+                r,
+                "spool_free_bytes",
+                "Free bytes on the spool's file system (below spool.min_free the daemon stops receiving)",
+            ),
+            leftovers: {
+                let f: Family<LeftoverLabels, Counter> = registered(
+                    r,
+                    "leftovers_removed",
+                    "What earlier runs left that was removed at start: spool entries, processor containers",
+                );
+                for kind in [Leftover::Spool, Leftover::Container] {
+                    let _ = f.get_or_create(&LeftoverLabels { kind });
+                }
+                f
+            },
         }
     }
 }
@@ -456,6 +496,8 @@ pub(crate) struct Metrics {
     host: HostSeries,
     /// Whether the queue can be reached, with the reason when not (for the status line and `/readyz`).
     pub(crate) queue: QueueHealth,
+    /// Why the daemon is not receiving because the spool is short of space (`None`: it is not).
+    spool_low: Mutex<Option<String>>,
     pipelines: Mutex<BTreeSet<String>>,
     recent: Mutex<VecDeque<RecentError>>,
     credentials_seen: AtomicU64,
@@ -480,6 +522,7 @@ impl Metrics {
             host: HostSeries::register(&mut registry),
             registry,
             queue: QueueHealth::default(),
+            spool_low: Mutex::new(None),
             pipelines: Mutex::new(BTreeSet::new()),
             recent: Mutex::new(VecDeque::new()),
             credentials_seen: AtomicU64::new(0),
@@ -662,6 +705,32 @@ impl Metrics {
     pub(crate) fn slots(&self, in_flight: usize, free: usize) {
         self.worker.in_flight.set(in_flight as i64);
         self.worker.free_slots.set(free as i64);
+    }
+
+    /// The spool's free space as last measured, and why receiving stopped (`None`: it did not).
+    pub(crate) fn spool(&self, free: Option<u64>, low: Option<String>) {
+        if let Some(free) = free {
+            self.worker.spool_free.set(free.min(i64::MAX as u64) as i64);
+        }
+        *self.spool_low.lock().unwrap_or_else(|e| e.into_inner()) = low;
+    }
+
+    pub(crate) fn leftovers_removed(&self, kind: Leftover, n: usize) {
+        self.worker
+            .leftovers
+            .get_or_create(&LeftoverLabels { kind })
+            .inc_by(n as u64);
+    }
+
+    pub(crate) fn spool_problem(&self) -> Option<String> {
+        self.spool_low
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn spool_free_bytes(&self) -> u64 {
+        self.worker.spool_free.get().max(0) as u64
     }
 
     pub(crate) fn in_flight(&self) -> u64 {

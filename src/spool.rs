@@ -13,6 +13,8 @@ use sha2::{Digest, Sha256};
 pub(crate) struct Spool {
     dir: PathBuf,
     seq: AtomicU64,
+    /// Its file system's free space against `spool.min_free`.
+    room: crate::disk::Watermark,
 }
 
 /// One object's private directory in the spool (mode 0700): the downloaded input under its own file
@@ -138,11 +140,16 @@ impl Spool {
         Ok(Spool {
             dir: dir.to_path_buf(),
             seq: AtomicU64::new(0),
+            room: crate::disk::Watermark::new(dir.to_path_buf()),
         })
     }
 
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    pub(crate) fn room(&self) -> &crate::disk::Watermark {
+        &self.room
     }
 
     /// Remove what a crashed or killed predecessor left behind (the daemon alone owns the spool; their

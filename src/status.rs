@@ -76,6 +76,12 @@ pub(crate) struct WorkerStatus {
     pub(crate) files_failed: u64,
     pub(crate) rows_per_second_1m: f64,
     pub(crate) queue_problem: Option<String>,
+    /// Free bytes on the spool's file system (absent from a daemon older than the field).
+    #[serde(default)]
+    pub(crate) spool_free_bytes: Option<u64>,
+    /// Why nothing is received: the spool is below `spool.min_free`.
+    #[serde(default)]
+    pub(crate) spool_problem: Option<String>,
     pub(crate) pipelines: Vec<PipelineCounts>,
     pub(crate) unavailable_pipelines: Vec<Unavailable>,
 }
@@ -158,6 +164,15 @@ impl StatusDoc {
         if let Some(p) = &w.queue_problem {
             let _ = writeln!(o, "queue:        {p}");
         }
+        match (&w.spool_problem, w.spool_free_bytes) {
+            (Some(p), _) => {
+                let _ = writeln!(o, "spool:        {p}");
+            }
+            (None, Some(free)) => {
+                let _ = writeln!(o, "spool:        {} free", crate::disk::human(free));
+            }
+            (None, None) => {}
+        }
         for p in &w.pipelines {
             let _ = writeln!(
                 o,
@@ -217,6 +232,8 @@ mod tests {
                 files_failed: 0,
                 rows_per_second_1m: 12.5,
                 queue_problem: None,
+                spool_free_bytes: Some(3 << 30),
+                spool_problem: None,
                 pipelines: vec![],
                 unavailable_pipelines: vec![Unavailable {
                     pipeline: "thumbs".into(),

@@ -465,6 +465,27 @@ table = "Order"
 output_prefix = "output/"
 "#;
 
+    #[test]
+    fn min_free_is_a_size_or_a_percentage() {
+        let with = |v: &str| {
+            GOOD.replace(
+                "dir = \"/tmp/spool\"",
+                &format!("dir = \"/tmp/spool\"\nmin_free = {v}"),
+            )
+        };
+        let cfg = from_toml_str(&with("\"5%\""), "agent.toml").unwrap();
+        assert_eq!(cfg.spool.min_free, crate::disk::MinFree::Percent(5.0));
+        let cfg = from_toml_str(&with("1048576"), "agent.toml").unwrap();
+        assert_eq!(cfg.spool.min_free, crate::disk::MinFree::Bytes(1 << 20));
+        let err = from_toml_str(&with("\"lots\""), "agent.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spool.min_free (in ") && err.contains("\"lots\" is no size"),
+            "{err}"
+        );
+    }
+
     /// Every value `config/agent.toml` sets is the code's default: the reference file cannot drift.
     #[test]
     fn the_reference_file_documents_the_code_defaults() {

@@ -324,6 +324,26 @@ impl QueueConfig {
     }
 }
 
+/// `spool.min_free`: a size ("1GiB"), a percentage ("5%") or a number of bytes.
+fn read_min_free(r: &mut Reader<'_>, default: crate::disk::MinFree) -> crate::disk::MinFree {
+    let Some(v) = r.take("min_free") else {
+        return default;
+    };
+    let text = match &v.kind {
+        config::ValueKind::String(s) => s.clone(),
+        config::ValueKind::I64(n) if *n >= 0 => n.to_string(),
+        config::ValueKind::U64(n) => n.to_string(),
+        _ => String::new(),
+    };
+    match crate::disk::MinFree::parse(&text) {
+        Ok(m) => m,
+        Err(e) => {
+            r.problem("min_free", Some(&v), e);
+            default
+        }
+    }
+}
+
 /// `[spool]`: where objects wait on local disk while they are processed.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SpoolConfig {
@@ -334,6 +354,8 @@ pub struct SpoolConfig {
     /// ... and, past its first [`crate::compression::RATIO_GRACE_BYTES`], to at most this many times
     /// its compressed size.
     pub max_compression_ratio: u64,
+    /// Below this much free space on the spool's file system the daemon stops receiving.
+    pub min_free: crate::disk::MinFree,
 }
 
 impl Default for SpoolConfig {
@@ -343,6 +365,7 @@ impl Default for SpoolConfig {
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             max_decompressed_bytes: crate::compression::DEFAULT_MAX_DECOMPRESSED_BYTES,
             max_compression_ratio: crate::compression::DEFAULT_MAX_RATIO,
+            min_free: crate::disk::DEFAULT_MIN_FREE,
         }
     }
 }
@@ -365,6 +388,7 @@ impl SpoolConfig {
                 2,
                 100_000,
             ),
+            min_free: read_min_free(r, d.min_free),
         }
     }
 

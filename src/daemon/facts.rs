@@ -35,6 +35,9 @@ pub(super) fn status_line(
     if let Some(problem) = stats.queue.describe() {
         parts.push(problem);
     }
+    if let Some(problem) = stats.spool_problem() {
+        parts.push(problem);
+    }
     for (pipeline, _) in unavailable {
         parts.push(format!("pipeline {pipeline} unavailable (see the log)"));
     }
@@ -76,6 +79,9 @@ impl crate::admin::Facts for DaemonFacts {
             return Err("shutting down: not taking new work".into());
         }
         if let Some(problem) = self.metrics.queue.describe() {
+            return Err(problem);
+        }
+        if let Some(problem) = self.metrics.spool_problem() {
             return Err(problem);
         }
         if !self.metrics.queue_seen() {
@@ -120,6 +126,8 @@ impl crate::admin::Facts for DaemonFacts {
                     .files_total(&[FileOutcome::PermanentError, FileOutcome::TransientRetry]),
                 rows_per_second_1m: m.rows_per_second(),
                 queue_problem: m.queue.describe(),
+                spool_free_bytes: Some(m.spool_free_bytes()),
+                spool_problem: m.spool_problem(),
                 pipelines: m.by_pipeline(),
                 unavailable_pipelines: self
                     .objects

@@ -194,10 +194,10 @@ impl Daemon {
         }
         let cfg = settings.current.clone();
         check_egress(&clients, &cfg).await;
-        let spool = open_spool(&cfg)?;
+        let stats = Arc::new(Metrics::new());
+        let spool = open_spool(&cfg, &stats)?;
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
-        let stats = Arc::new(Metrics::new());
         for p in &cfg.pipelines {
             stats.pipeline(&p.name);
         }
@@ -379,6 +379,9 @@ impl Daemon {
         if let Some(c) = &self.credentials {
             self.stats.credentials_reloaded_total(c.reloads());
         }
+        // The gauge and readiness follow the spool's space while every slot is busy too.
+        self.objects
+            .spool_has_room(self.settings.current.spool.min_free);
         if let Some(skew) = self.objects.ctx.clients.clock.skew_seconds() {
             self.stats.clock_skew(skew);
         }
@@ -458,14 +461,20 @@ fn start_supervisor(
 
 /// Remove the processor containers a killed predecessor left, then check every pipeline once.
 async fn clean_and_check(objects: Arc<ObjectProcessor>, cfg: Config) {
-    if let Err(e) = objects.ctx.docker.remove_orphans().await {
-        tracing::warn!(error = %e, "cannot look for processor containers left by an earlier run");
+    match objects.ctx.docker.remove_orphans().await {
+        Ok(n) => objects
+            .ctx
+            .metrics
+            .leftovers_removed(crate::metrics::Leftover::Container, n),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look for processor containers left by an earlier run")
+        }
     }
     objects.preflight(&cfg).await;
 }
 
 /// The spool, opened and cleaned of what an earlier run left.
-fn open_spool(cfg: &Config) -> Result<Spool> {
+fn open_spool(cfg: &Config, stats: &Metrics) -> Result<Spool> {
     let spool = Spool::open(&cfg.spool.dir).with_context(|| {
         format!(
             "cannot create spool.dir {} (run as the offload-agent user, or fix its ownership)",
@@ -474,10 +483,13 @@ fn open_spool(cfg: &Config) -> Result<Spool> {
     })?;
     match spool.clean_stale() {
         Ok(0) => {}
-        Ok(n) => tracing::info!(
-            files = n,
-            "removed spool files left by an earlier run; their messages return through SQS"
-        ),
+        Ok(n) => {
+            stats.leftovers_removed(crate::metrics::Leftover::Spool, n);
+            tracing::info!(
+                files = n,
+                "removed spool files left by an earlier run; their messages return through SQS"
+            )
+        }
         Err(e) => {
             tracing::warn!(error = %e, dir = %cfg.spool.dir.display(), "cannot clean the spool")
         }

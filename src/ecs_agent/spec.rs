@@ -46,6 +46,17 @@ pub(crate) const DEFAULT_ENV: &[(&str, &str)] = &[
     ("AWS_SHARED_CREDENTIALS_FILE", "/rotatingcreds/credentials"),
 ];
 
+/// The agent's own clean-up of stopped tasks and unused images, tighter than its defaults (3 h, 30 min,
+/// 1 h, 5): a full disk is the most common cause of an external instance disconnecting
+/// (amazon-ecs-agent#632, #1550), and an on-premises disk is small and not replaced by a fresh
+/// instance. The env files override them.
+pub(crate) const CLEANUP_ENV: &[(&str, &str)] = &[
+    ("ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION", "1h"),
+    ("ECS_IMAGE_CLEANUP_INTERVAL", "10m"),
+    ("ECS_IMAGE_MINIMUM_CLEANUP_AGE", "30m"),
+    ("ECS_NUM_IMAGES_DELETE_PER_CYCLE", "10"),
+];
+
 /// Values ecs-init sets after reading the env files on an external (ECS Anywhere) instance: a user's
 /// env file cannot turn them on. Task networking needs EC2; EBS task attach too (ecs-init turns it off
 /// when it cannot make the EBS mount directory, which an external host never has).
@@ -198,6 +209,7 @@ impl ContainerSpec {
     ) -> Result<ContainerSpec, SetupError> {
         let mut env: BTreeMap<String, String> = DEFAULT_ENV
             .iter()
+            .chain(CLEANUP_ENV)
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         for rel in ENV_FILES {
@@ -411,8 +423,12 @@ mod tests {
                 "ECS_ENABLE_TASK_ENI=false",
                 "ECS_ENABLE_TASK_IAM_ROLE=true",
                 "ECS_ENABLE_TASK_IAM_ROLE_NETWORK_HOST=true",
+                "ECS_ENGINE_TASK_CLEANUP_WAIT_DURATION=1h",
                 "ECS_EXTERNAL=true",
+                "ECS_IMAGE_CLEANUP_INTERVAL=10m",
+                "ECS_IMAGE_MINIMUM_CLEANUP_AGE=30m",
                 "ECS_LOGFILE=/log/ecs-agent.log",
+                "ECS_NUM_IMAGES_DELETE_PER_CYCLE=10",
                 "ECS_UPDATES_ENABLED=true",
                 "ECS_UPDATE_DOWNLOAD_DIR=/var/cache/ecs",
                 "ECS_VOLUME_PLUGIN_CAPABILITIES=[\"efsAuth\"]",

@@ -41,6 +41,9 @@ fn resize(slots: &Arc<Semaphore>, capacity: &mut usize, want: usize) {
     *capacity = want;
 }
 
+/// How often the spool's free space is looked at again while it is below `spool.min_free`.
+const ROOM_RECHECK: Duration = Duration::from_secs(2);
+
 /// The first wait after a failed receive.
 const RECEIVE_BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// The longest wait between two receive attempts while the queue is unreachable: at most two
@@ -81,6 +84,15 @@ pub(crate) async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: Can
             Slots::Resized => continue,
             Slots::Stop => break,
         };
+        let min_free = pool.worker.config.borrow().spool.min_free;
+        if !pool.worker.objects.spool_has_room(min_free) {
+            // Nothing is received while the spool is short of space; files in flight go on.
+            drop(permits);
+            tokio::select! {
+                _ = tokio::time::sleep(ROOM_RECHECK) => continue,
+                _ = stop.cancelled() => break,
+            }
+        }
         // Dropping a long poll on shutdown is safe: anything it had received becomes visible again
         // when its visibility timeout ends.
         let result = tokio::select! {

@@ -56,6 +56,35 @@ impl ObjectProcessor {
         }
     }
 
+    /// Whether the spool has room to receive more files (against `min_free`, with hysteresis): the
+    /// gauge and the reason recorded, the change logged once.
+    pub(crate) fn spool_has_room(&self, min_free: crate::disk::MinFree) -> bool {
+        use crate::disk::{Change, Room};
+        let (room, change) = self.spool.room().check(min_free);
+        let metrics = &self.ctx.metrics;
+        match room {
+            Room::Ok { free } => {
+                if change == Change::Recovered {
+                    tracing::info!(free_bytes = free, "the spool has room again: receiving");
+                }
+                metrics.spool(Some(free), None);
+                true
+            }
+            Room::Low { free, reason } => {
+                if change == Change::WentLow {
+                    tracing::warn!(free_bytes = free, "{reason}");
+                }
+                metrics.spool(Some(free), Some(reason));
+                false
+            }
+            Room::Unknown(why) => {
+                tracing::debug!("{why}");
+                metrics.spool(None, None);
+                true
+            }
+        }
+    }
+
     /// Run one object through `pipeline`, configured by `cfg`.
     pub(crate) async fn process(
         &self,
@@ -74,6 +103,12 @@ impl ObjectProcessor {
                 obj.key,
                 S3_MAX_KEY_BYTES
             )));
+        }
+        if let Some(size) = obj.size {
+            self.spool
+                .room()
+                .fits(size, cfg.spool.min_free)
+                .map_err(ProcessError::Transient)?;
         }
         let mut files = self.spool.files_for(&obj.bucket, &obj.key).map_err(|e| {
             ProcessError::Transient(format!(

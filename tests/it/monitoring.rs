@@ -361,3 +361,126 @@ async fn misbehaving_local_clients_do_not_delay_the_health_checks() {
     assert_eq!(get(port, "/healthz").await.0, 200);
     drop(agent);
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped (after the daemon using it is gone).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: std::path::PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg("tmpfs")
+            .arg(&at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs failed (the test runs as root, as `sudo scripts/test` does): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn fill(path: &std::path::Path, mib: usize) {
+    std::fs::write(path, vec![b'x'; mib << 20]).unwrap();
+}
+
+/// The spool on an 8 MiB tmpfs with `spool.min_free = "2MiB"` (resumes above 3 MiB). Filled to
+/// 1 MiB free: `/readyz` is 503 naming `spool.min_free`, the status line and `status` say so, the
+/// gauge shows it, and three uploaded files stay in the queue unreceived (the emulator's counts).
+/// Space freed: ready again, the files processed. A 2 MiB object with 3 MiB free (1 MiB above the
+/// mark) is not downloaded and comes back; processed once there is room. Nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spool_short_of_space_stops_receiving_until_there_is_room() {
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/processor.sh");
+    let port = free_port();
+    let w = World::with(
+        "spool-low",
+        Options {
+            admin_listen: format!("127.0.0.1:{port}"),
+            retry_base: "1s",
+            retry_max: "2s",
+            extra: format!(
+                r#"
+[[pipeline]]
+name = "sizes"
+bucket = "{{bucket}}"
+prefix = "big/"
+output_prefix = "big-out/"
+[pipeline.processor.command]
+program = "{SCRIPT}"
+args = ["{{input}}", "{{output_dir}}"]
+"#
+            ),
+            ..Options::default()
+        },
+    )
+    .await;
+    let small = Tmpfs::mount(w.dir.path().join("small"), "8m");
+    let filler = small.0.join("filler");
+    fill(&filler, 7);
+    let mut cmd = w.agent(&["run"]);
+    cmd.env("OFFLOAD_AGENT_SPOOL__DIR", small.0.join("spool"))
+        .env("OFFLOAD_AGENT_SPOOL__MIN_FREE", "2MiB");
+    let agent = w.start_cmd(cmd);
+
+    let why = wait_ready(port, 503, &agent).await;
+    assert!(why.contains("below spool.min_free (2 MiB)"), "{why}");
+    let m = parse_metrics(&get(port, "/metrics").await.1);
+    let free = m["offload_spool_free_bytes"];
+    assert!(free > 0.0 && free < (2 << 20) as f64, "{free}");
+    let status = w
+        .agent(&["status", "--listen", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(status.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("spool:") && text.contains("spool.min_free"),
+        "{text}"
+    );
+
+    for i in 0..3 {
+        w.put(&format!("input/wait-{i}.csv"), orders_csv(i * 10, 10))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(w.depth(&w.queue).await, (3, 0), "a message was received");
+    assert!(w.get("output/wait-0.csv").await.is_none());
+    assert!(agent.log_text().contains("not receiving until"));
+
+    // Room again (5 MiB free, above the resume mark): ready, and the files go through.
+    fill(&filler, 3);
+    wait_ready(port, 200, &agent).await;
+    for i in 0..3 {
+        w.wait_for(&format!("output/wait-{i}.csv"), WAIT, &agent)
+            .await;
+    }
+    w.wait_queue_empty(WAIT, &agent).await;
+    assert!(agent.log_text().contains("the spool has room again"));
+
+    // 3 MiB free, still receiving, but a 2 MiB object does not fit above the 2 MiB mark: not
+    // downloaded.
+    fill(&filler, 5);
+    w.put("big/big.bin", vec![b'\n'; 2 << 20]).await;
+    agent.wait_log("not downloaded", WAIT).await;
+    assert!(w.get("big-out/big.bin/count.txt").await.is_none());
+    std::fs::remove_file(&filler).unwrap();
+    let count = w.wait_for("big-out/big.bin/count.txt", WAIT, &agent).await;
+    assert_eq!(String::from_utf8_lossy(&count), format!("{}\n", 2 << 20));
+    w.wait_queue_empty(WAIT, &agent).await;
+    assert!(w.drain_dlq().await.is_empty());
+    assert_eq!(w.items().await.len(), 30);
+    drop(agent);
+}
