@@ -78,7 +78,7 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-fn env_map() -> BTreeMap<String, String> {
+pub(crate) fn env_map() -> BTreeMap<String, String> {
     std::env::vars().collect()
 }
 
@@ -170,6 +170,11 @@ async fn dispatch(cli: Cli, log: LogHandle) -> Result<(), Failure> {
                 .await
                 .map_err(registration_failure)
         }
+        Command::Diagnose {
+            config,
+            since,
+            output,
+        } => diagnose(&config.config, since, output).await,
         Command::Status {
             config,
             json,
@@ -235,6 +240,32 @@ async fn provision(config: &Path) -> Result<(), Failure> {
             problems: done.mismatched,
         }))
     }
+}
+
+/// `diagnose`: the bundle written, each part that could not be collected named.
+async fn diagnose(
+    config: &Path,
+    since: std::time::Duration,
+    output: Option<std::path::PathBuf>,
+) -> Result<(), Failure> {
+    let w = crate::diagnose::run(config, since, output)
+        .await
+        .map_err(Failure::Runtime)?;
+    let missing: Vec<_> = w
+        .parts
+        .iter()
+        .filter_map(|(n, why)| why.as_ref().map(|w| (n, w)))
+        .collect();
+    println!(
+        "wrote {} ({} parts, {} not collected; secrets redacted)",
+        w.path.display(),
+        w.parts.len(),
+        missing.len()
+    );
+    for (name, why) in missing {
+        println!("  not collected {name}: {why}");
+    }
+    Ok(())
 }
 
 /// `provision --destroy`: the plan, then (with `yes`) its removal; data is refused without `force`.
@@ -370,6 +401,20 @@ fn registration_failure(e: crate::registration::Error) -> Failure {
 /// `config check`: validate every layer (Parameter Store too, when configured and reachable), print
 /// the effective configuration and where each value that is not a default came from.
 async fn config_check(path: &Path) -> Result<(), Failure> {
+    print!("{}", effective_config(path).await?.text);
+    Ok(())
+}
+
+/// What `config check` prints, and the values of the SecureString parameters it read (masked in
+/// its text; `diagnose` masks them everywhere else too).
+pub(crate) struct Effective {
+    pub(crate) text: String,
+    pub(crate) secure_values: Vec<String>,
+}
+
+/// The effective configuration (files, Parameter Store, environment) as `config check` shows it.
+pub(crate) async fn effective_config(path: &Path) -> Result<Effective, Failure> {
+    use std::fmt::Write;
     let env = env_map();
     let base = load(path)?;
     let mut params = None;
@@ -398,11 +443,22 @@ async fn config_check(path: &Path) -> Result<(), Failure> {
     }
     let loaded = config::load_with(path, params.as_ref(), &env).map_err(Failure::Config)?;
     let secret = params.as_ref().map(|p| p.secure_keys()).unwrap_or_default();
+    let secure_values = params
+        .iter()
+        .flat_map(|p| &p.parameters)
+        .filter(|p| p.secure)
+        .map(|p| p.value.clone())
+        .collect();
     let files: Vec<String> = config::layer_files(path)
         .iter()
         .map(|p| p.display().to_string())
         .collect();
-    println!("# configuration is valid; read from: {}", files.join(", "));
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# configuration is valid; read from: {}",
+        files.join(", ")
+    );
     let longest = loaded.config.agent.shutdown_grace + crate::daemon::SHUTDOWN_OVERHEAD;
     if longest > crate::daemon::UNIT_TIMEOUT_STOP {
         notes.push(format!(
@@ -415,14 +471,20 @@ async fn config_check(path: &Path) -> Result<(), Failure> {
         ));
     }
     for n in &notes {
-        println!("# {n}");
+        let _ = writeln!(o, "# {n}");
     }
-    print!("{}", loaded.config.to_toml(&secret));
-    println!("\n# Where each value came from (every other key: its built-in default):");
+    o.push_str(&loaded.config.to_toml(&secret));
+    let _ = writeln!(
+        o,
+        "\n# Where each value came from (every other key: its built-in default):"
+    );
     for (key, origin) in &loaded.origins {
-        println!("#   {key}: {origin}");
+        let _ = writeln!(o, "#   {key}: {origin}");
     }
-    Ok(())
+    Ok(Effective {
+        text: o,
+        secure_values,
+    })
 }
 
 /// A progress bar on stderr (terminals, or when asked), fed by a byte counter that the processor

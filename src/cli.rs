@@ -51,6 +51,7 @@ EXAMPLES:
         --activation-code-file /root/activation-code
     offload-agent iam-policy --account 123456789012
     offload-agent status
+    offload-agent diagnose --since 6h -o /tmp/ticket-1234.tar.gz
     curl -s http://127.0.0.1:9464/metrics
 
 DOCUMENTATION:
@@ -262,6 +263,29 @@ pub(crate) enum Command {
         /// The endpoint's address (default: admin.listen of the configuration, else 127.0.0.1:9464).
         #[arg(long, value_name = "ADDR")]
         listen: Option<std::net::SocketAddr>,
+    },
+
+    /// Collect one .tar.gz for a support ticket, with every secret redacted.
+    ///
+    /// For the last --since (24h): the journals of offload-agent, ecs, amazon-ssm-agent and docker;
+    /// docker info, version and the containers; the ECS agent's container log and introspection
+    /// metadata; iptables-save (filter and nat) and route_localnet; `config check`'s output; the
+    /// daemon's /status; the credentials files' paths, modification times and expiry (never their
+    /// contents); the ECS agent's env files; a `preflight` table. Access keys, secret keys, session
+    /// tokens, activation codes, proxy passwords and SecureString values are replaced by <redacted>
+    /// in every file: those known on this host wherever they appear, and anything that looks like
+    /// one. Works without a running daemon and with a broken configuration; MANIFEST.txt in the
+    /// bundle lists each part, and what could not be collected with why. Run as root to read the
+    /// journals and the firewall. Exit 0 once the bundle is written, 1 when it cannot be.
+    Diagnose {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// How far back the journals and logs go.
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
+        /// Where to write the bundle (default: ./offload-agent-diagnose-HOST-TIME.tar.gz).
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
     },
 
     /// Inspect the configuration.

@@ -48,6 +48,7 @@
 //! - `registration`: `register` / `deregister` with SSM hybrid activation and ECS Anywhere.
 //! - `host`: the host's service manager (`systemctl`), called without blocking the runtime.
 //! - `preflight`: each endpoint this host needs, step by step (DNS, TCP, proxy, TLS, HTTP).
+//! - `diagnose`: one redacted support bundle of journals, Docker, the firewall, configuration and status.
 //! - `provision` (idempotent creation of the bucket, queues, notification and table, each tagged as
 //!   ours, and `--destroy`, which removes exactly that) and `iam_policy` (the least-privilege IAM policy a configuration needs).
 //!
@@ -82,6 +83,7 @@ pub(crate) mod params;
 pub(crate) mod status;
 pub mod telemetry;
 
+pub(crate) mod diagnose;
 pub mod ecs_agent;
 pub(crate) mod host;
 pub(crate) mod iam_policy;

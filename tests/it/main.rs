@@ -7,6 +7,8 @@ mod support;
 
 /// The command line as an operator meets it.
 mod cli;
+/// `diagnose`: the support bundle, every section, no secret.
+mod diagnose;
 /// The ECS agent supervisor against a real Docker engine.
 mod ecs_agent;
 /// Behind a company's egress: an authenticating proxy, a private root CA, no credentials.
