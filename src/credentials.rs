@@ -129,7 +129,7 @@ impl IdentityConfig {
 }
 
 /// RFC 3339 as the SSM agent (Go) writes it: `2026-01-02T03:04:05.123456789Z` or with an offset.
-fn parse_time(s: &str) -> Option<SystemTime> {
+pub(crate) fn parse_time(s: &str) -> Option<SystemTime> {
     let s = s.trim();
     if let Ok(t) = humantime::parse_rfc3339_weak(s.trim_end_matches('Z')) {
         if s.ends_with('Z') || !s.contains('+') {

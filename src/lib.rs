@@ -48,6 +48,7 @@
 //! - `registration`: `register` / `deregister` with SSM hybrid activation and ECS Anywhere.
 //! - `host`: the host's service manager (`systemctl`), called without blocking the runtime.
 //! - `preflight`: each endpoint this host needs, step by step (DNS, TCP, proxy, TLS, HTTP).
+//! - `watchdog`: restarting an SSM agent that stopped refreshing the credentials.
 //! - `diagnose`: one redacted support bundle of journals, Docker, the firewall, configuration and status.
 //! - `provision` (idempotent creation of the bucket, queues, notification and table, each tagged as
 //!   ours, and `--destroy`, which removes exactly that) and `iam_policy` (the least-privilege IAM policy a configuration needs).
@@ -90,3 +91,4 @@ pub(crate) mod iam_policy;
 pub(crate) mod preflight;
 pub(crate) mod provision;
 pub(crate) mod registration;
+pub(crate) mod watchdog;

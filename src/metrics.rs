@@ -434,6 +434,7 @@ struct HostSeries {
     registered: Family<RegisteredLabels, Gauge>,
     config_reloads: Family<ReloadLabels, Counter>,
     credentials_reloads: Counter,
+    ssm_agent_restarts: Counter,
     clock_skew: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
@@ -464,6 +465,11 @@ impl HostSeries {
                 r,
                 "credentials_reloads",
                 "Times rotated credentials were read again",
+            ),
+            ssm_agent_restarts: registered(
+                r,
+                "ssm_agent_restarts",
+                "Restarts of the SSM agent by the watchdog (it had stopped refreshing the credentials)",
             ),
             clock_skew: registered(
                 r,
@@ -758,6 +764,10 @@ impl Metrics {
     }
 
     /// The host's clock against AWS's, as last measured.
+    pub(crate) fn ssm_agent_restarted(&self) {
+        self.host.ssm_agent_restarts.inc();
+    }
+
     pub(crate) fn clock_skew(&self, seconds: f64) {
         self.host.clock_skew.set(seconds);
     }

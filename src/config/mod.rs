@@ -39,6 +39,7 @@ pub struct Config {
     pub host: HostConfig,
     pub ssm: SsmConfig,
     pub admin: AdminConfig,
+    pub watchdog: WatchdogConfig,
     pub network: NetworkConfig,
     #[serde(rename = "pipeline")]
     pub pipelines: Vec<Pipeline>,
@@ -318,6 +319,7 @@ fn from_tree(
         host: top.section("host", HostConfig::read),
         ssm: top.section("ssm", SsmConfig::read),
         admin: top.section("admin", AdminConfig::read),
+        watchdog: top.section("watchdog", WatchdogConfig::read),
         network: top.section("network", |r| read_network(r, env)),
         pipelines: Vec::new(),
     };

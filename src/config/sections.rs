@@ -645,6 +645,68 @@ impl SsmConfig {
     }
 }
 
+/// `[watchdog]`: recovering the SSM agent when it stops refreshing the rotating credentials.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WatchdogConfig {
+    /// Restart the SSM agent's unit (`host.ssm_service`, through `host.systemctl`) when it is stuck.
+    pub ssm_agent: bool,
+    /// Credentials retrieved longer ago than this are stale (expired ones are stale at once).
+    #[serde(with = "humantime_serde_compat")]
+    pub ssm_credentials_max_age: Duration,
+    /// Stale for this long before a restart.
+    #[serde(with = "humantime_serde_compat")]
+    pub ssm_stale_grace: Duration,
+    /// At most one restart per this interval.
+    #[serde(with = "humantime_serde_compat")]
+    pub ssm_restart_interval: Duration,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig {
+            ssm_agent: true,
+            ssm_credentials_max_age: crate::credentials::STALE_AFTER,
+            ssm_stale_grace: Duration::from_secs(10 * 60),
+            ssm_restart_interval: HOUR,
+        }
+    }
+}
+
+impl WatchdogConfig {
+    pub(super) fn read(r: &mut Reader<'_>) -> Self {
+        let d = Self::default();
+        WatchdogConfig {
+            ssm_agent: r.boolean("ssm_agent", d.ssm_agent),
+            ssm_credentials_max_age: r.duration(
+                "ssm_credentials_max_age",
+                d.ssm_credentials_max_age,
+                Duration::from_secs(60),
+                DAY,
+            ),
+            ssm_stale_grace: r.duration(
+                "ssm_stale_grace",
+                d.ssm_stale_grace,
+                Duration::from_secs(1),
+                DAY,
+            ),
+            ssm_restart_interval: r.duration(
+                "ssm_restart_interval",
+                d.ssm_restart_interval,
+                Duration::from_secs(60),
+                7 * DAY,
+            ),
+        }
+    }
+
+    pub(crate) fn ssm_limits(&self) -> crate::watchdog::SsmLimits {
+        crate::watchdog::SsmLimits {
+            max_age: self.ssm_credentials_max_age,
+            grace: self.ssm_stale_grace,
+            interval: self.ssm_restart_interval,
+        }
+    }
+}
+
 /// `[admin]`: the local health, metrics and status endpoint.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AdminConfig {

@@ -130,6 +130,8 @@ struct Daemon {
     turned: Arc<AtomicU64>,
     /// The SSM managed instance id as last read (`/status`, the registered gauge).
     managed_instance: Arc<Mutex<Option<String>>>,
+    /// Restarts the SSM agent when it stops refreshing the rotating credentials.
+    ssm_watchdog: crate::watchdog::SsmWatchdog,
     /// The `STATUS=` last sent.
     status: String,
     /// When Parameter Store is read again (None without `ssm.parameters_path`).
@@ -242,6 +244,7 @@ impl Daemon {
             started,
             turned: Arc::new(AtomicU64::new(0)),
             managed_instance: Arc::new(Mutex::new(None)),
+            ssm_watchdog: crate::watchdog::SsmWatchdog::default(),
             status: String::new(),
             next_refresh: None,
             release_pages_at: Some(Instant::now() + RELEASE_STARTUP_PAGES_AFTER),
@@ -364,12 +367,17 @@ impl Daemon {
         self.stats.sample_rows();
         // A file read: off the runtime's worker threads.
         let host = self.settings.current.host.clone();
-        let reg =
-            tokio::task::spawn_blocking(move || crate::registration::ssm::registration(&host))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .flatten();
+        let (reg, identity) = tokio::task::spawn_blocking(move || {
+            (
+                crate::registration::ssm::registration(&host).ok().flatten(),
+                crate::credentials::IdentityConfig::read(&host.identity_config()).ok(),
+            )
+        })
+        .await
+        .unwrap_or((None, None));
+        if let Some(id) = identity {
+            self.watch_ssm_agent(&id);
+        }
         self.stats
             .registered(crate::metrics::Registered::Ssm, reg.is_some());
         *self
@@ -393,6 +401,35 @@ impl Daemon {
         let last = self.beat.load(Ordering::Relaxed);
         if self.watchdog.is_some() && self.elapsed_ms().saturating_sub(last) < BEAT_STALE_MS {
             notify(&[NotifyState::Watchdog]);
+        }
+    }
+
+    /// The SSM agent watchdog's turn: a stuck agent's unit restarted (in the background).
+    fn watch_ssm_agent(&mut self, id: &crate::credentials::IdentityConfig) {
+        let cfg = &self.settings.current;
+        if !cfg.watchdog.ssm_agent {
+            return;
+        }
+        let verdict = self.ssm_watchdog.observe(
+            cfg.watchdog.ssm_limits(),
+            id,
+            Instant::now().into_std(),
+            std::time::SystemTime::now(),
+        );
+        if let crate::watchdog::Verdict::Restart(why) = verdict {
+            let unit = cfg.host.ssm_service.clone();
+            let systemctl = crate::host::Systemctl::new(cfg.host.systemctl.clone());
+            self.stats.ssm_agent_restarted();
+            tracing::warn!(unit = %unit, restarts = self.ssm_watchdog.restarts(), "restarting the SSM agent: {why}");
+            tokio::spawn(async move {
+                match systemctl.must(&["restart", &unit]).await {
+                    Ok(()) => tracing::info!(unit = %unit, "SSM agent restarted by the watchdog"),
+                    Err(e) => {
+                        let e = crate::error::chain(&e);
+                        tracing::error!(unit = %unit, error = %e, "the watchdog could not restart the SSM agent: {e}")
+                    }
+                }
+            });
         }
     }
 

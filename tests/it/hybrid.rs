@@ -723,3 +723,81 @@ async fn register_writes_the_egress_for_every_agent_and_deregister_removes_it() 
         "# keep me\nECS_RESERVED_MEMORY=32\n"
     );
 }
+
+/// The SSM agent watchdog, with a stand-in `systemctl` (host paths are configuration):
+/// identity_config.json says the credentials were retrieved two hours ago. After the grace (2 s)
+/// exactly one `restart amazon-ssm-agent`, logged with the reason and counted in
+/// `offload_ssm_agent_restarts_total`; none more within `ssm_restart_interval`, while the daemon
+/// keeps processing files with the credentials it holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_ssm_agent_is_restarted_once_per_interval() {
+    let holder = tempfile::tempdir().unwrap();
+    let root = holder.path();
+    let ssm_dir = root.join("ssm");
+    let creds = root.join("credentials");
+    std::fs::write(&creds, creds_file("testing", "testing")).unwrap();
+    std::fs::create_dir_all(ssm_dir.join("runtimeconfig")).unwrap();
+    let now = std::time::SystemTime::now();
+    std::fs::write(
+        ssm_dir.join("runtimeconfig/identity_config.json"),
+        format!(
+            r#"{{"ShareFile":"{}","ShareProfile":"","CredentialsRetrievedAt":"{}","CredentialsExpiresAt":"{}"}}"#,
+            creds.display(),
+            humantime::format_rfc3339(now - Duration::from_secs(7200)),
+            humantime::format_rfc3339(now + Duration::from_secs(3600)),
+        ),
+    )
+    .unwrap();
+    let calls = root.join("systemctl-calls");
+    write_exec(
+        &root.join("systemctl"),
+        &format!("#!/bin/sh\necho \"$@\" >> {}\nexit 0\n", calls.display()),
+    );
+    let port = crate::support::free_port();
+    let w = World::with(
+        "ssm-watchdog",
+        Options {
+            admin_listen: format!("127.0.0.1:{port}"),
+            extra: format!(
+                "[host]\nssm_dir = \"{}\"\nsystemctl = \"{}/systemctl\"\n[watchdog]\nssm_stale_grace = \"2s\"\nssm_restart_interval = \"1h\"\n",
+                ssm_dir.display(),
+                root.display()
+            ),
+            ..Options::default()
+        },
+    )
+    .await;
+    let agent = w.start();
+    agent
+        .wait_log("restarting the SSM agent", Duration::from_secs(30))
+        .await;
+    w.put("input/while-stuck.csv", orders_csv(0, 5)).await;
+    w.wait_for("output/while-stuck.csv", Duration::from_secs(30), &agent)
+        .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let log = agent.log_text();
+    assert!(
+        log.contains("retrieved 120 min ago (more than watchdog.ssm_credentials_max_age, 45 min)"),
+        "{log}"
+    );
+    assert!(log.contains("SSM agent restarted by the watchdog"), "{log}");
+    let made = std::fs::read_to_string(&calls).unwrap_or_default();
+    assert_eq!(
+        made.lines()
+            .filter(|l| *l == "restart amazon-ssm-agent")
+            .count(),
+        1,
+        "{made}"
+    );
+    let (_, metrics) = offload_agent::admin::get(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        "/metrics",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert!(
+        metrics.contains("offload_ssm_agent_restarts_total 1\n"),
+        "{metrics}"
+    );
+}
