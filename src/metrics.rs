@@ -435,6 +435,7 @@ struct HostSeries {
     config_reloads: Family<ReloadLabels, Counter>,
     credentials_reloads: Counter,
     ssm_agent_restarts: Counter,
+    ecs_agent_connected: Gauge,
     clock_skew: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
@@ -466,6 +467,15 @@ impl HostSeries {
                 "credentials_reloads",
                 "Times rotated credentials were read again",
             ),
+            ecs_agent_connected: {
+                let g: Gauge = registered(
+                    r,
+                    "ecs_agent_connected",
+                    "Whether ECS reports the ECS agent connected: 1 yes, 0 no, -1 not known (not registered, or DescribeContainerInstances not allowed)",
+                );
+                g.set(-1);
+                g
+            },
             ssm_agent_restarts: registered(
                 r,
                 "ssm_agent_restarts",
@@ -764,6 +774,12 @@ impl Metrics {
     }
 
     /// The host's clock against AWS's, as last measured.
+    pub(crate) fn ecs_agent_connected(&self, connected: Option<bool>) {
+        self.host
+            .ecs_agent_connected
+            .set(connected.map_or(-1, i64::from));
+    }
+
     pub(crate) fn ssm_agent_restarted(&self) {
         self.host.ssm_agent_restarts.inc();
     }

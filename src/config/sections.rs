@@ -454,6 +454,12 @@ pub struct EcsAgentConfig {
     pub restart_backoff_max: Duration,
     #[serde(with = "humantime_serde_compat")]
     pub healthy_reset_after: Duration,
+    /// How often ECS is asked whether the registered agent is connected (`DescribeContainerInstances`).
+    #[serde(with = "humantime_serde_compat")]
+    pub connectivity_interval: Duration,
+    /// Reported disconnected this long while introspection answers: restart the agent.
+    #[serde(with = "humantime_serde_compat")]
+    pub disconnected_after: Duration,
     pub log_max_size: String,
     pub log_max_files: u64,
 }
@@ -473,6 +479,8 @@ impl Default for EcsAgentConfig {
             host_root: PathBuf::from(DEFAULT_HOST_ROOT),
             health_interval: DEFAULT_HEALTH_INTERVAL,
             unhealthy_after: DEFAULT_UNHEALTHY_AFTER,
+            connectivity_interval: Duration::from_secs(180),
+            disconnected_after: Duration::from_secs(15 * 60),
             start_timeout: DEFAULT_START_TIMEOUT,
             restart_backoff_min: DEFAULT_RESTART_BACKOFF_MIN,
             restart_backoff_max: DEFAULT_RESTART_BACKOFF_MAX,
@@ -501,6 +509,18 @@ impl EcsAgentConfig {
             health_interval: r.duration("health_interval", d.health_interval, ms(100), HOUR),
             unhealthy_after: r.duration("unhealthy_after", d.unhealthy_after, ms(500), DAY),
             start_timeout: r.duration("start_timeout", d.start_timeout, ms(500), DAY),
+            connectivity_interval: r.duration(
+                "connectivity_interval",
+                d.connectivity_interval,
+                ms(500),
+                DAY,
+            ),
+            disconnected_after: r.duration(
+                "disconnected_after",
+                d.disconnected_after,
+                ms(500),
+                DAY,
+            ),
             restart_backoff_min: r.duration(
                 "restart_backoff_min",
                 d.restart_backoff_min,

@@ -169,6 +169,7 @@ pub(super) async fn follow_ecs_status(
                 .as_ref()
                 .and_then(|m| m.container_instance_arn.as_ref());
             metrics.registered(crate::metrics::Registered::Ecs, arn.is_some());
+            metrics.ecs_agent_connected(s.connected);
         }
         if rx.changed().await.is_err() {
             return;

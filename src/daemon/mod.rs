@@ -206,7 +206,8 @@ impl Daemon {
 
         // The ECS agent's supervisor runs whatever the queue's state, and the worker pool whatever
         // the supervisor's.
-        let (supervisor, ecs_status) = start_supervisor(&cfg, config_rx.clone(), &stop, &stats);
+        let (supervisor, ecs_status) =
+            start_supervisor(&cfg, config_rx.clone(), &stop, &stats, clients.ecs.clone());
         let credentials = clients.credentials.clone();
         let ssm = clients.ssm.clone();
         let objects = Arc::new(ObjectProcessor::new(
@@ -483,6 +484,7 @@ fn start_supervisor(
     config: watch::Receiver<Arc<Config>>,
     stop: &CancellationToken,
     stats: &Arc<Metrics>,
+    ecs: aws_sdk_ecs::Client,
 ) -> (
     Option<JoinHandle<()>>,
     Option<watch::Receiver<crate::ecs_agent::Status>>,
@@ -492,6 +494,7 @@ fn start_supervisor(
         return (None, None);
     }
     let (sup, status) = Supervisor::new(config, stop.clone());
+    let sup = sup.with_ecs(ecs);
     tokio::spawn(follow_ecs_status(status.clone(), stats.clone()));
     (Some(tokio::spawn(sup.run())), Some(status))
 }

@@ -29,7 +29,7 @@ use crate::docker::{self, is_not_found};
 use crate::error::chain;
 use crate::host::Systemctl;
 use introspection::Metadata;
-use policy::{Health, History, Next, Outcome, Silence};
+use policy::{Connection, Health, History, Next, Outcome, Silence};
 use spec::{ContainerSpec, CONFIG_HASH_LABEL};
 
 /// Where the supervisor is in the agent's life.
@@ -100,6 +100,8 @@ pub struct Status {
     pub metadata: Option<Metadata>,
     /// The agent's last log lines after a terminal exit.
     pub last_log_lines: Vec<String>,
+    /// Whether ECS reports the registered agent connected (`None`: not asked, or it could not be).
+    pub connected: Option<bool>,
 }
 
 impl Default for Status {
@@ -115,6 +117,7 @@ impl Default for Status {
             last_backoff: None,
             metadata: None,
             last_log_lines: Vec::new(),
+            connected: None,
         }
     }
 }
@@ -184,7 +187,12 @@ pub struct Supervisor {
     docker_backoff: Backoff,
     setup_backoff: Backoff,
     firewall: firewall::Firewall,
+    /// Asks ECS whether the registered agent is connected; `None`: not asked.
+    ecs: Option<aws_sdk_ecs::Client>,
 }
+
+/// How long one `DescribeContainerInstances` may take.
+const ECS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Waits between attempts to reach Docker.
 const DOCKER_BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -237,9 +245,44 @@ impl Supervisor {
                 docker_backoff: Backoff::new(DOCKER_BACKOFF_MIN, DOCKER_BACKOFF_MAX),
                 setup_backoff: Backoff::new(SETUP_BACKOFF_MIN, SETUP_BACKOFF_MAX),
                 firewall: firewall::Firewall::default(),
+                ecs: None,
             },
             rx,
         )
+    }
+
+    /// Ask ECS (through this client) whether the registered agent is connected, every
+    /// `ecs_agent.connectivity_interval`; restart it once it has been disconnected for
+    /// `ecs_agent.disconnected_after` while its introspection answers.
+    pub fn with_ecs(mut self, client: aws_sdk_ecs::Client) -> Self {
+        self.ecs = Some(client);
+        self
+    }
+
+    /// Whether ECS reports the agent of `m` connected; `None` when it cannot say (not registered,
+    /// no permission, not reachable).
+    async fn ecs_connected(&self, m: &introspection::Metadata) -> Result<Option<bool>, String> {
+        let (Some(ecs), Some(cluster), Some(arn)) =
+            (&self.ecs, &m.cluster, &m.container_instance_arn)
+        else {
+            return Ok(None);
+        };
+        let call = ecs
+            .describe_container_instances()
+            .cluster(cluster)
+            .container_instances(arn)
+            .send();
+        let out = tokio::time::timeout(ECS_CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| {
+                format!("DescribeContainerInstances did not answer within {ECS_CALL_TIMEOUT:?}")
+            })?
+            .map_err(|e| format!("DescribeContainerInstances: {}", crate::error::describe(&e)))?;
+        Ok(out
+            .container_instances()
+            .iter()
+            .find(|c| c.container_instance_arn() == Some(arn.as_str()))
+            .map(|c| c.agent_connected()))
     }
 
     fn cfg(&self) -> EcsAgentConfig {
@@ -460,6 +503,7 @@ impl Supervisor {
         let mut tick = tokio::time::interval(cfg.health_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut health = Health::new(Instant::now());
+        let mut connection = Connection::default();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Outcome::Shutdown,
@@ -487,6 +531,9 @@ impl Supervisor {
                             };
                             self.status.send_modify(|s| s.metadata = Some(m.clone()));
                             self.set(state, reason);
+                            if let Some(why) = self.check_connection(&mut connection, &m, cfg).await {
+                                return Outcome::Unhealthy(why);
+                            }
                         }
                         Err(e) => match health.on_silence(Instant::now(), cfg, &e.to_string()) {
                             Silence::Unhealthy(why) => return Outcome::Unhealthy(why),
@@ -497,6 +544,51 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// When due, ask ECS whether the agent is connected; the reason to restart it, once it has been
+    /// disconnected for `disconnected_after`.
+    async fn check_connection(
+        &self,
+        connection: &mut Connection,
+        m: &introspection::Metadata,
+        cfg: &EcsAgentConfig,
+    ) -> Option<String> {
+        if self.ecs.is_none()
+            || m.container_instance_arn.is_none()
+            || !connection.due(Instant::now(), cfg)
+        {
+            return None;
+        }
+        let answer = self.ecs_connected(m).await;
+        let now = Instant::now();
+        let connected = match answer {
+            Ok(Some(c)) => Some(c),
+            Ok(None) => {
+                connection.on_failure(now);
+                None
+            }
+            Err(e) => {
+                if connection.on_failure(now) {
+                    tracing::info!(error = %e, "cannot ask ECS whether the agent is connected (ecs:DescribeContainerInstances); asking again every ecs_agent.connectivity_interval");
+                }
+                None
+            }
+        };
+        let was = self.status.borrow().connected;
+        self.status.send_modify(|s| s.connected = connected);
+        match connected {
+            Some(false) if was != Some(false) => {
+                tracing::warn!(
+                    "ECS reports the ECS agent disconnected while its introspection answers"
+                )
+            }
+            Some(true) if was == Some(false) => {
+                tracing::info!("ECS reports the ECS agent connected again")
+            }
+            _ => {}
+        }
+        connected.and_then(|c| connection.on_answer(now, c, cfg))
     }
 
     /// Run until shutdown. Never returns an error: every problem is a state with a reason, retried.

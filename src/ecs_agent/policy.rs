@@ -161,9 +161,82 @@ impl Health {
     }
 }
 
+/// Whether ECS sees the agent connected, from `DescribeContainerInstances` answers: a restart once
+/// it has been reported disconnected for `ecs_agent.disconnected_after`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Connection {
+    last_asked: Option<Instant>,
+    disconnected_since: Option<Instant>,
+    /// ECS could not be asked last time.
+    failing: bool,
+}
+
+impl Connection {
+    /// Whether ECS is due to be asked again at `now`.
+    pub(crate) fn due(&self, now: Instant, cfg: &EcsAgentConfig) -> bool {
+        self.last_asked
+            .map_or(true, |t| now.duration_since(t) >= cfg.connectivity_interval)
+    }
+
+    /// ECS answered at `now` that the agent is (or is not) connected: the reason to restart it, once
+    /// it has been disconnected for `disconnected_after`.
+    pub(crate) fn on_answer(
+        &mut self,
+        now: Instant,
+        connected: bool,
+        cfg: &EcsAgentConfig,
+    ) -> Option<String> {
+        self.last_asked = Some(now);
+        self.failing = false;
+        if connected {
+            self.disconnected_since = None;
+            return None;
+        }
+        let since = *self.disconnected_since.get_or_insert(now);
+        let for_ = now.duration_since(since);
+        (for_ >= cfg.disconnected_after).then(|| {
+            format!(
+                "ECS has reported the agent disconnected for {for_:?} (ecs_agent.disconnected_after) while its introspection answers"
+            )
+        })
+    }
+
+    /// ECS could not be asked (no permission, not reachable): try again at the next interval. True
+    /// for the first failure in a row (to be logged).
+    pub(crate) fn on_failure(&mut self, now: Instant) -> bool {
+        self.last_asked = Some(now);
+        !std::mem::replace(&mut self.failing, true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_disconnection_restarts_only_after_its_limit() {
+        let cfg = EcsAgentConfig {
+            connectivity_interval: Duration::from_secs(60),
+            disconnected_after: Duration::from_secs(300),
+            ..EcsAgentConfig::default()
+        };
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let mut c = Connection::default();
+        assert!(c.due(t0, &cfg));
+        assert_eq!(c.on_answer(t0, false, &cfg), None);
+        assert!(!c.due(at(30), &cfg));
+        assert!(c.due(at(60), &cfg));
+        assert_eq!(c.on_answer(at(200), true, &cfg), None);
+        // Connected in between: the disconnection starts over.
+        assert_eq!(c.on_answer(at(260), false, &cfg), None);
+        assert_eq!(c.on_answer(at(500), false, &cfg), None);
+        let why = c.on_answer(at(560), false, &cfg).unwrap();
+        assert!(why.contains("disconnected for 300s"), "{why}");
+        assert!(c.on_failure(at(600)));
+        assert!(!c.on_failure(at(660)));
+        assert!(!c.due(at(690), &cfg));
+    }
 
     #[test]
     fn exit_codes_and_watch_ends_decide_the_next_step() {

@@ -453,3 +453,66 @@ async fn exit_0_stays_stopped_until_reload() {
     assert_eq!(rig.starts(), 2);
     rig.stop().await;
 }
+
+/// An ECS client for a local endpoint, with fixed test credentials.
+fn ecs_client(endpoint: &str) -> aws_sdk_ecs::Client {
+    let conf = aws_sdk_ecs::Config::builder()
+        .behavior_version_latest()
+        .region(aws_sdk_ecs::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "AKIDSTUB", "stub", None, None, "test",
+        ))
+        .build();
+    aws_sdk_ecs::Client::from_conf(conf)
+}
+
+/// ECS connectivity, against the local stub (the emulator's DescribeContainerInstances always says
+/// connected, so it cannot show this): the registered agent answers introspection but ECS reports it
+/// disconnected; past `disconnected_after` the supervisor restarts it (with its backoff), and once
+/// ECS reports it connected again there is no further restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_ecs_reports_disconnected_is_restarted() {
+    let stub = crate::support::ssm_stub::SsmStub::start("mi-unused");
+    stub.set_ecs_connected(false);
+    let mut rig = Rig::prepare("disconnected", false).await;
+    rig.config.ecs_agent.connectivity_interval = Duration::from_millis(500);
+    rig.config.ecs_agent.disconnected_after = Duration::from_secs(2);
+    rig.start_with_ecs(ecs_client(&stub.endpoint));
+    rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    rig.ctl(
+        "fake-arn",
+        "arn:aws:ecs:us-east-1:123456789012:container-instance/test/disc",
+    );
+    let s = rig
+        .wait("reported disconnected", T, |s| s.connected == Some(false))
+        .await;
+    let before = s.restarts;
+    rig.wait("restarting for the disconnection", T, |s| {
+        s.reason
+            .contains("ECS has reported the agent disconnected for")
+    })
+    .await;
+    rig.wait("restarted", T, |s| {
+        s.restarts > before && s.state == State::Registered
+    })
+    .await;
+    stub.set_ecs_connected(true);
+    let s = rig
+        .wait("connected again", T, |s| s.connected == Some(true))
+        .await;
+    let restarts = s.restarts;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        rig.current().restarts,
+        restarts,
+        "restarted while connected"
+    );
+    assert!(
+        stub.calls()
+            .iter()
+            .any(|c| c.target.ends_with("DescribeContainerInstances")),
+        "ECS was never asked"
+    );
+    rig.stop().await;
+}

@@ -383,10 +383,22 @@ output_prefix = "out/"
     /// Start with another `systemctl` (to imitate an active ecs.service).
     pub fn start_with_systemctl(&mut self, systemctl: &str) {
         self.config.host.systemctl = systemctl.to_string();
+        self.start_supervisor(None);
+    }
+
+    /// Start with an ECS client that `DescribeContainerInstances` goes to (a stub's).
+    pub fn start_with_ecs(&mut self, ecs: aws_sdk_ecs::Client) {
+        self.start_supervisor(Some(ecs));
+    }
+
+    fn start_supervisor(&mut self, ecs: Option<aws_sdk_ecs::Client>) {
         let (tx, rx) = watch::channel(Arc::new(self.config.clone()));
         self.tx = tx;
         self.shutdown = CancellationToken::new();
-        let (sup, status) = Supervisor::new(rx, self.shutdown.clone());
+        let (mut sup, status) = Supervisor::new(rx, self.shutdown.clone());
+        if let Some(ecs) = ecs {
+            sup = sup.with_ecs(ecs);
+        }
         self.status = status;
         self.task = Some(tokio::spawn(sup.run()));
     }

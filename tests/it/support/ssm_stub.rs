@@ -1,7 +1,9 @@
 //! A local stand-in for the two SSM APIs the AWS emulator lacks (moto implements neither
 //! `DescribeInstanceInformation` nor `DeregisterManagedInstance`): an HTTP server speaking the SSM JSON
 //! protocol on 127.0.0.1 that reports one managed instance online until it is deregistered, and records
-//! each call with the access key id that signed it.
+//! each call with the access key id that signed it. It also answers ECS's
+//! `DescribeContainerInstances` with the connection `set_ecs_connected` gives (moto's always says
+//! connected, so a disconnected agent cannot be shown with it).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -16,6 +18,7 @@ pub struct Call {
 pub struct SsmStub {
     pub endpoint: String,
     pub calls: Arc<Mutex<Vec<Call>>>,
+    ecs_connected: Arc<Mutex<bool>>,
 }
 
 impl SsmStub {
@@ -25,14 +28,24 @@ impl SsmStub {
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let calls = Arc::new(Mutex::new(Vec::new()));
         let online = Arc::new(Mutex::new(true));
-        let (c, i) = (calls.clone(), instance.to_string());
+        let ecs_connected = Arc::new(Mutex::new(true));
+        let (c, i, e) = (calls.clone(), instance.to_string(), ecs_connected.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (c, i, o) = (c.clone(), i.clone(), online.clone());
-                std::thread::spawn(move || serve(stream, &i, &c, &o));
+                let (c, i, o, e) = (c.clone(), i.clone(), online.clone(), e.clone());
+                std::thread::spawn(move || serve(stream, &i, &c, &o, &e));
             }
         });
-        SsmStub { endpoint, calls }
+        SsmStub {
+            endpoint,
+            calls,
+            ecs_connected,
+        }
+    }
+
+    /// What `DescribeContainerInstances` reports as `agentConnected` from now on.
+    pub fn set_ecs_connected(&self, connected: bool) {
+        *self.ecs_connected.lock().unwrap() = connected;
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -40,7 +53,13 @@ impl SsmStub {
     }
 }
 
-fn serve(stream: TcpStream, instance: &str, calls: &Mutex<Vec<Call>>, online: &Mutex<bool>) {
+fn serve(
+    stream: TcpStream,
+    instance: &str,
+    calls: &Mutex<Vec<Call>>,
+    online: &Mutex<bool>,
+    ecs_connected: &Mutex<bool>,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut out = stream;
     loop {
@@ -101,6 +120,26 @@ fn serve(stream: TcpStream, instance: &str, calls: &Mutex<Vec<Call>>, online: &M
                             .to_string(),
                     )
                 }
+            }
+            "AmazonEC2ContainerServiceV20141113.DescribeContainerInstances" => {
+                let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let list: Vec<_> = req["containerInstances"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|arn| {
+                        serde_json::json!({
+                            "containerInstanceArn": arn,
+                            "agentConnected": *ecs_connected.lock().unwrap(),
+                            "status": "ACTIVE"
+                        })
+                    })
+                    .collect();
+                (
+                    "200 OK",
+                    serde_json::json!({"containerInstances": list, "failures": []}).to_string(),
+                )
             }
             _ => (
                 "400 Bad Request",
