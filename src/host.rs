@@ -1,10 +1,19 @@
 //! The host's service manager, through the configured `systemctl` (`host.systemctl`), run without
-//! blocking the async runtime. Tests point `host.systemctl` at a stand-in script.
+//! blocking the async runtime (tests point `host.systemctl` at a stand-in script); and its name.
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::Command;
+
+/// This host's name (the kernel's), or `fallback` when it cannot be read.
+pub(crate) fn hostname(fallback: &str) -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| fallback.to_string())
+}
 
 /// How long one `systemctl` call may take (a stuck unit start must not hang `register`).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);

@@ -212,6 +212,11 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpdateLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ExitLabels {
     exit_code: String,
 }
@@ -431,6 +436,7 @@ impl DynamoDbSeries {
 struct HostSeries {
     ecs_agent_state: Family<StateLabels, Gauge>,
     ecs_agent_restarts: Family<ExitLabels, Counter>,
+    ecs_agent_updates: Family<UpdateLabels, Counter>,
     registered: Family<RegisteredLabels, Gauge>,
     config_reloads: Family<ReloadLabels, Counter>,
     credentials_reloads: Counter,
@@ -447,6 +453,17 @@ impl HostSeries {
                 "ecs_agent_state",
                 "The ECS agent supervisor's state (1 for the current one)",
             ),
+            ecs_agent_updates: {
+                let f: Family<UpdateLabels, Counter> = registered(
+                    r,
+                    "ecs_agent_updates",
+                    "ECS agent image changes, by outcome: updated (proven healthy), rolled_back, refused (digest mismatch)",
+                );
+                for outcome in ["updated", "rolled_back", "refused"] {
+                    let _ = f.get_or_create(&UpdateLabels { outcome });
+                }
+                f
+            },
             ecs_agent_restarts: registered(
                 r,
                 "ecs_agent_restarts",
@@ -804,6 +821,22 @@ impl Metrics {
             .ecs_agent_restarts
             .get_or_create(&ExitLabels { exit_code: code })
             .inc_by(by);
+    }
+
+    /// ECS agent updates since the last call: proven, rolled back, refused.
+    pub(crate) fn ecs_agent_updates(&self, updated: u64, rolled_back: u64, refused: u64) {
+        for (outcome, n) in [
+            ("updated", updated),
+            ("rolled_back", rolled_back),
+            ("refused", refused),
+        ] {
+            if n > 0 {
+                self.host
+                    .ecs_agent_updates
+                    .get_or_create(&UpdateLabels { outcome })
+                    .inc_by(n);
+            }
+        }
     }
 
     pub(crate) fn registered(&self, kind: Registered, yes: bool) {

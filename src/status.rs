@@ -66,6 +66,14 @@ pub(crate) struct EcsAgent {
     pub(crate) restarts: u64,
     pub(crate) adoptions: u64,
     pub(crate) last_exit_code: Option<i64>,
+    /// The image the agent runs, the one the configuration asks for, and the last update's outcome
+    /// (absent from a daemon older than the fields).
+    #[serde(default)]
+    pub(crate) image: Option<String>,
+    #[serde(default)]
+    pub(crate) desired_image: Option<String>,
+    #[serde(default)]
+    pub(crate) last_update: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,6 +161,18 @@ impl StatusDoc {
                     e.restarts,
                     or_dash(&e.last_exit_code),
                 );
+                if e.image.is_some() || e.desired_image.is_some() {
+                    let _ = writeln!(
+                        o,
+                        "  image {} (desired {}){}",
+                        or_dash(&e.image),
+                        or_dash(&e.desired_image),
+                        e.last_update
+                            .as_ref()
+                            .map(|u| format!("; last update: {u}"))
+                            .unwrap_or_default()
+                    );
+                }
             }
         }
         let w = &self.worker;

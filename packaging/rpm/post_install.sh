@@ -6,9 +6,11 @@ if [ -d /run/systemd/system ]; then
   systemd-tmpfiles --create offload-agent.conf >/dev/null 2>&1 || true
   systemctl daemon-reload
   systemctl enable offload-agent.service >/dev/null 2>&1
-  if /usr/bin/offload-agent config check --config /etc/offload-agent/agent.toml >/dev/null 2>&1; then
+  if problems=$(/usr/bin/offload-agent config check --config /etc/offload-agent/agent.toml 2>&1 >/dev/null); then
     systemctl restart offload-agent.service
   else
-    echo "offload-agent: enabled but not started: /etc/offload-agent/agent.toml does not pass 'offload-agent config check'; edit it, then: systemctl start offload-agent" >&2
+    echo "offload-agent: enabled but not started: /etc/offload-agent/agent.toml does not pass 'offload-agent config check':" >&2
+    printf '%s\n' "$problems" >&2
+    echo "offload-agent: edit it, then: systemctl start offload-agent" >&2
   fi
 fi

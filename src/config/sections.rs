@@ -324,6 +324,21 @@ impl QueueConfig {
     }
 }
 
+/// A SHA-256 in hex (64 digits, either case; kept lower-case).
+fn read_sha256(r: &mut Reader<'_>, k: &str) -> Option<String> {
+    let v = r.opt_string(k)?;
+    let hex = v.trim().trim_start_matches("sha256:").to_ascii_lowercase();
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Some(hex)
+    } else {
+        r.invalid(
+            k,
+            format!("{v:?} is not a SHA-256 (64 hex digits, as `sha256sum` prints)"),
+        );
+        None
+    }
+}
+
 /// `spool.min_free`: a size ("1GiB"), a percentage ("5%") or a number of bytes.
 fn read_min_free(r: &mut Reader<'_>, default: crate::disk::MinFree) -> crate::disk::MinFree {
     let Some(v) = r.take("min_free") else {
@@ -435,6 +450,11 @@ pub struct EcsAgentConfig {
     pub enabled: bool,
     pub image: String,
     pub image_tarball: PathBuf,
+    /// The tarball's SHA-256 (hex): a tarball that does not match is refused, the running agent kept.
+    pub image_sha256: Option<String>,
+    /// How long an updated agent has to be healthy before it is rolled back to the previous image.
+    #[serde(with = "humantime_serde_compat")]
+    pub update_timeout: Duration,
     pub allow_pull: bool,
     pub container_name: String,
     pub introspection_url: String,
@@ -470,6 +490,8 @@ impl Default for EcsAgentConfig {
             enabled: true,
             image: DEFAULT_ECS_IMAGE.to_string(),
             image_tarball: PathBuf::from(DEFAULT_ECS_TARBALL),
+            image_sha256: None,
+            update_timeout: Duration::from_secs(300),
             allow_pull: true,
             container_name: DEFAULT_ECS_CONTAINER.to_string(),
             introspection_url: DEFAULT_ECS_INTROSPECTION.to_string(),
@@ -499,6 +521,8 @@ impl EcsAgentConfig {
             enabled: r.boolean("enabled", d.enabled),
             image: r.string("image", &d.image),
             image_tarball: r.path("image_tarball", &d.image_tarball),
+            image_sha256: read_sha256(r, "image_sha256"),
+            update_timeout: r.duration("update_timeout", d.update_timeout, ms(500), DAY),
             allow_pull: r.boolean("allow_pull", d.allow_pull),
             container_name: r.string("container_name", &d.container_name),
             introspection_url: r.string("introspection_url", &d.introspection_url),

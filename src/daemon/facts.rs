@@ -117,6 +117,9 @@ impl crate::admin::Facts for DaemonFacts {
                 restarts: s.restarts,
                 adoptions: s.adoptions,
                 last_exit_code: s.last_exit_code,
+                image: s.running_image,
+                desired_image: s.desired_image,
+                last_update: s.last_update,
             }),
             worker: WorkerStatus {
                 in_flight: m.in_flight(),
@@ -156,9 +159,17 @@ pub(super) async fn follow_ecs_status(
         .map(|s| s.to_string())
         .collect();
     let mut restarts = 0;
+    let mut updates = (0, 0, 0);
     loop {
         {
             let s = rx.borrow_and_update();
+            let now = (s.updates, s.rollbacks, s.refusals);
+            metrics.ecs_agent_updates(
+                now.0.saturating_sub(updates.0),
+                now.1.saturating_sub(updates.1),
+                now.2.saturating_sub(updates.2),
+            );
+            updates = now;
             metrics.ecs_agent(&s.state.to_string(), &all);
             if s.restarts > restarts {
                 metrics.ecs_agent_restarted(s.restarts - restarts, s.last_exit_code);

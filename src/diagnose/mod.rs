@@ -178,9 +178,7 @@ fn default_output(now: SystemTime) -> PathBuf {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "host".into())
+    crate::host::hostname("host")
 }
 
 fn about(config: &Path, since: Duration) -> String {

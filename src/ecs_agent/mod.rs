@@ -7,6 +7,7 @@ pub mod firewall;
 pub mod introspection;
 pub mod policy;
 pub mod spec;
+mod update;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ use crate::host::Systemctl;
 use introspection::Metadata;
 use policy::{Connection, Health, History, Next, Outcome, Silence};
 use spec::{ContainerSpec, CONFIG_HASH_LABEL};
+use update::{Desired, Image, Updates};
 
 /// Where the supervisor is in the agent's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -102,6 +104,16 @@ pub struct Status {
     pub last_log_lines: Vec<String>,
     /// Whether ECS reports the registered agent connected (`None`: not asked, or it could not be).
     pub connected: Option<bool>,
+    /// The image the agent's container runs, and the one the configuration asks for.
+    pub running_image: Option<String>,
+    pub desired_image: Option<String>,
+    /// The last update's outcome ("updated the ECS agent from X to Y", "rolled back from X to Y: why",
+    /// "refused the update to X: why").
+    pub last_update: Option<String>,
+    /// Updates proven, rolled back and refused since the daemon started.
+    pub updates: u64,
+    pub rollbacks: u64,
+    pub refusals: u64,
 }
 
 impl Default for Status {
@@ -118,6 +130,12 @@ impl Default for Status {
             metadata: None,
             last_log_lines: Vec::new(),
             connected: None,
+            running_image: None,
+            desired_image: None,
+            last_update: None,
+            updates: 0,
+            rollbacks: 0,
+            refusals: 0,
         }
     }
 }
@@ -163,6 +181,12 @@ pub(crate) enum SetupError {
     },
     #[error(transparent)]
     EnvFile(#[from] spec::EnvFileError),
+    #[error("{} has SHA-256 {got}, not {want} (ecs_agent.image_sha256): not loaded", tarball.display())]
+    Digest {
+        tarball: PathBuf,
+        want: String,
+        got: String,
+    },
 }
 
 /// A Docker call that failed, for `map_err`.
@@ -189,6 +213,8 @@ pub struct Supervisor {
     firewall: firewall::Firewall,
     /// Asks ECS whether the registered agent is connected; `None`: not asked.
     ecs: Option<aws_sdk_ecs::Client>,
+    /// The image last proven healthy, an update on trial, a refused one.
+    updates: Updates,
 }
 
 /// How long one `DescribeContainerInstances` may take.
@@ -221,6 +247,47 @@ struct Running {
     docker: Docker,
     id: String,
     name: String,
+    image: Image,
+}
+
+/// The tarball's SHA-256 against `want` (lower-case hex), read off the runtime's threads.
+async fn check_digest(tarball: &Path, want: &str) -> Result<(), SetupError> {
+    let path = tarball.to_path_buf();
+    let got = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut f = std::fs::File::open(&path)?;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(hex::encode(h.finalize()))
+    })
+    .await
+    .map_err(|e| SetupError::File {
+        action: "hash",
+        path: tarball.to_path_buf(),
+        source: std::io::Error::other(e),
+    })?
+    .map_err(|source| SetupError::File {
+        action: "read",
+        path: tarball.to_path_buf(),
+        source,
+    })?;
+    if got == want {
+        Ok(())
+    } else {
+        Err(SetupError::Digest {
+            tarball: tarball.to_path_buf(),
+            want: want.to_string(),
+            got,
+        })
+    }
 }
 
 /// A path from the agent's files, read relative to `host_root` when absolute.
@@ -246,6 +313,7 @@ impl Supervisor {
                 setup_backoff: Backoff::new(SETUP_BACKOFF_MIN, SETUP_BACKOFF_MAX),
                 firewall: firewall::Firewall::default(),
                 ecs: None,
+                updates: Updates::default(),
             },
             rx,
         )
@@ -353,6 +421,9 @@ impl Supervisor {
         }
         let tarball_note;
         if cfg.image_tarball.exists() {
+            if let Some(want) = &cfg.image_sha256 {
+                check_digest(&cfg.image_tarball, want).await?;
+            }
             self.set(
                 State::LoadingImage,
                 format!("loading {} from {}", cfg.image, cfg.image_tarball.display()),
@@ -485,7 +556,8 @@ impl Supervisor {
 
     /// Watch a running agent until it exits, Docker goes away, it stops answering, the configuration
     /// changes, or shutdown.
-    async fn watch(&mut self, docker: &Docker, id: &str, cfg: &EcsAgentConfig) -> Outcome {
+    async fn watch(&mut self, agent: &Running, cfg: &EcsAgentConfig) -> Outcome {
+        let (docker, id) = (&agent.docker, agent.id.as_str());
         // The wait request lives as long as the agent: give it a client without the usual timeout.
         let waiter_client = docker
             .clone()
@@ -518,6 +590,9 @@ impl Supervisor {
                     None => Outcome::DockerLost("Docker closed the wait request".into()),
                 },
                 _ = tick.tick() => {
+                    if let Some(why) = self.updates.expired(Instant::now(), cfg.update_timeout) {
+                        return Outcome::UpdateFailed(why);
+                    }
                     match introspection::fetch(&cfg.introspection_url, INTROSPECTION_TIMEOUT).await {
                         Ok(m) => {
                             if health.on_answer(Instant::now(), cfg) {
@@ -531,6 +606,7 @@ impl Supervisor {
                             };
                             self.status.send_modify(|s| s.metadata = Some(m.clone()));
                             self.set(state, reason);
+                            self.proven(agent, m.container_instance_arn.is_some());
                             if let Some(why) = self.check_connection(&mut connection, &m, cfg).await {
                                 return Outcome::Unhealthy(why);
                             }
@@ -591,6 +667,60 @@ impl Supervisor {
         connected.and_then(|c| connection.on_answer(now, c, cfg))
     }
 
+    /// The image to run: the configuration's (loaded, its tarball's digest checked), or the proven
+    /// one when the configuration's was refused or rolled back. `None` after a failure was reported
+    /// and waited for.
+    async fn choose_image(&mut self, docker: &Docker, cfg: &EcsAgentConfig) -> Option<Image> {
+        let desired = Desired::of(cfg);
+        if let Some(p) = self.updates.instead_of(&desired) {
+            return Some(p.clone());
+        }
+        match self.ensure_image(docker, cfg).await {
+            Ok(id) => Some(Image {
+                name: cfg.image.clone(),
+                id,
+            }),
+            Err(e @ SetupError::Digest { .. }) => {
+                let why = format!("refused the update to {}: {e}", cfg.image);
+                match self.updates.refuse(desired, why.clone()).cloned() {
+                    Some(p) => {
+                        tracing::error!("{why}; the running agent ({}) is kept", p.name);
+                        self.status.send_modify(|s| {
+                            s.last_update = Some(why);
+                            s.refusals += 1;
+                        });
+                        Some(p)
+                    }
+                    None => {
+                        let d = self.setup_backoff.next_delay();
+                        self.retry_in(State::ImageUnavailable, &e, d).await;
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                let d = self.setup_backoff.next_delay();
+                self.retry_in(State::ImageUnavailable, &e, d).await;
+                None
+            }
+        }
+    }
+
+    /// The agent answered (`registered`: with a container instance ARN): proven healthy, unless it
+    /// is an update whose predecessor was registered and it is not yet.
+    fn proven(&mut self, agent: &Running, registered: bool) {
+        if !registered && self.updates.needs_registration() {
+            return;
+        }
+        if let Some(done) = self.updates.healthy(agent.image.clone(), registered) {
+            tracing::info!("{done}");
+            self.status.send_modify(|s| {
+                s.last_update = Some(done);
+                s.updates += 1;
+            });
+        }
+    }
+
     /// Run until shutdown. Never returns an error: every problem is a state with a reason, retried.
     pub async fn run(mut self) {
         while !self.shutdown.is_cancelled() {
@@ -600,7 +730,7 @@ impl Supervisor {
                 Start::Again => continue,
                 Start::Stop => break,
             };
-            let outcome = self.watch(&agent.docker, &agent.id, &cfg).await;
+            let outcome = self.watch(&agent, &cfg).await;
             if let Outcome::Exited(code) = outcome {
                 self.status.send_modify(|s| {
                     s.last_exit_code = Some(code);
@@ -648,17 +778,17 @@ impl Supervisor {
                 return Start::Again;
             }
         };
-        let image_id = match self.ensure_image(&docker, cfg).await {
-            Ok(id) => id,
-            Err(e) => {
-                let d = self.setup_backoff.next_delay();
-                self.retry_in(State::ImageUnavailable, &e, d).await;
-                return Start::Again;
-            }
+        let Some(image) = self.choose_image(&docker, cfg).await else {
+            return Start::Again;
         };
+        let image_id = image.id.clone();
         let host = self.config.borrow().host.clone();
         let spec = match ContainerSpec::build(cfg, &host, &image_id) {
-            Ok(s) => s,
+            // The chosen image, which is the proven one, not the configuration's, after a rollback.
+            Ok(s) => ContainerSpec {
+                image: image.name.clone(),
+                ..s
+            },
             Err(e) => {
                 let d = self.setup_backoff.next_delay();
                 self.retry_in(State::BackingOff, &e, d).await;
@@ -677,6 +807,12 @@ impl Supervisor {
             }
         };
         self.setup_backoff.reset();
+        self.updates
+            .starting(image.clone(), Instant::now(), cfg.update_timeout);
+        self.status.send_modify(|s| {
+            s.running_image = Some(image.name.clone());
+            s.desired_image = Some(cfg.image.clone());
+        });
         self.started(&id, &image_id, &spec.name, adopted);
         if cfg.task_iam_roles {
             self.ensure_firewall().await;
@@ -685,6 +821,7 @@ impl Supervisor {
             docker,
             id,
             name: spec.name,
+            image,
         })
     }
 
@@ -768,6 +905,30 @@ impl Supervisor {
                     .await;
                 self.back_off(format!("restarting the unresponsive ECS agent ({why})"))
                     .await;
+                true
+            }
+            Next::RollBack(why) => {
+                let _ = agent
+                    .docker
+                    .stop_container(
+                        &agent.id,
+                        Some(
+                            StopContainerOptionsBuilder::default()
+                                .t(STOP_GRACE_SECS)
+                                .build(),
+                        ),
+                    )
+                    .await;
+                if let Some(report) = self.updates.roll_back(Desired::of(cfg), &why) {
+                    tracing::error!(
+                        "{report}; not trying it again until the configuration changes"
+                    );
+                    self.status.send_modify(|s| {
+                        s.last_update = Some(report.clone());
+                        s.rollbacks += 1;
+                    });
+                    self.set(State::Starting, report);
+                }
                 true
             }
             Next::StayStopped => self.stay_stopped().await,

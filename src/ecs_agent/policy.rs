@@ -21,6 +21,8 @@ pub(crate) enum Outcome {
     Exited(i64),
     DockerLost(String),
     Unhealthy(String),
+    /// An updated agent was not healthy within `ecs_agent.update_timeout`.
+    UpdateFailed(String),
     ConfigChanged,
     Shutdown,
 }
@@ -47,6 +49,8 @@ pub(crate) enum Next {
     RestartUnhealthy(String),
     /// Restart after the restart backoff; the reason is shown in the status.
     RestartAfterBackoff(String),
+    /// Stop the updated agent and start the previous image again.
+    RollBack(String),
 }
 
 /// What the supervisor remembers between watches, for the decisions.
@@ -64,6 +68,7 @@ pub(crate) fn next(outcome: Outcome) -> Next {
         Outcome::ConfigChanged => Next::Recheck,
         Outcome::DockerLost(why) => Next::WaitForDocker(why),
         Outcome::Unhealthy(why) => Next::RestartUnhealthy(why),
+        Outcome::UpdateFailed(why) => Next::RollBack(why),
         Outcome::Exited(EXIT_CLEAN) => Next::StayStopped,
         Outcome::Exited(EXIT_TERMINAL) => Next::Terminal,
         Outcome::Exited(EXIT_UPGRADE) => Next::Upgrade,

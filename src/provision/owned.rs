@@ -22,11 +22,7 @@ pub(crate) const ID_PREFIX: &str = "offload-agent-";
 /// `web-1:/etc/offload-agent/agent.toml`, in the characters S3, SQS and DynamoDB all accept in a tag
 /// value (others become `_`), at most 256 of them.
 pub(crate) fn identity(config: &Path) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown-host".into());
+    let host = crate::host::hostname("unknown-host");
     let path = std::path::absolute(config).unwrap_or_else(|_| config.to_path_buf());
     tag_value(&format!("{host}:{}", path.display()))
 }

@@ -516,3 +516,175 @@ async fn an_agent_ecs_reports_disconnected_is_restarted() {
     );
     rig.stop().await;
 }
+
+/// A running container the way the ECS agent starts a task's (a labelled busybox); its id.
+async fn task_container(d: &bollard::Docker, name: &str) -> String {
+    let image = format!("offload-test-task:{name}");
+    import_rootfs(
+        d,
+        busybox_rootfs(&[], &["tmp"], &["sh", "sleep"]),
+        &image,
+        "[\"/bin/sleep\",\"3600\"]",
+    )
+    .await;
+    let body = bollard::models::ContainerCreateBody {
+        image: Some(image),
+        labels: Some(std::collections::HashMap::from([(
+            "com.amazonaws.ecs.task-arn".to_string(),
+            format!("arn:aws:ecs:us-east-1:123456789012:task/test/{name}"),
+        )])),
+        // No bridge on the test engine; a task's network is not the point here.
+        host_config: Some(bollard::models::HostConfig {
+            network_mode: Some("none".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let c = d
+        .create_container(
+            Some(
+                bollard::query_parameters::CreateContainerOptionsBuilder::default()
+                    .name(name)
+                    .build(),
+            ),
+            body,
+        )
+        .await
+        .unwrap();
+    d.start_container(&c.id, None).await.unwrap();
+    c.id
+}
+
+async fn running_id(d: &bollard::Docker, name: &str) -> Option<String> {
+    let c = d.inspect_container(name, None).await.ok()?;
+    c.state
+        .and_then(|s| s.running)
+        .unwrap_or(false)
+        .then(|| c.id.unwrap_or_default())
+}
+
+/// ECS agent updates owned by the supervisor. v1 registered, a task container running → desired v2
+/// (healthy) → v2 runs with the same state directory, reported as updated; desired v3 that never
+/// answers → rolled back to v2 within `update_timeout`, reported, and not tried again while the
+/// configuration asks for it; a tarball with a wrong `sha256` → refused, the v2 container untouched.
+/// The task container runs throughout (same id). (The change arrives the way a Parameter Store
+/// refresh or SIGHUP hands it over: a new configuration on the supervisor's channel.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_is_proven_rolled_back_or_refused_and_tasks_keep_running() {
+    let d = docker().await;
+    let mut rig = Rig::prepare("update", false).await;
+    rig.config.ecs_agent.update_timeout = Duration::from_secs(6);
+    rig.start();
+    rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    rig.ctl(
+        "fake-arn",
+        "arn:aws:ecs:us-east-1:123456789012:container-instance/test/upd",
+    );
+    rig.wait_state(State::Registered, T).await;
+    let task_name = format!("offload-test-task-{}", std::process::id());
+    let _ = d
+        .remove_container(
+            &task_name,
+            Some(
+                bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+                    .force(true)
+                    .build(),
+            ),
+        )
+        .await;
+    let task = task_container(&d, &task_name).await;
+    let tag = rig.image.rsplit_once(':').unwrap().1.to_string();
+
+    // v2, healthy: proven.
+    import_image(&d, "offload-test-ecs-agent", &format!("{tag}-v2"), "v2").await;
+    rig.config.ecs_agent.image = format!("offload-test-ecs-agent:{tag}-v2");
+    rig.reload();
+    let s = rig
+        .wait("updated to v2", T, |s| {
+            s.last_update
+                .as_deref()
+                .is_some_and(|u| u.starts_with("updated the ECS agent from"))
+        })
+        .await;
+    assert_eq!(
+        s.metadata.as_ref().and_then(|m| m.version.as_deref()),
+        Some("fake v2")
+    );
+    assert_eq!(s.updates, 1);
+    let v2_container = rig.container().await.unwrap().0;
+
+    // v3 never answers: rolled back to v2, and not tried again.
+    let v3 = format!("offload-test-ecs-agent:{tag}-v3");
+    import_rootfs(
+        &d,
+        busybox_rootfs(&[], &["tmp"], &["sh", "sleep"]),
+        &v3,
+        "[\"/bin/sleep\",\"3600\"]",
+    )
+    .await;
+    rig.config.ecs_agent.image = v3.clone();
+    rig.reload();
+    let s = rig
+        .wait("rolled back", Duration::from_secs(60), |s| s.rollbacks == 1)
+        .await;
+    let report = s.last_update.clone().unwrap();
+    assert!(
+        report.starts_with(&format!("rolled back from {v3}"))
+            && report.contains(&format!("to offload-test-ecs-agent:{tag}-v2"))
+            && report.contains("was not healthy within ecs_agent.update_timeout (6s)"),
+        "{report}"
+    );
+    rig.wait("v2 registered again", T, |s| {
+        s.state == State::Registered
+            && s.metadata.as_ref().and_then(|m| m.version.as_deref()) == Some("fake v2")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let s = rig.current();
+    assert_eq!((s.rollbacks, s.updates), (1, 1), "{s:#?}");
+    assert_eq!(
+        s.running_image.as_deref(),
+        Some(&*format!("offload-test-ecs-agent:{tag}-v2"))
+    );
+    assert_eq!(s.desired_image.as_deref(), Some(v3.as_str()));
+    let v2_again = rig.container().await.unwrap().0;
+
+    // v4 from a tarball whose digest is wrong: refused, the running v2 untouched.
+    let v4 = format!("offload-test-ecs-agent:{tag}-v4");
+    import_image(&d, "offload-test-ecs-agent", &format!("{tag}-v4"), "v4").await;
+    save(&d, &v4, &rig.tarball()).await;
+    untag(&d, &v4).await;
+    rig.config.ecs_agent.image = v4.clone();
+    rig.config.ecs_agent.image_sha256 = Some("0".repeat(64));
+    rig.reload();
+    let s = rig.wait("refused", T, |s| s.refusals == 1).await;
+    let why = s.last_update.clone().unwrap();
+    assert!(
+        why.starts_with(&format!("refused the update to {v4}")) && why.contains("not loaded"),
+        "{why}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(rig.container().await.unwrap().0, v2_again, "v2 was touched");
+    assert!(
+        image_id(&d, &v4).await.is_none(),
+        "the refused tarball was loaded"
+    );
+
+    assert_eq!(
+        running_id(&d, &task_name).await.as_deref(),
+        Some(task.as_str()),
+        "the task container stopped"
+    );
+    assert_ne!(v2_container, "");
+    rig.stop().await;
+    let _ = d
+        .remove_container(
+            &task_name,
+            Some(
+                bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+                    .force(true)
+                    .build(),
+            ),
+        )
+        .await;
+}

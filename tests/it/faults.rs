@@ -10,12 +10,7 @@ use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-/// The ids of `orders_csv(first, n)`.
-fn ids(first: usize, n: usize) -> Vec<String> {
-    (first..first + n)
-        .map(|i| (100_000_000 + i).to_string())
-        .collect()
-}
+use crate::support::order_ids as ids;
 
 /// Send the agent's S3, SQS and DynamoDB calls through `proxy` (the world was provisioned, and the
 /// harness keeps talking, to the emulator directly).
@@ -280,56 +275,11 @@ async fn a_fleet_of_three_shares_500_files_and_survives_losing_one() {
     }
 }
 
-/// A tmpfs mounted over the world's spool directory for the duration of a test (root only: the test
-/// command runs as root).
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
-        assert!(
-            unsafe { libc::geteuid() } == 0,
-            "the full-disk scenario mounts a tmpfs: run the tests as root with `scripts/test`"
-        );
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mount -t tmpfs on {} failed", dir.display());
-        SmallDisk(dir.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        let ok = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "remount of {} failed", self.0.display());
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-/// The spool on a 4 MiB tmpfs: a 6 MB file cannot be downloaded. It waits (its message not acknowledged,
-/// nothing written for it, not dead-lettered) while small files keep flowing, and is processed once the
-/// filesystem grows.
+/// The spool on a 4 MiB tmpfs (`spool.min_free` 1 MiB): a gzip object of 11 KB that decompresses to
+/// 6 MB fits by its announced size but not once decompressed: its download fails with "No space left
+/// on device". It waits (its message not acknowledged, nothing written for it, not dead-lettered) while
+/// small files keep flowing, and is processed once the filesystem grows. (An object whose announced
+/// size does not fit is not downloaded at all: `monitoring::a_spool_short_of_space_…`.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_spool_makes_a_large_file_wait_while_small_ones_flow() {
     let w = World::with(
@@ -345,7 +295,9 @@ async fn a_full_spool_makes_a_large_file_wait_while_small_ones_flow() {
     )
     .await;
     let disk = SmallDisk::mount(&w.dir.path().join("spool"), "4m");
-    let mut agent = w.start();
+    let mut cmd = w.agent(&["run"]);
+    cmd.env("OFFLOAD_AGENT_SPOOL__MIN_FREE", "1MiB");
+    let mut agent = w.start_cmd(cmd);
     let pad = "p".repeat(10_000);
     let mut big = format!("{HEADER},Notes\n");
     for i in 0..600 {
@@ -355,7 +307,23 @@ async fn a_full_spool_makes_a_large_file_wait_while_small_ones_flow() {
         ));
     }
     assert!(big.len() > 5_000_000);
-    w.put("input/big.csv", big).await;
+    let gz = {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(big.as_bytes()).unwrap();
+        e.finish().unwrap()
+    };
+    assert!(gz.len() < 1 << 20, "{}", gz.len());
+    w.clients
+        .s3
+        .put_object()
+        .bucket(&w.bucket)
+        .key("input/big.csv")
+        .content_encoding("gzip")
+        .body(gz.into())
+        .send()
+        .await
+        .unwrap();
     let mut files = vec![("input/big.csv".to_string(), ids(0, 600))];
     tokio::time::sleep(Duration::from_secs(2)).await;
     for i in 1..6 {

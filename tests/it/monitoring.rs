@@ -362,36 +362,6 @@ async fn misbehaving_local_clients_do_not_delay_the_health_checks() {
     drop(agent);
 }
 
-/// A tmpfs mounted for one test, unmounted when dropped (after the daemon using it is gone).
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: std::path::PathBuf, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(&at).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
-            .arg("tmpfs")
-            .arg(&at)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount -t tmpfs failed (the test runs as root, as `sudo scripts/test` does): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(at)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 fn fill(path: &std::path::Path, mib: usize) {
     std::fs::write(path, vec![b'x'; mib << 20]).unwrap();
 }
@@ -427,7 +397,7 @@ args = ["{{input}}", "{{output_dir}}"]
         },
     )
     .await;
-    let small = Tmpfs::mount(w.dir.path().join("small"), "8m");
+    let small = SmallDisk::mount(&w.dir.path().join("small"), "8m");
     let filler = small.0.join("filler");
     fill(&filler, 7);
     let mut cmd = w.agent(&["run"]);

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{orders_csv, unique, Options, World};
+use crate::support::{order_ids, orders_csv, unique, Options, World};
 
 const IMAGE: &str = "offload-test-systemd:bookworm";
 const SETUP: &str =
@@ -172,22 +172,7 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
     let b = Booted::start();
 
     // 1. Install with the provisioning script, against the emulator.
-    b.ok("install -d -m 0750 /etc/offload-agent/conf.d");
-    b.write(
-        "/etc/offload-agent/conf.d/60-test.toml",
-        "[agent]\nshutdown_grace = \"5s\"\nlog_level = \"info,offload_agent::daemon=debug\"\n[queue]\nvisibility_timeout = \"10s\"\nwait_time = \"1s\"\nretry_base = \"1s\"\n",
-    );
-    let provision = format!(
-        "OFFLOAD_REGION=us-east-1 OFFLOAD_QUEUE={q} OFFLOAD_DLQ={dlq} OFFLOAD_BUCKET={b} OFFLOAD_TABLE={t} \
-         OFFLOAD_ENDPOINT={e} OFFLOAD_AWS_ACCESS_KEY_ID=testing OFFLOAD_AWS_SECRET_ACCESS_KEY=testing \
-         OFFLOAD_DEB=/pkg/offload-agent.deb /src/vagrant/provision.sh",
-        q = w.queue,
-        dlq = w.dlq,
-        b = w.bucket,
-        t = w.table,
-        e = w.endpoint
-    );
-    b.ok(&provision);
+    install(&b, &w, "");
     assert_eq!(b.prop("ActiveState"), "active");
 
     // 2. Ready (Type=notify: active only after READY=1, with a status line), processing, journal fields.
@@ -249,11 +234,7 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
     // 4b. SIGKILL in the middle of a file: systemd restarts the daemon, and the file is finished.
     let before = b.prop("NRestarts").parse::<u32>().unwrap();
     w.put("input/sd-big.csv", orders_csv(10_000, 20_000)).await;
-    let start = Instant::now();
-    while w.items().await.len() <= 25 {
-        assert!(start.elapsed() < Duration::from_secs(60), "{}", b.journal());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_items(&w, 25, &b).await;
     b.ok("systemctl kill -s SIGKILL offload-agent");
     b.wait("restarted after SIGKILL", Duration::from_secs(30), || {
         b.prop("NRestarts").parse::<u32>().unwrap_or(0) > before
@@ -374,6 +355,115 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
     ] {
         assert!(out.contains(want), "{want} not in the .rpm:\n{out}");
     }
+}
+
+/// Install the package with `vagrant/provision.sh` against the world's emulator and resources; the
+/// test's settings in conf.d (short grace and waits), and `extra` TOML in a file after them.
+fn install(b: &Booted, w: &World, extra: &str) {
+    b.ok("install -d -m 0750 /etc/offload-agent/conf.d");
+    b.write(
+        "/etc/offload-agent/conf.d/60-test.toml",
+        "[agent]\nshutdown_grace = \"5s\"\nlog_level = \"info,offload_agent::daemon=debug\"\n[queue]\nvisibility_timeout = \"10s\"\nwait_time = \"1s\"\nretry_base = \"1s\"\n",
+    );
+    if !extra.is_empty() {
+        b.write("/etc/offload-agent/conf.d/61-extra.toml", extra);
+    }
+    let provision = format!(
+        "OFFLOAD_REGION=us-east-1 OFFLOAD_QUEUE={q} OFFLOAD_DLQ={dlq} OFFLOAD_BUCKET={b} OFFLOAD_TABLE={t} \
+         OFFLOAD_ENDPOINT={e} OFFLOAD_AWS_ACCESS_KEY_ID=testing OFFLOAD_AWS_SECRET_ACCESS_KEY=testing \
+         OFFLOAD_DEB=/pkg/offload-agent.deb /src/vagrant/provision.sh",
+        q = w.queue,
+        dlq = w.dlq,
+        b = w.bucket,
+        t = w.table,
+        e = w.endpoint
+    );
+    b.ok(&provision);
+}
+
+/// Wait until the table holds more than `n` items (a file is under way).
+async fn wait_items(w: &World, n: usize, b: &Booted) {
+    let start = Instant::now();
+    while w.items().await.len() <= n {
+        assert!(start.elapsed() < Duration::from_secs(60), "{}", b.journal());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A fleet's second day on one host: version N installed and processing a 3,000-row file, then
+/// `apt-get install` of version N+1 (the same build, packaged by `scripts/package` with a bumped
+/// version) in the middle of it: the old daemon releases the file, the new one processes it — exact
+/// accounting (every id, unchanged ConfirmationIds, one output listing the rows), the edited conffile
+/// untouched, the new version running. Then a power cut in the middle of a second file (`docker kill`
+/// of the host's systemd: no SIGTERM for anyone) and a boot: the enabled unit is active without help,
+/// the spool's leftovers removed, the file back after its visibility timeout and processed, exact
+/// accounting for both files. (The ECS agent's adoption across an upgrade is covered by the
+/// supervisor's tests; this host runs without one.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_and_a_power_cut_lose_no_file() {
+    let next = repo().join("target/packages/offload-agent-next.deb");
+    assert!(next.exists(), "{} is missing: {SETUP}", next.display());
+    let w = World::with(
+        "upgrade",
+        Options {
+            visibility_timeout: "10s",
+            ..Options::default()
+        },
+    )
+    .await;
+    let b = Booted::start();
+    // One batch in flight at a time and a 1 s grace: a 3,000-row file is caught in the middle, and
+    // the old daemon releases it rather than finishing it.
+    install(
+        &b,
+        &w,
+        "[agent]\nshutdown_grace = \"1s\"\n[dynamodb]\nwrite_concurrency = 1\n",
+    );
+    assert_eq!(b.prop("ActiveState"), "active");
+    b.ok("echo '# edited by the operator' >> /etc/offload-agent/agent.toml");
+    let conffile = b.ok("sha256sum /etc/offload-agent/agent.toml");
+    let version = |b: &Booted| b.ok("dpkg-query -W -f '${Version}' offload-agent");
+    let before = version(&b);
+
+    w.put("input/up-1.csv", orders_csv(0, 3000)).await;
+    wait_items(&w, 25, &b).await;
+    b.ok("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq /pkg/offload-agent-next.deb");
+    let after = version(&b);
+    assert!(
+        after != before && after.contains("next"),
+        "{before} -> {after}"
+    );
+    assert_eq!(b.prop("ActiveState"), "active");
+    assert_eq!(b.ok("sha256sum /etc/offload-agent/agent.toml"), conffile);
+    wait_s3(&w, "output/up-1.csv", &b).await;
+    let journal = b.journal();
+    assert!(
+        journal.contains("message released to the queue unfinished"),
+        "the old daemon did not release the file mid-way:\n{journal}"
+    );
+
+    // A power cut: every process of the host killed at once, then a boot.
+    w.put("input/up-2.csv", orders_csv(5000, 3000)).await;
+    wait_items(&w, 3000 + 25, &b).await;
+    let (code, out) = run(Command::new("docker").args(["kill", &b.name]));
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = run(Command::new("docker").args(["start", &b.name]));
+    assert_eq!(code, 0, "{out}");
+    b.wait("booted, the unit active", Duration::from_secs(90), || {
+        b.prop("ActiveState") == "active"
+    });
+    wait_s3(&w, "output/up-2.csv", &b).await;
+    assert!(
+        b.journal()
+            .contains("removed spool files left by an earlier run"),
+        "{}",
+        b.journal()
+    );
+    let files = [
+        ("input/up-1.csv".to_string(), order_ids(0, 3000)),
+        ("input/up-2.csv".to_string(), order_ids(5000, 3000)),
+    ];
+    w.account(&files, "output/").await;
 }
 
 async fn wait_s3(w: &World, key: &str, b: &Booted) {

@@ -140,6 +140,13 @@ pub fn order_row(id: &str, i: usize) -> String {
 }
 
 /// A valid orders file with ids `first..first+n`.
+/// The ids of `orders_csv(first, n)`.
+pub fn order_ids(first: usize, n: usize) -> Vec<String> {
+    (first..first + n)
+        .map(|i| (100_000_000 + i).to_string())
+        .collect()
+}
+
 pub fn orders_csv(first: usize, n: usize) -> String {
     let mut s = String::with_capacity(n * 110 + 200);
     s.push_str(HEADER);
@@ -732,5 +739,52 @@ impl Drop for Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// A tmpfs mounted at a directory for the duration of a test (root only: the test
+/// command runs as root).
+pub struct SmallDisk(pub std::path::PathBuf);
+
+impl SmallDisk {
+    pub fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "the small-disk scenarios mount a tmpfs: run the tests as root with `scripts/test`"
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount -t tmpfs on {} failed", dir.display());
+        SmallDisk(dir.to_path_buf())
+    }
+
+    pub fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount of {} failed", self.0.display());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
