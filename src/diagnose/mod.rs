@@ -170,15 +170,11 @@ fn url_password(url: &str) -> Option<String> {
 }
 
 fn default_output(now: SystemTime) -> PathBuf {
-    let host = hostname();
+    let host = crate::host::hostname("host");
     let stamp = humantime::format_rfc3339_seconds(now)
         .to_string()
         .replace([':', '-'], "");
     PathBuf::from(format!("offload-agent-diagnose-{host}-{stamp}.tar.gz"))
-}
-
-fn hostname() -> String {
-    crate::host::hostname("host")
 }
 
 fn about(config: &Path, since: Duration) -> String {
@@ -193,7 +189,7 @@ fn about(config: &Path, since: Duration) -> String {
     format!(
         "offload-agent {}\nhost {}\nos {pretty}\nkernel {}\nuptime_s {}\ncollected_at {}\nsince {}\nconfig {}\n",
         env!("CARGO_PKG_VERSION"),
-        hostname(),
+        crate::host::hostname("host"),
         kernel.trim(),
         uptime.split_whitespace().next().unwrap_or("-"),
         humantime::format_rfc3339_seconds(SystemTime::now()),

@@ -290,6 +290,22 @@ async fn check_digest(tarball: &Path, want: &str) -> Result<(), SetupError> {
     }
 }
 
+/// Stop the agent's container within its grace (an unresponsive or rolled-back agent); a failure
+/// shows when the container is recreated.
+async fn stop_agent(agent: &Running) {
+    let _ = agent
+        .docker
+        .stop_container(
+            &agent.id,
+            Some(
+                StopContainerOptionsBuilder::default()
+                    .t(STOP_GRACE_SECS)
+                    .build(),
+            ),
+        )
+        .await;
+}
+
 /// A path from the agent's files, read relative to `host_root` when absolute.
 fn under_root(root: &Path, p: &str) -> PathBuf {
     root.join(p.trim_start_matches('/'))
@@ -892,33 +908,13 @@ impl Supervisor {
             }
             Next::RestartUnhealthy(why) => {
                 tracing::warn!(reason = %why, "the ECS agent stopped answering: restarting it");
-                let _ = agent
-                    .docker
-                    .stop_container(
-                        &agent.id,
-                        Some(
-                            StopContainerOptionsBuilder::default()
-                                .t(STOP_GRACE_SECS)
-                                .build(),
-                        ),
-                    )
-                    .await;
+                stop_agent(agent).await;
                 self.back_off(format!("restarting the unresponsive ECS agent ({why})"))
                     .await;
                 true
             }
             Next::RollBack(why) => {
-                let _ = agent
-                    .docker
-                    .stop_container(
-                        &agent.id,
-                        Some(
-                            StopContainerOptionsBuilder::default()
-                                .t(STOP_GRACE_SECS)
-                                .build(),
-                        ),
-                    )
-                    .await;
+                stop_agent(agent).await;
                 if let Some(report) = self.updates.roll_back(Desired::of(cfg), &why) {
                     tracing::error!(
                         "{report}; not trying it again until the configuration changes"

@@ -555,6 +555,19 @@ async fn task_container(d: &bollard::Docker, name: &str) -> String {
     c.id
 }
 
+async fn remove_forced(d: &bollard::Docker, name: &str) {
+    let _ = d
+        .remove_container(
+            name,
+            Some(
+                bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+                    .force(true)
+                    .build(),
+            ),
+        )
+        .await;
+}
+
 async fn running_id(d: &bollard::Docker, name: &str) -> Option<String> {
     let c = d.inspect_container(name, None).await.ok()?;
     c.state
@@ -582,16 +595,7 @@ async fn an_update_is_proven_rolled_back_or_refused_and_tasks_keep_running() {
     );
     rig.wait_state(State::Registered, T).await;
     let task_name = format!("offload-test-task-{}", std::process::id());
-    let _ = d
-        .remove_container(
-            &task_name,
-            Some(
-                bollard::query_parameters::RemoveContainerOptionsBuilder::default()
-                    .force(true)
-                    .build(),
-            ),
-        )
-        .await;
+    remove_forced(&d, &task_name).await;
     let task = task_container(&d, &task_name).await;
     let tag = rig.image.rsplit_once(':').unwrap().1.to_string();
 
@@ -677,14 +681,5 @@ async fn an_update_is_proven_rolled_back_or_refused_and_tasks_keep_running() {
     );
     assert_ne!(v2_container, "");
     rig.stop().await;
-    let _ = d
-        .remove_container(
-            &task_name,
-            Some(
-                bollard::query_parameters::RemoveContainerOptionsBuilder::default()
-                    .force(true)
-                    .build(),
-            ),
-        )
-        .await;
+    remove_forced(&d, &task_name).await;
 }

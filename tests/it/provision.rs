@@ -49,9 +49,8 @@ fn text(o: &Output) -> String {
 }
 
 /// (name, type) of the hash key, then of the range key.
-async fn key_of(w: &World, table: &str) -> Vec<(String, String, String)> {
-    let t = w
-        .clients
+async fn describe(w: &World, table: &str) -> aws_sdk_dynamodb::types::TableDescription {
+    w.clients
         .dynamodb
         .describe_table()
         .table_name(table)
@@ -59,7 +58,11 @@ async fn key_of(w: &World, table: &str) -> Vec<(String, String, String)> {
         .await
         .unwrap()
         .table
-        .unwrap();
+        .unwrap()
+}
+
+async fn key_of(w: &World, table: &str) -> Vec<(String, String, String)> {
+    let t = describe(w, table).await;
     let types: HashMap<String, String> = t
         .attribute_definitions()
         .iter()
@@ -86,18 +89,7 @@ async fn key_of(w: &World, table: &str) -> Vec<(String, String, String)> {
 }
 
 async fn table_tags(w: &World, table: &str) -> HashMap<String, String> {
-    let arn = w
-        .clients
-        .dynamodb
-        .describe_table()
-        .table_name(table)
-        .send()
-        .await
-        .unwrap()
-        .table
-        .unwrap()
-        .table_arn
-        .unwrap();
+    let arn = describe(w, table).await.table_arn.unwrap();
     w.clients
         .dynamodb
         .list_tags_of_resource()

@@ -390,7 +390,8 @@ async fn wait_items(w: &World, n: usize, b: &Booted) {
     }
 }
 
-/// A fleet's second day on one host: version N installed and processing a 3,000-row file, then
+/// A fleet's second day on one host: version N installed and processing a 20,000-row file (3,000
+/// rows were done before `apt-get` had unpacked the package), then
 /// `apt-get install` of version N+1 (the same build, packaged by `scripts/package` with a bumped
 /// version) in the middle of it: the old daemon releases the file, the new one processes it — exact
 /// accounting (every id, unchanged ConfirmationIds, one output listing the rows), the edited conffile
@@ -401,6 +402,7 @@ async fn wait_items(w: &World, n: usize, b: &Booted) {
 /// supervisor's tests; this host runs without one.)
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upgrade_and_a_power_cut_lose_no_file() {
+    const ROWS: usize = 20_000;
     let next = repo().join("target/packages/offload-agent-next.deb");
     assert!(next.exists(), "{} is missing: {SETUP}", next.display());
     let w = World::with(
@@ -412,7 +414,7 @@ async fn an_upgrade_and_a_power_cut_lose_no_file() {
     )
     .await;
     let b = Booted::start();
-    // One batch in flight at a time and a 1 s grace: a 3,000-row file is caught in the middle, and
+    // One batch in flight at a time and a 1 s grace: the file is caught in the middle, and
     // the old daemon releases it rather than finishing it.
     install(
         &b,
@@ -425,7 +427,7 @@ async fn an_upgrade_and_a_power_cut_lose_no_file() {
     let version = |b: &Booted| b.ok("dpkg-query -W -f '${Version}' offload-agent");
     let before = version(&b);
 
-    w.put("input/up-1.csv", orders_csv(0, 3000)).await;
+    w.put("input/up-1.csv", orders_csv(0, ROWS)).await;
     wait_items(&w, 25, &b).await;
     b.ok("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq /pkg/offload-agent-next.deb");
     let after = version(&b);
@@ -443,8 +445,8 @@ async fn an_upgrade_and_a_power_cut_lose_no_file() {
     );
 
     // A power cut: every process of the host killed at once, then a boot.
-    w.put("input/up-2.csv", orders_csv(5000, 3000)).await;
-    wait_items(&w, 3000 + 25, &b).await;
+    w.put("input/up-2.csv", orders_csv(100_000, ROWS)).await;
+    wait_items(&w, ROWS + 25, &b).await;
     let (code, out) = run(Command::new("docker").args(["kill", &b.name]));
     assert_eq!(code, 0, "{out}");
     let (code, out) = run(Command::new("docker").args(["start", &b.name]));
@@ -460,8 +462,8 @@ async fn an_upgrade_and_a_power_cut_lose_no_file() {
         b.journal()
     );
     let files = [
-        ("input/up-1.csv".to_string(), order_ids(0, 3000)),
-        ("input/up-2.csv".to_string(), order_ids(5000, 3000)),
+        ("input/up-1.csv".to_string(), order_ids(0, ROWS)),
+        ("input/up-2.csv".to_string(), order_ids(100_000, ROWS)),
     ];
     w.account(&files, "output/").await;
 }
