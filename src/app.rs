@@ -114,7 +114,18 @@ pub fn main(cli: Cli) -> ExitCode {
                     }
                     other => tracing::error!(error = %other, "{other}"),
                 }
-                tracing::error!(exit_status = f.code(), "exiting with status {}", f.code());
+                let then = match &f {
+                    // RestartPreventExitStatus=: systemd does not restart it.
+                    Failure::Config(_) | Failure::Usage(_) => {
+                        "not restarted until the configuration is fixed and the service started again"
+                    }
+                    _ => "systemd restarts it (Restart=on-failure)",
+                };
+                tracing::error!(
+                    exit_status = f.code(),
+                    "offload-agent exits with status {}: {then}",
+                    f.code()
+                );
             } else {
                 eprintln!("offload-agent: {f}");
             }

@@ -140,7 +140,11 @@ impl Intercept for LogRetries {
                 operation = op.map_or("", |m| m.name()),
                 attempt,
                 after = cfg.load::<FailedAttempt>().map_or("", |f| f.0.as_str()),
-                "retrying an AWS call"
+                "retrying {} {} (attempt {attempt}) after {}",
+                op.map_or("AWS", |m| m.service()),
+                op.map_or("call", |m| m.name()),
+                cfg.load::<FailedAttempt>()
+                    .map_or("a failure", |f| f.0.as_str())
             );
         }
         Ok(())

@@ -346,12 +346,12 @@ impl RotatingCredentials {
                     Ok((held, stamp)) => {
                         let rotated = st.held.as_ref().map(|h| h.keys != held.keys);
                         if rotated == Some(true) {
-                            tracing::info!(file = %held.file.display(), "AWS credentials rotated: using the new ones");
+                            tracing::info!(file = %held.file.display(), "AWS credentials rotated in {}: using the new ones", held.file.display());
                         } else if rotated.is_none() {
-                            tracing::info!(file = %held.file.display(), "AWS credentials loaded from the shared credentials file");
+                            tracing::info!(file = %held.file.display(), "AWS credentials loaded from the shared credentials file {}", held.file.display());
                         }
                         if st.failing.take().is_some() {
-                            tracing::info!(file = %held.file.display(), "the credentials file is readable again");
+                            tracing::info!(file = %held.file.display(), "the credentials file {} is readable again", held.file.display());
                         }
                         st.held = Some(held);
                         st.stamp = stamp;
@@ -364,9 +364,9 @@ impl RotatingCredentials {
                         let e = crate::error::chain(&e);
                         if st.failing.as_deref() != Some(e.as_str()) {
                             if st.held.is_some() {
-                                tracing::warn!(reason = %e, "cannot re-read the AWS credentials; keeping the last good ones and retrying");
+                                tracing::warn!(reason = %e, "cannot re-read the AWS credentials ({e}); keeping the last good ones and retrying");
                             } else {
-                                tracing::warn!(reason = %e, "cannot read the AWS credentials yet; retrying");
+                                tracing::warn!(reason = %e, "cannot read the AWS credentials yet ({e}); retrying");
                             }
                             st.failing = Some(e);
                         }

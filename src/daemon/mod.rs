@@ -254,7 +254,17 @@ impl Daemon {
             daemon.start_admin(&cfg).await;
         }
         daemon.next_refresh = daemon.settings.params_delay().map(|d| Instant::now() + d);
-        tracing::info!(pipelines = cfg.pipelines.len(), "offload-agent ready");
+        let names: Vec<&str> = cfg.pipelines.iter().map(|p| p.name.as_str()).collect();
+        let names = match names.is_empty() {
+            true => "none".to_string(),
+            false => names.join(", "),
+        };
+        tracing::info!(
+            pipelines = cfg.pipelines.len(),
+            "offload-agent ready: pipelines {names}; ECS agent supervision {} (version {})",
+            if cfg.ecs_agent.enabled { "on" } else { "off" },
+            env!("CARGO_PKG_VERSION")
+        );
         daemon.status = daemon.status_line();
         notify(&[NotifyState::Ready, NotifyState::Status(&daemon.status)]);
         Ok(daemon)
@@ -267,7 +277,7 @@ impl Daemon {
                     .local_addr()
                     .map(|a| a.to_string())
                     .unwrap_or_default();
-                tracing::info!(listen = %addr, "admin endpoint: /healthz /readyz /metrics /status");
+                tracing::info!(listen = %addr, "admin endpoint on http://{addr}: /healthz /readyz /metrics /status");
                 let facts = Arc::new(DaemonFacts {
                     metrics: self.stats.clone(),
                     objects: self.objects.clone(),
@@ -281,7 +291,7 @@ impl Daemon {
             }
             // Files keep flowing without the endpoint; the problem stays in the status line.
             Err(e) => {
-                tracing::error!(error = %e, "admin endpoint not available");
+                tracing::error!(error = %e, "admin endpoint not available: {e}");
                 self.admin_failed = true;
             }
         }
@@ -336,10 +346,8 @@ impl Daemon {
         let ok = self.settings.reload("SIGHUP");
         self.stats.config_reload(ok);
         if ok {
-            tracing::info!(
-                pipelines = self.settings.current.pipelines.len(),
-                "configuration reloaded"
-            );
+            let n = self.settings.current.pipelines.len();
+            tracing::info!(pipelines = n, "configuration reloaded ({n} pipeline(s))");
             let (objects, cfg) = (self.objects.clone(), self.settings.current.clone());
             tokio::spawn(async move { objects.preflight(&cfg).await });
         }
@@ -445,7 +453,9 @@ impl Daemon {
         tracing::info!(
             grace_s = grace.as_secs_f64(),
             in_flight = self.stats.in_flight(),
-            "shutting down: no new messages; finishing in-flight files"
+            "shutting down: no new messages; finishing the {} file(s) in flight within agent.shutdown_grace ({})",
+            self.stats.in_flight(),
+            humantime::format_duration(grace)
         );
         notify(&[NotifyState::Stopping]);
         self.stop.cancel();
@@ -459,7 +469,9 @@ impl Daemon {
             }
         };
         if !finished {
-            tracing::warn!("shutdown grace ran out: releasing unfinished messages to the queue");
+            // The designed way out of a long file (delivered again, processed idempotently): not a
+            // problem to act on.
+            tracing::info!("agent.shutdown_grace ran out: releasing the unfinished messages to the queue; they are delivered again and processed from the start");
             self.abort.cancel();
             if tokio::time::timeout(RELEASE_BUDGET, &mut self.pool)
                 .await
@@ -470,11 +482,12 @@ impl Daemon {
         }
         if let Some(s) = self.supervisor.take() {
             if tokio::time::timeout(SUPERVISOR_BUDGET, s).await.is_err() {
-                tracing::warn!("the ECS agent supervisor did not stop in time");
+                tracing::warn!("the ECS agent's supervisor did not stop within {SUPERVISOR_BUDGET:?}; exiting anyway (the agent's container keeps running)");
             }
         }
         self.beater.abort();
-        tracing::info!(stats = %self.stats.summary(), "stopped");
+        let stats = self.stats.summary();
+        tracing::info!(stats = %stats, "stopped: {stats}");
     }
 }
 
@@ -507,7 +520,7 @@ async fn clean_and_check(objects: Arc<ObjectProcessor>, cfg: Config) {
             .metrics
             .leftovers_removed(crate::metrics::Leftover::Container, n),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot look for processor containers left by an earlier run")
+            tracing::warn!(error = %e, "cannot look for processor containers left by an earlier run ({e})")
         }
     }
     objects.preflight(&cfg).await;
@@ -527,11 +540,11 @@ fn open_spool(cfg: &Config, stats: &Metrics) -> Result<Spool> {
             stats.leftovers_removed(crate::metrics::Leftover::Spool, n);
             tracing::info!(
                 files = n,
-                "removed spool files left by an earlier run; their messages return through SQS"
+                "removed {n} spool file(s) left by an earlier run; their messages return through SQS"
             )
         }
         Err(e) => {
-            tracing::warn!(error = %e, dir = %cfg.spool.dir.display(), "cannot clean the spool")
+            tracing::warn!(error = %e, dir = %cfg.spool.dir.display(), "cannot clean the spool {} ({e}); check its ownership and free space", cfg.spool.dir.display())
         }
     }
     Ok(spool)

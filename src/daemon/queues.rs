@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::error::describe;
 use crate::metrics::Metrics;
 use crate::metrics::{EGRESS_ADVICE, QUEUE_ADVICE};
+use crate::telemetry::Episode;
 use crate::worker::{receive, ObjectProcessor, Worker};
 
 /// Waits between attempts to find a queue that does not exist (yet).
@@ -29,31 +30,45 @@ async fn resolve_queue(
     stop: &CancellationToken,
 ) -> Option<String> {
     let mut backoff = Backoff::new(RESOLVE_BACKOFF_MIN, RESOLVE_BACKOFF_MAX);
+    let mut missing = Episode::default();
     loop {
         match clients.sqs.get_queue_url().queue_name(name).send().await {
             Ok(out) => {
                 if let Some(url) = out.queue_url() {
                     stats.queue_found();
+                    if let Some(ended) = missing.ended() {
+                        tracing::info!(
+                            queue = name,
+                            attempts = ended.occurrences,
+                            "{what} {name} found ({url}) after {} failed lookup(s) over {}",
+                            ended.occurrences,
+                            humantime::format_duration(Duration::from_secs(ended.lasted.as_secs()))
+                        );
+                    }
                     return Some(url.to_string());
                 }
             }
             Err(e) => {
                 let delay = backoff.next_delay();
-                match crate::error::egress_failure(&e) {
+                let (line, problem, advice) = match crate::error::egress_failure(&e) {
                     // The way out is the problem, not the queue: say that, not "provision".
-                    Some(line) => {
-                        stats.queue_missing(line.to_string(), EGRESS_ADVICE);
-                        tracing::error!(queue = name, retry_in_s = delay.as_secs(), "{line}");
-                    }
-                    None => {
-                        stats.queue_missing(format!("{what} {name} not found"), QUEUE_ADVICE);
-                        tracing::error!(
-                            queue = name,
-                            error = %describe(&e),
-                            retry_in_s = delay.as_secs(),
-                            "cannot find the {what} ({QUEUE_ADVICE})"
-                        );
-                    }
+                    Some(line) => (line.to_string(), line.to_string(), EGRESS_ADVICE),
+                    None => (
+                        format!("cannot find the {what} {name}: {}", describe(&e)),
+                        format!("{what} {name} not found"),
+                        QUEUE_ADVICE,
+                    ),
+                };
+                stats.queue_missing(problem, advice);
+                if missing.occurred(&line) {
+                    tracing::error!(
+                        queue = name,
+                        retry_in_s = delay.as_secs(),
+                        "{line}; {advice}; looking again every {} at most, without a restart",
+                        humantime::format_duration(RESOLVE_BACKOFF_MAX)
+                    );
+                } else {
+                    tracing::debug!(queue = name, retry_in_s = delay.as_secs(), "{line}");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -75,7 +90,10 @@ async fn redrive_max_receives(clients: &Clients, queue_url: &str) -> Option<u32>
         .attribute_names(QueueAttributeName::RedrivePolicy)
         .send()
         .await
-        .map_err(|e| tracing::warn!(error = %describe(&e), "cannot read the queue's redrive policy; SQS may move failing messages to its dead-letter queue without a reason attribute"))
+        .map_err(|e| {
+            let e = describe(&e);
+            tracing::warn!(error = %e, "cannot read the redrive policy of {queue_url} ({e}): SQS may move failing messages to its dead-letter queue without a reason attribute")
+        })
         .ok()?;
     let policy = out.attributes()?.get(&QueueAttributeName::RedrivePolicy)?;
     let v: serde_json::Value = serde_json::from_str(policy).ok()?;
@@ -118,12 +136,20 @@ pub(super) async fn serve(
         None => None,
     };
     let max_receives = redrive_max_receives(clients, &queue_url).await;
+    let dlq = match (&dlq_url, max_receives) {
+        (Some(d), Some(n)) => format!("dead-letter queue {d}, SQS's redrive after {n} receives"),
+        (Some(d), None) => format!("dead-letter queue {d}"),
+        (None, _) => "no dead-letter queue".to_string(),
+    };
     tracing::info!(
         queue = %queue_url,
         dead_letter_queue = dlq_url.as_deref().unwrap_or(""),
         max_receives = max_receives.unwrap_or(0),
         pipelines = cfg.pipelines.len(),
-        "receiving from the queue"
+        max_in_flight = cfg.queue.max_in_flight,
+        "receiving from {queue_url} ({dlq}; up to {} files at once, {} pipeline(s))",
+        cfg.queue.max_in_flight,
+        cfg.pipelines.len()
     );
     let worker = Arc::new(Worker {
         objects,

@@ -48,7 +48,7 @@ impl Settings {
                     let _ = self.tx.send(Arc::new(self.current.clone()));
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "the configuration from Parameter Store is not valid; starting with the files and environment alone")
+                    tracing::error!(error = %e, "the configuration from Parameter Store is not valid ({e}); starting with the files and environment alone")
                 }
             }
         }
@@ -64,15 +64,19 @@ impl Settings {
         match crate::params::fetch(ssm, &path).await {
             Ok(layer) => {
                 if self.params_failing {
-                    tracing::info!(path = %path, "Parameter Store is reachable again");
+                    tracing::info!(path = %path, "configuration from Parameter Store ({path}) is readable again");
                 }
                 tracing::debug!(path = %path, parameters = layer.parameters.len(), "read Parameter Store");
                 self.params_failing = false;
                 self.params = Some(layer);
             }
             Err(e) => {
+                if self.params_failing {
+                    tracing::debug!(path = %path, error = %e, "still cannot read configuration from Parameter Store");
+                } else {
+                    tracing::warn!(path = %path, error = %e, "cannot read configuration from Parameter Store ({path}: {e}); keeping the configuration in force and retrying (logged again when it works)");
+                }
                 self.params_failing = true;
-                tracing::warn!(path = %path, error = %e, "cannot read configuration from Parameter Store; keeping the configuration in force and retrying");
             }
         }
     }
@@ -93,7 +97,7 @@ impl Settings {
         let new = match config::load_with(&self.path, self.params.as_ref(), &self.env) {
             Ok(l) => l.config,
             Err(e) => {
-                tracing::error!(trigger = why, error = %e, "configuration reload failed; keeping the running configuration");
+                tracing::error!(trigger = why, error = %e, "configuration reload failed ({why}): {e}; keeping the running configuration");
                 return false;
             }
         };

@@ -29,6 +29,7 @@ use crate::config::{Config, EcsAgentConfig};
 use crate::docker::{self, is_not_found};
 use crate::error::chain;
 use crate::host::Systemctl;
+use crate::telemetry::Episode;
 use introspection::Metadata;
 use policy::{Connection, Health, History, Next, Outcome, Silence};
 use spec::{ContainerSpec, CONFIG_HASH_LABEL};
@@ -215,6 +216,18 @@ pub struct Supervisor {
     ecs: Option<aws_sdk_ecs::Client>,
     /// The image last proven healthy, an update on trial, a refused one.
     updates: Updates,
+    /// The problem going on (Docker away, an image missing, a crashing agent): logged once, its
+    /// retries at debug, its end with a count.
+    trouble: std::sync::Mutex<Episode>,
+}
+
+/// A supervisor's reason without its retry delay ("…; retrying in 10.3s"), which differs each time.
+fn without_retry_delay(reason: &str) -> &str {
+    ["; retrying in ", "; restarting in "]
+        .iter()
+        .filter_map(|m| reason.rfind(m))
+        .max()
+        .map_or(reason, |i| &reason[..i])
 }
 
 /// How long one `DescribeContainerInstances` may take.
@@ -330,6 +343,7 @@ impl Supervisor {
                 firewall: firewall::Firewall::default(),
                 ecs: None,
                 updates: Updates::default(),
+                trouble: Default::default(),
             },
             rx,
         )
@@ -385,15 +399,42 @@ impl Supervisor {
             true
         });
         if changed {
-            match state {
-                State::Terminal | State::ImageUnavailable | State::Conflict => {
-                    tracing::error!(ecs_agent_state = %state, %reason, "ECS agent supervisor")
+            self.log_state(state, &reason);
+        }
+    }
+
+    /// A state change in the journal, in words: `ECS agent: <reason>`. A problem that repeats (each
+    /// retry's reason differs only by its delay) is logged once, and its end with the count; the steps
+    /// of the retries between (loading, creating) at debug.
+    fn log_state(&self, state: State, reason: &str) {
+        let mut trouble = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
+        match state {
+            State::Terminal
+            | State::ImageUnavailable
+            | State::Conflict
+            | State::WaitingForDocker
+            | State::BackingOff => {
+                let problem = format!("{state}: {}", without_retry_delay(reason));
+                if !trouble.occurred(&problem) {
+                    tracing::debug!(ecs_agent_state = %state, %reason, "ECS agent: {reason}");
+                } else if matches!(state, State::WaitingForDocker | State::BackingOff) {
+                    tracing::warn!(ecs_agent_state = %state, %reason, "ECS agent: {reason}");
+                } else {
+                    tracing::error!(ecs_agent_state = %state, %reason, "ECS agent: {reason}");
                 }
-                State::WaitingForDocker | State::BackingOff => {
-                    tracing::warn!(ecs_agent_state = %state, %reason, "ECS agent supervisor")
-                }
-                _ => tracing::info!(ecs_agent_state = %state, %reason, "ECS agent supervisor"),
             }
+            State::LoadingImage | State::Starting if trouble.is_open() => {
+                tracing::debug!(ecs_agent_state = %state, %reason, "ECS agent: {reason}");
+            }
+            _ => match trouble.ended() {
+                Some(ended) => tracing::info!(
+                    ecs_agent_state = %state,
+                    %reason,
+                    "ECS agent: {reason} (the problem before, {}, happened {ended})",
+                    ended.key
+                ),
+                None => tracing::info!(ecs_agent_state = %state, %reason, "ECS agent: {reason}"),
+            },
         }
     }
 
@@ -413,7 +454,10 @@ impl Supervisor {
         reason: &(dyn std::error::Error + Sync),
         d: Duration,
     ) {
-        self.set(state, format!("{}; retrying in {d:?}", chain(reason)));
+        self.set(
+            state,
+            format!("{}; retrying in {:.1}s", chain(reason), d.as_secs_f64()),
+        );
         self.pause(d).await;
     }
 
@@ -512,7 +556,7 @@ impl Supervisor {
                     return Ok((id, true));
                 }
                 if running {
-                    tracing::info!(container = %spec.name, "the agent's configuration or image changed: recreating its container");
+                    tracing::info!(container = %spec.name, "ECS agent: its configuration or image changed: recreating container {}", spec.name);
                     let _ = docker
                         .stop_container(
                             &spec.name,
@@ -662,7 +706,7 @@ impl Supervisor {
             }
             Err(e) => {
                 if connection.on_failure(now) {
-                    tracing::info!(error = %e, "cannot ask ECS whether the agent is connected (ecs:DescribeContainerInstances); asking again every ecs_agent.connectivity_interval");
+                    tracing::info!(error = %e, "cannot ask ECS whether the agent is connected ({e}; ecs:DescribeContainerInstances); asking again every ecs_agent.connectivity_interval");
                 }
                 None
             }
@@ -672,7 +716,8 @@ impl Supervisor {
         match connected {
             Some(false) if was != Some(false) => {
                 tracing::warn!(
-                    "ECS reports the ECS agent disconnected while its introspection answers"
+                    "ECS reports the ECS agent disconnected while its introspection answers; it is restarted if that lasts ecs_agent.disconnected_after ({})",
+                    humantime::format_duration(cfg.disconnected_after)
                 )
             }
             Some(true) if was == Some(false) => {
@@ -700,7 +745,7 @@ impl Supervisor {
                 let why = format!("refused the update to {}: {e}", cfg.image);
                 match self.updates.refuse(desired, why.clone()).cloned() {
                     Some(p) => {
-                        tracing::error!("{why}; the running agent ({}) is kept", p.name);
+                        tracing::error!("ECS agent: {why}; the running agent ({}) is kept", p.name);
                         self.status.send_modify(|s| {
                             s.last_update = Some(why);
                             s.refusals += 1;
@@ -729,7 +774,7 @@ impl Supervisor {
             return;
         }
         if let Some(done) = self.updates.healthy(agent.image.clone(), registered) {
-            tracing::info!("{done}");
+            tracing::info!("ECS agent: {done}");
             self.status.send_modify(|s| {
                 s.last_update = Some(done);
                 s.updates += 1;
@@ -869,11 +914,16 @@ impl Supervisor {
         let fw = self.firewall.clone();
         match tokio::task::spawn_blocking(move || fw.ensure()).await {
             Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(added = n, "task IAM role network rules in place"),
+            Ok(Ok(n)) => tracing::info!(
+                added = n,
+                "ECS agent: task IAM role network rules in place ({n} added)"
+            ),
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot set up the network rules for task IAM roles; tasks cannot get role credentials")
+                tracing::warn!(error = %e, "ECS agent: cannot set up the network rules for task IAM roles ({e}); tasks cannot get role credentials")
             }
-            Err(e) => tracing::warn!(error = %e, "network rule task failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "ECS agent: setting up the network rules for task IAM roles failed ({e}); tasks cannot get role credentials")
+            }
         }
     }
 
@@ -882,7 +932,7 @@ impl Supervisor {
         match next {
             Next::Stop => {
                 if cfg.stop_agent_on_exit {
-                    tracing::info!(container = %agent.name, "stopping the ECS agent (ecs_agent.stop_agent_on_exit)");
+                    tracing::info!(container = %agent.name, "ECS agent: stopping container {} (ecs_agent.stop_agent_on_exit)", agent.name);
                     let _ = tokio::time::timeout(
                         STOP_ON_EXIT_TIMEOUT,
                         agent.docker.stop_container(
@@ -899,7 +949,7 @@ impl Supervisor {
                 false
             }
             Next::Recheck => {
-                tracing::info!("configuration reloaded: checking the agent's container");
+                tracing::info!("ECS agent: configuration reloaded: checking its container");
                 true
             }
             Next::WaitForDocker(why) => {
@@ -907,7 +957,7 @@ impl Supervisor {
                 true
             }
             Next::RestartUnhealthy(why) => {
-                tracing::warn!(reason = %why, "the ECS agent stopped answering: restarting it");
+                tracing::warn!(reason = %why, "ECS agent: it stopped answering ({why}): restarting it");
                 stop_agent(agent).await;
                 self.back_off(format!("restarting the unresponsive ECS agent ({why})"))
                     .await;
@@ -917,7 +967,7 @@ impl Supervisor {
                 stop_agent(agent).await;
                 if let Some(report) = self.updates.roll_back(Desired::of(cfg), &why) {
                     tracing::error!(
-                        "{report}; not trying it again until the configuration changes"
+                        "ECS agent: {report}; not trying it again until the configuration changes"
                     );
                     self.status.send_modify(|s| {
                         s.last_update = Some(report.clone());
@@ -954,7 +1004,7 @@ impl Supervisor {
         );
         let reloaded = self.wait_for_reload().await;
         if reloaded {
-            tracing::info!("configuration reloaded: starting the ECS agent again");
+            tracing::info!("ECS agent: configuration reloaded: starting it again");
         }
         reloaded
     }
@@ -963,7 +1013,7 @@ impl Supervisor {
     async fn terminal(&mut self, agent: &Running) -> bool {
         let lines = self.last_log_lines(&agent.docker, &agent.id).await;
         for l in &lines {
-            tracing::error!(agent_log = %l, "ECS agent output before its terminal exit");
+            tracing::error!(agent_log = %l, "ECS agent's output before its terminal exit: {l}");
         }
         self.status
             .send_modify(|s| s.last_log_lines = lines.clone());
@@ -974,7 +1024,7 @@ impl Supervisor {
         let reloaded = self.wait_for_reload().await;
         if reloaded {
             tracing::info!(
-                "configuration reloaded: retrying the ECS agent after its terminal exit"
+                "ECS agent: configuration reloaded: retrying it after its terminal exit"
             );
         }
         reloaded
@@ -996,7 +1046,10 @@ impl Supervisor {
             s.last_backoff = Some(d);
             s.restarts += 1;
         });
-        self.set(State::BackingOff, format!("{why}; restarting in {d:?}"));
+        self.set(
+            State::BackingOff,
+            format!("{why}; restarting in {:.1}s", d.as_secs_f64()),
+        );
         self.pause(d).await;
     }
 
@@ -1006,7 +1059,7 @@ impl Supervisor {
         let wanted = match std::fs::read_to_string(&file) {
             Ok(t) => t.trim().to_string(),
             Err(e) => {
-                tracing::error!(file = %file.display(), error = %e, "the ECS agent asked for an upgrade (exit 42) but the desired-image file cannot be read; restarting the current image");
+                tracing::error!(file = %file.display(), error = %e, "ECS agent: it asked for an upgrade (exit 42) but the desired-image file {} cannot be read ({e}); restarting the current image", file.display());
                 return false;
             }
         };
@@ -1017,11 +1070,12 @@ impl Supervisor {
         );
         match docker::load_tarball(docker, &tarball).await {
             Ok(()) => {
-                tracing::info!(tarball = %tarball.display(), "desired agent image loaded");
+                tracing::info!(tarball = %tarball.display(), "ECS agent: desired image loaded from {}", tarball.display());
                 true
             }
             Err(e) => {
-                tracing::error!(error = %chain(&e), "cannot load the desired agent image; restarting the current one");
+                let e = chain(&e);
+                tracing::error!(error = %e, "ECS agent: cannot load the desired image ({e}); restarting the current one");
                 false
             }
         }
@@ -1032,4 +1086,25 @@ impl Supervisor {
 /// `deregister` builds on this). Returns how many rules were removed.
 pub fn cleanup() -> Result<usize, firewall::Error> {
     firewall::Firewall::default().cleanup()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_retry_delay;
+
+    #[test]
+    fn a_reason_without_its_retry_delay_names_the_problem() {
+        assert_eq!(
+            without_retry_delay("image x is not present; retrying in 10.3s"),
+            "image x is not present"
+        );
+        assert_eq!(
+            without_retry_delay("exited 1; restarting in 2s"),
+            "exited 1"
+        );
+        assert_eq!(
+            without_retry_delay("creating container ecs-agent"),
+            "creating container ecs-agent"
+        );
+    }
 }

@@ -111,10 +111,10 @@ impl Engine {
             match remove(docker, &id).await {
                 Ok(()) => {
                     n += 1;
-                    tracing::info!(container = %id, pipeline = c.labels.as_ref().and_then(|l| l.get(PIPELINE_LABEL)).map(String::as_str).unwrap_or(""), "removed a processor container left by an earlier run");
+                    tracing::info!(container = %id, pipeline = c.labels.as_ref().and_then(|l| l.get(PIPELINE_LABEL)).map(String::as_str).unwrap_or(""), "removed processor container {id} left by an earlier run");
                 }
                 Err(e) => {
-                    tracing::warn!(container = %id, error = %e, "cannot remove a processor container left by an earlier run")
+                    tracing::warn!(container = %id, error = %e, "cannot remove processor container {id} left by an earlier run ({e}); remove it with `docker rm -f {id}`")
                 }
             }
         }
@@ -142,7 +142,7 @@ impl Engine {
                 spec.image
             )));
         }
-        tracing::info!(image = %spec.image, "pulling the processor image");
+        tracing::info!(image = %spec.image, "pulling the processor image {}", spec.image);
         let mut pull = docker.create_image(
             Some(
                 CreateImageOptionsBuilder::default()

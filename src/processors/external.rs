@@ -140,10 +140,10 @@ impl OutputLog {
         self.cut[i] = false;
         self.lines += 1;
         if self.lines <= MAX_LOGGED_LINES {
-            tracing::info!(target: "offload_agent::processor", stream = stream.name(), "{line}");
+            tracing::info!(target: "offload_agent::processor", stream = stream.name(), "processor {}: {line}", stream.name());
         } else if self.lines == MAX_LOGGED_LINES + 1 {
-            tracing::warn!(
-                "the processor printed more than {MAX_LOGGED_LINES} lines; the rest is not logged"
+            tracing::info!(
+                "the processor printed more than {MAX_LOGGED_LINES} lines; the rest of its output for this file is not logged"
             );
         }
         if self.tail.len() == TAIL_LINES {

@@ -80,10 +80,14 @@ impl Worker {
 
     async fn handle(&self, msg: aws_sdk_sqs::types::Message, abort: CancellationToken) {
         let Some(handle) = msg.receipt_handle() else {
-            tracing::error!("message without a receipt handle; SQS will deliver it again");
+            tracing::error!(
+                "SQS message {} came without a receipt handle; SQS will deliver it again",
+                msg.message_id().unwrap_or("(no id)")
+            );
             return;
         };
         let m = Receipt {
+            id: msg.message_id().unwrap_or(""),
             handle,
             body: msg.body().unwrap_or(""),
         };
@@ -97,14 +101,15 @@ impl Worker {
         let cfg = self.config.borrow().clone();
         let settlement = match event::parse(m.body) {
             Err(e) => {
-                tracing::error!(reason = %e, "message is not an S3 event; moving it to the dead-letter queue");
+                tracing::error!(reason = %e, "SQS message {message_id} is not an S3 event ({e}); moving it to the dead-letter queue");
                 Settlement::DeadLetter(e.to_string())
             }
             Ok(Event::Test { bucket }) => {
                 self.stats.event_skipped(Skipped::Test);
                 tracing::info!(
                     bucket = bucket.as_deref().unwrap_or(""),
-                    "s3:TestEvent received (S3 checks the notification target); acknowledged"
+                    "s3:TestEvent received from bucket {} (S3 checks the notification target); acknowledged",
+                    bucket.as_deref().unwrap_or("(none named)")
                 );
                 Settlement::Delete
             }
@@ -112,13 +117,13 @@ impl Worker {
                 self.stats.event_skipped(Skipped::Other);
                 tracing::info!(
                     ignored,
-                    "notification announces no created object; acknowledged"
+                    "SQS message {message_id} announces no created object ({ignored} other record(s)); acknowledged"
                 );
                 Settlement::Delete
             }
             Ok(Event::Objects { objects, ignored }) => {
                 if ignored > 0 {
-                    tracing::info!(ignored, "skipping records that are not ObjectCreated");
+                    tracing::info!(ignored, "SQS message {message_id}: skipping {ignored} record(s) that are not ObjectCreated");
                 }
                 // Keep the message invisible while we work, however long the files take; stopped
                 // (dropped) before the message is settled.
@@ -157,7 +162,7 @@ impl Worker {
     ) -> FileEnd {
         let Some(pipeline) = cfg.route(&obj.bucket, &obj.key) else {
             self.stats.event_skipped(Skipped::Unmatched);
-            tracing::info!(bucket = %obj.bucket, key = %obj.key, "no pipeline matches this object; acknowledged without processing");
+            tracing::info!(bucket = %obj.bucket, key = %obj.key, "no pipeline matches {}; acknowledged without processing", obj.url());
             return FileEnd::Done;
         };
         let span = tracing::info_span!("file", bucket = %obj.bucket, key = %obj.key, pipeline = %pipeline.name);
@@ -166,7 +171,16 @@ impl Worker {
                 g = self.key_locks.lock(&obj.bucket, &obj.key) => g,
                 _ = abort.cancelled() => return Err(ProcessError::Cancelled),
             };
-            tracing::info!(size = obj.size, "processing");
+            match obj.size {
+                Some(size) => tracing::info!(
+                    size,
+                    "processing {} ({}) with pipeline {}",
+                    obj.url(),
+                    crate::disk::human(size),
+                    pipeline.name
+                ),
+                None => tracing::info!("processing {} with pipeline {}", obj.url(), pipeline.name),
+            }
             self.objects.process(cfg, pipeline, obj, abort, None).await
         }
         .instrument(span.clone())
@@ -195,7 +209,32 @@ impl Worker {
         );
         let last = report.outputs.last().map(String::as_str).unwrap_or("");
         let elapsed_ms = report.elapsed.as_millis() as u64;
+        let url = format!("s3://{}/{}", report.bucket, report.key);
+        let out_bucket = pipeline.output_bucket();
+        // The rejects report is named on its own.
+        let outputs: Vec<&String> = report
+            .outputs
+            .iter()
+            .filter(|k| Some(*k) != report.rejects.as_ref())
+            .collect();
+        let outputs = match outputs.as_slice() {
+            [] => "no output".to_string(),
+            [one] => format!("output s3://{out_bucket}/{one}"),
+            [.., last] => format!(
+                "{} outputs, the last s3://{out_bucket}/{last}",
+                outputs.len()
+            ),
+        };
         if let Some(rows) = &report.rows {
+            let rejects = match &report.rejects {
+                Some(k) => format!(" (rejected rows in s3://{out_bucket}/{k})"),
+                None => String::new(),
+            };
+            let skipped = rows.rows.saturating_sub(rows.written + rows.rejected);
+            let skipped = match skipped {
+                0 => String::new(),
+                n => format!(", {n} skipped"),
+            };
             tracing::info!(
                 rows = rows.rows,
                 rows_written = rows.written,
@@ -204,7 +243,9 @@ impl Worker {
                 rejects = report.rejects.as_deref().unwrap_or(""),
                 bytes = report.bytes,
                 elapsed_ms,
-                "processed"
+                "processed {url}: {} rows written, {} rejected{skipped}{rejects}, {outputs} in {elapsed_ms} ms",
+                rows.written,
+                rows.rejected,
             );
         } else {
             tracing::info!(
@@ -213,7 +254,8 @@ impl Worker {
                 bytes = report.bytes,
                 elapsed_ms,
                 summary = %report.summary,
-                "processed"
+                "processed {url}: {}, {outputs} in {elapsed_ms} ms",
+                report.summary
             );
         }
     }
@@ -232,17 +274,17 @@ impl Worker {
             Verdict::Cancelled => FileEnd::Cancelled,
             Verdict::Superseded(reason) => {
                 self.stats.file(&pipeline.name, FileOutcome::Superseded);
-                tracing::info!(%reason, "superseded by a newer upload (its own event processes it); acknowledged");
+                tracing::info!(%reason, "{} was superseded by a newer upload ({reason}); acknowledged, the newer upload's own event processes it", obj.url());
                 FileEnd::Done
             }
             Verdict::Retry { reason, reported } => {
                 self.stats.file(&pipeline.name, FileOutcome::TransientRetry);
                 if reported {
                     // Reported once by pipeline (see ObjectProcessor::note); the file waits.
-                    tracing::debug!(%reason, receive_count, "pipeline unavailable; the message will be retried");
+                    tracing::debug!(%reason, receive_count, "{} waits: pipeline {} is unavailable ({reason}); the message will be retried", obj.url(), pipeline.name);
                 } else {
                     self.stats.error(&pipeline.name, &obj.url(), &reason);
-                    tracing::warn!(%reason, receive_count, "transient failure; the message will be retried");
+                    tracing::warn!(%reason, receive_count, "{} failed for now: {reason}; the message returns to the queue and is retried (receive {receive_count})", obj.url());
                 }
                 FileEnd::Retry(reason)
             }
@@ -255,11 +297,11 @@ impl Worker {
                     .await
                 {
                     Ok(report) => {
-                        tracing::error!(%reason, report = %report, "file cannot be processed; error report written");
+                        tracing::error!(%reason, report = %report, "{} cannot be processed: {reason}; error report {report}", obj.url());
                         FileEnd::Failed(format!("{}: {reason}", obj.url()))
                     }
                     Err(e) => {
-                        tracing::warn!(%reason, error = %e, "file cannot be processed, and its error report could not be written; retrying later");
+                        tracing::warn!(%reason, error = %e, "{} cannot be processed ({reason}), and its error report could not be written ({e}); retrying later", obj.url());
                         FileEnd::Retry(e.to_string())
                     }
                 }

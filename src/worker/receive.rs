@@ -15,6 +15,7 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::error::{classify, code, describe, ErrorClass};
 use crate::limits::SQS_MAX_RECEIVE_BATCH;
+use crate::telemetry::Episode;
 
 /// Apply a new `queue.max_in_flight`: more slots at once; fewer as running files finish (the
 /// surplus permits are taken and forgotten in the background).
@@ -25,7 +26,8 @@ fn resize(slots: &Arc<Semaphore>, capacity: &mut usize, want: usize) {
     tracing::info!(
         from = *capacity,
         to = want,
-        "queue.max_in_flight changed: resizing the worker pool"
+        "queue.max_in_flight changed from {} to {want}: resizing the worker pool",
+        *capacity
     );
     if want > *capacity {
         slots.add_permits(want - *capacity);
@@ -62,6 +64,8 @@ struct Pool {
     size: Arc<AtomicUsize>,
     tasks: JoinSet<()>,
     backoff: Backoff,
+    /// The receive failures going on (logged once, with a count when receiving works again).
+    failing: Episode,
 }
 
 /// What waiting for free slots gave.
@@ -102,6 +106,15 @@ pub(crate) async fn run(worker: Arc<Worker>, stop: CancellationToken, abort: Can
         match result {
             Ok(messages) => {
                 pool.backoff.reset();
+                if let Some(ended) = pool.failing.ended() {
+                    tracing::info!(
+                        queue = %pool.worker.queue_url,
+                        failures = ended.occurrences,
+                        "receiving from {} again; it had failed {ended}: {}",
+                        pool.worker.queue_url,
+                        ended.key
+                    );
+                }
                 pool.worker.stats.receive(messages.len());
                 pool.dispatch(messages, permits, &abort);
             }
@@ -122,7 +135,10 @@ impl Pool {
     fn new(worker: Arc<Worker>) -> Pool {
         let max_in_flight = worker.config.borrow().queue.max_in_flight;
         worker.stats.slots(0, max_in_flight);
-        tracing::info!(queue = %worker.queue_url, max_in_flight, "receiver started");
+        tracing::debug!(
+            max_in_flight,
+            "worker pool of {max_in_flight} slots started"
+        );
         Pool {
             worker,
             slots: Arc::new(Semaphore::new(max_in_flight)),
@@ -131,6 +147,7 @@ impl Pool {
             size: Arc::new(AtomicUsize::new(max_in_flight)),
             tasks: JoinSet::new(),
             backoff: Backoff::new(RECEIVE_BACKOFF_MIN, RECEIVE_BACKOFF_MAX),
+            failing: Episode::default(),
         }
     }
 
@@ -218,49 +235,73 @@ impl Pool {
         }
     }
 
-    /// Report a failed receive; the wait before the next one.
+    /// Report a failed receive (once per episode: the repeats at debug); the wait before the next
+    /// one.
     fn failed(&mut self, e: &ReceiveError) -> Duration {
         let delay = self.backoff.next_delay();
         let queue = &self.worker.queue_url;
-        if let Some(line) = crate::error::egress_failure(e) {
-            self.worker
-                .stats
-                .receive_failed(line.to_string(), crate::metrics::EGRESS_ADVICE);
-            tracing::error!(queue = %queue, retry_in_s = delay.as_secs(), "{line}");
-            return delay;
-        }
-        self.worker.stats.receive_failed(
-            format!("queue unreachable ({})", describe(e)),
-            crate::metrics::QUEUE_ADVICE,
-        );
-        match classify(e) {
-            ErrorClass::Fatal => tracing::error!(
+        let (fatal, line) = match crate::error::egress_failure(e) {
+            Some(line) => {
+                self.worker
+                    .stats
+                    .receive_failed(line.to_string(), crate::metrics::EGRESS_ADVICE);
+                (true, line.to_string())
+            }
+            None => {
+                self.worker.stats.receive_failed(
+                    format!("queue unreachable ({})", describe(e)),
+                    crate::metrics::QUEUE_ADVICE,
+                );
+                match classify(e) {
+                    ErrorClass::Fatal => (
+                        true,
+                        format!(
+                            "cannot receive from {queue}: {} (missing queue or no permission: run \
+                             `offload-agent provision` or fix the IAM policy)",
+                            describe(e)
+                        ),
+                    ),
+                    _ => (
+                        false,
+                        format!("cannot receive from {queue}: {}", describe(e)),
+                    ),
+                }
+            }
+        };
+        let first = self.failing.occurred(&line);
+        let code = code(e).unwrap_or("");
+        let retry_in_s = delay.as_secs();
+        match (first, fatal) {
+            (false, _) => tracing::debug!(queue = %queue, code, retry_in_s, "{line}; retrying"),
+            (true, true) => tracing::error!(
                 queue = %queue,
-                code = code(e).unwrap_or(""),
-                error = %describe(e),
-                retry_in_s = delay.as_secs(),
-                "cannot receive from the queue (missing queue or no permission?): run `offload-agent provision` or fix the IAM policy"
+                code,
+                retry_in_s,
+                "{line}; retrying every {}s at most, logged again when it ends",
+                RECEIVE_BACKOFF_MAX.as_secs()
             ),
-            _ => tracing::warn!(
+            (true, false) => tracing::warn!(
                 queue = %queue,
-                error = %describe(e),
-                retry_in_s = delay.as_secs(),
-                "receiving from the queue failed; retrying"
+                code,
+                retry_in_s,
+                "{line}; retrying every {}s at most, logged again when it ends",
+                RECEIVE_BACKOFF_MAX.as_secs()
             ),
         }
         delay
     }
 
     async fn drain(mut self) {
+        while self.tasks.try_join_next().is_some() {}
         let n = self.tasks.len();
         if n > 0 {
             tracing::info!(
                 in_flight = n,
-                "receiver stopped; waiting for in-flight files"
+                "receiver stopped; waiting for {n} file(s) in flight"
             );
         }
         while self.tasks.join_next().await.is_some() {}
-        tracing::info!("worker pool stopped");
+        tracing::info!("worker pool stopped: no file in flight");
     }
 }
 

@@ -65,7 +65,11 @@ impl ObjectProcessor {
         match room {
             Room::Ok { free } => {
                 if change == Change::Recovered {
-                    tracing::info!(free_bytes = free, "the spool has room again: receiving");
+                    tracing::info!(
+                        free_bytes = free,
+                        "the spool has room again ({} free): receiving",
+                        crate::disk::human(free)
+                    );
                 }
                 metrics.spool(Some(free), None);
                 true
@@ -200,14 +204,14 @@ impl ObjectProcessor {
         match result {
             Err(ProcessError::Unavailable(reason)) => {
                 if map.get(&pipeline.name) != Some(reason) {
-                    tracing::error!(pipeline = %pipeline.name, %reason, "pipeline cannot run on this host; its files wait in the queue (retried with backoff) until this is fixed");
+                    tracing::error!(pipeline = %pipeline.name, %reason, "pipeline {} cannot run on this host: {reason}; its files wait in the queue (retried with backoff) until this is fixed", pipeline.name);
                     map.insert(pipeline.name.clone(), reason.clone());
                 }
             }
             Err(ProcessError::Cancelled) => {}
             _ => {
                 if map.remove(&pipeline.name).is_some() {
-                    tracing::info!(pipeline = %pipeline.name, "pipeline can run again");
+                    tracing::info!(pipeline = %pipeline.name, "pipeline {} can run again", pipeline.name);
                 }
             }
         }
@@ -237,7 +241,7 @@ impl ObjectProcessor {
                 }),
             };
             if let Err(ProcessError::Transient(why)) = &r {
-                tracing::warn!(pipeline = %p.name, reason = %why, "cannot check the pipeline's processor now");
+                tracing::warn!(pipeline = %p.name, reason = %why, "cannot check the processor of pipeline {} now ({why}); its first file checks again", p.name);
                 continue;
             }
             self.note(p, &r.map(|_| Outcome::default()));

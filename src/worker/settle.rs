@@ -123,6 +123,8 @@ pub(crate) fn decide(ends: &[FileEnd], receive_count: u32, queue: &QueueConfig) 
 
 /// The SQS message being settled.
 pub(crate) struct Receipt<'a> {
+    /// SQS's message id, for the log lines.
+    pub(crate) id: &'a str,
     pub(crate) handle: &'a str,
     pub(crate) body: &'a str,
 }
@@ -131,13 +133,19 @@ impl Worker {
     /// Carry out `settlement` for the message.
     pub(crate) async fn perform(&self, m: &Receipt<'_>, settlement: Settlement) {
         match settlement {
-            Settlement::Delete => self.delete(m.handle).await,
-            Settlement::Release => self.release(m.handle).await,
+            Settlement::Delete => self.delete(m).await,
+            Settlement::Release => self.release(m).await,
             Settlement::RetryAfter { step, reason } => {
                 let delay = Backoff::jitter(step);
                 self.stats.message(MessageOutcome::Retried);
-                tracing::info!(retry_in_s = delay.as_secs(), %reason, "message returns to the queue");
-                let _ = self.set_visibility(m.handle, delay).await;
+                tracing::info!(
+                    retry_in_s = delay.as_secs(),
+                    %reason,
+                    "SQS message {} returns to the queue in {} s: {reason}",
+                    m.id,
+                    delay.as_secs()
+                );
+                let _ = self.set_visibility(m, delay).await;
             }
             Settlement::DeadLetter(reason) => self.dead_letter(m, &reason).await,
         }
@@ -147,56 +155,57 @@ impl Worker {
         &self.objects.ctx.clients.sqs
     }
 
-    async fn delete(&self, receipt: &str) {
+    async fn delete(&self, m: &Receipt<'_>) {
         match self
             .sqs()
             .delete_message()
             .queue_url(&self.queue_url)
-            .receipt_handle(receipt)
+            .receipt_handle(m.handle)
             .send()
             .await
         {
             Ok(_) => self.stats.message(MessageOutcome::Deleted),
             // Results are idempotent: if the delete is lost, the redelivery rewrites the same items.
             Err(e) => {
-                tracing::warn!(error = %describe(&e), "could not delete the message; it will be delivered and processed again (idempotently)")
+                let e = describe(&e);
+                tracing::warn!(error = %e, "could not delete SQS message {} ({e}); it will be delivered and processed again (idempotently)", m.id)
             }
         }
     }
 
     /// Returns whether SQS accepted the change.
-    async fn set_visibility(&self, receipt: &str, after: Duration) -> bool {
+    async fn set_visibility(&self, m: &Receipt<'_>, after: Duration) -> bool {
         match self
             .sqs()
             .change_message_visibility()
             .queue_url(&self.queue_url)
-            .receipt_handle(receipt)
+            .receipt_handle(m.handle)
             .visibility_timeout(sqs_visibility_secs(after))
             .send()
             .await
         {
             Ok(_) => true,
             Err(e) => {
-                tracing::warn!(error = %describe(&e), "could not change the message's visibility; it returns when its current timeout ends");
+                let e = describe(&e);
+                tracing::warn!(error = %e, "could not change the visibility of SQS message {} ({e}); it returns when its current timeout ends", m.id);
                 false
             }
         }
     }
 
     /// Make the message visible again at once, for another worker or agent.
-    async fn release(&self, receipt: &str) {
-        let r = tokio::time::timeout(
-            RELEASE_TIMEOUT,
-            self.set_visibility(receipt, Duration::ZERO),
-        )
-        .await;
+    async fn release(&self, m: &Receipt<'_>) {
+        let r = tokio::time::timeout(RELEASE_TIMEOUT, self.set_visibility(m, Duration::ZERO)).await;
         match r {
             Ok(true) => {
                 self.stats.message(MessageOutcome::Released);
-                tracing::info!("shutdown: message released to the queue unfinished")
+                tracing::info!(
+                    "shutting down: SQS message {} released to the queue unfinished (delivered again at once)",
+                    m.id
+                )
             }
             Ok(false) => {} // logged by set_visibility; counted as not released
-            Err(_) => tracing::warn!("shutdown: releasing the message timed out; it returns when its visibility timeout ends"),
+            Err(_) => tracing::warn!("shutting down: releasing SQS message {} timed out; it returns when its visibility timeout ends", m.id),
         }
     }
 
@@ -208,8 +217,8 @@ impl Worker {
             // would mean re-failing it forever: the error report (or, for a message that is no event,
             // this log line with its body) is the record, and the message is deleted.
             let excerpt: String = m.body.chars().take(2000).collect();
-            tracing::error!(%reason, body = %excerpt, "no queue.dead_letter_queue configured: the failure is recorded (error report, this log) and the message deleted");
-            self.delete(m.handle).await;
+            tracing::error!(%reason, body = %excerpt, "SQS message {} failed for good ({reason}) and no queue.dead_letter_queue is configured: the failure is recorded (error report, this log) and the message deleted", m.id);
+            self.delete(m).await;
             return;
         };
         let reason_attr: String = sqs_safe(reason).chars().take(1000).collect();
@@ -232,11 +241,12 @@ impl Worker {
         match sent {
             Ok(_) => {
                 self.stats.message(MessageOutcome::DeadLettered);
-                tracing::info!(dead_letter_queue = %dlq, "message moved to the dead-letter queue");
-                self.delete(m.handle).await;
+                tracing::info!(dead_letter_queue = %dlq, "SQS message {} moved to the dead-letter queue {dlq}: {reason}", m.id);
+                self.delete(m).await;
             }
             Err(e) => {
-                tracing::warn!(error = %describe(&e), "could not send to the dead-letter queue; the message will come back and be tried again");
+                let e = describe(&e);
+                tracing::warn!(error = %e, "could not send SQS message {} to the dead-letter queue {dlq} ({e}); it will come back and be tried again", m.id);
             }
         }
     }
@@ -284,6 +294,7 @@ impl Heartbeat {
         let secs = sqs_visibility_secs(vis);
         let task = tokio::spawn(
             async move {
+                let mut failing = crate::telemetry::Episode::default();
                 loop {
                     tokio::time::sleep(period).await;
                     match sqs
@@ -294,8 +305,18 @@ impl Heartbeat {
                         .send()
                         .await
                     {
-                        Ok(_) => tracing::debug!(visibility_s = secs, "visibility extended"),
-                        Err(e) => tracing::warn!(error = %describe(&e), "could not extend the message's visibility; another consumer may receive it meanwhile (results are idempotent)"),
+                        Ok(_) => {
+                            if let Some(ended) = failing.ended() {
+                                tracing::info!("the message's visibility is extended again; extending it had failed {ended}");
+                            }
+                            tracing::debug!(visibility_s = secs, "visibility extended")
+                        }
+                        Err(e) => {
+                            let e = describe(&e);
+                            if failing.occurred("ChangeMessageVisibility") {
+                                tracing::warn!(error = %e, "could not extend the message's visibility ({e}); another consumer may receive it meanwhile (results are idempotent); retrying every {} s", period.as_secs())
+                            }
+                        }
                     }
                 }
             }

@@ -140,7 +140,7 @@ async fn diagnose_collects_every_section_and_no_secret() {
         .await;
     // The daemon took its configuration from Parameter Store (and so holds the SecureString).
     agent
-        .wait_log("receiving from the queue", Duration::from_secs(60))
+        .wait_log("receiving from http", Duration::from_secs(60))
         .await;
 
     let running = dir.join("running.tar.gz");

@@ -38,6 +38,19 @@ async fn fresh_start_creates_the_agent_and_reports_registration() {
     let s = rig.wait_state(State::Registered, T).await;
     let m = s.metadata.unwrap();
     assert!(m.cluster.unwrap().starts_with("test-fresh"));
+    // The journal's lines for a fresh start, in order.
+    let lines = rig.log_lines();
+    let mut at = 0;
+    for want in [
+        "INFO ECS agent: creating container ",
+        "INFO ECS agent: started container ",
+        "INFO ECS agent: registered as arn:aws:ecs:us-east-1:123456789012:container-instance/test/abc",
+    ] {
+        match lines[at..].iter().position(|l| l.starts_with(want)) {
+            Some(i) => at += i + 1,
+            None => panic!("no {want:?} after line {at}:\n{}", lines.join("\n")),
+        }
+    }
     assert_eq!(m.version.as_deref(), Some("fake v1"));
 
     let d = docker().await;
@@ -389,6 +402,40 @@ async fn waits_for_docker_then_reconnects_and_readopts_after_a_restart() {
         "the agent kept running through the Docker restart"
     );
     rig.stop().await;
+    // The log in its own words: Docker's absence said once (not once per retry), its end with the
+    // count; every line a sentence starting with the component.
+    let lines = rig.log_lines();
+    let all = lines.join("\n");
+    let started = lines
+        .iter()
+        .position(|l| l.contains("ECS agent: started container"))
+        .unwrap_or_else(|| panic!("no start line:\n{all}"));
+    let warned: Vec<&String> = lines[..started]
+        .iter()
+        .filter(|l| l.starts_with("WARN"))
+        .collect();
+    assert_eq!(warned.len(), 1, "Docker's absence said once:\n{all}");
+    assert!(
+        warned[0].contains("ECS agent: ") && warned[0].contains(&engine.socket()),
+        "{all}"
+    );
+    assert!(
+        lines[started].contains("(the problem before, waiting-for-docker: ")
+            && lines[started].contains(" times over "),
+        "the end of the episode with its count:\n{all}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("ECS agent: adopted the running container")),
+        "{all}"
+    );
+    for l in &lines {
+        assert!(
+            l.contains("ECS agent") && l.split_whitespace().count() >= 4,
+            "a line that does not say what it is about: {l:?}\n{all}"
+        );
+    }
     drop(rig);
     drop(engine);
 }

@@ -275,7 +275,7 @@ async fn failing_processors_are_retried_or_failed_for_good() {
     assert_eq!(dlq.len(), 2, "{dlq:?}");
     let log = agent.log_text();
     assert!(
-        log.matches("transient failure").count() >= 4,
+        log.matches("failed for now").count() >= 4,
         "each attempt is logged: {log}"
     );
     assert!(keys_under(&w, "cmdout/three.txt/").await.is_empty());
@@ -381,9 +381,7 @@ async fn a_killed_daemons_container_is_removed_and_its_file_processed_again() {
         "the container outlives the daemon"
     );
     let again = w.start();
-    again
-        .wait_log("removed a processor container left by an earlier run", WAIT)
-        .await;
+    again.wait_log("removed processor container", WAIT).await;
     let woke = w.wait_for("boxed/long.txt/woke.txt", WAIT, &again).await;
     assert_eq!(text(woke), "woke up\n");
     w.wait_queue_empty(WAIT, &again).await;
@@ -415,18 +413,14 @@ processor = {{ container = {{ image = "{late}" }} }}
     )
     .await;
     let agent = w.start();
-    agent
-        .wait_log("pipeline cannot run on this host", WAIT)
-        .await;
+    agent.wait_log("cannot run on this host", WAIT).await;
     w.put("late/a.txt", "x\n").await;
     w.put("late/b.txt", "x\ny\n").await;
-    agent
-        .wait_log("pipeline unavailable; the message will be retried", WAIT)
-        .await;
+    agent.wait_log("is unavailable (", WAIT).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let log = agent.log_text();
     assert_eq!(
-        log.matches("pipeline cannot run on this host").count(),
+        log.matches("cannot run on this host").count(),
         1,
         "reported once: {log}"
     );
@@ -440,7 +434,7 @@ processor = {{ container = {{ image = "{late}" }} }}
     let a = w.wait_for("lateout/a.txt/count.txt", WAIT, &agent).await;
     let b = w.wait_for("lateout/b.txt/count.txt", WAIT, &agent).await;
     assert_eq!((text(a), text(b)), ("1\n".to_string(), "2\n".to_string()));
-    agent.wait_log("pipeline can run again", WAIT).await;
+    agent.wait_log("can run again", WAIT).await;
     assert!(w.drain_dlq().await.is_empty());
     crate::support::docker::untag(&d, &late).await;
 }

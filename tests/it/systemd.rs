@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{order_ids, orders_csv, unique, Options, World};
+use crate::support::{order_ids, order_row, orders_csv, unique, Options, World};
 
 const IMAGE: &str = "offload-test-systemd:bookworm";
 const SETUP: &str =
@@ -93,6 +93,32 @@ impl Booted {
             .1
             .trim()
             .to_string()
+    }
+
+    /// The journal's latest cursor, to read what comes after it.
+    fn cursor(&self) -> String {
+        self.ok("journalctl -n 1 --show-cursor --no-pager -o cat")
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("-- cursor: ").map(str::to_string))
+            .expect("a journal cursor")
+    }
+
+    /// The unit's journal entries after `cursor`: (PRIORITY, MESSAGE). Read as JSON from the cursor
+    /// itself and the cursor's entry dropped here: `journalctl --after-cursor` with a match (`-u`,
+    /// `-p`) skips the first matching entry after the cursor (systemd 252).
+    fn entries_after(&self, cursor: &str) -> Vec<(u8, String)> {
+        self.ok(&format!(
+            "journalctl -u offload-agent --no-pager -o json --cursor='{cursor}'"
+        ))
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["__CURSOR"] != cursor)
+        .filter_map(|e| {
+            let p = e["PRIORITY"].as_str()?.parse().ok()?;
+            Some((p, e["MESSAGE"].as_str()?.to_string()))
+        })
+        .collect()
     }
 
     fn journal(&self) -> String {
@@ -191,7 +217,11 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
         .collect();
     let processed = entries
         .iter()
-        .find(|e| e["MESSAGE"] == "processed")
+        .find(|e| {
+            e["MESSAGE"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("processed s3://"))
+        })
         .unwrap_or_else(|| panic!("no 'processed' entry for the file:\n{json}"));
     assert_eq!(processed["BUCKET"], w.bucket.as_str());
     assert_eq!(processed["PIPELINE"], "orders");
@@ -207,6 +237,7 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
     // 3. The queue missing at start: active anyway, the status says why, recovers without a restart.
     b.ok("systemctl stop offload-agent");
     w.delete_queue().await;
+    let story_from = b.cursor();
     b.ok("systemctl start offload-agent");
     assert_eq!(b.prop("ActiveState"), "active");
     b.wait(
@@ -220,6 +251,29 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
     w.put("input/sd-2.csv", orders_csv(100, 5)).await;
     wait_s3(&w, "output/sd-2.csv", &b).await;
     assert_eq!(b.prop("NRestarts"), restarts, "recovered without a restart");
+
+    // 3b. A file with two rejected rows and one that cannot be processed, then a stop: the journal
+    // tells that story in its own words.
+    let mut mixed = orders_csv(200, 3);
+    mixed += &order_row("203", 3).replace("651.21", "lots");
+    mixed += "\n";
+    mixed += &order_row("", 4);
+    mixed += "\n";
+    w.put("input/sd-rej.csv", mixed).await;
+    wait_s3(&w, "output/sd-rej.csv", &b).await;
+    w.put(
+        "input/sd-bad.csv",
+        "not,the,orders,header\n1,2,3,4\n".to_string(),
+    )
+    .await;
+    b.wait(
+        "the bad file dead-lettered",
+        Duration::from_secs(30),
+        || b.journal().contains("moved to the dead-letter queue"),
+    );
+    b.ok("systemctl stop offload-agent");
+    journal_tells_the_story(&b, &w, &story_from);
+    b.ok("systemctl start offload-agent");
 
     // 4a. Reload applies a changed setting.
     b.write(
@@ -274,12 +328,7 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
         "[queue]\nmax_in_flight = \"many\"\n",
     );
     // The journal's cursor, not a time: a start in the same second as the last one must not count.
-    let cursor = b
-        .ok("journalctl -n 1 --show-cursor --no-pager -o cat")
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("-- cursor: ").map(str::to_string))
-        .expect("a journal cursor");
+    let cursor = b.cursor();
     let (code, _) = b.sh("systemctl restart offload-agent");
     assert_ne!(code, 0, "start with a broken configuration fails");
     std::thread::sleep(Duration::from_secs(8));
@@ -287,10 +336,12 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
     // A manual start resets the count of automatic restarts: it stays 0 without a loop.
     assert_eq!(b.prop("NRestarts"), "0", "no restart loop");
     assert_eq!(b.prop("ExecMainStatus"), "78");
-    let starts = b.ok(&format!(
-        "journalctl -u offload-agent --no-pager -o cat --after-cursor='{cursor}' | grep -c '^Starting offload-agent' || true"
-    ));
-    assert_eq!(starts.trim(), "1", "started once, not in a loop");
+    let starts = b
+        .entries_after(&cursor)
+        .iter()
+        .filter(|(_, m)| m.starts_with("Starting offload-agent"))
+        .count();
+    assert_eq!(starts, 1, "started once, not in a loop");
     let journal = b.journal();
     assert!(
         journal.contains("queue.max_in_flight") && journal.contains("80-broken.toml"),
@@ -357,6 +408,118 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
     }
 }
 
+/// The unit's journal from a start with the queue missing to a stop — the queue created, a good file,
+/// a file with rejected rows, a file that cannot be processed — read as an operator reads it
+/// (`journalctl -u offload-agent -o cat`, no verbose fields): every line a sentence with the file, the
+/// counts, the outcome, in this order; and `-p warning` holding the two problems, once each.
+fn journal_tells_the_story(b: &Booted, w: &World, cursor: &str) {
+    let entries = b.entries_after(cursor);
+    let read = |max: u8| -> Vec<&str> {
+        entries
+            .iter()
+            .filter(|(p, _)| *p <= max)
+            .map(|(_, m)| m.as_str())
+            .collect()
+    };
+    // -p info: what the default view shows, without the debug lines.
+    let lines = read(6);
+    let text = lines.join("\n");
+    let (bucket, queue) = (w.bucket.as_str(), w.queue.as_str());
+    let url = |key: &str| format!("s3://{bucket}/{key}");
+    // What a person expects to read, in order: every fragment of an entry on one line.
+    let story: Vec<Vec<String>> = vec![
+        vec!["Starting offload-agent".into()],
+        vec!["Started offload-agent".into()],
+        vec![
+            format!("queue {queue} found (http"),
+            "failed lookup(s) over".into(),
+        ],
+        vec![
+            "receiving from http".into(),
+            "dead-letter queue http".into(),
+        ],
+        vec![
+            format!("processing {} (", url("input/sd-2.csv")),
+            "with pipeline orders".into(),
+        ],
+        vec![format!(
+            "processed {}: 5 rows written, 0 rejected, output {} in ",
+            url("input/sd-2.csv"),
+            url("output/sd-2.csv")
+        )],
+        vec![format!("processing {}", url("input/sd-rej.csv"))],
+        vec![format!(
+            "processed {}: 3 rows written, 2 rejected (rejected rows in {}), output {} in ",
+            url("input/sd-rej.csv"),
+            url("output/sd-rej.csv.rejects.csv"),
+            url("output/sd-rej.csv")
+        )],
+        vec![format!("processing {}", url("input/sd-bad.csv"))],
+        vec![
+            format!("{} cannot be processed: ", url("input/sd-bad.csv")),
+            "error report".into(),
+        ],
+        vec![
+            "moved to the dead-letter queue http".into(),
+            url("input/sd-bad.csv"),
+        ],
+        vec![
+            "shutting down: no new messages".into(),
+            "agent.shutdown_grace (5s)".into(),
+        ],
+        vec!["worker pool stopped".into()],
+        vec!["stopped: messages received=".into()],
+        vec!["Stopped offload-agent".into()],
+    ];
+    let mut at = 0;
+    for want in &story {
+        match lines[at..]
+            .iter()
+            .position(|l| want.iter().all(|f| l.contains(f.as_str())))
+        {
+            Some(i) => at += i + 1,
+            None => panic!(
+                "the journal does not say {want:?} after line {at}:\n{}",
+                lines
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| format!("{i:3} {l}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        }
+    }
+    // Lines whose place is not fixed (the queue is looked for while the daemon gets ready; systemd's
+    // and the daemon's lines about the stop race): once.
+    for once in [
+        format!("cannot find the queue {queue}"),
+        "ready: pipelines orders; ECS agent supervision off".to_string(),
+        "Stopping offload-agent".to_string(),
+    ] {
+        let n = lines.iter().filter(|l| l.contains(once.as_str())).count();
+        assert_eq!(n, 1, "{once:?} {n} times:\n{text}");
+    }
+    // No line that is only a name (a span's, a component's): a sentence of several words.
+    for l in &lines {
+        assert!(
+            l.split_whitespace().count() >= 3,
+            "a line that says nothing: {l:?}\n{text}"
+        );
+    }
+    // -p warning: exactly the two problems of the story, once each.
+    let problems = read(4);
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert!(
+        problems[0].contains(&format!("cannot find the queue {queue}"))
+            && problems[0].contains("offload-agent provision"),
+        "{problems:#?}"
+    );
+    assert!(
+        problems[1].contains(&format!("{} cannot be processed", url("input/sd-bad.csv"))),
+        "{problems:#?}"
+    );
+}
+
 /// Install the package with `vagrant/provision.sh` against the world's emulator and resources; the
 /// test's settings in conf.d (short grace and waits), and `extra` TOML in a file after them.
 fn install(b: &Booted, w: &World, extra: &str) {
@@ -398,7 +561,8 @@ async fn wait_items(w: &World, n: usize, b: &Booted) {
 /// untouched, the new version running. Then a power cut in the middle of a second file (`docker kill`
 /// of the host's systemd: no SIGTERM for anyone) and a boot: the enabled unit is active without help,
 /// the spool's leftovers removed, the file back after its visibility timeout and processed, exact
-/// accounting for both files. (The ECS agent's adoption across an upgrade is covered by the
+/// accounting for both files — while a Docker slow at boot is still starting (the unit is not ordered
+/// after it). (The ECS agent's adoption across an upgrade is covered by the
 /// supervisor's tests; this host runs without one.)
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upgrade_and_a_power_cut_lose_no_file() {
@@ -440,9 +604,19 @@ async fn an_upgrade_and_a_power_cut_lose_no_file() {
     wait_s3(&w, "output/up-1.csv", &b).await;
     let journal = b.journal();
     assert!(
-        journal.contains("message released to the queue unfinished"),
+        journal.contains("released to the queue unfinished"),
         "the old daemon did not release the file mid-way:\n{journal}"
     );
+
+    // A Docker slow at boot: a stand-in docker.service that takes five minutes to start. The unit
+    // wants it but is not ordered after it, so files are processed while it is still starting.
+    b.write(
+        "/etc/systemd/system/docker.service",
+        "[Unit]\nDescription=stand-in for a Docker that is slow at boot\n\
+         [Service]\nType=oneshot\nExecStart=/bin/sleep 300\nRemainAfterExit=yes\n\
+         [Install]\nWantedBy=multi-user.target\n",
+    );
+    b.ok("systemctl daemon-reload && systemctl enable docker.service");
 
     // A power cut: every process of the host killed at once, then a boot.
     w.put("input/up-2.csv", orders_csv(100_000, ROWS)).await;
@@ -455,9 +629,16 @@ async fn an_upgrade_and_a_power_cut_lose_no_file() {
         b.prop("ActiveState") == "active"
     });
     wait_s3(&w, "output/up-2.csv", &b).await;
+    let docker = b
+        .sh("systemctl show -p ActiveState --value docker.service")
+        .1;
+    assert_eq!(
+        docker.trim(),
+        "activating",
+        "the file was processed while Docker was still starting"
+    );
     assert!(
-        b.journal()
-            .contains("removed spool files left by an earlier run"),
+        b.journal().contains("spool file(s) left by an earlier run"),
         "{}",
         b.journal()
     );

@@ -377,7 +377,7 @@ async fn a_missing_table_is_retried_until_it_exists() {
     let agent = w.start();
     w.put("input/later.csv", orders_csv(0, 10)).await;
     agent
-        .wait_log("transient failure", Duration::from_secs(30))
+        .wait_log("failed for now", Duration::from_secs(30))
         .await;
     assert!(
         agent.log_text().contains(&w.table),
@@ -623,7 +623,7 @@ async fn without_a_dlq_a_permanent_failure_is_settled_once() {
         "processed once:\n{log}"
     );
     assert!(
-        log.contains("no queue.dead_letter_queue configured"),
+        log.contains("no queue.dead_letter_queue is configured"),
         "{log}"
     );
     assert!(w.drain_dlq().await.is_empty());

@@ -210,7 +210,10 @@ impl Loader {
             rows = batch.len(),
             first_line = batch.rows.first().map(|r| r.0.line),
             %reason,
-            "DynamoDB refused a batch; writing its rows one at a time to find the refused ones"
+            "DynamoDB refused a batch of {} rows from line {} for table {} ({reason}); writing its rows one at a time to find the refused ones",
+            batch.len(),
+            batch.rows.first().map_or(0, |r| r.0.line),
+            self.writer.table
         );
         let mut refused = Vec::new();
         for (r, (at, output_row)) in batch.rows.iter().enumerate() {

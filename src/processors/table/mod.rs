@@ -107,7 +107,7 @@ impl Table {
             .load(&files, &src, job.cancel, job.progress.clone())
             .await?;
         if !rows.extra_columns.is_empty() {
-            tracing::warn!(columns = ?rows.extra_columns, processor = %self.name, "ignoring columns the schema does not use");
+            tracing::info!(columns = ?rows.extra_columns, processor = %self.name, "{}: ignoring the columns the schema of {} does not use: {}", job.object.url(), self.name, rows.extra_columns.join(", "));
         }
         let mut outcome = Outcome {
             summary: format!(

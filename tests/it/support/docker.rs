@@ -258,9 +258,33 @@ pub struct Rig {
     pub status: watch::Receiver<Status>,
     pub shutdown: CancellationToken,
     pub task: Option<tokio::task::JoinHandle<()>>,
+    /// What the supervisor logged at info and above, as the journal's MESSAGE lines with their level.
+    pub log: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+/// A writer into a shared buffer, for a test's own log subscriber.
+#[derive(Clone)]
+pub struct Captured(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Rig {
+    /// The supervisor's log lines so far (`LEVEL message fields`), info and above.
+    pub fn log_lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.log.lock().unwrap())
+            .lines()
+            .map(|l| l.trim().to_string())
+            .collect()
+    }
+
     pub fn root(&self) -> &Path {
         self.dir.path()
     }
@@ -372,6 +396,7 @@ output_prefix = "out/"
             status,
             shutdown: CancellationToken::new(),
             task: None,
+            log: Default::default(),
         }
     }
 
@@ -400,7 +425,17 @@ output_prefix = "out/"
             sup = sup.with_ecs(ecs);
         }
         self.status = status;
-        self.task = Some(tokio::spawn(sup.run()));
+        // This supervisor's own subscriber (the tests share a process): what it logs, as lines.
+        use tracing::instrument::WithSubscriber;
+        let out = Captured(self.log.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .without_time()
+            .with_target(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        self.task = Some(tokio::spawn(sup.run().with_subscriber(subscriber)));
     }
 
     /// Stop the supervisor (the container stays, unless stop_agent_on_exit).
