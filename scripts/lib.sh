@@ -197,6 +197,56 @@ ensure_systemd_image() {
   docker import "$tarball" "$SYSTEMD_IMAGE" >/dev/null
 }
 
+# The VM test's machine (tests/it/vm.rs): a Debian 12 disk image made with debootstrap (Debian's cloud
+# kernel and its initramfs, systemd, openssh-server, docker.io, iptables), booted by QEMU with the
+# kernel and initramfs given on its command line (no boot loader), and an SSH key for root. Cached in
+# $CACHE/vm: made once per machine (about 4 minutes), then reused by every run.
+VM_DIR="$CACHE/vm"
+ensure_vm_image() {
+  local tool missing=""
+  for tool in qemu-system-x86_64 qemu-img ssh ssh-keygen mkfs.ext4; do
+    command -v "$tool" >/dev/null 2>&1 || missing=1
+  done
+  if [ -n "$missing" ]; then
+    log "installing qemu-system-x86, qemu-utils, openssh-client and e2fsprogs with apt"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+      qemu-system-x86 qemu-utils openssh-client e2fsprogs >/dev/null
+  fi
+  if [ -s "$VM_DIR/disk.raw" ] && [ -s "$VM_DIR/vmlinuz" ] && [ -s "$VM_DIR/initrd.img" ] && [ -s "$VM_DIR/id_ed25519" ]; then
+    return
+  fi
+  command -v debootstrap >/dev/null 2>&1 || {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null
+  }
+  local root="$VM_DIR/root"
+  rm -rf "$VM_DIR" && mkdir -p "$root"
+  log "debootstrap: a Debian 12 virtual machine (kernel, systemd, sshd, docker.io) into $root (once per machine)"
+  debootstrap --variant=minbase \
+    --include=linux-image-cloud-amd64,initramfs-tools,systemd,systemd-sysv,dbus,udev,kmod,openssh-server,docker.io,iptables,ca-certificates,procps,iproute2 \
+    bookworm "$root" http://deb.debian.org/debian >"$VM_DIR/debootstrap.log" 2>&1 \
+    || { echo "debootstrap failed; see $VM_DIR/debootstrap.log" >&2; return 1; }
+  ssh-keygen -q -t ed25519 -N '' -f "$VM_DIR/id_ed25519"
+  install -d -m 0700 "$root/root/.ssh"
+  install -m 0600 "$VM_DIR/id_ed25519.pub" "$root/root/.ssh/authorized_keys"
+  echo offload-vm > "$root/etc/hostname"
+  printf '/dev/vda / ext4 defaults 0 1\n' > "$root/etc/fstab"
+  # User-mode networking: DHCP on the one interface (the host is 10.0.2.2).
+  mkdir -p "$root/etc/systemd/network" "$root/etc/systemd/system/multi-user.target.wants"
+  printf '[Match]\nName=en* eth*\n[Network]\nDHCP=yes\n' > "$root/etc/systemd/network/10-user.network"
+  ln -sf /lib/systemd/system/systemd-networkd.service "$root/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
+  printf 'nameserver 10.0.2.3\n' > "$root/etc/resolv.conf"
+  # Nothing on the VM's console asks for a password; root logs in with the key only.
+  sed -i 's/^#\?PermitRootLogin.*/PermitRootLogin prohibit-password/' "$root/etc/ssh/sshd_config"
+  cp "$root"/boot/vmlinuz-* "$VM_DIR/vmlinuz"
+  cp "$root"/boot/initrd.img-* "$VM_DIR/initrd.img"
+  rm -f "$root"/var/cache/apt/archives/*.deb
+  mkfs.ext4 -q -L offload-vm -d "$root" "$VM_DIR/disk.raw.tmp" 4G
+  mv "$VM_DIR/disk.raw.tmp" "$VM_DIR/disk.raw"
+  rm -rf "$root"
+}
+
 # A persistent CARGO_TARGET_DIR grows with every run: each change of the sources links new test
 # executables beside the old ones, and each clone path leaves incremental state behind (43 GB over a
 # few weeks here). Keep the newest executable of each name in every profile's deps/ and drop

@@ -31,5 +31,7 @@ mod provision;
 mod systemd;
 /// Declared table schemas and compressed objects end to end.
 mod tables;
+/// The laptop VM: its own kernel, Docker and systemd under QEMU, provisioned as Vagrant would.
+mod vm;
 /// End-to-end scenarios of the file-event worker.
 mod worker;
