@@ -163,12 +163,14 @@ pub(crate) fn egress_failure<'a>(
     None
 }
 
-/// An error and its sources, each once, joined by ": " (no Debug forms).
+/// An error and its sources, each once, joined by ": " (no Debug forms), on one line: a source whose
+/// text spans lines (the SDK's "no credentials found in chain. Attempted:" list) has them joined by
+/// "; ", so that a journal line stays one line.
 pub(crate) fn chain(err: &dyn StdError) -> String {
-    let mut text = err.to_string();
+    let mut text = one_line(&err.to_string());
     let mut source = err.source();
     while let Some(s) = source {
-        let next = s.to_string();
+        let next = one_line(&s.to_string());
         if !text.ends_with(&next) {
             text.push_str(": ");
             text.push_str(&next);
@@ -176,4 +178,42 @@ pub(crate) fn chain(err: &dyn StdError) -> String {
         source = s.source();
     }
     text
+}
+
+/// `text`'s lines, trimmed, joined by "; " (by a space after a line ending in ':'); a one-line text
+/// unchanged.
+fn one_line(text: &str) -> String {
+    if !text.contains('\n') {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') { " " } else { "; " });
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("dispatch failure")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("no credentials found in chain. Attempted:\n  Environment: not set\n  Profile: not enabled\n")]
+    struct Inner;
+
+    #[test]
+    fn a_chain_is_one_line_even_when_a_source_spans_lines() {
+        assert_eq!(
+            chain(&Outer(Inner)),
+            "dispatch failure: no credentials found in chain. Attempted: Environment: not set; \
+             Profile: not enabled"
+        );
+    }
 }

@@ -83,4 +83,7 @@ fi
 
 systemctl enable offload-agent.service >/dev/null 2>&1
 systemctl restart offload-agent.service
+# The configuration written above is in the page cache until the kernel writes it back (30 s or
+# more): a power cut soon after provisioning would boot the package's defaults. Flush it now.
+sync
 systemctl is-active offload-agent.service

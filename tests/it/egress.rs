@@ -485,3 +485,52 @@ async fn a_daemon_refused_by_its_proxy_says_so_and_stays_up() {
     assert!(!log.contains("run `offload-agent provision`"), "{log}");
     assert!(!log.contains("stale-password"), "{log}");
 }
+
+/// The daemon without usable credentials (a profile whose `source_profile` does not exist: unfiltered,
+/// the SDK's chain warns "provider failed to provide credentials" at every call — seen with
+/// `RUST_LOG=aws_config::meta::credentials=debug`): one line of ours at start says every place it
+/// looked, the failing lookups of the queue are said once for the episode, and none of the SDK's own
+/// warnings reach the log.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_credentials_the_daemon_says_so_once_in_its_own_words() {
+    let w = World::new("egress-nocreds-run").await;
+    let home = tempfile::tempdir().unwrap();
+    let aws_config = home.path().join("config");
+    std::fs::write(
+        &aws_config,
+        "[default]\nrole_arn = arn:aws:iam::123456789012:role/offload\nsource_profile = missing\n",
+    )
+    .unwrap();
+    let mut cmd = w.agent(&["run"]);
+    cmd.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("HOME", home.path())
+        .env("AWS_CONFIG_FILE", &aws_config);
+    let mut agent = w.start_cmd(cmd);
+    agent
+        .wait_log("no AWS credentials: looked in", Duration::from_secs(20))
+        .await;
+    // Long enough for several receives to fail (the backoff starts at 1 s).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let log = agent.log_text();
+    let said = |needle: &str, level: &str| {
+        log.lines()
+            .filter(|l| l.contains(level) && l.contains(needle))
+            .count()
+    };
+    assert_eq!(said("no AWS credentials: looked in", "ERROR"), 1, "{log}");
+    assert!(
+        !log.contains("provider failed to provide credentials"),
+        "the SDK's chain warnings are held back:\n{log}"
+    );
+    let problems = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .count();
+    assert!(
+        problems <= 3,
+        "the credentials and the failing receives said once each, not per retry:\n{log}"
+    );
+    let (code, _) = agent.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0);
+}

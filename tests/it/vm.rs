@@ -287,8 +287,9 @@ async fn a_vagrant_style_vm_provisions_processes_and_survives_a_power_cut() {
     let cgroup = vm.ok("stat -fc %T /sys/fs/cgroup");
     assert_eq!(cgroup.trim(), "cgroup2fs", "the VM's own kernel, cgroup v2");
 
-    // Docker slow at boot: two minutes before its daemon starts.
-    vm.ok("mkdir -p /etc/systemd/system/docker.service.d && printf '[Service]\\nExecStartPre=/bin/sleep 120\\n' > /etc/systemd/system/docker.service.d/slow.conf && systemctl daemon-reload");
+    // Docker slow at boot: two minutes before its daemon starts (flushed, so that the cut below
+    // does not take the drop-in with it).
+    vm.ok("mkdir -p /etc/systemd/system/docker.service.d && printf '[Service]\\nExecStartPre=/bin/sleep 120\\n' > /etc/systemd/system/docker.service.d/slow.conf && systemctl daemon-reload && sync");
 
     // A power cut in the middle of a file, then a boot.
     w.put("input/vm-2.csv", orders_csv(10_000, ROWS)).await;
