@@ -39,6 +39,7 @@ async fn fresh_start_creates_the_agent_and_reports_registration() {
     let m = s.metadata.unwrap();
     assert!(m.cluster.unwrap().starts_with("test-fresh"));
     // The journal's lines for a fresh start, in order.
+    rig.wait_log("ECS agent: registered as", T).await;
     let lines = rig.log_lines();
     let mut at = 0;
     for want in [
@@ -401,6 +402,8 @@ async fn waits_for_docker_then_reconnects_and_readopts_after_a_restart() {
         1,
         "the agent kept running through the Docker restart"
     );
+    rig.wait_log("ECS agent: adopted the running container", T)
+        .await;
     rig.stop().await;
     // The log in its own words: Docker's absence said once (not once per retry), its end with the
     // count; every line a sentence starting with the component.

@@ -277,6 +277,20 @@ impl Write for Captured {
 }
 
 impl Rig {
+    /// Wait until the supervisor has logged a line containing `needle` (a state is published just
+    /// before its line is written).
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.log_lines().iter().any(|l| l.contains(needle)) {
+            assert!(
+                start.elapsed() < timeout,
+                "the supervisor never logged {needle:?}:\n{}",
+                self.log_lines().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The supervisor's log lines so far (`LEVEL message fields`), info and above.
     pub fn log_lines(&self) -> Vec<String> {
         String::from_utf8_lossy(&self.log.lock().unwrap())
