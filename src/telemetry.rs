@@ -107,9 +107,16 @@ pub(crate) struct Ended {
     pub lasted: Duration,
 }
 
+impl Ended {
+    /// How long it lasted, to the second (`2m 10s`).
+    pub(crate) fn lasted_text(&self) -> humantime::FormattedDuration {
+        humantime::format_duration(Duration::from_secs(self.lasted.as_secs()))
+    }
+}
+
 impl std::fmt::Display for Ended {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let lasted = humantime::format_duration(Duration::from_secs(self.lasted.as_secs()));
+        let lasted = self.lasted_text();
         match self.occurrences {
             1 => write!(f, "once, over {lasted}"),
             n => write!(f, "{n} times over {lasted}"),

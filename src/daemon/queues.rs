@@ -42,7 +42,7 @@ async fn resolve_queue(
                             attempts = ended.occurrences,
                             "{what} {name} found ({url}) after {} failed lookup(s) over {}",
                             ended.occurrences,
-                            humantime::format_duration(Duration::from_secs(ended.lasted.as_secs()))
+                            ended.lasted_text()
                         );
                     }
                     return Some(url.to_string());

@@ -4,20 +4,15 @@
 //! (`scripts/package`), and the test drives the service as an operator would, with `systemctl` and
 //! `journalctl`.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{order_ids, order_row, orders_csv, unique, Options, World};
+use crate::support::{order_ids, order_row, orders_csv, repo, unique, Options, World};
 
 const IMAGE: &str = "offload-test-systemd:bookworm";
 const SETUP: &str =
     "run the tests with `scripts/test` (it builds the packages with scripts/package and \
                      the systemd image with debootstrap)";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn run(cmd: &mut Command) -> (i32, String) {
     let out = cmd.output().unwrap();
@@ -659,11 +654,8 @@ async fn an_upgrade_and_a_power_cut_lose_no_file() {
 }
 
 async fn wait_s3(w: &World, key: &str, b: &Booted) {
-    let start = Instant::now();
-    while w.get(key).await.is_none() {
-        if start.elapsed() > Duration::from_secs(90) {
-            panic!("{key} never appeared; journal:\n{}", b.journal());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    w.wait_for_with(key, Duration::from_secs(90), || {
+        format!("journal:\n{}", b.journal())
+    })
+    .await;
 }

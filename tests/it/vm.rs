@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{free_port, order_ids, orders_csv, Options, World};
+use crate::support::{free_port, order_ids, orders_csv, repo, Options, World};
 
 const SETUP: &str = "run the tests with `scripts/test` (it installs qemu-system-x86 and makes the \
                      VM's disk image with debootstrap, cached in /var/cache/offload-agent/vm)";
@@ -23,10 +23,6 @@ fn cache() -> PathBuf {
         std::env::var("OFFLOAD_CACHE").unwrap_or_else(|_| "/var/cache/offload-agent".into()),
     )
     .join("vm")
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// One virtual machine: its overlay disk, its console log and, while it runs, QEMU.
@@ -215,13 +211,7 @@ impl Drop for Vm {
 }
 
 async fn wait_s3(w: &World, key: &str, vm: &Vm, timeout: Duration) {
-    let start = Instant::now();
-    while w.get(key).await.is_none() {
-        if start.elapsed() > timeout {
-            panic!("{key} never appeared\n{}", vm.tail());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    w.wait_for_with(key, timeout, || vm.tail()).await;
 }
 
 /// The laptop VM's life: `provision.sh` from nothing (the synced folder copied to /vagrant) → the

@@ -53,6 +53,11 @@ pub struct PrivateMoto {
     child: Option<Child>,
 }
 
+/// The repository's root (packages, vagrant/).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
 pub fn venv_bin(name: &str) -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join(".venv/bin")
@@ -500,6 +505,18 @@ output_prefix = "output/"
 
     /// Poll until `key` exists (or panic after `timeout`, printing the agent's log).
     pub async fn wait_for(&self, key: &str, timeout: Duration, agent: &Agent) -> Vec<u8> {
+        self.wait_for_with(key, timeout, || format!("agent log:\n{}", agent.log_text()))
+            .await
+    }
+
+    /// The same for a daemon whose log is elsewhere (a booted host's journal, a VM's): `log` says
+    /// what to show when the key never appears.
+    pub async fn wait_for_with(
+        &self,
+        key: &str,
+        timeout: Duration,
+        log: impl Fn() -> String,
+    ) -> Vec<u8> {
         let start = Instant::now();
         loop {
             if let Some(b) = self.get(key).await {
@@ -507,9 +524,9 @@ output_prefix = "output/"
             }
             if start.elapsed() > timeout {
                 panic!(
-                    "s3://{}/{key} did not appear within {timeout:?}; agent log:\n{}",
+                    "s3://{}/{key} did not appear within {timeout:?}; {}",
                     self.bucket,
-                    agent.log_text()
+                    log()
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
