@@ -47,15 +47,23 @@ impl Systemctl {
 
     /// Run `systemctl ARGS`; Ok(true) when it exited 0. Err when it could not be run at all.
     pub(crate) async fn run(&self, args: &[&str]) -> Result<bool, Error> {
+        Ok(self.output(args).await?.0)
+    }
+
+    /// Run `systemctl ARGS`: whether it exited 0, and what it printed on stdout.
+    async fn output(&self, args: &[&str]) -> Result<(bool, String), Error> {
         let child = Command::new(&self.program)
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .output();
         match tokio::time::timeout(CALL_TIMEOUT, child).await {
-            Ok(Ok(out)) => Ok(out.status.success()),
+            Ok(Ok(out)) => Ok((
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            )),
             Ok(Err(source)) => Err(Error::Spawn {
                 command: self.command(args),
                 source,
@@ -85,6 +93,18 @@ impl Systemctl {
         self.run(&["is-active", "--quiet", unit])
             .await
             .unwrap_or(false)
+    }
+
+    /// A unit's `ActiveState` (`active`, `activating`, `failed`, …); `None` when systemd cannot say
+    /// (no systemd running, no systemctl).
+    pub(crate) async fn active_state(&self, unit: &str) -> Option<String> {
+        match self
+            .output(&["show", "--property=ActiveState", "--value", unit])
+            .await
+        {
+            Ok((true, state)) if !state.is_empty() => Some(state),
+            _ => None,
+        }
     }
 
     /// Whether a unit is installed (systemd knows its unit file).

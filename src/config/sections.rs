@@ -592,7 +592,8 @@ pub struct HostConfig {
     pub ssm_agent: PathBuf,
     /// The SSM agent's systemd unit.
     pub ssm_service: String,
-    /// Docker's systemd unit, started by `register` when installed but stopped.
+    /// Docker's systemd unit, started by `register` when installed but stopped; asked for its
+    /// state by the supervisor when Docker does not answer (activating: no problem yet).
     pub docker_service: String,
     /// The `systemctl` command.
     pub systemctl: String,

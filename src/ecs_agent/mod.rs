@@ -41,6 +41,9 @@ use update::{Desired, Image, Updates};
 pub enum State {
     Disabled,
     WaitingForDocker,
+    /// Docker does not answer yet and systemd says its unit is still starting (a slow engine at
+    /// boot, a restart): waited for without complaint (logged at info, not warning).
+    DockerStarting,
     /// ecs.service (amazon-ecs-init) is active: two supervisors would fight over the container.
     Conflict,
     LoadingImage,
@@ -59,9 +62,10 @@ pub enum State {
 
 impl State {
     /// Every state, for one gauge per state.
-    pub const ALL: [State; 11] = [
+    pub const ALL: [State; 12] = [
         State::Disabled,
         State::WaitingForDocker,
+        State::DockerStarting,
         State::Conflict,
         State::LoadingImage,
         State::ImageUnavailable,
@@ -221,9 +225,19 @@ pub struct Supervisor {
     trouble: std::sync::Mutex<Episode>,
 }
 
+/// Docker's systemd unit, with its suffix (`docker.service`).
+fn docker_unit(cfg: &Config) -> String {
+    let unit = &cfg.host.docker_service;
+    if unit.contains('.') {
+        unit.clone()
+    } else {
+        format!("{unit}.service")
+    }
+}
+
 /// A supervisor's reason without its retry delay ("…; retrying in 10.3s"), which differs each time.
 fn without_retry_delay(reason: &str) -> &str {
-    ["; retrying in ", "; restarting in "]
+    ["; retrying in ", "; restarting in ", "; checking again in "]
         .iter()
         .filter_map(|m| reason.rfind(m))
         .max()
@@ -413,10 +427,13 @@ impl Supervisor {
             | State::ImageUnavailable
             | State::Conflict
             | State::WaitingForDocker
+            | State::DockerStarting
             | State::BackingOff => {
                 let problem = format!("{state}: {}", without_retry_delay(reason));
                 if !trouble.occurred(&problem) {
                     tracing::debug!(ecs_agent_state = %state, %reason, "ECS agent: {reason}");
+                } else if state == State::DockerStarting {
+                    tracing::info!(ecs_agent_state = %state, %reason, "ECS agent: {reason}");
                 } else if matches!(state, State::WaitingForDocker | State::BackingOff) {
                     tracing::warn!(ecs_agent_state = %state, %reason, "ECS agent: {reason}");
                 } else {
@@ -435,6 +452,16 @@ impl Supervisor {
                 ),
                 None => tracing::info!(ecs_agent_state = %state, %reason, "ECS agent: {reason}"),
             },
+        }
+    }
+
+    /// Docker does not answer: is its unit still starting (no problem, it comes by itself), or is it
+    /// away (stopped, failed, not a systemd host: a problem worth a warning)?
+    async fn docker_absent(&self, systemctl: &Systemctl) -> State {
+        let unit = docker_unit(&self.config.borrow());
+        match systemctl.active_state(&unit).await.as_deref() {
+            Some("activating" | "reloading") => State::DockerStarting,
+            _ => State::WaitingForDocker,
         }
     }
 
@@ -835,7 +862,21 @@ impl Supervisor {
             }
             Err(e) => {
                 let d = self.docker_backoff.next_delay();
-                self.retry_in(State::WaitingForDocker, &e, d).await;
+                match self.docker_absent(&systemctl).await {
+                    State::DockerStarting => {
+                        let unit = docker_unit(&self.config.borrow());
+                        self.set(
+                            State::DockerStarting,
+                            format!(
+                                "{unit} is still starting: waiting for Docker ({}); checking again in {:.1}s",
+                                chain(&e),
+                                d.as_secs_f64()
+                            ),
+                        );
+                        self.pause(d).await;
+                    }
+                    state => self.retry_in(state, &e, d).await,
+                }
                 return Start::Again;
             }
         };
@@ -953,7 +994,9 @@ impl Supervisor {
                 true
             }
             Next::WaitForDocker(why) => {
-                self.set(State::WaitingForDocker, why);
+                let systemctl = Systemctl::new(self.config.borrow().host.systemctl.clone());
+                let state = self.docker_absent(&systemctl).await;
+                self.set(state, why);
                 true
             }
             Next::RestartUnhealthy(why) => {

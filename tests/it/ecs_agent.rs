@@ -467,6 +467,65 @@ async fn refuses_while_ecs_init_is_active() {
     rig.stop().await;
 }
 
+/// Docker not answering while systemd says docker.service is still starting (a slow engine at boot)
+/// is waited for without complaint: state docker-starting, said once at info. When the unit fails
+/// instead, it is a problem: waiting-for-docker, one warning. When Docker answers the agent starts,
+/// and the end of the episode is said with its count. (No systemd runs here: a stand-in `systemctl`
+/// reports docker.service's ActiveState from a file.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_docker_still_starting_is_waited_for_at_info_and_a_failed_one_is_a_warning() {
+    let mut rig = Rig::prepare("docker-starting", false).await;
+    let answering = rig.config.ecs_agent.docker_socket.clone();
+    let absent = rig.root().join("no-docker.sock").display().to_string();
+    let state = rig.root().join("docker-state");
+    std::fs::write(&state, "activating\n").unwrap();
+    let fake = rig.root().join("systemctl");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\n[ \"$1 $2 $3 $4\" = \"show --property=ActiveState --value docker.service\" ] || exit 3\ncat {}\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    rig.config.ecs_agent.docker_socket = absent.clone();
+    rig.start_with_systemctl(fake.to_str().unwrap());
+    let s = rig.wait_state(State::DockerStarting, T).await;
+    assert!(
+        s.reason
+            .starts_with("docker.service is still starting: waiting for Docker (")
+            && s.reason.contains(&absent),
+        "{}",
+        s.reason
+    );
+    rig.wait_log("ECS agent: docker.service is still starting", T)
+        .await;
+    std::fs::write(&state, "failed\n").unwrap();
+    let s = rig.wait_state(State::WaitingForDocker, T).await;
+    assert!(s.reason.contains(&absent), "{}", s.reason);
+    rig.config.ecs_agent.docker_socket = answering;
+    rig.reload();
+    rig.wait_log("ECS agent: started container", T).await;
+    rig.stop().await;
+    let lines = rig.log_lines();
+    let all = lines.join("\n");
+    let starting: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("is still starting"))
+        .collect();
+    assert_eq!(starting.len(), 1, "said once, not per retry:\n{all}");
+    assert!(starting[0].starts_with("INFO"), "{all}");
+    let warned: Vec<&String> = lines.iter().filter(|l| l.starts_with("WARN")).collect();
+    assert_eq!(
+        warned.len(),
+        1,
+        "the failed unit is the one problem:\n{all}"
+    );
+    assert!(warned[0].contains(&absent), "{all}");
+}
+
 /// An agent that exits 42 on every start (and whose desired image cannot be read) is restarted with the
 /// restart backoff, not in a hot loop.
 #[tokio::test(flavor = "multi_thread")]
