@@ -197,22 +197,59 @@ ensure_systemd_image() {
   docker import "$tarball" "$SYSTEMD_IMAGE" >/dev/null
 }
 
+# The VM test's tools, each package only when its command is missing. A machine may already carry a
+# newer qemu-utils than its release (bookworm-backports' 10.x beside bookworm's 7.2); QEMU's packages
+# must be one version, so qemu-system-x86 then comes from an archive that has that version: a private
+# apt source list with backports, used for this one install and left nowhere in /etc/apt.
+install_vm_tools() {
+  local pkgs="" pair
+  for pair in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils ssh:openssh-client \
+              ssh-keygen:openssh-client mkfs.ext4:e2fsprogs; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 && continue
+    case " $pkgs " in *" ${pair#*:} "*) ;; *) pkgs="$pkgs ${pair#*:}" ;; esac
+  done
+  [ -n "$pkgs" ] || return 0
+  export DEBIAN_FRONTEND=noninteractive
+  local have
+  have="$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)"
+  case " $pkgs " in
+    *" qemu-system-x86 "*)
+      apt-get update -qq
+      local want
+      want="$(apt-cache show --no-all-versions qemu-system-x86 2>/dev/null | sed -n 's/^Version: //p' | head -n1)"
+      if [ -n "$have" ] && [ "$have" != "$want" ]; then
+        local apt_dir="$CACHE/apt-qemu" codename
+        codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")"
+        mkdir -p "$apt_dir/lists/partial"
+        printf 'deb http://deb.debian.org/debian %s main\ndeb http://deb.debian.org/debian %s-backports main\ndeb http://deb.debian.org/debian-security %s-security main\n' \
+          "$codename" "$codename" "$codename" >"$apt_dir/sources.list"
+        local opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o "Dir::Etc::sourceparts=-"
+                    -o "Dir::State::Lists=$apt_dir/lists")
+        log "qemu-utils $have is installed (the release has $want): installing qemu-system-x86=$have from $codename-backports"
+        apt-get "${opts[@]}" update -qq
+        # shellcheck disable=SC2086
+        apt-get "${opts[@]}" install -y -qq --no-install-recommends -t "$codename-backports" \
+          "qemu-system-x86=$have" ${pkgs/qemu-system-x86/} >/dev/null || {
+          echo "could not install qemu-system-x86 $have to match the installed qemu-utils $have;" \
+               "install a matching QEMU by hand (apt-get install qemu-system-x86 qemu-utils)" >&2
+          return 1
+        }
+        return 0
+      fi
+      ;;
+  esac
+  log "installing$pkgs with apt"
+  # shellcheck disable=SC2086
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+}
+
 # The VM test's machine (tests/it/vm.rs): a Debian 12 disk image made with debootstrap (Debian's cloud
 # kernel and its initramfs, systemd, openssh-server, docker.io, iptables), booted by QEMU with the
 # kernel and initramfs given on its command line (no boot loader), and an SSH key for root. Cached in
 # $CACHE/vm: made once per machine (about 4 minutes), then reused by every run.
 VM_DIR="$CACHE/vm"
 ensure_vm_image() {
-  local tool missing=""
-  for tool in qemu-system-x86_64 qemu-img ssh ssh-keygen mkfs.ext4; do
-    command -v "$tool" >/dev/null 2>&1 || missing=1
-  done
-  if [ -n "$missing" ]; then
-    log "installing qemu-system-x86, qemu-utils, openssh-client and e2fsprogs with apt"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq --no-install-recommends \
-      qemu-system-x86 qemu-utils openssh-client e2fsprogs >/dev/null
-  fi
+  install_vm_tools || return 1
   if [ -s "$VM_DIR/disk.raw" ] && [ -s "$VM_DIR/vmlinuz" ] && [ -s "$VM_DIR/initrd.img" ] && [ -s "$VM_DIR/id_ed25519" ]; then
     return
   fi
