@@ -435,10 +435,66 @@ impl<R: Read> Records<R> {
     }
 }
 
-/// The spans of the fields of a quote-free line: its delimiters found eight bytes at a time (a byte
-/// equal to the delimiter is a zero byte of the word XOR the delimiter repeated; the mask marks exactly
-/// those bytes' high bits).
+/// The spans of the fields of a quote-free line (at most `max`, the last one running to the line's
+/// end), appended to `spans`. On x86_64, sixteen bytes at a time with SSE2 (part of every x86_64): one
+/// compare and one mask per sixteen bytes, then one step per delimiter; elsewhere eight at a time in
+/// a word.
+#[cfg(target_arch = "x86_64")]
 fn split_fields(line: &[u8], delim: u8, max: usize, spans: &mut Vec<(usize, usize)>) {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8,
+    };
+    let mut field = 0;
+    let mut base = 0;
+    // Each delimiter of the block at `base` whose bits are in `mask`: a field ends there.
+    let mut take = |mut mask: u32, base: usize, spans: &mut Vec<(usize, usize)>| -> bool {
+        while mask != 0 {
+            let at = base + mask.trailing_zeros() as usize;
+            spans.push((field, at));
+            if spans.len() == max {
+                return true;
+            }
+            field = at + 1;
+            mask &= mask - 1;
+        }
+        false
+    };
+    // SAFETY: SSE2 is in the x86_64 baseline; every load reads 16 bytes inside `line` or `tail`
+    // (unaligned loads).
+    unsafe {
+        let pattern = _mm_set1_epi8(delim as i8);
+        while base + 16 <= line.len() {
+            let v = _mm_loadu_si128(line.as_ptr().add(base).cast::<__m128i>());
+            let mask = _mm_movemask_epi8(_mm_cmpeq_epi8(v, pattern)) as u32;
+            if take(mask, base, spans) {
+                return;
+            }
+            base += 16;
+        }
+        let rest = &line[base..];
+        if !rest.is_empty() {
+            let mut tail = [0u8; 16];
+            tail[..rest.len()].copy_from_slice(rest);
+            let v = _mm_loadu_si128(tail.as_ptr().cast::<__m128i>());
+            let mask =
+                _mm_movemask_epi8(_mm_cmpeq_epi8(v, pattern)) as u32 & ((1 << rest.len()) - 1);
+            if take(mask, base, spans) {
+                return;
+            }
+        }
+    }
+    spans.push((field, line.len()));
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn split_fields(line: &[u8], delim: u8, max: usize, spans: &mut Vec<(usize, usize)>) {
+    split_fields_by_word(line, delim, max, spans)
+}
+
+/// [`split_fields`] eight bytes at a time (a byte equal to the delimiter is a zero byte of the word
+/// XOR the delimiter repeated; the mask marks exactly those bytes' high bits).
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+fn split_fields_by_word(line: &[u8], delim: u8, max: usize, spans: &mut Vec<(usize, usize)>) {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
     let pattern = ONES * u64::from(delim);
@@ -485,4 +541,45 @@ pub(super) fn too_long_reason(limit: u64) -> String {
         "the record is longer than {limit} bytes (spool.max_line_bytes): an unbalanced quote or a line \
          without its newline; skipped to the end of the line it starts on"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both ways of splitting agree on lines of every length around the block sizes, with delimiters
+    /// anywhere (first, last, doubled) and every field limit.
+    #[test]
+    fn the_block_and_the_word_splitters_agree() {
+        let mut seed = 0x9e37_79b9_u32;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        for len in 0..80 {
+            for _ in 0..20 {
+                let line: Vec<u8> = (0..len)
+                    .map(|_| {
+                        if next() % 4 == 0 {
+                            b','
+                        } else {
+                            b'a' + (next() % 26) as u8
+                        }
+                    })
+                    .collect();
+                for max in [1, 2, 3, 7, 13, usize::MAX] {
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    split_fields(&line, b',', max, &mut a);
+                    split_fields_by_word(&line, b',', max, &mut b);
+                    assert_eq!(a, b, "{:?} max {max}", String::from_utf8_lossy(&line));
+                    assert!(a.len() <= max);
+                }
+            }
+        }
+        let mut spans = Vec::new();
+        split_fields(b"a,,b,", b',', usize::MAX, &mut spans);
+        assert_eq!(spans, [(0, 1), (2, 2), (3, 4), (5, 5)]);
+    }
 }
