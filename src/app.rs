@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{parse_s3_url, Cli, Command, ConfigCommand};
+use crate::cli::{Cli, Command, ConfigCommand};
 use crate::config::{self, Config, ConfigError};
 use crate::error::ProcessError;
+use crate::event::parse_s3_url;
 use crate::event::ObjectRef;
 use crate::processors::container::Owner;
 use crate::processors::table::{self, FileError, Plan, ScanLimits};

@@ -301,29 +301,13 @@ pub(crate) enum ConfigCommand {
     Check(ConfigArg),
 }
 
-/// Split `s3://bucket/key`.
-pub(crate) fn parse_s3_url(s: &str) -> Option<(String, String)> {
-    let rest = s.strip_prefix("s3://")?;
-    let (bucket, key) = rest.split_once('/')?;
-    if bucket.is_empty() || key.is_empty() {
-        return None;
-    }
-    Some((bucket.to_string(), key.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
 
     #[test]
-    fn cli_is_consistent_and_s3_urls_parse() {
+    fn cli_is_consistent() {
         Cli::command().debug_assert();
-        assert_eq!(
-            parse_s3_url("s3://b/in/a b.csv"),
-            Some(("b".into(), "in/a b.csv".into()))
-        );
-        assert_eq!(parse_s3_url("s3://b/"), None);
-        assert_eq!(parse_s3_url("/tmp/x"), None);
     }
 }

@@ -59,6 +59,17 @@ pub(crate) async fn connect(socket: &str) -> Result<Docker, Error> {
     Ok(docker)
 }
 
+/// What to do about an engine's refusal that names its cause on the host, as a suffix for the reason
+/// ("" when there is nothing to add). Docker on a kernel with AppArmor on (Debian's) cannot start a
+/// container without `apparmor_parser`, which docker.io only recommends.
+pub(crate) fn advice(reason: &str) -> &'static str {
+    if reason.contains("apparmor_parser") {
+        " (install AppArmor's tools, which Docker needs on this kernel: apt-get install apparmor, then systemctl restart docker)"
+    } else {
+        ""
+    }
+}
+
 /// Whether the engine answered 404 (no such container or image).
 pub(crate) fn is_not_found(e: &DockerError) -> bool {
     matches!(
@@ -91,4 +102,14 @@ pub(crate) async fn load_tarball(docker: &Docker, path: &Path) -> Result<(), Err
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_missing_apparmor_parser_gets_the_package_to_install() {
+        let refused = "Docker responded with status code 500: AppArmor enabled on system but the docker-default profile could not be loaded: running `apparmor_parser apparmor_parser --version` failed with output: error: exec: \"apparmor_parser\": executable file not found in $PATH";
+        assert!(super::advice(refused).contains("apt-get install apparmor"));
+        assert_eq!(super::advice("no such image"), "");
+    }
 }

@@ -25,6 +25,16 @@ impl ObjectRef {
     }
 }
 
+/// Split `s3://bucket/key`.
+pub(crate) fn parse_s3_url(s: &str) -> Option<(String, String)> {
+    let rest = s.strip_prefix("s3://")?;
+    let (bucket, key) = rest.split_once('/')?;
+    if bucket.is_empty() || key.is_empty() {
+        return None;
+    }
+    Some((bucket.to_string(), key.to_string()))
+}
+
 /// What a message body turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -195,6 +205,17 @@ fn parse_eventbridge(obj: &serde_json::Map<String, Value>) -> Result<Event, NotA
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn s3_urls_parse() {
+        assert_eq!(
+            parse_s3_url("s3://b/in/a b.csv"),
+            Some(("b".into(), "in/a b.csv".into()))
+        );
+        assert_eq!(parse_s3_url("s3://b/"), None);
+        assert_eq!(parse_s3_url("s3:///k"), None);
+        assert_eq!(parse_s3_url("/tmp/x"), None);
+    }
 
     fn record(bucket: &str, key: &str, name: &str) -> Value {
         serde_json::json!({

@@ -65,6 +65,20 @@ pub(crate) fn policy(cfg: &Config, account: Option<&str>) -> Value {
                        "logs:PutLogEvents"],
             "Resource": "*",
         }));
+        // The agent image's tarball, when it comes from S3 (a fleet's updates).
+        if let Some((bucket, key)) = cfg
+            .ecs_agent
+            .image_url
+            .as_deref()
+            .and_then(crate::event::parse_s3_url)
+        {
+            statements.push(json!({
+                "Sid": "EcsAgentImage",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": [format!("arn:{}:s3:::{bucket}/{key}", arns.part)],
+            }));
+        }
     }
     statements.push(json!({
         "Sid": "HybridInstanceSelf",
@@ -203,5 +217,20 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want} in {text}");
         }
+        assert!(!text.contains("EcsAgentImage"), "{text}");
+    }
+
+    #[test]
+    fn the_agent_tarball_from_s3_is_readable() {
+        let cfg = crate::config::from_toml_str(
+            &format!("[aws]\nregion='eu-west-1'\n[queue]\nname='q'\n[ecs_agent]\nimage_url='s3://fleet/agents/v2.tar'\nimage_sha256='{}'\n[[pipeline]]\nname='p'\nbucket='b'\nprefix='in/'\nprocessor='orders-csv'\ntable='T'\noutput_prefix='out/'\n", "a".repeat(64)),
+            "t.toml",
+        )
+        .unwrap();
+        let text = policy(&cfg, None).to_string();
+        assert!(
+            text.contains("\"arn:aws:s3:::fleet/agents/v2.tar\""),
+            "{text}"
+        );
     }
 }

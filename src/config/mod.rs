@@ -371,6 +371,10 @@ mod tests {
         };
         let mut section = String::new();
         let mut shown = BTreeSet::new();
+        let mut optional: std::collections::BTreeMap<
+            String,
+            std::collections::BTreeMap<String, String>,
+        > = Default::default();
         for (n, line) in text.lines().enumerate() {
             let l = line.trim_start_matches('#').trim();
             if l.starts_with('[') && l.ends_with(']') {
@@ -398,8 +402,16 @@ mod tests {
             match default {
                 Some(d) => assert!(same(d, &value), "{at} shows {value}, the default is {d}"),
                 None => {
-                    // No default (an optional key): the value shown must be one the key accepts.
-                    let snippet = format!("[{section}]\n{key} = {value}\n");
+                    // No default (an optional key): the value shown must be one the key accepts,
+                    // with the optional keys shown before it in its section (a key that needs
+                    // another, as image_url needs image_sha256, is shown after it).
+                    let shown_here = optional.entry(section.clone()).or_default();
+                    shown_here.insert(key.to_string(), value.to_string());
+                    let lines: String = shown_here
+                        .iter()
+                        .map(|(k, v)| format!("{k} = {v}\n"))
+                        .collect();
+                    let snippet = format!("[{section}]\n{lines}");
                     let mut doc: toml::Table = toml::from_str(minimal).unwrap();
                     let extra: toml::Table = toml::from_str(&snippet).unwrap();
                     for (k, v) in extra {
@@ -559,6 +571,32 @@ output_prefix = "output/"
         assert!(text.contains("pipeline[0].table"), "{text}");
         assert!(text.contains("endless loop"), "{text}");
         assert_eq!(err.problems.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn an_agent_tarball_from_s3_needs_a_url_and_its_digest() {
+        let with = |ecs: &str| format!("{GOOD}\n[ecs_agent]\n{ecs}\n");
+        let err = from_toml_str(&with("image_url = \"s3://fleet/agent.tar\""), "agent.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("s3://fleet/agent.tar is fetched over the network, so its SHA-256 must be given too"),
+            "{err}"
+        );
+        let err = from_toml_str(&with("image_url = \"/var/cache/agent.tar\""), "agent.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be an s3://bucket/key URL"), "{err}");
+        let ok = with(&format!(
+            "image_url = \"s3://fleet/agent.tar\"\nimage_sha256 = \"{}\"",
+            "A".repeat(64)
+        ));
+        let cfg = from_toml_str(&ok, "agent.toml").unwrap();
+        assert_eq!(
+            cfg.ecs_agent.image_url.as_deref(),
+            Some("s3://fleet/agent.tar")
+        );
+        assert_eq!(cfg.ecs_agent.image_sha256, Some("a".repeat(64)));
     }
 
     #[test]

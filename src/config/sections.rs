@@ -450,6 +450,9 @@ pub struct EcsAgentConfig {
     pub enabled: bool,
     pub image: String,
     pub image_tarball: PathBuf,
+    /// Where the tarball comes from when it is not on the host: `s3://bucket/key`, fetched into
+    /// `image_tarball` (so that one configuration change, in Parameter Store, updates a fleet).
+    pub image_url: Option<String>,
     /// The tarball's SHA-256 (hex): a tarball that does not match is refused, the running agent kept.
     pub image_sha256: Option<String>,
     /// How long an updated agent has to be healthy before it is rolled back to the previous image.
@@ -490,6 +493,7 @@ impl Default for EcsAgentConfig {
             enabled: true,
             image: DEFAULT_ECS_IMAGE.to_string(),
             image_tarball: PathBuf::from(DEFAULT_ECS_TARBALL),
+            image_url: None,
             image_sha256: None,
             update_timeout: Duration::from_secs(300),
             allow_pull: true,
@@ -521,6 +525,7 @@ impl EcsAgentConfig {
             enabled: r.boolean("enabled", d.enabled),
             image: r.string("image", &d.image),
             image_tarball: r.path("image_tarball", &d.image_tarball),
+            image_url: r.opt_string("image_url"),
             image_sha256: read_sha256(r, "image_sha256"),
             update_timeout: r.duration("update_timeout", d.update_timeout, ms(500), DAY),
             allow_pull: r.boolean("allow_pull", d.allow_pull),
@@ -572,6 +577,19 @@ impl EcsAgentConfig {
                 ecs.introspection_url
             );
             r.invalid("introspection_url", msg);
+        }
+        if let Some(url) = &ecs.image_url {
+            if crate::event::parse_s3_url(url).is_none() {
+                let msg =
+                    format!("{url:?} must be an s3://bucket/key URL (the agent image's tarball)");
+                r.invalid("image_url", msg);
+            } else if ecs.image_sha256.is_none() {
+                let msg = format!(
+                    "{url} is fetched over the network, so its SHA-256 must be given too: set \
+                     ecs_agent.image_sha256 to what `sha256sum` prints for the tarball"
+                );
+                r.invalid("image_url", msg);
+            }
         }
         if ecs.container_name.is_empty() || ecs.image.is_empty() {
             r.problems.push(format!(

@@ -207,7 +207,7 @@ impl Daemon {
         // The ECS agent's supervisor runs whatever the queue's state, and the worker pool whatever
         // the supervisor's.
         let (supervisor, ecs_status) =
-            start_supervisor(&cfg, config_rx.clone(), &stop, &stats, clients.ecs.clone());
+            start_supervisor(&cfg, config_rx.clone(), &stop, &stats, &clients);
         let credentials = clients.credentials.clone();
         let ssm = clients.ssm.clone();
         let objects = Arc::new(ObjectProcessor::new(
@@ -497,7 +497,7 @@ fn start_supervisor(
     config: watch::Receiver<Arc<Config>>,
     stop: &CancellationToken,
     stats: &Arc<Metrics>,
-    ecs: aws_sdk_ecs::Client,
+    clients: &crate::aws::Clients,
 ) -> (
     Option<JoinHandle<()>>,
     Option<watch::Receiver<crate::ecs_agent::Status>>,
@@ -507,23 +507,53 @@ fn start_supervisor(
         return (None, None);
     }
     let (sup, status) = Supervisor::new(config, stop.clone());
-    let sup = sup.with_ecs(ecs);
+    let sup = sup
+        .with_ecs(clients.ecs.clone())
+        .with_s3(clients.s3.clone());
     tokio::spawn(follow_ecs_status(status.clone(), stats.clone()));
     (Some(tokio::spawn(sup.run())), Some(status))
 }
 
-/// Remove the processor containers a killed predecessor left, then check every pipeline once.
+/// Check every pipeline once, and remove the processor containers a killed predecessor left.
 async fn clean_and_check(objects: Arc<ObjectProcessor>, cfg: Config) {
-    match objects.ctx.docker.remove_orphans().await {
-        Ok(n) => objects
-            .ctx
-            .metrics
-            .leftovers_removed(crate::metrics::Leftover::Container, n),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot look for processor containers left by an earlier run ({e})")
+    tokio::spawn(sweep_processor_containers(objects.clone()));
+    objects.preflight(&cfg).await;
+}
+
+/// Waits between looks for Docker while it does not answer (at boot it may still be starting).
+const SWEEP_RETRY_MIN: Duration = Duration::from_secs(1);
+const SWEEP_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// The processor containers an earlier run left, removed once Docker answers. Docker may still be
+/// starting (at boot the daemon does not wait for it): that is said once at info and looked at again
+/// with a backoff, not a warning; a container pipeline's files say for themselves when Docker is
+/// missing.
+async fn sweep_processor_containers(objects: Arc<ObjectProcessor>) {
+    let mut backoff = crate::backoff::Backoff::new(SWEEP_RETRY_MIN, SWEEP_RETRY_MAX);
+    let mut waited = false;
+    loop {
+        match objects.ctx.docker.remove_orphans().await {
+            Ok(n) => {
+                if waited {
+                    tracing::info!(removed = n, "Docker answers: looked for processor containers left by an earlier run ({n} removed)");
+                }
+                objects
+                    .ctx
+                    .metrics
+                    .leftovers_removed(crate::metrics::Leftover::Container, n);
+                return;
+            }
+            Err(e) => {
+                if !waited {
+                    tracing::info!(error = %e, "processor containers left by an earlier run are looked for once Docker answers ({e})");
+                    waited = true;
+                } else {
+                    tracing::debug!(error = %e, "Docker still does not answer: {e}");
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
         }
     }
-    objects.preflight(&cfg).await;
 }
 
 /// The spool, opened and cleaned of what an earlier run left.

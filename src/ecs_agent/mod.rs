@@ -3,6 +3,7 @@
 //! it, respect the agent's exit codes (5 terminal, 42 load the desired image), restart with a backoff
 //! that resets once the agent has been healthy, and restart an agent that stops answering.
 
+mod fetch;
 pub mod firewall;
 pub mod introspection;
 pub mod policy;
@@ -186,12 +187,14 @@ pub(crate) enum SetupError {
     },
     #[error(transparent)]
     EnvFile(#[from] spec::EnvFileError),
-    #[error("{} has SHA-256 {got}, not {want} (ecs_agent.image_sha256): not loaded", tarball.display())]
+    #[error("{of} has SHA-256 {got}, not {want} (ecs_agent.image_sha256): not loaded")]
     Digest {
-        tarball: PathBuf,
+        of: String,
         want: String,
         got: String,
     },
+    #[error("cannot fetch the agent image's tarball {url} (ecs_agent.image_url): {reason}")]
+    Fetch { url: String, reason: String },
 }
 
 /// A Docker call that failed, for `map_err`.
@@ -218,6 +221,8 @@ pub struct Supervisor {
     firewall: firewall::Firewall,
     /// Asks ECS whether the registered agent is connected; `None`: not asked.
     ecs: Option<aws_sdk_ecs::Client>,
+    /// Fetches the image's tarball from `ecs_agent.image_url`; `None`: an `s3://` URL cannot be fetched.
+    s3: Option<aws_sdk_s3::Client>,
     /// The image last proven healthy, an update on trial, a refused one.
     updates: Updates,
     /// The problem going on (Docker away, an image missing, a crashing agent): logged once, its
@@ -277,46 +282,6 @@ struct Running {
     image: Image,
 }
 
-/// The tarball's SHA-256 against `want` (lower-case hex), read off the runtime's threads.
-async fn check_digest(tarball: &Path, want: &str) -> Result<(), SetupError> {
-    let path = tarball.to_path_buf();
-    let got = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-        use sha2::Digest;
-        use std::io::Read;
-        let mut f = std::fs::File::open(&path)?;
-        let mut h = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        Ok(hex::encode(h.finalize()))
-    })
-    .await
-    .map_err(|e| SetupError::File {
-        action: "hash",
-        path: tarball.to_path_buf(),
-        source: std::io::Error::other(e),
-    })?
-    .map_err(|source| SetupError::File {
-        action: "read",
-        path: tarball.to_path_buf(),
-        source,
-    })?;
-    if got == want {
-        Ok(())
-    } else {
-        Err(SetupError::Digest {
-            tarball: tarball.to_path_buf(),
-            want: want.to_string(),
-            got,
-        })
-    }
-}
-
 /// Stop the agent's container within its grace (an unresponsive or rolled-back agent); a failure
 /// shows when the container is recreated.
 async fn stop_agent(agent: &Running) {
@@ -356,6 +321,7 @@ impl Supervisor {
                 setup_backoff: Backoff::new(SETUP_BACKOFF_MIN, SETUP_BACKOFF_MAX),
                 firewall: firewall::Firewall::default(),
                 ecs: None,
+                s3: None,
                 updates: Updates::default(),
                 trouble: Default::default(),
             },
@@ -368,6 +334,13 @@ impl Supervisor {
     /// `ecs_agent.disconnected_after` while its introspection answers.
     pub fn with_ecs(mut self, client: aws_sdk_ecs::Client) -> Self {
         self.ecs = Some(client);
+        self
+    }
+
+    /// Fetch the agent image's tarball from S3 through this client when `ecs_agent.image_url` names
+    /// one.
+    pub fn with_s3(mut self, client: aws_sdk_s3::Client) -> Self {
+        self.s3 = Some(client);
         self
     }
 
@@ -481,9 +454,14 @@ impl Supervisor {
         reason: &(dyn std::error::Error + Sync),
         d: Duration,
     ) {
+        let why = chain(reason);
         self.set(
             state,
-            format!("{}; retrying in {:.1}s", chain(reason), d.as_secs_f64()),
+            format!(
+                "{why}{}; retrying in {:.1}s",
+                docker::advice(&why),
+                d.as_secs_f64()
+            ),
         );
         self.pause(d).await;
     }
@@ -506,10 +484,34 @@ impl Supervisor {
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(call("inspect image", &cfg.image)(e)),
         }
+        // From S3 first when the configuration says where it comes from (verified on the way).
+        let mut verified = false;
+        if let (Some(url), Some(want)) = (&cfg.image_url, &cfg.image_sha256) {
+            let s3 = self.s3.as_ref().ok_or_else(|| SetupError::Fetch {
+                url: url.clone(),
+                reason: "this supervisor has no S3 client".into(),
+            })?;
+            self.set(
+                State::LoadingImage,
+                format!("fetching {} from {url}", cfg.image),
+            );
+            if let fetch::Fetched::Downloaded(n) =
+                fetch::fetch(s3, url, &cfg.image_tarball, want).await?
+            {
+                tracing::info!(
+                    url = %url,
+                    tarball = %cfg.image_tarball.display(),
+                    bytes = n,
+                    "ECS agent: fetched {url} into {} ({n} bytes, SHA-256 as configured)",
+                    cfg.image_tarball.display()
+                );
+            }
+            verified = true;
+        }
         let tarball_note;
         if cfg.image_tarball.exists() {
-            if let Some(want) = &cfg.image_sha256 {
-                check_digest(&cfg.image_tarball, want).await?;
+            if let (Some(want), false) = (&cfg.image_sha256, verified) {
+                fetch::check_digest(&cfg.image_tarball, want).await?;
             }
             self.set(
                 State::LoadingImage,

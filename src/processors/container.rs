@@ -302,10 +302,13 @@ impl<'a> Container<'a> {
         };
         let id = created.id.clone();
         let started = Instant::now();
-        docker
-            .start_container(&id, None)
-            .await
-            .map_err(|e| ProcessError::Transient(format!("cannot start the {what}: {e}")))?;
+        docker.start_container(&id, None).await.map_err(|e| {
+            let e = e.to_string();
+            ProcessError::Transient(format!(
+                "cannot start the {what}: {e}{}",
+                docker::advice(&e)
+            ))
+        })?;
         tracing::debug!(container = %id, image = %spec.image, "processor container started");
         // Long-lived requests: give them a client whose timeout outlasts the processor's.
         let long = docker

@@ -186,7 +186,7 @@ pub(crate) async fn register(mut cfg: Config, a: RegisterArgs) -> Result<(), Err
     write_ecs_config(&cfg, &a.cluster, &region)?;
 
     // 5. The agent registers itself with ECS once it runs with that configuration.
-    let arn = start_agent(&cfg, &systemctl, deadline()).await?;
+    let arn = start_agent(&cfg, &clients, &systemctl, deadline()).await?;
     step("ecs", format!("the ECS agent registered as {arn}"));
     confirm_active(&clients.ecs, &a.cluster, &arn, deadline()).await?;
     step(
@@ -356,6 +356,7 @@ async fn ensure_docker(
 /// registered, and the daemon adopts the container when it starts.
 async fn start_agent(
     cfg: &Config,
+    clients: &crate::aws::Clients,
     systemctl: &Systemctl,
     deadline: Instant,
 ) -> Result<String, Error> {
@@ -392,6 +393,7 @@ async fn start_agent(
     let (_tx, rx) = watch::channel(Arc::new(here));
     let stop = CancellationToken::new();
     let (sup, mut status) = Supervisor::new(rx, stop.clone());
+    let sup = sup.with_s3(clients.s3.clone());
     let task = tokio::spawn(sup.run());
     let sleep = tokio::time::sleep_until(deadline.into());
     tokio::pin!(sleep);

@@ -792,3 +792,133 @@ async fn an_update_is_proven_rolled_back_or_refused_and_tasks_keep_running() {
     rig.stop().await;
     remove_forced(&d, &task_name).await;
 }
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A fleet's agent update from S3 (`ecs_agent.image_url`, the emulator's bucket): v1 registered →
+/// desired v2 at `s3://…/agents/v2.tar` with its SHA-256 → fetched into `image_tarball`, loaded, proven,
+/// reported as updated; desired v3 whose object does not have the configured digest → refused, the
+/// running v2 untouched, the host's tarball still v2's and no partial download left; desired v4 whose
+/// object is missing → the state names the URL and S3's reason, retried, the running v2 untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_fetched_from_s3_is_verified_before_it_is_loaded() {
+    let d = docker().await;
+    let w = crate::support::World::new("agent-s3").await;
+    let mut rig = Rig::prepare("s3update", false).await;
+    rig.start_with_s3(w.clients.s3.clone());
+    rig.wait("answering", T, |s| s.metadata.is_some()).await;
+    rig.ctl(
+        "fake-arn",
+        "arn:aws:ecs:us-east-1:123456789012:container-instance/test/s3",
+    );
+    rig.wait_state(State::Registered, T).await;
+    let tag = rig.image.rsplit_once(':').unwrap().1.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let url = |key: &str| format!("s3://{}/agents/{key}", w.bucket);
+    // An image of version `v` as a tarball in the bucket (not in Docker); its bytes.
+    let upload = |v: &'static str| {
+        let (d, w, dir, tag) = (d.clone(), &w, dir.path().to_path_buf(), tag.clone());
+        async move {
+            let name = format!("offload-test-ecs-agent:{tag}-{v}");
+            import_image(&d, "offload-test-ecs-agent", &format!("{tag}-{v}"), v).await;
+            let tar = dir.join(format!("{v}.tar"));
+            save(&d, &name, &tar).await;
+            untag(&d, &name).await;
+            let bytes = std::fs::read(&tar).unwrap();
+            w.put(&format!("agents/{v}.tar"), bytes.clone()).await;
+            (name, bytes)
+        }
+    };
+    let part = rig.tarball().with_extension("tar.part");
+
+    // v2, its digest in the configuration: fetched, loaded, proven.
+    let (v2, v2_bytes) = upload("v2").await;
+    rig.config.ecs_agent.image = v2.clone();
+    rig.config.ecs_agent.image_url = Some(url("v2.tar"));
+    rig.config.ecs_agent.image_sha256 = Some(sha256_hex(&v2_bytes));
+    rig.reload();
+    let s = rig
+        .wait("updated to v2", T, |s| {
+            s.last_update
+                .as_deref()
+                .is_some_and(|u| u.starts_with("updated the ECS agent from"))
+        })
+        .await;
+    assert_eq!(
+        s.metadata.as_ref().and_then(|m| m.version.as_deref()),
+        Some("fake v2")
+    );
+    rig.wait_log(
+        &format!(
+            "ECS agent: fetched {} into {} ({} bytes, SHA-256 as configured)",
+            url("v2.tar"),
+            rig.tarball().display(),
+            v2_bytes.len()
+        ),
+        T,
+    )
+    .await;
+    assert!(std::fs::read(rig.tarball()).unwrap() == v2_bytes);
+    assert!(!part.exists());
+    let v2_container = rig.container().await.unwrap().0;
+
+    // v3's object is not what the configuration's digest says: refused before it is loaded.
+    let (v3, _) = upload("v3").await;
+    rig.config.ecs_agent.image = v3.clone();
+    rig.config.ecs_agent.image_url = Some(url("v3.tar"));
+    rig.config.ecs_agent.image_sha256 = Some("1".repeat(64));
+    rig.reload();
+    let s = rig.wait("refused", T, |s| s.refusals == 1).await;
+    let why = s.last_update.clone().unwrap();
+    assert!(
+        why.starts_with(&format!("refused the update to {v3}"))
+            && why.contains(&format!("{} has SHA-256 ", url("v3.tar")))
+            && why.contains("not loaded"),
+        "{why}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        rig.container().await.unwrap().0,
+        v2_container,
+        "v2 was touched"
+    );
+    assert!(
+        image_id(&d, &v3).await.is_none(),
+        "the refused image was loaded"
+    );
+    assert!(
+        std::fs::read(rig.tarball()).unwrap() == v2_bytes,
+        "the verified tarball was replaced"
+    );
+    assert!(!part.exists(), "a partial download was left");
+
+    // v4's object does not exist: said with S3's reason, retried; v2 keeps running.
+    let v4 = format!("offload-test-ecs-agent:{tag}-v4");
+    rig.config.ecs_agent.image = v4;
+    rig.config.ecs_agent.image_url = Some(url("missing.tar"));
+    rig.config.ecs_agent.image_sha256 = Some("2".repeat(64));
+    rig.reload();
+    let s = rig
+        .wait("the fetch failing", T, |s| {
+            s.state == State::ImageUnavailable
+                && s.reason.contains(&format!(
+                    "cannot fetch the agent image's tarball {} (ecs_agent.image_url): ",
+                    url("missing.tar")
+                ))
+        })
+        .await;
+    assert!(
+        s.reason.contains("NoSuchKey") || s.reason.contains("not exist"),
+        "{}",
+        s.reason
+    );
+    assert_eq!(
+        rig.container().await.unwrap().0,
+        v2_container,
+        "v2 was touched"
+    );
+    rig.stop().await;
+}

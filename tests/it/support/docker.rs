@@ -422,21 +422,33 @@ output_prefix = "out/"
     /// Start with another `systemctl` (to imitate an active ecs.service).
     pub fn start_with_systemctl(&mut self, systemctl: &str) {
         self.config.host.systemctl = systemctl.to_string();
-        self.start_supervisor(None);
+        self.start_supervisor(None, None);
     }
 
     /// Start with an ECS client that `DescribeContainerInstances` goes to (a stub's).
     pub fn start_with_ecs(&mut self, ecs: aws_sdk_ecs::Client) {
-        self.start_supervisor(Some(ecs));
+        self.start_supervisor(Some(ecs), None);
     }
 
-    fn start_supervisor(&mut self, ecs: Option<aws_sdk_ecs::Client>) {
+    /// Start with an S3 client that `ecs_agent.image_url` is fetched through (the emulator's).
+    pub fn start_with_s3(&mut self, s3: aws_sdk_s3::Client) {
+        self.start_supervisor(None, Some(s3));
+    }
+
+    fn start_supervisor(
+        &mut self,
+        ecs: Option<aws_sdk_ecs::Client>,
+        s3: Option<aws_sdk_s3::Client>,
+    ) {
         let (tx, rx) = watch::channel(Arc::new(self.config.clone()));
         self.tx = tx;
         self.shutdown = CancellationToken::new();
         let (mut sup, status) = Supervisor::new(rx, self.shutdown.clone());
         if let Some(ecs) = ecs {
             sup = sup.with_ecs(ecs);
+        }
+        if let Some(s3) = s3 {
+            sup = sup.with_s3(s3);
         }
         self.status = status;
         // This supervisor's own subscriber (the tests share a process): what it logs, as lines.
