@@ -197,6 +197,19 @@ ensure_systemd_image() {
   docker import "$tarball" "$SYSTEMD_IMAGE" >/dev/null
 }
 
+# Vagrant itself (Debian's package, no recommends: no provider), for the test that Vagrant reads
+# vagrant/Vagrantfile (`vagrant validate`); rsync for the synced folder that file declares.
+ensure_vagrant() {
+  local pkgs=""
+  command -v vagrant >/dev/null 2>&1 || pkgs="vagrant"
+  command -v rsync >/dev/null 2>&1 || pkgs="$pkgs rsync"
+  [ -n "$pkgs" ] || return 0
+  log "installing $pkgs with apt"
+  export DEBIAN_FRONTEND=noninteractive
+  # shellcheck disable=SC2086
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+}
+
 # The VM test's tools, each package only when its command is missing. A machine may already carry a
 # newer qemu-utils than its release (bookworm-backports' 10.x beside bookworm's 7.2); QEMU's packages
 # must be one version, so qemu-system-x86 then comes from an archive that has that version: a private
@@ -244,13 +257,20 @@ install_vm_tools() {
 }
 
 # The VM test's machine (tests/it/vm.rs): a Debian 12 disk image made with debootstrap (Debian's cloud
-# kernel and its initramfs, systemd, openssh-server, docker.io, iptables), booted by QEMU with the
-# kernel and initramfs given on its command line (no boot loader), and an SSH key for root. Cached in
-# $CACHE/vm: made once per machine (about 4 minutes), then reused by every run.
+# kernel and its initramfs, systemd, openssh-server, docker.io with apparmor, iptables), booted by QEMU
+# with the kernel and initramfs given on its command line (no boot loader), and an SSH key for root.
+# Cached in $CACHE/vm: made once per machine (about 2 minutes), then reused by every run; made again
+# when the package list changes (VM_PACKAGES is kept beside the image).
+#
+# apparmor is one of docker.io's recommended packages, which `apt-get install docker.io` brings and
+# debootstrap does not: Debian's kernel has AppArmor on, and without apparmor_parser Docker cannot
+# start a container with its default profile (found when the VM first ran the ECS agent).
 VM_DIR="$CACHE/vm"
+VM_PACKAGES="linux-image-cloud-amd64,initramfs-tools,systemd,systemd-sysv,dbus,udev,kmod,openssh-server,docker.io,apparmor,iptables,ca-certificates,procps,iproute2"
 ensure_vm_image() {
   install_vm_tools || return 1
-  if [ -s "$VM_DIR/disk.raw" ] && [ -s "$VM_DIR/vmlinuz" ] && [ -s "$VM_DIR/initrd.img" ] && [ -s "$VM_DIR/id_ed25519" ]; then
+  if [ -s "$VM_DIR/disk.raw" ] && [ -s "$VM_DIR/vmlinuz" ] && [ -s "$VM_DIR/initrd.img" ] && [ -s "$VM_DIR/id_ed25519" ] \
+     && [ "$(cat "$VM_DIR/packages" 2>/dev/null)" = "$VM_PACKAGES" ]; then
     return
   fi
   command -v debootstrap >/dev/null 2>&1 || {
@@ -261,7 +281,7 @@ ensure_vm_image() {
   rm -rf "$VM_DIR" && mkdir -p "$root"
   log "debootstrap: a Debian 12 virtual machine (kernel, systemd, sshd, docker.io) into $root (once per machine)"
   debootstrap --variant=minbase \
-    --include=linux-image-cloud-amd64,initramfs-tools,systemd,systemd-sysv,dbus,udev,kmod,openssh-server,docker.io,iptables,ca-certificates,procps,iproute2 \
+    --include="$VM_PACKAGES" \
     bookworm "$root" http://deb.debian.org/debian >"$VM_DIR/debootstrap.log" 2>&1 \
     || { echo "debootstrap failed; see $VM_DIR/debootstrap.log" >&2; return 1; }
   ssh-keygen -q -t ed25519 -N '' -f "$VM_DIR/id_ed25519"
@@ -282,6 +302,7 @@ ensure_vm_image() {
   mkfs.ext4 -q -L offload-vm -d "$root" "$VM_DIR/disk.raw.tmp" 4G
   mv "$VM_DIR/disk.raw.tmp" "$VM_DIR/disk.raw"
   rm -rf "$root"
+  echo "$VM_PACKAGES" > "$VM_DIR/packages"
 }
 
 # A persistent CARGO_TARGET_DIR grows with every run: each change of the sources links new test

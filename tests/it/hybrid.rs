@@ -4,35 +4,12 @@
 //! are served by a local stub (`support::ssm_stub`); the ECS agent is the supervisor tests' stand-in
 //! image on the real Docker engine.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::ssm_stub::SsmStub;
-use crate::support::{orders_csv, unique, venv_bin, Options, PrivateMoto, World};
-
-fn write_exec(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-/// Run `tests/it/support/moto_helper.py ENDPOINT ARGS…` with the virtualenv's Python (boto3); its stdout.
-fn moto_helper(endpoint: &str, args: &[&str]) -> String {
-    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/moto_helper.py");
-    let out = Command::new(venv_bin("python"))
-        .arg(&helper)
-        .arg(endpoint)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "moto_helper.py {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
+use crate::support::{moto_helper, orders_csv, unique, write_exec, Options, PrivateMoto, World};
 
 fn creds_file(id: &str, secret: &str) -> String {
     format!("[default]\naws_access_key_id = {id}\naws_secret_access_key = {secret}\n")
@@ -176,38 +153,8 @@ impl Host {
         let stub = SsmStub::start(&instance);
 
         // The emulator's side: a cluster and the container instance the agent will report.
-        let cfg = offload_agent::config::from_toml_str(
-            &format!("[aws]\nregion='us-east-1'\nendpoint_url='{endpoint}'\n[queue]\nname='unused'\n[[pipeline]]\nname='p'\nbucket='b'\nprefix='in/'\nprocessor='orders-csv'\ntable='t'\noutput_prefix='out/'\n"),
-            "harness.toml",
-        )
-        .unwrap();
-        let clients =
-            offload_agent::aws::clients_with(&cfg.aws, &cfg.network, Duration::from_secs(1), None)
-                .await
-                .unwrap();
         let cluster = format!("c-{id}");
-        let ec2_instance = moto_helper(&endpoint, &["ec2-instance"]);
-        clients
-            .ecs
-            .create_cluster()
-            .cluster_name(&cluster)
-            .send()
-            .await
-            .unwrap();
-        let ci = clients
-            .ecs
-            .register_container_instance()
-            .cluster(&cluster)
-            .instance_identity_document(format!(r#"{{"instanceId":"{ec2_instance}"}}"#))
-            .send()
-            .await
-            .unwrap();
-        let arn = ci
-            .container_instance()
-            .unwrap()
-            .container_instance_arn()
-            .unwrap()
-            .to_string();
+        let (ecs, arn) = crate::support::cluster_with_instance(&endpoint, &cluster).await;
 
         // The host: the user's own ECS settings, the stand-in agent's port and the ARN it reports.
         std::fs::create_dir_all(root.join("etc/ecs")).unwrap();
@@ -304,7 +251,7 @@ output_prefix = "out/"
             arn,
             instance,
             container,
-            ecs: clients.ecs,
+            ecs,
         }
     }
 

@@ -519,9 +519,16 @@ fn journal_tells_the_story(b: &Booted, w: &World, cursor: &str) {
 /// test's settings in conf.d (short grace and waits), and `extra` TOML in a file after them.
 fn install(b: &Booted, w: &World, extra: &str) {
     b.ok("install -d -m 0750 /etc/offload-agent/conf.d");
+    // The booted hosts share this machine's network namespace: each its own admin port, so that two
+    // running at once do not take each other's (the one that lost would warn about it).
     b.write(
         "/etc/offload-agent/conf.d/60-test.toml",
-        "[agent]\nshutdown_grace = \"5s\"\nlog_level = \"info,offload_agent::daemon=debug\"\n[queue]\nvisibility_timeout = \"10s\"\nwait_time = \"1s\"\nretry_base = \"1s\"\n",
+        &format!(
+            "[agent]\nshutdown_grace = \"5s\"\nlog_level = \"info,offload_agent::daemon=debug\"\n[queue]\n\
+             visibility_timeout = \"10s\"\nwait_time = \"1s\"\nretry_base = \"1s\"\n[admin]\n\
+             listen = \"127.0.0.1:{}\"\n",
+            crate::support::free_port()
+        ),
     );
     if !extra.is_empty() {
         b.write("/etc/offload-agent/conf.d/61-extra.toml", extra);

@@ -13,10 +13,50 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{free_port, order_ids, orders_csv, repo, Options, World};
+use crate::support::docker::{docker, save, test_image, untag};
+use crate::support::ssm_stub::SsmStub;
+use crate::support::{
+    cluster_with_instance, free_port, order_ids, orders_csv, repo, unique, Options, World,
+};
 
 const SETUP: &str = "run the tests with `scripts/test` (it installs qemu-system-x86 and makes the \
                      VM's disk image with debootstrap, cached in /var/cache/offload-agent/vm)";
+
+/// What identifies each of the supervisor's task-role rules in `iptables-save` (src/ecs_agent/firewall.rs).
+const FIREWALL_MARKERS: [&str; 4] = [
+    "--to-destination 127.0.0.1:51679",
+    "--to-ports 51679",
+    "--dport 51678",
+    "--ctstate RELATED,ESTABLISHED,DNAT",
+];
+
+const INSTANCE: &str = "mi-0a1b2c3d4e5f60718";
+const CODE: &str = "VM-ACTIVATION-CODE-31c7";
+const HOST_KEY: &str = "AKIAVMHOSTCREDS";
+
+/// Stand-in for `amazon-ssm-agent -register -y -code CODE -id ID -region REGION` in the VM: records the
+/// call (the code masked), refuses a wrong code, then writes what the real agent writes once
+/// registered: the registration, the host's credentials and identity_config.json naming them with
+/// the times of a fresh rotation.
+fn ssm_agent_script() -> String {
+    format!(
+        r#"#!/bin/sh
+echo "$@" | sed 's/-code [^ ]*/-code <seen>/' >> /root/ssm-agent-calls
+[ "$4" = "{CODE}" ] || {{ echo "wrong activation code" >&2; exit 1; }}
+ssm=/var/lib/amazon/ssm
+mkdir -p $ssm/runtimeconfig /root/.aws
+printf '{{"ManagedInstanceID":"{INSTANCE}","Region":"us-east-1"}}' > $ssm/registration
+printf '[default]\naws_access_key_id = {HOST_KEY}\naws_secret_access_key = vm-host-secret\n' > /root/.aws/credentials
+printf '{{"ShareFile":"/root/.aws/credentials","ShareProfile":"","CredentialsRetrievedAt":"%s","CredentialsExpiresAt":"%s"}}' \
+  "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(date -u -d '+1 hour' +%Y-%m-%dT%H:%M:%SZ)" > $ssm/runtimeconfig/identity_config.json
+"#
+    )
+}
+
+/// The stand-in SSM agent's service: `register` enables and starts it as it does the real one.
+const SSM_AGENT_UNIT: &str =
+    "[Unit]\nDescription=Stand-in for the Amazon SSM agent (tests/it/vm.rs)\n\
+[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n";
 
 fn cache() -> PathBuf {
     PathBuf::from(
@@ -173,6 +213,42 @@ impl Vm {
         assert!(out.status.success(), "copy {}: {:?}", from.display(), out);
     }
 
+    /// Write `text` to `to` inside with `mode` (a stand-in program, a unit file).
+    fn write(&self, to: &str, text: &str, mode: &str) {
+        use std::io::Write;
+        let mut child = self
+            .ssh_command()
+            .arg(format!(
+                "mkdir -p \"$(dirname {to})\" && cat > {to} && chmod {mode} {to}"
+            ))
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "write {to}: {out:?}");
+    }
+
+    /// How many times each of the task-role network rules is in the VM's kernel (`iptables-save`).
+    fn firewall_rules(&self) -> Vec<usize> {
+        let rules = self.ok("iptables-save");
+        FIREWALL_MARKERS
+            .iter()
+            .map(|m| rules.lines().filter(|l| l.contains(m)).count())
+            .collect()
+    }
+
+    fn agent_starts(&self) -> usize {
+        self.ok("cat /var/lib/ecs/fake-starts 2>/dev/null || true")
+            .lines()
+            .count()
+    }
+
     fn unit(&self, unit: &str) -> String {
         self.sh(&format!("systemctl show -p ActiveState --value {unit}"))
             .1
@@ -210,15 +286,34 @@ impl Drop for Vm {
     }
 }
 
+/// `offload-agent status` says the supervised agent is registered.
+fn registered(vm: &Vm) -> bool {
+    vm.sh("offload-agent status")
+        .1
+        .contains("ECS agent:    registered")
+}
+
+fn route_localnet(vm: &Vm) -> String {
+    vm.ok("sysctl -n net.ipv4.conf.all.route_localnet")
+        .trim()
+        .to_string()
+}
+
 async fn wait_s3(w: &World, key: &str, vm: &Vm, timeout: Duration) {
     w.wait_for_with(key, timeout, || vm.tail()).await;
 }
 
-/// The laptop VM's life: `provision.sh` from nothing (the synced folder copied to /vagrant) → the
-/// unit active and a file processed, `status` saying so; then a Docker slow at boot (its start
-/// delayed two minutes by a drop-in) and a power cut (QEMU killed) in the middle of a 3,000-row file
-/// → after the boot the unit active while Docker is still starting, the file processed exactly once
-/// (every id, unchanged ConfirmationIds, one output). The times are printed (`vm:` lines).
+/// The laptop VM's life: `provision.sh` from nothing (the synced folder copied to /vagrant) with the
+/// activation's values → `register` with the stand-ins (an `amazon-ssm-agent` script and unit, the
+/// stand-in ECS agent image loaded from its tarball; the SSM stub on this machine's loopback answers
+/// the two SSM APIs moto lacks) → the SSM agent registered once, the instance online, the container
+/// instance ACTIVE, the unit active and a file processed, `status` saying so, the task-role rules in
+/// the VM's kernel once each. Then a Docker slow at boot (its start delayed two minutes by a drop-in)
+/// and a power cut (QEMU killed) in the middle of a 3,000-row file → after the boot the unit active
+/// while Docker is still starting, the file processed exactly once (every id, unchanged
+/// ConfirmationIds, one output); once Docker is up the agent started once more and registered, the
+/// rules there once each, and nothing at warning or above in the boot's journal. The times are
+/// printed (`vm:` lines).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_vagrant_style_vm_provisions_processes_and_survives_a_power_cut() {
     const ROWS: usize = 3_000;
@@ -231,7 +326,18 @@ async fn a_vagrant_style_vm_provisions_processes_and_survives_a_power_cut() {
     )
     .await;
     let began = Instant::now();
+    // The hybrid host's other side, on this machine's loopback (10.0.2.2 from inside): the SSM stub for
+    // the two APIs moto lacks, and a cluster with the container instance the stand-in agent reports.
+    let stub = SsmStub::start(INSTANCE);
+    let cluster = format!("c-{}", w.queue);
+    let (ecs, arn) = cluster_with_instance(&w.endpoint, &cluster).await;
+    // The stand-in ECS agent image, as the tarball the supervisor loads (no registry in the VM).
+    let d = docker().await;
+    let image = test_image(&d, &unique("vm")).await;
     let mut vm = Vm::boot_new();
+    let tarball = vm.dir.path().join("ecs-agent.tar");
+    save(&d, &image, &tarball).await;
+    untag(&d, &image).await;
 
     // The synced folder, as Vagrant makes it: the repository's package and provisioner at /vagrant.
     let deb = repo().join("target/packages/offload-agent.deb");
@@ -240,19 +346,77 @@ async fn a_vagrant_style_vm_provisions_processes_and_survives_a_power_cut() {
         &repo().join("vagrant/provision.sh"),
         "/vagrant/vagrant/provision.sh",
     );
-    vm.ok("install -d -m 0750 /etc/offload-agent/conf.d && printf '[agent]\\nshutdown_grace = \"5s\"\\n[queue]\\nvisibility_timeout = \"10s\"\\nwait_time = \"1s\"\\nretry_base = \"1s\"\\n' > /etc/offload-agent/conf.d/60-test.toml");
-    // From inside, the emulator on this machine's loopback is QEMU's gateway, 10.0.2.2.
-    let endpoint = w.endpoint.replace("127.0.0.1", "10.0.2.2");
+    // What the activation brings to a real host: the SSM agent (stand-in) and its unit; the agent
+    // image's tarball; the ARN the stand-in agent reports once it runs with ECS_CLUSTER.
+    vm.copy(&tarball, "/var/cache/ecs/ecs-agent.tar");
+    vm.write("/usr/bin/amazon-ssm-agent", &ssm_agent_script(), "0755");
+    vm.write(
+        "/etc/systemd/system/amazon-ssm-agent.service",
+        SSM_AGENT_UNIT,
+        "0644",
+    );
+    vm.write("/var/lib/ecs/fake-arn", &arn, "0644");
+    vm.ok("systemctl daemon-reload");
+    // From inside, this machine's loopback is QEMU's gateway, 10.0.2.2.
+    let inside = |url: &str| url.replace("127.0.0.1", "10.0.2.2");
+    vm.write(
+        "/etc/offload-agent/conf.d/60-test.toml",
+        &format!(
+            "[agent]\nshutdown_grace = \"5s\"\n[queue]\nvisibility_timeout = \"10s\"\nwait_time = \"1s\"\n\
+             retry_base = \"1s\"\n[aws.endpoints]\nssm = \"{ssm}\"\n[ecs_agent]\nimage = \"{image}\"\n\
+             allow_pull = false\n",
+            ssm = inside(&stub.endpoint),
+        ),
+        "0640",
+    );
+    let endpoint = inside(&w.endpoint);
     let provisioned = Instant::now();
-    vm.ok(&format!(
+    let said = vm.ok(&format!(
         "cd /vagrant && OFFLOAD_REGION=us-east-1 OFFLOAD_QUEUE={q} OFFLOAD_DLQ={dlq} OFFLOAD_BUCKET={b} \
          OFFLOAD_TABLE={t} OFFLOAD_ENDPOINT={endpoint} OFFLOAD_AWS_ACCESS_KEY_ID=testing \
-         OFFLOAD_AWS_SECRET_ACCESS_KEY=testing bash vagrant/provision.sh",
+         OFFLOAD_AWS_SECRET_ACCESS_KEY=testing OFFLOAD_CLUSTER={cluster} OFFLOAD_ACTIVATION_ID=act-vm \
+         OFFLOAD_ACTIVATION_CODE={CODE} bash vagrant/provision.sh 2>&1",
         q = w.queue,
         dlq = w.dlq,
         b = w.bucket,
         t = w.table,
     ));
+    eprintln!(
+        "vm: provision.sh with register in {:?}",
+        provisioned.elapsed()
+    );
+    // Registered: the SSM agent once, the instance online per the stub (asked with the host's own
+    // key, which the stand-in published), the container instance ACTIVE in the emulator.
+    assert!(
+        said.contains(&format!("container instance: {arn}")),
+        "{said}"
+    );
+    assert!(
+        !said.contains(CODE),
+        "the activation code in the output: {said}"
+    );
+    assert_eq!(
+        vm.ok("cat /root/ssm-agent-calls").lines().count(),
+        1,
+        "the SSM agent registered once"
+    );
+    assert_eq!(vm.unit("amazon-ssm-agent"), "active");
+    assert!(
+        stub.calls()
+            .iter()
+            .any(|c| c.target.ends_with("DescribeInstanceInformation")
+                && c.access_key_id == HOST_KEY),
+        "{:?}",
+        stub.calls()
+    );
+    let described = ecs
+        .describe_container_instances()
+        .cluster(&cluster)
+        .container_instances(&arn)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(described.container_instances()[0].status(), Some("ACTIVE"));
     assert_eq!(vm.unit("offload-agent"), "active");
     assert_eq!(vm.unit("docker"), "active", "the VM's own Docker");
     w.put("input/vm-1.csv", orders_csv(0, 200)).await;
@@ -276,9 +440,18 @@ async fn a_vagrant_style_vm_provisions_processes_and_survives_a_power_cut() {
     });
     let cgroup = vm.ok("stat -fc %T /sys/fs/cgroup");
     assert_eq!(cgroup.trim(), "cgroup2fs", "the VM's own kernel, cgroup v2");
+    // The supervised agent, and its task-role rules in the VM's own kernel, once each.
+    vm.wait(
+        "status shows the agent registered",
+        Duration::from_secs(120),
+        registered,
+    );
+    assert_eq!(vm.firewall_rules(), [1; 4], "{}", vm.ok("iptables-save"));
+    assert_eq!(route_localnet(&vm), "1");
+    let starts = vm.agent_starts();
 
-    // Docker slow at boot: two minutes before its daemon starts (flushed, so that the cut below
-    // does not take the drop-in with it).
+    // Docker slow at boot: two minutes before its daemon starts (flushed with the agent's start
+    // count, so that the cut below takes neither with it).
     vm.ok("mkdir -p /etc/systemd/system/docker.service.d && printf '[Service]\\nExecStartPre=/bin/sleep 120\\n' > /etc/systemd/system/docker.service.d/slow.conf && systemctl daemon-reload && sync");
 
     // A power cut in the middle of a file, then a boot.
@@ -311,6 +484,27 @@ async fn a_vagrant_style_vm_provisions_processes_and_survives_a_power_cut() {
         w.bucket
     );
     assert!(journal.contains(&processed), "{journal}");
+    // Docker up at last: the supervisor, which waited for it on its own, starts the agent once more,
+    // and the task-role rules are in the new kernel once each.
+    vm.wait("Docker active", Duration::from_secs(240), |vm| {
+        vm.unit("docker") == "active"
+    });
+    vm.wait(
+        "the agent registered again after the boot",
+        Duration::from_secs(180),
+        registered,
+    );
+    eprintln!(
+        "vm: power cut to the ECS agent registered in {:?}",
+        cut.elapsed()
+    );
+    assert_eq!(
+        vm.agent_starts(),
+        starts + 1,
+        "the agent started once after the boot"
+    );
+    assert_eq!(vm.firewall_rules(), [1; 4], "{}", vm.ok("iptables-save"));
+    assert_eq!(route_localnet(&vm), "1");
     // Nothing at warning or above in this boot: a slow Docker and a power cut are no problem of ours.
     let problems = vm.ok("journalctl -u offload-agent -b -p warning --no-pager -o cat");
     assert!(problems.trim().is_empty(), "{problems}");
@@ -323,4 +517,56 @@ async fn a_vagrant_style_vm_provisions_processes_and_survives_a_power_cut() {
     )
     .await;
     eprintln!("vm: the whole scenario in {:?}", began.elapsed());
+}
+
+/// `vagrant validate` on a copy of `vagrant/` (the Vagrantfile and the provisioner it names): the file
+/// users run on their laptops is read by Vagrant itself (Debian's `vagrant`; no provider is installed here, so each provider's block is
+/// left out with `--ignore-provider`). The same file with a setting Vagrant does not know fails, so a
+/// pass means Vagrant read it. Vagrant's state (`.vagrant`, `~/.vagrant.d`) goes to a temporary
+/// directory, not the repository.
+#[test]
+fn vagrant_reads_the_vagrantfile() {
+    let dir = tempfile::tempdir().unwrap();
+    let validate = |vagrantfile: &str| {
+        let project = dir.path().join("repo/vagrant");
+        std::fs::create_dir_all(&project).unwrap();
+        std::fs::write(project.join("Vagrantfile"), vagrantfile).unwrap();
+        // Vagrant checks that the shell provisioner's script is there.
+        std::fs::copy(
+            repo().join("vagrant/provision.sh"),
+            project.join("provision.sh"),
+        )
+        .unwrap();
+        let out = Command::new("vagrant")
+            .args(["validate", "--ignore-provider"])
+            .current_dir(&project)
+            .env("VAGRANT_HOME", dir.path().join("vagrant.d"))
+            .env("VAGRANT_DOTFILE_PATH", dir.path().join("dotfile"))
+            .env("VAGRANT_CHECKPOINT_DISABLE", "1")
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("vagrant ({e}): run the tests with `scripts/test` (it installs vagrant)")
+            });
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let ours = std::fs::read_to_string(repo().join("vagrant/Vagrantfile")).unwrap();
+    let (ok, said) = validate(&ours);
+    assert!(ok, "vagrant validate: {said}");
+    assert!(said.contains("validated successfully"), "{said}");
+    let broken = ours.replacen(
+        "config.vm.hostname",
+        "config.vm.no_such_setting = 1\n  config.vm.hostname",
+        1,
+    );
+    assert_ne!(broken, ours);
+    let (ok, said) = validate(&broken);
+    assert!(!ok, "a setting Vagrant does not know passed: {said}");
+    assert!(said.contains("no_such_setting"), "{said}");
 }

@@ -71,6 +71,68 @@ pub fn venv_bin(name: &str) -> PathBuf {
     p
 }
 
+/// Write an executable file (a stand-in program).
+pub fn write_exec(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Run `tests/it/support/moto_helper.py ENDPOINT ARGS…` with the virtualenv's Python (boto3); its stdout.
+pub fn moto_helper(endpoint: &str, args: &[&str]) -> String {
+    let helper = repo().join("tests/it/support/moto_helper.py");
+    let out = Command::new(venv_bin("python"))
+        .arg(&helper)
+        .arg(endpoint)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "moto_helper.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// An ECS cluster in the emulator at `endpoint` with one container instance registered in it (on an
+/// EC2 instance moto knows, which RegisterContainerInstance needs): the ECS client and the instance's
+/// ARN, which the stand-in ECS agent reports as its own (`/var/lib/ecs/fake-arn`).
+pub async fn cluster_with_instance(endpoint: &str, cluster: &str) -> (aws_sdk_ecs::Client, String) {
+    let cfg = offload_agent::config::from_toml_str(
+        &format!("[aws]\nregion='us-east-1'\nendpoint_url='{endpoint}'\n[queue]\nname='unused'\n[[pipeline]]\nname='p'\nbucket='b'\nprefix='in/'\nprocessor='orders-csv'\ntable='t'\noutput_prefix='out/'\n"),
+        "harness.toml",
+    )
+    .unwrap();
+    let clients =
+        offload_agent::aws::clients_with(&cfg.aws, &cfg.network, Duration::from_secs(1), None)
+            .await
+            .unwrap();
+    let ec2_instance = moto_helper(endpoint, &["ec2-instance"]);
+    clients
+        .ecs
+        .create_cluster()
+        .cluster_name(cluster)
+        .send()
+        .await
+        .unwrap();
+    let ci = clients
+        .ecs
+        .register_container_instance()
+        .cluster(cluster)
+        .instance_identity_document(format!(r#"{{"instanceId":"{ec2_instance}"}}"#))
+        .send()
+        .await
+        .unwrap();
+    let arn = ci
+        .container_instance()
+        .unwrap()
+        .container_instance_arn()
+        .unwrap()
+        .to_string();
+    (clients.ecs, arn)
+}
+
 impl PrivateMoto {
     /// Start one; `env` adds variables such as INITIAL_NO_AUTH_ACTION_COUNT.
     pub fn start(env: &[(&str, &str)]) -> PrivateMoto {
