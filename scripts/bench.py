@@ -543,12 +543,13 @@ prefix = "box/"
 output_prefix = "boxed/"
 processor = {{ container = {{ image = "{image}" }} }}
 
+# user = "root": this measures the daemon's own overhead, and the script lies in a private temp dir.
 [[pipeline]]
 name = "cmd"
 bucket = "{{bucket}}"
 prefix = "cmd/"
 output_prefix = "cmdout/"
-processor = {{ command = {{ program = "{script}" }} }}
+processor = {{ command = {{ program = "{script}", user = "root" }} }}
 """
     cfg, bucket = config("processors", extra=extra)
     agent = subprocess.Popen([BIN, "run", "--config", cfg], env=env,

@@ -129,13 +129,15 @@ pub(crate) fn check_dir(dir: &Path) -> Result<(), NotOwn> {
 pub(crate) struct NotOwn(String);
 
 impl Spool {
-    /// Create the directory (mode 0700: spooled files may hold customer data).
+    /// Create the directory, mode 0711: spooled files may hold customer data, so no other user may
+    /// list it or any file's directory in it; searchable, so that a command processor's account
+    /// reaches the one file handed over to it (`processors::account`).
     pub(crate) fn open(dir: &Path) -> io::Result<Spool> {
         std::fs::create_dir_all(dir)?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
         }
         Ok(Spool {
             dir: dir.to_path_buf(),

@@ -1,6 +1,12 @@
 # $1: 1 on install, 2 on upgrade. Same steps as the .deb's postinst.
 install -d -m 0750 /etc/offload-agent /etc/offload-agent/conf.d
-install -d -m 0700 /var/lib/offload-agent /var/lib/offload-agent/spool
+# 0711: searchable, not listable, so that a command processor's account reaches the one file
+# handed over to it (it runs as processor.command.user, offload-proc by default, never as root).
+install -d -m 0711 /var/lib/offload-agent /var/lib/offload-agent/spool
+if ! getent passwd offload-proc >/dev/null 2>&1; then
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "offload-agent command processors" offload-proc
+fi
 chmod 0640 /etc/offload-agent/agent.toml
 if [ -d /run/systemd/system ]; then
   systemd-tmpfiles --create offload-agent.conf >/dev/null 2>&1 || true

@@ -343,6 +343,21 @@ mod humantime_serde_compat {
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
     }
+
+    /// The same for an optional duration (with `skip_serializing_if = "Option::is_none"`).
+    pub mod option {
+        use std::time::Duration;
+
+        pub fn serialize<S: serde::Serializer>(
+            d: &Option<Duration>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -657,6 +672,42 @@ output_prefix = "checksums/"
         };
         assert_eq!(cmd.timeout, Duration::from_secs(120));
         assert_eq!(cmd.args[1], "{input}");
+        // Not as root unless asked: the package's account, bounded memory, processes.
+        assert_eq!(cmd.user, DEFAULT_COMMAND_USER);
+        assert_eq!(cmd.memory_bytes(), 1 << 30);
+        assert_eq!(cmd.cpu_time, None);
+        assert_eq!(cmd.pids_limit, DEFAULT_PIDS_LIMIT);
+        let limited = good.replace(
+            "timeout = \"2m\" }",
+            "timeout = \"2m\", user = \"nobody\", memory = \"64m\", cpu_time = \"30s\", pids_limit = 32 }",
+        );
+        let c2 = from_toml_str(&limited, "agent.toml").unwrap();
+        let ProcessorKind::Command(cmd2) = &c2.pipelines[1].processor else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                cmd2.user.as_str(),
+                cmd2.memory_bytes(),
+                cmd2.cpu_time,
+                cmd2.pids_limit
+            ),
+            ("nobody", 64 << 20, Some(Duration::from_secs(30)), 32)
+        );
+        let again = from_toml_str(&c2.to_toml(&Default::default()), "rendered").unwrap();
+        assert_eq!(again.pipelines, c2.pipelines);
+        let wrong = good.replace(
+            "timeout = \"2m\" }",
+            "timeout = \"2m\", user = \"a:b\", memory = \"1k\", cpu_time = \"soon\" }",
+        );
+        let err = from_toml_str(&wrong, "agent.toml").unwrap_err().to_string();
+        for needle in [
+            "pipeline[1].processor.command.user",
+            "pipeline[1].processor.command.memory",
+            "pipeline[1].processor.command.cpu_time",
+        ] {
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
         // `config check` renders it back to TOML that reads the same.
         let again = from_toml_str(&c.to_toml(&Default::default()), "rendered").unwrap();
         assert_eq!(again.pipelines, c.pipelines);

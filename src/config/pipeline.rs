@@ -65,6 +65,12 @@ pub const ARG_PLACEHOLDERS: [&str; 2] = ["{input}", "{output_dir}"];
 pub const DEFAULT_PROCESSOR_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_CONTAINER_NETWORK: &str = "none";
 pub const DEFAULT_PIDS_LIMIT: u64 = 1024;
+/// The account a command processor runs as unless its pipeline names another (the package creates it).
+pub const DEFAULT_COMMAND_USER: &str = "offload-proc";
+/// A command processor's memory limit unless its pipeline sets one.
+pub const DEFAULT_COMMAND_MEMORY: &str = "1g";
+/// The smallest memory limit a command may have (a shell and a small program).
+const MIN_COMMAND_MEMORY: u64 = 4 << 20;
 /// The smallest memory limit Docker accepts.
 const MIN_CONTAINER_MEMORY: u64 = 6 << 20;
 
@@ -105,6 +111,25 @@ pub struct CommandSpec {
     #[serde(with = "humantime_serde_compat")]
     pub timeout: Duration,
     pub permanent_exit_codes: Vec<i64>,
+    /// The account the program runs as (a name or a uid; its primary group with it). "root" is
+    /// allowed, and is the old behaviour.
+    pub user: String,
+    /// The memory limit of the program's process group ("512m", "2g").
+    pub memory: String,
+    /// CPU seconds each of its processes may use (RLIMIT_CPU); absent: the timeout bounds it.
+    #[serde(
+        with = "humantime_serde_compat::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_time: Option<Duration>,
+    /// Processes and threads of its user at once (RLIMIT_NPROC; not enforced for root).
+    pub pids_limit: u64,
+}
+
+impl CommandSpec {
+    pub fn memory_bytes(&self) -> u64 {
+        parse_size(&self.memory).unwrap_or(u64::MAX)
+    }
 }
 
 /// "512m", "2g", "1048576", "64k" (binary units, as Docker reads them) into bytes.
@@ -494,11 +519,37 @@ impl CommandSpec {
             );
             r.invalid("program", msg);
         }
+        let memory = r.string("memory", DEFAULT_COMMAND_MEMORY);
+        if parse_size(&memory).map_or(true, |b| b < MIN_COMMAND_MEMORY) {
+            r.invalid(
+                "memory",
+                format!("\"{memory}\" is not a memory size of at least 4m; write e.g. \"512m\" or \"2g\""),
+            );
+        }
+        let user = r.string("user", DEFAULT_COMMAND_USER);
+        if user.trim().is_empty() || user.contains(':') {
+            r.invalid(
+                "user",
+                format!("\"{user}\" is not an account name or uid; write e.g. \"{DEFAULT_COMMAND_USER}\" (the program runs with that account's primary group)"),
+            );
+        }
+        let cpu_time = r.take("cpu_time").is_some().then(|| {
+            r.duration(
+                "cpu_time",
+                Duration::from_secs(60),
+                Duration::from_secs(1),
+                Duration::from_secs(7 * 24 * 3600),
+            )
+        });
         ProcessorKind::Command(CommandSpec {
             program,
             args: r.string_list("args"),
             timeout,
             permanent_exit_codes,
+            user,
+            memory,
+            cpu_time,
+            pids_limit: r.uint("pids_limit", DEFAULT_PIDS_LIMIT, 16, 1 << 22),
         })
     }
 }

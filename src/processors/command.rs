@@ -2,6 +2,7 @@
 //! group of its own, with a clean environment (the contract's variables and `PATH`) and a timeout that
 //! kills the whole group.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tracing::Instrument;
 
+use super::account::{self, Account, ChildLimits};
 use super::external::{self, Exit, OutputLog, Stream};
 use super::{Context, Job, Outcome, ProcessFuture, Processor};
 use crate::config::CommandSpec;
@@ -41,13 +43,42 @@ impl<'a> Command<'a> {
         self.ctx.egress.child_env(ca)
     }
 
+    /// The account the program runs as, checked: it exists, the daemon can become it, and it can
+    /// reach its files and run the program. `None`: the daemon's own account (nothing to switch).
+    fn account(&self, job: &Job<'_>, output_dir: &Path) -> Result<Option<Account>, ProcessError> {
+        let account = resolve(self.spec, &job.pipeline.name)?;
+        if account.is_current() {
+            return Ok(None);
+        }
+        account
+            .hand_over(&job.files.dir, &job.files.input, output_dir)
+            .map_err(|e| {
+                ProcessError::Transient(format!(
+                    "cannot hand {} over to {}: {e}",
+                    job.files.dir.display(),
+                    account.name
+                ))
+            })?;
+        if let Some(why) = account.blocked_on(output_dir) {
+            return Err(ProcessError::Unavailable(format!(
+                "{} cannot reach its files in the spool: {why}; make that directory searchable \
+                 (chmod o+x), move spool.dir, or set processor.command.user of pipeline {}",
+                account.name, job.pipeline.name
+            )));
+        }
+        Ok(Some(account))
+    }
+
     async fn run(&self, job: &Job<'_>) -> Result<Outcome, ProcessError> {
         let program = &self.spec.program;
         let output_dir = external::make_output_dir(job, false)?;
+        let account = self.account(job, &output_dir)?;
         let (input, out) = (
             job.files.input.display().to_string(),
             output_dir.display().to_string(),
         );
+        let memory = self.spec.memory_bytes();
+        let limits = ChildLimits::new(memory, self.spec.cpu_time, self.spec.pids_limit);
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(external::substitute(&self.spec.args, &input, &out))
             .env_clear()
@@ -60,9 +91,21 @@ impl<'a> Command<'a> {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        if let Some(a) = &account {
+            cmd.uid(a.uid).gid(a.gid);
+        }
+        // SAFETY: the closure makes only setrlimit calls (async-signal-safe) and touches no lock or
+        // allocation: `limits` is a Copy value moved in.
+        unsafe {
+            cmd.pre_exec(move || limits.apply());
+        }
         let started = Instant::now();
+        let as_whom = account
+            .as_ref()
+            .map(|a| format!(" as {}", a.name))
+            .unwrap_or_default();
         let mut child = cmd.spawn().map_err(|e| {
-            let text = format!("cannot run {}: {e}", program.display());
+            let text = format!("cannot run {}{as_whom}: {e}", program.display());
             match e.kind() {
                 // The pipeline cannot work on this host until an operator installs or fixes the program.
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
@@ -74,7 +117,8 @@ impl<'a> Command<'a> {
                 _ => ProcessError::Transient(text),
             }
         })?;
-        let group = Group(child.id().map(|p| p as i32));
+        let leader = child.id().map(|p| p as i32);
+        let group = Group(leader);
         tracing::debug!(pid = child.id().unwrap_or(0), program = %program.display(), "processor started");
         let log = Arc::new(Mutex::new(OutputLog::default()));
         let readers = [
@@ -100,6 +144,13 @@ impl<'a> Command<'a> {
                 Err(e) => return Err(ProcessError::Transient(format!("cannot wait for {}: {e}", program.display()))),
             },
             _ = tokio::time::sleep(self.spec.timeout) => Exit::TimedOut(self.spec.timeout),
+            rss = account::exceeds(leader.unwrap_or(0), memory), if leader.is_some() => {
+                Exit::OutOfMemory(Some(format!(
+                    "its memory limit of {}: {} resident",
+                    account::show_bytes(memory),
+                    account::show_bytes(rss)
+                )))
+            }
             _ = job.cancel.cancelled() => {
                 drop(group); // kills the group
                 return Err(ProcessError::Cancelled);
@@ -131,6 +182,44 @@ impl Processor for Command<'_> {
     fn process<'a>(&'a self, job: &'a Job<'a>) -> ProcessFuture<'a> {
         Box::pin(self.run(job))
     }
+}
+
+/// The account a command pipeline's program runs as, or why it cannot run as that account here.
+pub(crate) fn resolve(spec: &CommandSpec, pipeline: &str) -> Result<Account, ProcessError> {
+    let account = Account::lookup(&spec.user).map_err(|why| {
+        let hint = if spec.user == crate::config::DEFAULT_COMMAND_USER {
+            format!(
+                "the package creates it; elsewhere: useradd --system --user-group --no-create-home \
+                 --shell /usr/sbin/nologin {}",
+                spec.user
+            )
+        } else {
+            format!("create it, or fix processor.command.user of pipeline {pipeline}")
+        };
+        ProcessError::Unavailable(format!(
+            "pipeline {pipeline} runs its program as {}: {why} ({hint})",
+            spec.user
+        ))
+    })?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !account.is_current() && me != 0 {
+        return Err(ProcessError::Unavailable(format!(
+            "pipeline {pipeline} runs its program as {}, but the daemon runs as uid {me}, not root, and \
+             cannot switch to it: run the daemon as root, or set processor.command.user to the daemon's own account",
+            account.name
+        )));
+    }
+    if let Some(why) = account.cannot_run(&spec.program) {
+        return Err(ProcessError::Unavailable(format!(
+            "{} cannot run {}: {why} (install it where {} can run it, or fix processor.command.program \
+             of pipeline {pipeline})",
+            account.name,
+            spec.program.display(),
+            account.name
+        )));
+    }
+    Ok(account)
 }
 
 /// The process group of a running command; SIGKILLed when dropped (timeout, shutdown, or done: no

@@ -412,7 +412,7 @@ fn exit_of(
         return Some(Exit::TimedOut(timeout));
     }
     match state? {
-        s if s.oom_killed == Some(true) => Some(Exit::OutOfMemory),
+        s if s.oom_killed == Some(true) => Some(Exit::OutOfMemory(None)),
         s => Some(Exit::Code(s.exit_code.unwrap_or(-1))),
     }
 }

@@ -177,8 +177,9 @@ pub(crate) enum Exit {
     Code(i64),
     /// Killed by a signal (commands).
     Signal(i32),
-    /// Killed by the kernel for exceeding its memory limit (containers).
-    OutOfMemory,
+    /// Killed for exceeding its memory limit: by the kernel (containers), or by the daemon, which
+    /// watches a command's resident memory (with what it saw).
+    OutOfMemory(Option<String>),
     /// Ran past its timeout and was killed.
     TimedOut(std::time::Duration),
 }
@@ -194,9 +195,12 @@ pub(crate) fn judge(
     let text = match exit {
         Exit::Code(0) => return Ok(()),
         Exit::Code(c) => format!("{what} exited with code {c}"),
-        Exit::Signal(s) => format!("{what} was killed by signal {s}"),
-        Exit::OutOfMemory => {
+        Exit::Signal(s) => format!("{what} was killed by signal {s}{}", signal_note(*s)),
+        Exit::OutOfMemory(None) => {
             format!("{what} was killed for exceeding its memory limit (out of memory)")
+        }
+        Exit::OutOfMemory(Some(seen)) => {
+            format!("{what} was killed for exceeding {seen} (out of memory)")
         }
         Exit::TimedOut(t) => format!(
             "{what} ran longer than its timeout of {} and was killed",
@@ -205,7 +209,7 @@ pub(crate) fn judge(
     };
     let code = match exit {
         Exit::Code(c) => Some(*c),
-        Exit::OutOfMemory => Some(137),
+        Exit::OutOfMemory(_) => Some(137),
         Exit::Signal(s) => Some(128 + i64::from(*s)),
         Exit::TimedOut(_) => None,
     };
@@ -214,6 +218,18 @@ pub(crate) fn judge(
         Err(ProcessError::Permanent(reason))
     } else {
         Err(ProcessError::Transient(reason))
+    }
+}
+
+/// What a signal that ended a command usually means.
+fn signal_note(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGKILL => " (SIGKILL)",
+        libc::SIGSEGV => " (SIGSEGV: a crash)",
+        libc::SIGABRT => " (SIGABRT: it aborted)",
+        libc::SIGXCPU => " (SIGXCPU: past its cpu_time limit)",
+        libc::SIGTERM => " (SIGTERM)",
+        _ => "",
     }
 }
 
@@ -425,7 +441,7 @@ mod tests {
             judge(&Exit::Code(3), &[3], "p", &log),
             Err(ProcessError::Permanent(_))
         ));
-        match judge(&Exit::OutOfMemory, &[], "p", &log) {
+        match judge(&Exit::OutOfMemory(None), &[], "p", &log) {
             Err(ProcessError::Transient(r)) => assert!(r.contains("out of memory"), "{r}"),
             other => panic!("{other:?}"),
         }

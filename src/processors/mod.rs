@@ -11,6 +11,7 @@
 //! Adding a kind: a module implementing `Processor`, a variant of `config::ProcessorKind` with its
 //! parser, and one arm in `build`.
 
+pub mod account;
 pub mod batch_writer;
 pub mod command;
 pub mod container;

@@ -232,13 +232,9 @@ impl ObjectProcessor {
             let r = match &p.processor {
                 ProcessorKind::OrdersCsv | ProcessorKind::Table(_) => continue,
                 ProcessorKind::Container(spec) => self.ctx.docker.ensure_image(spec).await,
-                ProcessorKind::Command(spec) => program_runnable(&spec.program).map_err(|why| {
-                    ProcessError::Unavailable(format!(
-                        "cannot run {}: {why} (install it, or fix processor.command.program of pipeline {})",
-                        spec.program.display(),
-                        p.name
-                    ))
-                }),
+                ProcessorKind::Command(spec) => {
+                    crate::processors::command::resolve(spec, &p.name).map(|_| ())
+                }
             };
             if let Err(ProcessError::Transient(why)) = &r {
                 tracing::warn!(pipeline = %p.name, reason = %why, "cannot check the processor of pipeline {} now ({why}); its first file checks again", p.name);
@@ -283,34 +279,6 @@ impl ObjectProcessor {
         .await?;
         Ok(key)
     }
-}
-
-/// Why a program cannot be run.
-#[derive(Debug, thiserror::Error)]
-enum NotRunnable {
-    #[error("{0}")]
-    Missing(std::io::Error),
-    #[error("not a regular file")]
-    NotAFile,
-    #[error("not executable ({0})")]
-    NotExecutable(std::io::Error),
-}
-
-/// Whether `path` is a regular file this process may execute.
-fn program_runnable(path: &std::path::Path) -> Result<(), NotRunnable> {
-    use std::os::unix::ffi::OsStrExt;
-    let meta = std::fs::metadata(path).map_err(NotRunnable::Missing)?;
-    if !meta.is_file() {
-        return Err(NotRunnable::NotAFile);
-    }
-    // A path from the configuration has no NUL byte (it was a TOML string); if it had, it names no file.
-    let c =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| NotRunnable::NotAFile)?;
-    // SAFETY: `c` is a valid NUL-terminated path; access has no other preconditions.
-    if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
-        return Err(NotRunnable::NotExecutable(std::io::Error::last_os_error()));
-    }
-    Ok(())
 }
 
 /// A key derived from `key` that S3 accepts, for reports: the key itself when it fits, else its hash.
@@ -402,16 +370,5 @@ mod tests {
             limits.acquire(&p, &cancel).await.unwrap().is_none(),
             "no own limit"
         );
-    }
-
-    #[test]
-    fn programs_must_exist_and_be_executable() {
-        assert!(program_runnable(std::path::Path::new("/bin/sh")).is_ok());
-        assert!(program_runnable(std::path::Path::new("/nonexistent/x")).is_err());
-        let f = tempfile::NamedTempFile::new().unwrap();
-        assert!(program_runnable(f.path())
-            .unwrap_err()
-            .to_string()
-            .contains("not executable"));
     }
 }

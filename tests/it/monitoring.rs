@@ -391,6 +391,7 @@ output_prefix = "big-out/"
 [pipeline.processor.command]
 program = "{SCRIPT}"
 args = ["{{input}}", "{{output_dir}}"]
+user = "root"
 "#
             ),
             ..Options::default()

@@ -48,7 +48,8 @@ struct Setup {
 }
 
 /// A world with two more pipelines: `box/` through the container processor (outputs under `boxed/`),
-/// `cmd/` through the command processor (outputs under `cmdout/`). Exit 4 is permanent for both; 137
+/// `cmd/` through the command processor as nobody with 24 MiB (outputs under `cmdout/`). Exit 4 is
+/// permanent for both; 137
 /// (out of memory) too for the container.
 async fn world(name: &str, s: Setup) -> World {
     let image = image().await;
@@ -74,7 +75,9 @@ output_prefix = "cmdout/"
 program = "{SCRIPT}"
 args = ["{{input}}", "{{output_dir}}"]
 timeout = "2s"
-permanent_exit_codes = [4]
+permanent_exit_codes = [4, 137]
+user = "nobody"
+memory = "24m"
 "#,
         timeout = s.box_timeout,
     );
@@ -89,7 +92,14 @@ permanent_exit_codes = [4]
         },
     )
     .await;
+    searchable(w.dir.path());
     w
+}
+
+/// Let other accounts search (not list) `dir`: the command runs as nobody, and the spool lies in it.
+fn searchable(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
 }
 
 fn default_setup() -> Setup {
@@ -281,20 +291,58 @@ async fn failing_processors_are_retried_or_failed_for_good() {
     assert!(keys_under(&w, "cmdout/three.txt/").await.is_empty());
 }
 
+/// A command runs as its account (nobody here), not as the daemon's root: it reads its input and
+/// writes its output directory, and cannot write its input, the file's spool directory, the spool or
+/// the daemon's own directory.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_runs_as_its_account_and_writes_only_its_output() {
+    let w = world("byouser", default_setup()).await;
+    let agent = w.start();
+    w.put(
+        "cmd/who.txt",
+        format!("whoami {}\n", w.dir.path().display()),
+    )
+    .await;
+    let uid = text(w.wait_for("cmdout/who.txt/uid.txt", WAIT, &agent).await);
+    let nobody = std::process::Command::new("id")
+        .args(["-u", "nobody"])
+        .output()
+        .unwrap();
+    assert_eq!(uid, text(nobody.stdout), "the program's uid");
+    assert_ne!(uid.trim(), "0");
+    let writes = text(w.wait_for("cmdout/who.txt/writes.txt", WAIT, &agent).await);
+    assert_eq!(writes.lines().count(), 4, "{writes}");
+    assert!(
+        writes.lines().all(|l| l.starts_with("refused ")),
+        "wrote outside its output directory: {writes}"
+    );
+    assert!(
+        !w.dir.path().join("x").exists() && !w.dir.path().join("spool/x").exists(),
+        "{writes}"
+    );
+}
+
 /// Past its timeout a container is killed and removed, a command's whole process group is killed
 /// (the background child too); the failure names the timeout. Symbolic links in the output are
-/// refused and nothing is stored; a container over its memory limit is killed and reported as out of
-/// memory.
+/// refused and nothing is stored; a container or a command over its memory limit is killed and
+/// reported as out of memory.
 #[tokio::test(flavor = "multi_thread")]
 async fn timeouts_links_and_memory_limits() {
     let w = world("byolimits", default_setup()).await;
     let agent = w.start();
-    let pids = w.dir.path().join("pids");
+    let shared = w.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let pids = shared.join("pids");
     w.put("cmd/slow.txt", format!("sleep 300 {}\n", pids.display()))
         .await;
     w.put("box/slow.txt", "sleep 300 -\n").await;
     w.put("box/evil.txt", "symlink\n").await;
     w.put("box/hog.txt", "oom\n").await;
+    w.put("cmd/hog.txt", "oom\n").await;
 
     let evil = text(
         w.wait_for("boxed/errors/box/evil.txt.json", WAIT, &agent)
@@ -313,6 +361,21 @@ async fn timeouts_links_and_memory_limits() {
             .await,
     );
     assert!(hog.contains("out of memory"), "{hog}");
+    // The command's memory is looked at by the daemon: killed past 24 MiB resident, reported with
+    // what was seen, failed for good (137 is permanent here).
+    let cmd_hog = text(
+        w.wait_for("cmdout/errors/cmd/hog.txt.json", WAIT, &agent)
+            .await,
+    );
+    assert!(
+        cmd_hog.contains("was killed for exceeding its memory limit of 24 MiB")
+            && cmd_hog.contains("resident (out of memory)"),
+        "{cmd_hog}"
+    );
+    assert!(
+        keys_under(&w, "cmdout/hog.txt/").await.is_empty(),
+        "nothing stored"
+    );
 
     agent
         .wait_log("ran longer than its timeout of 2s", WAIT)
@@ -476,6 +539,7 @@ output_prefix = "cmdout/"
 [pipeline.processor.command]
 program = "{SCRIPT}"
 args = ["{{input}}", "{{output_dir}}"]
+user = "nobody"
 
 [host]
 state_dir = "{state}"
@@ -496,6 +560,7 @@ ca_bundle = "{ca}"
         },
     )
     .await;
+    searchable(w.dir.path());
     let agent = w.start();
     for prefix in ["box", "netbox", "cmd"] {
         w.put(&format!("{prefix}/x.txt"), "a\n").await;

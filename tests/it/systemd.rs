@@ -192,9 +192,36 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
     .await;
     let b = Booted::start();
 
-    // 1. Install with the provisioning script, against the emulator.
-    install(&b, &w, "");
+    // 1. Install with the provisioning script, against the emulator; with a command pipeline, whose
+    // program must run as the package's offload-proc under the unit's sandbox and capabilities.
+    b.write(
+        "/usr/local/bin/who-proc",
+        "#!/bin/sh\nid -un > \"$2/user.txt\"\nif touch /var/lib/offload-agent/x 2>/dev/null; then \
+         echo wrote > \"$2/escaped.txt\"; fi\n",
+    );
+    b.ok("chmod 755 /usr/local/bin/who-proc");
+    install(
+        &b,
+        &w,
+        "[[pipeline]]\nname = \"who\"\nbucket = \"{bucket}\"\nprefix = \"who/\"\n\
+         output_prefix = \"who-out/\"\nprocessor = { command = { program = \"/usr/local/bin/who-proc\", \
+         args = [\"{input}\", \"{output_dir}\"] } }\n"
+            .replace("{bucket}", &w.bucket)
+            .as_str(),
+    );
     assert_eq!(b.prop("ActiveState"), "active");
+    assert_eq!(
+        b.ok("stat -c %a /var/lib/offload-agent /var/lib/offload-agent/spool"),
+        "711\n711\n"
+    );
+    w.put("who/a.txt", "x\n").await;
+    wait_s3(&w, "who-out/a.txt/user.txt", &b).await;
+    let user = w.get("who-out/a.txt/user.txt").await.unwrap_or_default();
+    assert_eq!(String::from_utf8_lossy(&user), "offload-proc\n");
+    assert!(
+        w.get("who-out/a.txt/escaped.txt").await.is_none(),
+        "the command wrote into /var/lib/offload-agent"
+    );
 
     // 2. Ready (Type=notify: active only after READY=1, with a status line), processing, journal fields.
     assert_eq!(b.prop("Type"), "notify");
