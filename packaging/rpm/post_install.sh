@@ -15,8 +15,18 @@ if [ -d /run/systemd/system ]; then
   if problems=$(/usr/bin/offload-agent config check --config /etc/offload-agent/agent.toml 2>&1 >/dev/null); then
     systemctl restart offload-agent.service
   else
-    echo "offload-agent: enabled but not started: /etc/offload-agent/agent.toml does not pass 'offload-agent config check':" >&2
+    # An upgrade leaves a running daemon running (its version, the configuration it loaded): say so.
+    if systemctl is-active --quiet offload-agent.service; then
+      echo "offload-agent: installed but not restarted (the running daemon keeps its version and the" \
+           "configuration it loaded): /etc/offload-agent/agent.toml does not pass 'offload-agent config check':" >&2
+      next="systemctl restart offload-agent"
+    else
+      echo "offload-agent: enabled but not started: /etc/offload-agent/agent.toml does not pass" \
+           "'offload-agent config check':" >&2
+      next="systemctl start offload-agent"
+    fi
     printf '%s\n' "$problems" >&2
-    echo "offload-agent: edit it, then: systemctl start offload-agent" >&2
+    echo "offload-agent: edit it (a key named above may have been renamed or removed in this version;" \
+         "/etc/offload-agent/agent.toml.rpmnew, when your edited file was kept, lists those that exist), then: $next" >&2
   fi
 fi

@@ -591,8 +591,9 @@ async fn wait_items(w: &World, n: usize, b: &Booted) {
 /// of the host's systemd: no SIGTERM for anyone) and a boot: the enabled unit is active without help,
 /// the spool's leftovers removed, the file back after its visibility timeout and processed, exact
 /// accounting for both files — while a Docker slow at boot is still starting (the unit is not ordered
-/// after it). (The ECS agent's adoption across an upgrade is covered by the
-/// supervisor's tests; this host runs without one.)
+/// after it). Last, a reinstall over an operator's drop-in holding a key this version does not know:
+/// the key named, the daemon left running. (The ECS agent's adoption across an upgrade is covered by
+/// the supervisor's tests; this host runs without one.)
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upgrade_and_a_power_cut_lose_no_file() {
     const ROWS: usize = 20_000;
@@ -685,6 +686,27 @@ async fn an_upgrade_and_a_power_cut_lose_no_file() {
         ("input/up-2.csv".to_string(), order_ids(100_000, ROWS)),
     ];
     w.account(&files, "output/").await;
+
+    // The operator's older drop-in with a key this version does not know (as one renamed or removed
+    // since would be): the upgrade says which key and what to do, and leaves the running daemon
+    // running (never a restart into a daemon that cannot start).
+    let pid = b.prop("MainPID");
+    b.write(
+        "/etc/offload-agent/conf.d/70-old.toml",
+        "[queue]\nlong_poll = \"20s\"\n",
+    );
+    let out = b.ok(
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall /pkg/offload-agent-next.deb 2>&1",
+    );
+    for needle in [
+        "installed but not restarted",
+        "queue.long_poll (in /etc/offload-agent/conf.d/70-old.toml): unknown key",
+        "then: systemctl restart offload-agent",
+    ] {
+        assert!(out.contains(needle), "{needle}: {out}");
+    }
+    assert_eq!(b.prop("ActiveState"), "active");
+    assert_eq!(b.prop("MainPID"), pid, "the running daemon was left alone");
 }
 
 async fn wait_s3(w: &World, key: &str, b: &Booted) {
