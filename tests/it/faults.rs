@@ -366,37 +366,6 @@ async fn a_full_spool_makes_a_large_file_wait_while_small_ones_flow() {
     agent.terminate(Duration::from_secs(30));
 }
 
-/// The daemon's `/status` as JSON (an error while it is not listening yet).
-async fn status(port: u16) -> Result<serde_json::Value, String> {
-    let (code, body) = offload_agent::admin::get(
-        format!("127.0.0.1:{port}").parse().unwrap(),
-        "/status",
-        Duration::from_secs(5),
-    )
-    .await
-    .map_err(|e| format!("GET /status: {e}"))?;
-    assert_eq!(code, 200, "{body}");
-    Ok(serde_json::from_str(&body).unwrap())
-}
-
-/// Wait until the daemon's `ecs_agent` status satisfies `ok`.
-async fn wait_ecs(port: u16, what: &str, agent: &Agent, ok: impl Fn(&serde_json::Value) -> bool) {
-    let start = Instant::now();
-    loop {
-        let s = status(port).await;
-        if s.as_ref().is_ok_and(|s| ok(&s["ecs_agent"])) {
-            return;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "ECS agent never {what}: {:?}\nlog:\n{}",
-            s.map(|s| s["ecs_agent"].clone()),
-            agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Docker stopped and started again under the supervised ECS agent while files flow (a private engine
 /// with live restore on a socket of its own, so that the other Docker suites keep theirs): the
 /// supervisor waits for the engine, then reconnects and re-adopts the agent's container, which never

@@ -748,3 +748,55 @@ async fn a_stuck_ssm_agent_is_restarted_once_per_interval() {
         "{metrics}"
     );
 }
+
+/// A fleet's ECS agent update made as an operator makes it (issue 28): one Parameter Store change,
+/// `<parameters_path>/ecs_agent/image`, read at the daemon's next refresh; its supervisor updates the
+/// running stand-in agent from v1 to v2 and proves it (answering), and `/status` says so. Real
+/// Docker, the emulator's Parameter Store.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ecs_agent_update_arrives_through_parameter_store() {
+    use crate::support::docker::{docker, import_image, Rig};
+    use crate::support::{free_port, status, wait_ecs};
+    let d = docker().await;
+    let rig = Rig::prepare("ssm-update", false).await;
+    let path = format!("/oa/{}", unique("agent"));
+    let port = free_port();
+    let w = World::with(
+        "ssm-update",
+        Options {
+            admin_listen: format!("127.0.0.1:{port}"),
+            ecs_agent: rig.ecs_agent_section(),
+            extra: format!("[ssm]\nparameters_path = \"{path}\"\nrefresh_interval = \"1s\"\n"),
+            ..Options::default()
+        },
+    )
+    .await;
+    let agent = w.start();
+    wait_ecs(port, "answered", &agent, |e| e["version"] == "fake v1").await;
+    let tag = rig.image.rsplit_once(':').unwrap().1.to_string();
+    let v2 = format!("offload-test-ecs-agent:{tag}-v2");
+    import_image(&d, "offload-test-ecs-agent", &format!("{tag}-v2"), "v2").await;
+    w.clients
+        .ssm
+        .put_parameter()
+        .name(format!("{path}/ecs_agent/image"))
+        .value(&v2)
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .send()
+        .await
+        .unwrap();
+    wait_ecs(port, "updated to v2", &agent, |e| {
+        e["version"] == "fake v2"
+            && e["last_update"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("updated the ECS agent from"))
+    })
+    .await;
+    let e = status(port).await.unwrap()["ecs_agent"].clone();
+    assert_eq!(e["image"], v2.as_str(), "{e}");
+    assert_eq!(e["desired_image"], v2.as_str(), "{e}");
+    agent
+        .wait_log(&format!("to {v2}"), Duration::from_secs(10))
+        .await;
+    let _ = Command::new("docker").args(["rmi", &v2]).output();
+}
