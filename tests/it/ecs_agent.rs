@@ -712,17 +712,7 @@ async fn an_update_is_proven_rolled_back_or_refused_and_tasks_keep_running() {
     import_image(&d, "offload-test-ecs-agent", &format!("{tag}-v2"), "v2").await;
     rig.config.ecs_agent.image = format!("offload-test-ecs-agent:{tag}-v2");
     rig.reload();
-    let s = rig
-        .wait("updated to v2", T, |s| {
-            s.last_update
-                .as_deref()
-                .is_some_and(|u| u.starts_with("updated the ECS agent from"))
-        })
-        .await;
-    assert_eq!(
-        s.metadata.as_ref().and_then(|m| m.version.as_deref()),
-        Some("fake v2")
-    );
+    let s = rig.wait_updated("fake v2", T).await;
     assert_eq!(s.updates, 1);
     let v2_container = rig.container().await.unwrap().0;
 
@@ -840,17 +830,7 @@ async fn an_update_fetched_from_s3_is_verified_before_it_is_loaded() {
     rig.config.ecs_agent.image_url = Some(url("v2.tar"));
     rig.config.ecs_agent.image_sha256 = Some(sha256_hex(&v2_bytes));
     rig.reload();
-    let s = rig
-        .wait("updated to v2", T, |s| {
-            s.last_update
-                .as_deref()
-                .is_some_and(|u| u.starts_with("updated the ECS agent from"))
-        })
-        .await;
-    assert_eq!(
-        s.metadata.as_ref().and_then(|m| m.version.as_deref()),
-        Some("fake v2")
-    );
+    rig.wait_updated("fake v2", T).await;
     rig.wait_log(
         &format!(
             "ECS agent: fetched {} into {} ({} bytes, SHA-256 as configured)",

@@ -136,34 +136,16 @@ impl Booted {
 
     /// Write a file inside the host (through `docker exec -i … cat`).
     fn write(&self, path: &str, text: &str) {
-        use std::io::Write;
-        use std::process::Stdio;
-        let mut child = Command::new("docker")
-            .args([
-                "exec",
-                "-i",
-                &self.name,
-                "bash",
-                "-c",
-                &format!("cat > {path}"),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "writing {path}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut cmd = Command::new("docker");
+        cmd.args([
+            "exec",
+            "-i",
+            &self.name,
+            "bash",
+            "-c",
+            &format!("cat > {path}"),
+        ]);
+        crate::support::feed(cmd, text, &format!("writing {path}"));
     }
 }
 

@@ -215,23 +215,11 @@ impl Vm {
 
     /// Write `text` to `to` inside with `mode` (a stand-in program, a unit file).
     fn write(&self, to: &str, text: &str, mode: &str) {
-        use std::io::Write;
-        let mut child = self
-            .ssh_command()
-            .arg(format!(
-                "mkdir -p \"$(dirname {to})\" && cat > {to} && chmod {mode} {to}"
-            ))
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "write {to}: {out:?}");
+        let mut cmd = self.ssh_command();
+        cmd.arg(format!(
+            "mkdir -p \"$(dirname {to})\" && cat > {to} && chmod {mode} {to}"
+        ));
+        crate::support::feed(cmd, text, &format!("write {to}"));
     }
 
     /// How many times each of the task-role network rules is in the VM's kernel (`iptables-save`).

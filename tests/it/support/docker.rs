@@ -520,6 +520,23 @@ output_prefix = "out/"
         }
     }
 
+    /// Wait until an update is reported done and the agent answers as `version` (the stand-in's
+    /// "fake v2").
+    pub async fn wait_updated(&mut self, version: &str, timeout: Duration) -> Status {
+        let s = self
+            .wait(&format!("updated to {version}"), timeout, |s| {
+                s.last_update
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with("updated the ECS agent from"))
+            })
+            .await;
+        assert_eq!(
+            s.metadata.as_ref().and_then(|m| m.version.as_deref()),
+            Some(version)
+        );
+        s
+    }
+
     pub async fn wait_state(&mut self, state: State, timeout: Duration) -> Status {
         self.wait(&format!("state {state}"), timeout, |s| s.state == state)
             .await

@@ -903,3 +903,28 @@ pub async fn wait_ecs(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Run `cmd` with `text` on its standard input; panic naming `what` unless it succeeds (a file
+/// written into a VM or a booted host through `cat > path`).
+pub fn feed(mut cmd: Command, text: &str, what: &str) {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
