@@ -19,6 +19,14 @@ pub(super) struct Reader<'a> {
 
 pub(super) fn origin_of(v: &Value, default_origin: &str) -> String {
     match v.origin() {
+        // The config crate names a file relative to the working directory: under systemd or dpkg that
+        // is /, and "etc/offload-agent/conf.d/x.toml" would send an operator looking in the wrong place.
+        Some(o) if o.ends_with(".toml") && std::path::Path::new(o).is_relative() => {
+            match std::env::current_dir() {
+                Ok(cwd) => cwd.join(o).display().to_string(),
+                Err(_) => o.to_string(),
+            }
+        }
         Some(o) => o.to_string(),
         None => format!("the environment or {default_origin}"),
     }

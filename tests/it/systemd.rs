@@ -26,6 +26,11 @@ fn run(cmd: &mut Command) -> (i32, String) {
     )
 }
 
+/// A command pipeline whose program reports the account it runs as ({bucket}: the world's).
+const WHO_PIPELINE: &str = "[[pipeline]]\nname = \"who\"\nbucket = \"{bucket}\"\nprefix = \"who/\"\n\
+     output_prefix = \"who-out/\"\nprocessor = { command = { program = \"/usr/local/bin/who-proc\", \
+     args = [\"{input}\", \"{output_dir}\"] } }\n";
+
 /// A booted systemd container; removed when dropped.
 struct Booted {
     name: String,
@@ -168,6 +173,8 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
         "systemd",
         Options {
             visibility_timeout: "10s",
+            // The emulator's bucket notifies the queue of who/ too (World provisions its pipelines).
+            extra: WHO_PIPELINE.to_string(),
             ..Options::default()
         },
     )
@@ -182,15 +189,15 @@ async fn a_booted_debian_host_runs_the_service_as_an_operator_expects() {
          echo wrote > \"$2/escaped.txt\"; fi\n",
     );
     b.ok("chmod 755 /usr/local/bin/who-proc");
-    install(
-        &b,
-        &w,
-        "[[pipeline]]\nname = \"who\"\nbucket = \"{bucket}\"\nprefix = \"who/\"\n\
-         output_prefix = \"who-out/\"\nprocessor = { command = { program = \"/usr/local/bin/who-proc\", \
-         args = [\"{input}\", \"{output_dir}\"] } }\n"
-            .replace("{bucket}", &w.bucket)
-            .as_str(),
-    );
+    // A drop-in's [[pipeline]] replaces the list: provision.sh's orders pipeline is written again.
+    let pipelines = format!(
+        "[[pipeline]]\nname = \"orders\"\nbucket = \"{b}\"\nprefix = \"input/\"\nsuffix = \".csv\"\n\
+         processor = \"orders-csv\"\ntable = \"{t}\"\noutput_prefix = \"output/\"\n{WHO_PIPELINE}",
+        b = w.bucket,
+        t = w.table
+    )
+    .replace("{bucket}", &w.bucket);
+    install(&b, &w, &pipelines);
     assert_eq!(b.prop("ActiveState"), "active");
     assert_eq!(
         b.ok("stat -c %a /var/lib/offload-agent /var/lib/offload-agent/spool"),
