@@ -504,7 +504,7 @@ fn journal_tells_the_story(b: &Booted, w: &World, cursor: &str) {
     // and the daemon's lines about the stop race): once.
     for once in [
         format!("cannot find the queue {queue}"),
-        "ready: pipelines orders; ECS agent supervision off".to_string(),
+        "ready: pipelines orders, who; ECS agent supervision off".to_string(),
         "Stopping offload-agent".to_string(),
     ] {
         let n = lines.iter().filter(|l| l.contains(once.as_str())).count();
