@@ -69,17 +69,24 @@ impl<'a> Command<'a> {
         Ok(Some(account))
     }
 
-    async fn run(&self, job: &Job<'_>) -> Result<Outcome, ProcessError> {
-        let program = &self.spec.program;
-        let output_dir = external::make_output_dir(job, false)?;
-        let account = self.account(job, &output_dir)?;
+    /// The program's process, ready to spawn: its arguments and clean environment, its own process
+    /// group, the account it runs as and the kernel's limits it runs within.
+    fn command(
+        &self,
+        job: &Job<'_>,
+        output_dir: &Path,
+        account: Option<&Account>,
+    ) -> tokio::process::Command {
         let (input, out) = (
             job.files.input.display().to_string(),
             output_dir.display().to_string(),
         );
-        let memory = self.spec.memory_bytes();
-        let limits = ChildLimits::new(memory, self.spec.cpu_time, self.spec.pids_limit);
-        let mut cmd = tokio::process::Command::new(program);
+        let limits = ChildLimits::new(
+            self.spec.memory_bytes(),
+            self.spec.cpu_time,
+            self.spec.pids_limit,
+        );
+        let mut cmd = tokio::process::Command::new(&self.spec.program);
         cmd.args(external::substitute(&self.spec.args, &input, &out))
             .env_clear()
             .env("PATH", PATH)
@@ -91,7 +98,7 @@ impl<'a> Command<'a> {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        if let Some(a) = &account {
+        if let Some(a) = account {
             cmd.uid(a.uid).gid(a.gid);
         }
         // SAFETY: the closure makes only setrlimit calls (async-signal-safe) and touches no lock or
@@ -99,24 +106,42 @@ impl<'a> Command<'a> {
         unsafe {
             cmd.pre_exec(move || limits.apply());
         }
-        let started = Instant::now();
+        cmd
+    }
+
+    /// Why the program could not be started: the pipeline cannot work on this host until an operator
+    /// installs or fixes the program (missing, not executable), or a transient failure.
+    fn cannot_start(
+        &self,
+        job: &Job<'_>,
+        account: Option<&Account>,
+        e: std::io::Error,
+    ) -> ProcessError {
         let as_whom = account
-            .as_ref()
             .map(|a| format!(" as {}", a.name))
             .unwrap_or_default();
-        let mut child = cmd.spawn().map_err(|e| {
-            let text = format!("cannot run {}{as_whom}: {e}", program.display());
-            match e.kind() {
-                // The pipeline cannot work on this host until an operator installs or fixes the program.
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
-                    ProcessError::Unavailable(format!(
-                        "{text} (install it, or fix processor.command.program of pipeline {})",
-                        job.pipeline.name
-                    ))
-                }
-                _ => ProcessError::Transient(text),
+        let text = format!("cannot run {}{as_whom}: {e}", self.spec.program.display());
+        match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                ProcessError::Unavailable(format!(
+                    "{text} (install it, or fix processor.command.program of pipeline {})",
+                    job.pipeline.name
+                ))
             }
-        })?;
+            _ => ProcessError::Transient(text),
+        }
+    }
+
+    async fn run(&self, job: &Job<'_>) -> Result<Outcome, ProcessError> {
+        let program = &self.spec.program;
+        let output_dir = external::make_output_dir(job, false)?;
+        let account = self.account(job, &output_dir)?;
+        let memory = self.spec.memory_bytes();
+        let started = Instant::now();
+        let mut child = self
+            .command(job, &output_dir, account.as_ref())
+            .spawn()
+            .map_err(|e| self.cannot_start(job, account.as_ref(), e))?;
         let leader = child.id().map(|p| p as i32);
         let group = Group(leader);
         tracing::debug!(pid = child.id().unwrap_or(0), program = %program.display(), "processor started");
