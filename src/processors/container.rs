@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
-    CreateImageOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, WaitContainerOptionsBuilder,
+    CreateImageOptionsBuilder, EventsOptionsBuilder, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    WaitContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures::StreamExt;
@@ -31,6 +32,9 @@ pub(crate) const OWNER_LABEL: &str = "offload-agent.owner";
 pub(crate) const SPOOL_LABEL: &str = "offload-agent.spool";
 
 const DRAIN: Duration = Duration::from_secs(2);
+/// How long a SIGKILLed container's out-of-memory event may lag behind its exit (containerd reports
+/// the two separately, and on cgroup v1 the exit can win).
+const OOM_LAG: Duration = Duration::from_secs(2);
 
 /// Which program runs processor containers, so that a daemon's start-up removes only its own orphans
 /// and never the container of an `offload-agent process` running beside it.
@@ -324,6 +328,7 @@ impl<'a> Container<'a> {
                     .build(),
             ),
         );
+        let since = std::time::SystemTime::now();
         let timed_out = tokio::select! {
             w = waiter.next() => {
                 if let Some(Err(e)) = &w {
@@ -352,11 +357,20 @@ impl<'a> Container<'a> {
                 )
                 .await;
         }
-        let state = docker
+        let mut state = docker
             .inspect_container(&id, None)
             .await
             .ok()
             .and_then(|c| c.state);
+        if !timed_out && spec.memory_bytes().is_some() {
+            if let Some(s) = state.as_mut().filter(|s| oom_unsettled(s)) {
+                let late = late_oom(&docker, &id, since).await;
+                if late {
+                    tracing::debug!(container = %id, "Docker reported the out-of-memory kill after the exit");
+                }
+                s.oom_killed = Some(late);
+            }
+        }
         let _ = tokio::time::timeout(DRAIN, pump).await;
         remove(&docker, &id)
             .await
@@ -399,6 +413,51 @@ async fn pump_logs(docker: Docker, id: String, log: Arc<Mutex<OutputLog>>) {
         log.lock()
             .unwrap_or_else(|p| p.into_inner())
             .feed(stream, &bytes);
+    }
+}
+
+/// Killed by SIGKILL (137) that we did not send, without Docker saying it was the OOM killer: Docker
+/// may not know yet.
+fn oom_unsettled(s: &bollard::models::ContainerState) -> bool {
+    s.exit_code == Some(137) && s.oom_killed != Some(true)
+}
+
+/// Whether Docker reports an out-of-memory kill of container `id` since `since`, waiting up to
+/// [`OOM_LAG`] for the event to arrive after the exit: its state's flag, or its `oom` event (which
+/// Docker logs even when the flag was settled by an exit that came first).
+async fn late_oom(docker: &Docker, id: &str, since: std::time::SystemTime) -> bool {
+    let epoch = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let deadline = Instant::now() + OOM_LAG;
+    let filters = HashMap::from([("container", vec![id]), ("event", vec!["oom"])]);
+    loop {
+        let options = EventsOptionsBuilder::default()
+            .since(&format!("{:.3}", epoch(since) - 1.0))
+            .until(&format!("{:.3}", epoch(std::time::SystemTime::now())))
+            .filters(&filters)
+            .build();
+        let events = docker.events(Some(options)).take(1).collect::<Vec<_>>();
+        if let Ok(found) = tokio::time::timeout(OOM_LAG, events).await {
+            if found.iter().any(|e| e.is_ok()) {
+                return true;
+            }
+        }
+        let flagged = docker
+            .inspect_container(id, None)
+            .await
+            .ok()
+            .and_then(|c| c.state)
+            .and_then(|s| s.oom_killed);
+        if flagged == Some(true) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
