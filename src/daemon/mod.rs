@@ -180,6 +180,9 @@ impl Daemon {
         log: LogHandle,
         control: mpsc::Receiver<Control>,
     ) -> Result<Daemon> {
+        // Before it starts any process: its cgroup subtree, if systemd delegated one, is taken over
+        // (and the way command processors are limited logged) while the daemon is alone in it.
+        let confinement = crate::processors::cgroup::Confinement::for_daemon();
         let mut clients = crate::aws::clients(&cfg).await?;
         let (tx, config_rx) = watch::channel(Arc::new(cfg.clone()));
         let mut settings = Settings {
@@ -211,7 +214,8 @@ impl Daemon {
         let credentials = clients.credentials.clone();
         let ssm = clients.ssm.clone();
         let objects = Arc::new(ObjectProcessor::new(
-            crate::processors::Context::new(clients, &cfg, Owner::Daemon, stats.clone()),
+            crate::processors::Context::new(clients, &cfg, Owner::Daemon, stats.clone())
+                .confined(confinement),
             spool,
         ));
         // Containers a killed predecessor left running go first; then every pipeline is checked once.

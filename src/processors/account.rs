@@ -1,7 +1,8 @@
 //! Who a command processor runs as, and within what: the account named by the pipeline (a system user
-//! the package creates, by default), the spool files handed over to it and to it alone, the kernel's
-//! per-process limits set in the child before it executes the program, and the process group's
-//! resident memory, looked at from outside while it runs.
+//! the package creates, by default), the spool files handed over to it and to it alone, what the child
+//! does before it executes the program (join its cgroup, take the kernel's per-process limits, become
+//! the account), and, without a cgroup ([`super::cgroup`]), the process group's resident memory,
+//! looked at from outside while it runs.
 
 use std::ffi::CString;
 use std::io;
@@ -167,36 +168,96 @@ impl Account {
     }
 }
 
-/// The kernel's limits a command's processes get, set in the child after it has become the account
-/// and before it executes the program.
+/// The kernel's per-process limits a command's processes get, set in the child before it becomes the
+/// account and executes the program.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ChildLimits {
-    /// RLIMIT_DATA, per process.
-    data: u64,
+    /// RLIMIT_DATA, per process (not in a cgroup: memory.max bounds the group).
+    data: Option<u64>,
     /// RLIMIT_CPU in seconds (soft; the hard limit 5 s later kills), per process.
     cpu: Option<u64>,
-    /// RLIMIT_NPROC: processes and threads of the account at once.
-    nproc: u64,
+    /// RLIMIT_NPROC: processes and threads of the account at once (not in a cgroup: pids.max).
+    nproc: Option<u64>,
 }
 
 impl ChildLimits {
+    /// Without a cgroup: the data cap stands in for the kernel's memory limit between two looks, and
+    /// the account's process count for pids.max.
     pub(crate) fn new(memory: u64, cpu_time: Option<Duration>, pids: u64) -> ChildLimits {
         ChildLimits {
-            data: memory
-                .saturating_mul(DATA_CAP_FACTOR)
-                .max(memory.saturating_add(DATA_CAP_MARGIN)),
+            data: Some(
+                memory
+                    .saturating_mul(DATA_CAP_FACTOR)
+                    .max(memory.saturating_add(DATA_CAP_MARGIN)),
+            ),
+            nproc: Some(pids),
+            ..ChildLimits::in_cgroup(cpu_time)
+        }
+    }
+
+    /// In a cgroup of its own, which bounds memory and processes: only CPU time per process.
+    pub(crate) fn in_cgroup(cpu_time: Option<Duration>) -> ChildLimits {
+        ChildLimits {
+            data: None,
             cpu: cpu_time.map(|d| d.as_secs().max(1)),
-            nproc: pids,
+            nproc: None,
         }
     }
 
     /// In the child, between fork and exec: only async-signal-safe calls.
-    pub(crate) fn apply(&self) -> io::Result<()> {
-        set_limit(libc::RLIMIT_DATA, self.data, self.data)?;
+    fn apply(&self) -> io::Result<()> {
+        if let Some(d) = self.data {
+            set_limit(libc::RLIMIT_DATA, d, d)?;
+        }
         if let Some(s) = self.cpu {
             set_limit(libc::RLIMIT_CPU, s, s + 5)?;
         }
-        set_limit(libc::RLIMIT_NPROC, self.nproc, self.nproc)
+        if let Some(n) = self.nproc {
+            set_limit(libc::RLIMIT_NPROC, n, n)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a command's child does between fork and exec, in this order: join its cgroup (which takes
+/// root: a cgroup's `cgroup.procs` is root's), take its limits, become the account. Plain `Copy`
+/// data, so the closure allocates nothing and takes no lock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InChild {
+    /// The command's `cgroup.procs`, open in the parent (close-on-exec).
+    pub(crate) join: Option<std::os::fd::RawFd>,
+    pub(crate) limits: ChildLimits,
+    /// (uid, gid) to become, with no supplementary groups; `None`: stay the daemon's account.
+    pub(crate) account: Option<(u32, u32)>,
+}
+
+impl InChild {
+    /// Only async-signal-safe calls (write, setrlimit, setgroups, setgid, setuid).
+    pub(crate) fn apply(&self) -> io::Result<()> {
+        let check = |rc: libc::c_int| {
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        if let Some(fd) = self.join {
+            // "0" is the writing process itself.
+            // SAFETY: writes one byte from a static buffer to a descriptor the parent keeps open.
+            if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        self.limits.apply()?;
+        if let Some((uid, gid)) = self.account {
+            // SAFETY: plain system calls on integers; a null list with length 0 clears the groups.
+            unsafe {
+                check(libc::setgroups(0, std::ptr::null()))?;
+                check(libc::setgid(gid))?;
+                check(libc::setuid(uid))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -320,10 +381,17 @@ mod tests {
     #[test]
     fn the_data_cap_leaves_room_above_the_limit() {
         let small = ChildLimits::new(24 << 20, None, 64);
-        assert_eq!(small.data, (24 << 20) + DATA_CAP_MARGIN);
+        assert_eq!(small.data, Some((24 << 20) + DATA_CAP_MARGIN));
+        assert_eq!(small.nproc, Some(64));
         let big = ChildLimits::new(1 << 30, Some(Duration::from_millis(300)), 64);
-        assert_eq!(big.data, 4 << 30);
+        assert_eq!(big.data, Some(4 << 30));
         assert_eq!(big.cpu, Some(1));
+        // In a cgroup the kernel bounds memory and processes for the group: only CPU per process.
+        let confined = ChildLimits::in_cgroup(Some(Duration::from_secs(90)));
+        assert_eq!(
+            (confined.data, confined.cpu, confined.nproc),
+            (None, Some(90), None)
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The `command` processor: the user's program, run directly (no shell) once per file, in a process
-//! group of its own, with a clean environment (the contract's variables and `PATH`) and a timeout that
-//! kills the whole group.
+//! group of its own (and, where the daemon has one, a cgroup of its own: [`super::cgroup`]), with a
+//! clean environment (the contract's variables and `PATH`) and a timeout that kills the whole group.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tracing::Instrument;
 
-use super::account::{self, Account, ChildLimits};
+use super::account::{self, Account, ChildLimits, InChild};
+use super::cgroup::{Confinement, Run};
 use super::external::{self, Exit, OutputLog, Stream};
 use super::{Context, Job, Outcome, ProcessFuture, Processor};
 use crate::config::CommandSpec;
@@ -70,22 +71,30 @@ impl<'a> Command<'a> {
     }
 
     /// The program's process, ready to spawn: its arguments and clean environment, its own process
-    /// group, the account it runs as and the kernel's limits it runs within.
+    /// group and cgroup, the account it runs as and the kernel's limits it runs within.
     fn command(
         &self,
         job: &Job<'_>,
         output_dir: &Path,
         account: Option<&Account>,
+        run: Option<&Run>,
     ) -> tokio::process::Command {
         let (input, out) = (
             job.files.input.display().to_string(),
             output_dir.display().to_string(),
         );
-        let limits = ChildLimits::new(
-            self.spec.memory_bytes(),
-            self.spec.cpu_time,
-            self.spec.pids_limit,
-        );
+        let in_child = InChild {
+            join: run.and_then(Run::join_fd),
+            limits: match run {
+                Some(_) => ChildLimits::in_cgroup(self.spec.cpu_time),
+                None => ChildLimits::new(
+                    self.spec.memory_bytes(),
+                    self.spec.cpu_time,
+                    self.spec.pids_limit,
+                ),
+            },
+            account: account.map(|a| (a.uid, a.gid)),
+        };
         let mut cmd = tokio::process::Command::new(&self.spec.program);
         cmd.args(external::substitute(&self.spec.args, &input, &out))
             .env_clear()
@@ -98,13 +107,12 @@ impl<'a> Command<'a> {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        if let Some(a) = account {
-            cmd.uid(a.uid).gid(a.gid);
-        }
-        // SAFETY: the closure makes only setrlimit calls (async-signal-safe) and touches no lock or
-        // allocation: `limits` is a Copy value moved in.
+        // Not cmd.uid()/gid(): the child joins its cgroup first, which takes root, and std switches
+        // the account before any pre_exec closure runs.
+        // SAFETY: the closure makes only async-signal-safe calls (write, setrlimit, setgroups,
+        // setgid, setuid) and touches no lock or allocation: `in_child` is a Copy value moved in.
         unsafe {
-            cmd.pre_exec(move || limits.apply());
+            cmd.pre_exec(move || in_child.apply());
         }
         cmd
     }
@@ -137,9 +145,17 @@ impl<'a> Command<'a> {
         let output_dir = external::make_output_dir(job, false)?;
         let account = self.account(job, &output_dir)?;
         let memory = self.spec.memory_bytes();
+        let run = match &*self.ctx.confinement {
+            Confinement::Cgroup(tree) => {
+                Some(tree.enter(memory, self.spec.pids_limit).map_err(|e| {
+                    ProcessError::Transient(format!("cannot make the command's cgroup: {e}"))
+                })?)
+            }
+            Confinement::Polled { .. } => None,
+        };
         let started = Instant::now();
         let mut child = self
-            .command(job, &output_dir, account.as_ref())
+            .command(job, &output_dir, account.as_ref(), run.as_ref())
             .spawn()
             .map_err(|e| self.cannot_start(job, account.as_ref(), e))?;
         let leader = child.id().map(|p| p as i32);
@@ -169,7 +185,8 @@ impl<'a> Command<'a> {
                 Err(e) => return Err(ProcessError::Transient(format!("cannot wait for {}: {e}", program.display()))),
             },
             _ = tokio::time::sleep(self.spec.timeout) => Exit::TimedOut(self.spec.timeout),
-            rss = account::exceeds(leader.unwrap_or(0), memory), if leader.is_some() => {
+            // In a cgroup the kernel enforces memory.max; otherwise the daemon looks.
+            rss = account::exceeds(leader.unwrap_or(0), memory), if leader.is_some() && run.is_none() => {
                 Exit::OutOfMemory(Some(format!(
                     "its memory limit of {}: {} resident",
                     account::show_bytes(memory),
@@ -178,11 +195,23 @@ impl<'a> Command<'a> {
             }
             _ = job.cancel.cancelled() => {
                 drop(group); // kills the group
+                if let Some(run) = run {
+                    run.close().await;
+                }
                 return Err(ProcessError::Cancelled);
             }
         };
-        // Whatever the program left running in its group goes with it.
+        // Killed by the kernel's OOM killer (the whole cgroup at once): reported as a container's
+        // out-of-memory, whatever the leader's exit looked like.
+        let exit = match (&exit, run.as_ref().and_then(Run::out_of_memory)) {
+            (Exit::Code(_) | Exit::Signal(_), Some(why)) => Exit::OutOfMemory(Some(why)),
+            _ => exit,
+        };
+        // Whatever the program left running in its group, or its cgroup, goes with it.
         drop(group);
+        if let Some(run) = run {
+            run.close().await;
+        }
         let _ = child.wait().await;
         for r in readers.into_iter().flatten() {
             if tokio::time::timeout(DRAIN, r).await.is_err() {

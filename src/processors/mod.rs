@@ -13,6 +13,7 @@
 
 pub mod account;
 pub mod batch_writer;
+pub mod cgroup;
 pub mod command;
 pub mod container;
 pub mod external;
@@ -98,6 +99,8 @@ pub(crate) struct Context {
     pub(crate) ca_bundle: Option<std::path::PathBuf>,
     /// The Docker engine, connected on first use.
     pub(crate) docker: container::Engine,
+    /// How command processors are held to their limits: the daemon's own cgroup, or polled.
+    pub(crate) confinement: Arc<cgroup::Confinement>,
     /// The DynamoDB client rows are written with, for the `dynamodb.write_max_attempts` it was built
     /// with: built once, and again only when a reload changes that setting, never per file.
     writer: std::sync::Mutex<Option<(u32, aws_sdk_dynamodb::Client)>>,
@@ -127,7 +130,18 @@ impl Context {
             ca_bundle,
             region: cfg.aws.region.clone().unwrap_or_default(),
             docker: container::Engine::new(&cfg.ecs_agent.docker_socket, owner, &cfg.spool.dir),
+            confinement: Arc::new(cgroup::Confinement::polled(
+                "only the daemon takes a cgroup of its own (under systemd, Delegate=yes)",
+            )),
             writer: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Command processors held to their limits by `confinement` (the daemon's own cgroup).
+    pub(crate) fn confined(self, confinement: Arc<cgroup::Confinement>) -> Context {
+        Context {
+            confinement,
+            ..self
         }
     }
 

@@ -291,6 +291,90 @@ async fn wait_s3(w: &World, key: &str, vm: &Vm, timeout: Duration) {
     w.wait_for_with(key, timeout, || vm.tail()).await;
 }
 
+/// The command pipeline [`command_in_its_own_cgroup`] adds (also in the world's configuration, so that
+/// `provision` sends the bucket's `hog/` events to the queue).
+const HOG_PIPELINE: &str =
+    "[[pipeline]]\nname = \"hog\"\nbucket = \"{bucket}\"\nprefix = \"hog/\"\n\
+     output_prefix = \"hog-out/\"\n[pipeline.processor.command]\nprogram = \"/usr/local/bin/hog\"\n\
+     args = [\"{input}\", \"{output_dir}\"]\nmemory = \"64m\"\npermanent_exit_codes = [137]\n";
+
+/// A command pipeline under the packaged unit on a cgroup v2 kernel: the daemon in its own leaf of the
+/// service's delegated cgroup, the program as offload-proc in a cgroup of its own (`run-<n>`), and a
+/// program that allocates past its 64 MiB `memory` killed by the kernel's OOM killer and reported out
+/// of memory, naming the limit and the cgroup; no command's cgroup left behind.
+async fn command_in_its_own_cgroup(w: &World, vm: &Vm) {
+    const SERVICE: &str = "/sys/fs/cgroup/system.slice/offload-agent.service";
+    vm.write(
+        "/usr/local/bin/hog",
+        "#!/bin/sh\ncat /proc/self/cgroup > \"$2/cgroup.txt\"\nid -un > \"$2/user.txt\"\n\
+         if grep -q hog \"$1\"; then dd if=/dev/zero of=/dev/null bs=200M count=1 2>&1; fi\n",
+        "0755",
+    );
+    // Appended to provision.sh's file, after its [[pipeline]]: a drop-in's list would replace it.
+    vm.write(
+        "/root/hog.toml",
+        &HOG_PIPELINE.replace("{bucket}", &w.bucket),
+        "0600",
+    );
+    vm.ok("cat /root/hog.toml >> /etc/offload-agent/conf.d/50-provision.toml && systemctl restart offload-agent");
+    assert_eq!(vm.unit("offload-agent"), "active");
+    let own = vm.ok("cat /proc/$(systemctl show -p MainPID --value offload-agent)/cgroup");
+    assert_eq!(
+        own.trim(),
+        "0::/system.slice/offload-agent.service/daemon",
+        "the daemon in its own leaf"
+    );
+    let journal = vm.ok("journalctl -u offload-agent -b --no-pager -o cat");
+    assert!(
+        journal.contains("each command runs in a cgroup of its own under"),
+        "{journal}"
+    );
+    // systemd runs ExecReload= beside the daemon's leaf, not in the service's cgroup (which holds no
+    // process once its controllers are enabled below it).
+    vm.ok("systemctl reload offload-agent");
+    assert_eq!(vm.unit("offload-agent"), "active");
+    w.put("hog/fine.txt", "fine\n").await;
+    wait_s3(w, "hog-out/fine.txt/user.txt", vm, Duration::from_secs(60)).await;
+    let user = w.get("hog-out/fine.txt/user.txt").await.unwrap_or_default();
+    assert_eq!(String::from_utf8_lossy(&user), "offload-proc\n");
+    let cgroup = w
+        .get("hog-out/fine.txt/cgroup.txt")
+        .await
+        .unwrap_or_default();
+    let cgroup = String::from_utf8_lossy(&cgroup);
+    assert!(
+        cgroup.starts_with("0::/system.slice/offload-agent.service/run-"),
+        "the program in a cgroup of its own: {cgroup}"
+    );
+    w.put("hog/big.txt", "hog\n").await;
+    let said = "was killed for exceeding its memory limit of 64 MiB (the kernel's, cgroup \
+                /sys/fs/cgroup/system.slice/offload-agent.service/run-";
+    vm.wait(
+        "the hog reported out of memory",
+        Duration::from_secs(60),
+        |vm| {
+            vm.ok("journalctl -u offload-agent -b --no-pager -o cat")
+                .contains(said)
+        },
+    );
+    vm.wait("no command cgroup left", Duration::from_secs(10), |vm| {
+        !vm.ok(&format!("ls {SERVICE}")).contains("run-")
+    });
+    let oom = vm.ok("journalctl -k -b --no-pager -o cat");
+    assert!(
+        oom.contains("Memory cgroup out of memory") || oom.contains("oom-kill"),
+        "the kernel's OOM killer did it:\n{oom}"
+    );
+    // Failed for good (137 is permanent here): its message in the dead-letter queue with the reason,
+    // taken out so that the scenario's accounting below starts from empty queues.
+    let dead = w.drain_dlq().await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0].0.contains("big.txt") && dead[0].1.contains(said),
+        "{dead:?}"
+    );
+}
+
 /// The laptop VM's life: `provision.sh` from nothing (the synced folder copied to /vagrant) with the
 /// activation's values → `register` with the stand-ins (an `amazon-ssm-agent` script and unit, the
 /// stand-in ECS agent image loaded from its tarball; the SSM stub on this machine's loopback answers
@@ -309,6 +393,7 @@ async fn a_vagrant_style_vm_provisions_processes_and_survives_a_power_cut() {
         "vm",
         Options {
             visibility_timeout: "10s",
+            extra: HOG_PIPELINE.to_string(),
             ..Options::default()
         },
     )
@@ -436,6 +521,7 @@ async fn a_vagrant_style_vm_provisions_processes_and_survives_a_power_cut() {
     );
     assert_eq!(vm.firewall_rules(), [1; 4], "{}", vm.ok("iptables-save"));
     assert_eq!(route_localnet(&vm), "1");
+    command_in_its_own_cgroup(&w, &vm).await;
     let starts = vm.agent_starts();
 
     // Docker slow at boot: two minutes before its daemon starts (flushed with the agent's start
