@@ -2,6 +2,8 @@
 //! `tests/it/support/scan_check.rs` (the property tests' own) holds.
 #![no_main]
 
+// Each target uses one of its checks.
+#[allow(dead_code)]
 #[path = "../../tests/it/support/scan_check.rs"]
 mod scan_check;
 

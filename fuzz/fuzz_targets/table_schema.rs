@@ -3,6 +3,8 @@
 //! limit: the accounting of `tests/it/support/scan_check.rs` holds.
 #![no_main]
 
+// Each target uses one of its checks.
+#[allow(dead_code)]
 #[path = "../../tests/it/support/scan_check.rs"]
 mod scan_check;
 
