@@ -50,10 +50,11 @@ impl Confinement {
         static ONCE: OnceLock<Arc<Confinement>> = OnceLock::new();
         ONCE.get_or_init(|| {
             let c = Arc::new(Confinement::establish_own());
-            match &*c {
-                Confinement::Cgroup(_) => tracing::info!(limits = "cgroup", "{}", c.describe()),
-                Confinement::Polled { .. } => tracing::info!(limits = "polled", "{}", c.describe()),
-            }
+            let limits = match &*c {
+                Confinement::Cgroup(_) => "cgroup",
+                Confinement::Polled { .. } => "polled",
+            };
+            tracing::info!(limits, "{}", c.describe());
             c
         })
         .clone()
@@ -233,14 +234,8 @@ impl Tree {
             if !name.to_string_lossy().starts_with(RUN_PREFIX) {
                 continue;
             }
-            let path = e.path();
-            let _ = write_file(&path.join("cgroup.kill"), "1");
-            for _ in 0..(EMPTY_WAIT.as_millis() / EMPTY_LOOK.as_millis()) {
-                if std::fs::remove_dir(&path).is_ok() {
-                    removed += 1;
-                    break;
-                }
-                std::thread::sleep(EMPTY_LOOK);
+            if kill_and_remove(&e.path(), EMPTY_WAIT).is_ok() {
+                removed += 1;
             }
         }
         removed
@@ -304,7 +299,7 @@ impl Run {
     }
 
     /// How many of its processes the kernel's OOM killer ended.
-    pub(crate) fn oom_kills(&self) -> u64 {
+    fn oom_kills(&self) -> u64 {
         let text = std::fs::read_to_string(self.dir.join("memory.events")).unwrap_or_default();
         text.lines()
             .filter_map(|l| l.split_once(' '))
@@ -315,7 +310,7 @@ impl Run {
     }
 
     /// The most memory its processes held together (kernels from 5.19 tell).
-    pub(crate) fn peak(&self) -> Option<u64> {
+    fn peak(&self) -> Option<u64> {
         std::fs::read_to_string(self.dir.join("memory.peak"))
             .ok()?
             .trim()
@@ -357,15 +352,28 @@ impl Run {
     }
 }
 
+/// Remove the cgroup `dir`, killing what is still in it and waiting up to `wait` for it to empty.
+fn kill_and_remove(dir: &Path, wait: Duration) -> io::Result<()> {
+    if std::fs::remove_dir(dir).is_ok() {
+        return Ok(());
+    }
+    let _ = write_file(&dir.join("cgroup.kill"), "1");
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match std::fs::remove_dir(dir) {
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(EMPTY_LOOK),
+            done => return done,
+        }
+    }
+}
+
 impl Drop for Run {
     fn drop(&mut self) {
         self.procs = None;
-        if std::fs::remove_dir(&self.dir).is_err() {
-            // Still populated: killed now, removed by the next start's sweep if not sooner.
-            let _ = write_file(&self.dir.join("cgroup.kill"), "1");
-            if let Err(e) = std::fs::remove_dir(&self.dir) {
-                tracing::debug!(cgroup = %self.dir.display(), error = %e, "command cgroup left for the next start");
-            }
+        // No wait here (`close` waited, asynchronously): a cgroup still populated is removed by the
+        // next start's sweep.
+        if let Err(e) = kill_and_remove(&self.dir, Duration::ZERO) {
+            tracing::debug!(cgroup = %self.dir.display(), error = %e, "command cgroup left for the next start");
         }
     }
 }

@@ -357,20 +357,8 @@ impl<'a> Container<'a> {
                 )
                 .await;
         }
-        let mut state = docker
-            .inspect_container(&id, None)
-            .await
-            .ok()
-            .and_then(|c| c.state);
-        if !timed_out && spec.memory_bytes().is_some() {
-            if let Some(s) = state.as_mut().filter(|s| oom_unsettled(s)) {
-                let late = late_oom(&docker, &id, since).await;
-                if late {
-                    tracing::debug!(container = %id, "Docker reported the out-of-memory kill after the exit");
-                }
-                s.oom_killed = Some(late);
-            }
-        }
+        let oom_possible = !timed_out && spec.memory_bytes().is_some();
+        let state = stopped_state(&docker, &id, since, oom_possible).await;
         let _ = tokio::time::timeout(DRAIN, pump).await;
         remove(&docker, &id)
             .await
@@ -416,10 +404,28 @@ async fn pump_logs(docker: Docker, id: String, log: Arc<Mutex<OutputLog>>) {
     }
 }
 
-/// Killed by SIGKILL (137) that we did not send, without Docker saying it was the OOM killer: Docker
-/// may not know yet.
-fn oom_unsettled(s: &bollard::models::ContainerState) -> bool {
-    s.exit_code == Some(137) && s.oom_killed != Some(true)
+/// The state of the stopped container `id`. With `oom_possible` (a memory limit, no SIGKILL of ours),
+/// an exit by SIGKILL (137) that Docker did not attribute to the OOM killer is asked about again:
+/// Docker may not know yet.
+async fn stopped_state(
+    docker: &Docker,
+    id: &str,
+    since: std::time::SystemTime,
+    oom_possible: bool,
+) -> Option<bollard::models::ContainerState> {
+    let mut state = docker
+        .inspect_container(id, None)
+        .await
+        .ok()
+        .and_then(|c| c.state)?;
+    if oom_possible && state.exit_code == Some(137) && state.oom_killed != Some(true) {
+        let late = late_oom(docker, id, since).await;
+        if late {
+            tracing::debug!(container = %id, "Docker reported the out-of-memory kill after the exit");
+        }
+        state.oom_killed = Some(late);
+    }
+    Some(state)
 }
 
 /// Whether Docker reports an out-of-memory kill of container `id` since `since`, waiting up to
